@@ -1,0 +1,243 @@
+"""The one home of rsq's defaults: a frozen, versioned config tree.
+
+Every default of the method lives here (spec §1). The CLI builds an :class:`RSQConfig` from its
+options, the pipeline reads it, and the checkpoint stores ``to_dict()`` of it, so a run can be
+reproduced from its output directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from rsq.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
+GRIDS = ("uniform", "nf", "e8p")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The number format of one weight matrix.
+
+    bits: 2..8 for the scalar grids; 2 for e8p (8 weights per 16-bit code).
+    group_size: -1 for one scale per output channel, else columns per group (must divide in_features).
+    symmetric: levels {-2^(b-1) .. 2^(b-1)-1} with scale = clip*max|w|/(2^(b-1)-1); asymmetric uses
+        min/max with an integer zero point.
+    mse_clip: per-row search over shrink factors p = 1, 1-1/clip_grid, ... (clip_grid*max_shrink
+        candidates) minimising sum |q(w)-w|^clip_norm (spec §1: 100, 0.8, 2.4).
+    """
+
+    kind: str = "uniform"
+    bits: int = 3
+    group_size: int = -1
+    symmetric: bool = True
+    mse_clip: bool = True
+    clip_grid: int = 100
+    max_shrink: float = 0.8
+    clip_norm: float = 2.4
+    e8p_scale: float = 0.9  # sigma = RMS(W) / e8p_scale (spec §6)
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRIDS:
+            raise ConfigError(f"unknown grid {self.kind!r}: choose one of {', '.join(GRIDS)}")
+        if self.kind == "e8p":
+            if self.bits != 2:
+                raise ConfigError(f"the e8p grid is 2 bits per weight, got --bits {self.bits}: use --bits 2")
+        elif not 2 <= self.bits <= 8:
+            raise ConfigError(f"--bits {self.bits} is outside 2..8: pick a bit width from 2 to 8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ConfigError(f"--group-size {self.group_size} is invalid: use -1 (per channel) or a positive size")
+        if not 0 < self.max_shrink < 1:
+            raise ConfigError(f"max_shrink {self.max_shrink} must be in (0, 1)")
+        if self.clip_grid < 1:
+            raise ConfigError("clip_grid must be >= 1")
+
+    def check_width(self, in_features: int, name: str = "") -> None:
+        """Raise if the group size does not divide a layer's input width."""
+        if self.group_size > 0 and in_features % self.group_size:
+            where = f" of {name}" if name else ""
+            raise ConfigError(
+                f"--group-size {self.group_size} does not divide the input width {in_features}{where}: "
+                f"choose a divisor of {in_features} or -1 (per channel)"
+            )
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """GPTQ solve (spec §4): block 128, damp 1% of mean diag(H), natural column order."""
+
+    algorithm: str = "gptq"  # gptq | rtn | ldlq (ldlq is chosen automatically for the e8p grid)
+    block_size: int = 128
+    damp_frac: float = 0.01
+    act_order: bool = False
+    damp_retries: int = 10  # bounded: raise SingularHessianError after this many extra dampings
+    ldlq_tune_iters: int = 10
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("gptq", "rtn", "ldlq"):
+            raise ConfigError(f"unknown solver {self.algorithm!r}: use gptq, rtn or ldlq")
+        if self.block_size < 1:
+            raise ConfigError("block_size must be >= 1")
+        if not 0 <= self.damp_frac < 1:
+            raise ConfigError(f"damp_frac {self.damp_frac} must be in [0, 1)")
+        if self.damp_retries < 0:
+            raise ConfigError("damp_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """QuaRot-style function-preserving rotation (spec §2)."""
+
+    enabled: bool = False
+    seed: int = 0
+    mode: str = "hadamard"  # hadamard | random (random orthogonal, QR of a Gaussian)
+    online_down: bool = True  # exact Hadamard on the down_proj input
+    online_value: bool = True  # per-head Hadamard in v_proj + cross-head part before o_proj
+    center_embeddings: bool = False  # reference-code quirk (not function-preserving for RMSNorm)
+    fallback: str = "skip"  # where no Hadamard of an order exists: skip | random
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("hadamard", "random"):
+            raise ConfigError(f"unknown rotation mode {self.mode!r}: use hadamard or random")
+        if self.fallback not in ("skip", "random"):
+            raise ConfigError(f"unknown rotation fallback {self.fallback!r}: use skip or random")
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """Per-token importance ('Scale', spec §3). ``uniform`` is plain GPTQ."""
+
+    strategy: str = "uniform"
+    r_min: float = 0.005
+    r_max: float = 1.0
+    normalize: str = "none"  # none | linear | sqrt : divide attncon by (#queries seeing token)^p
+    power: float = 1.0  # s <- s ** power before min-max
+    quantile: float = 0.0  # 0 = plain min/max; q > 0 uses the q and 1-q quantiles
+    expand: int = 1  # dataset expansion factor F by cyclic rolls (spec §5)
+    query_chunk: int = 512  # attncon: queries per chunk (memory O(chunk * T) per head)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.r_min <= self.r_max:
+            raise ConfigError(f"need 0 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}")
+        if self.r_max <= 0:
+            raise ConfigError("r_max must be > 0")
+        if self.normalize not in ("none", "linear", "sqrt"):
+            raise ConfigError(f"unknown normalize {self.normalize!r}: use none, linear or sqrt")
+        if not 0 <= self.quantile < 0.5:
+            raise ConfigError(f"quantile {self.quantile} must be in [0, 0.5)")
+        if self.expand < 1:
+            raise ConfigError(f"--expand {self.expand} must be >= 1")
+        if self.query_chunk < 1:
+            raise ConfigError("query_chunk must be >= 1")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration windows: N windows of T tokens at seeded random offsets (spec §1)."""
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples {self.nsamples} must be >= 1")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen {self.seqlen} must be >= 2")
+
+
+@dataclass(frozen=True)
+class RSQConfig:
+    """Everything a quantization run needs. ``method`` fixes rotation and importance presets."""
+
+    model: str = ""
+    method: str = "rsq"
+    grid: GridConfig = field(default_factory=GridConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    batch_size: int = 8  # calibration sequences per forward pass
+    offload: str = "auto"  # where calibration activations live: auto | device | cpu | disk
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if self.offload not in ("auto", "device", "cpu", "disk"):
+            raise ConfigError(f"unknown offload {self.offload!r}: use auto, device, cpu or disk")
+
+    @property
+    def quantizes(self) -> bool:
+        return self.method != "fp16"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RSQConfig:
+        version = data.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version} is newer than this rsq ({CONFIG_VERSION}): upgrade rsq"
+            )
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    names = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config field {cls.__name__}.{key}")
+        sub = _dataclass_type(cls, key)
+        kwargs[key] = _from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {
+    "grid": GridConfig,
+    "solver": SolverConfig,
+    "rotation": RotationConfig,
+    "importance": ImportanceConfig,
+    "calib": CalibConfig,
+}
+
+
+def _dataclass_type(cls: type, key: str) -> type | None:
+    if cls is RSQConfig and key in _SUBCONFIGS:
+        return _SUBCONFIGS[key]
+    return None
+
+
+def method_preset(method: str) -> dict[str, Any]:
+    """What a --method means: rotation on/off, importance strategy and solver."""
+    presets = {
+        "fp16": dict(rotate=False, importance="uniform", algorithm="gptq"),
+        "rtn": dict(rotate=False, importance="uniform", algorithm="rtn"),
+        "gptq": dict(rotate=False, importance="uniform", algorithm="gptq"),
+        "quarot": dict(rotate=True, importance="uniform", algorithm="gptq"),
+        "rsq": dict(rotate=True, importance="attncon", algorithm="gptq"),
+    }
+    if method not in presets:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return presets[method]
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that re-runs validation (frozen dataclasses)."""
+    assert is_dataclass(cfg)
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,30 @@
+"""User-facing error types. Each message names the problem and the fix; the CLI prints them as
+one line and exits with status 2."""
+
+
+class RSQError(Exception):
+    """Base class for errors caused by user input (bad options, files, models, data)."""
+
+
+class ConfigError(RSQError, ValueError):
+    """An option or a combination of options is invalid."""
+
+
+class UnsupportedModelError(RSQError):
+    """The model's architecture is not one rsq knows how to quantize."""
+
+
+class CheckpointFormatError(RSQError):
+    """A checkpoint on disk is missing, corrupt, truncated or does not match its config."""
+
+
+class CalibrationError(RSQError):
+    """Calibration text or activations are unusable (too short, empty, NaN/Inf)."""
+
+
+class SingularHessianError(RSQError):
+    """The GPTQ Hessian stayed non positive-definite after the bounded damping retries."""
+
+
+class NoHadamardError(RSQError, ValueError):
+    """No Hadamard matrix of the requested order is known (or none can exist)."""
