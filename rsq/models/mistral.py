@@ -1,0 +1,12 @@
+"""Mistral v0.3 and Mistral-Nemo (head_dim 128 while hidden/heads = 160: read from config.head_dim)."""
+
+import dataclasses
+
+from rsq.models.llama import LLAMA
+
+MISTRAL = dataclasses.replace(
+    LLAMA,
+    name="mistral",
+    model_types=("mistral",),
+    notes="Llama layout; sliding-window attention (if configured) is ignored during calibration",
+)

@@ -1,0 +1,12 @@
+"""Qwen2 / Qwen2.5: Llama layout with biases on q/k/v and tied embeddings up to 3B."""
+
+import dataclasses
+
+from rsq.models.llama import LLAMA
+
+QWEN2 = dataclasses.replace(
+    LLAMA,
+    name="qwen2",
+    model_types=("qwen2",),
+    notes="q/k/v biases (kept through fusion and rotation); tied embeddings at <= 3B",
+)

@@ -1,0 +1,241 @@
+"""Orchestration: the only module that loops over decoder layers.
+
+load -> (fuse + rotate) -> capture layer-0 inputs -> for each layer: importance -> Hessians per
+sequential group -> solve -> write back -> propagate -> results. Numerics live in rsq.solver,
+rsq.quant, rsq.importance and rsq.rotation; architecture knowledge in rsq.models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from rsq.calib.capture import (
+    ActivationStore,
+    capture_layer0_inputs,
+    choose_location,
+    layer_forward,
+    rope_from_kwargs,
+)
+from rsq.config import RSQConfig
+from rsq.errors import CalibrationError
+from rsq.models.adapter import ModelAdapter, apply_rope
+from rsq.models.registry import resolve
+from rsq.solver.gptq import gptq_quantize, rtn_result
+from rsq.solver.hessian import HessianAccumulator
+from rsq.solver.result import QuantResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    losses: dict[str, float]
+    importance: dict | None = None
+
+
+@dataclass
+class RunState:
+    """What the pipeline hands back, and what a resumed run starts from."""
+
+    results: dict[str, QuantResult] = field(default_factory=dict)  # "layers.3.self_attn.q_proj" -> result
+    layers: list[LayerReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CalibrationError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def _timed(timings: dict, key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _input_hooks(modules: list[nn.Module], fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Forward hooks that see each module's (pre-hook-transformed) input; always removed."""
+    handles = [m.register_forward_hook(lambda mod, args, out: fn(args[0])) for m in modules[:1]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def quantize_layers(
+    model: nn.Module,
+    cfg: RSQConfig,
+    windows: torch.Tensor,
+    *,
+    adapter: ModelAdapter | None = None,
+    state: RunState | None = None,
+    start_layer: int = 0,
+    on_layer_done: Callable[[int, RunState], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    weight_fn: Callable | None = None,
+) -> RunState:
+    """Quantize every decoder layer of ``model`` in place (fake quantization: W <- W_hat).
+
+    windows: (N, T) calibration token ids. Layers < start_layer must already hold their quantized
+    weights (resume); they are only run forward. ``weight_fn(layer_index, layer, x, kwargs, ids)``
+    returns per-token weights (B, T) or None for uniform (the importance step; see rsq.importance).
+    ``on_layer_done`` is called after each finished layer (used for resume state).
+    """
+    adapter = adapter or resolve(model)
+    state = state or RunState()
+    device = resolve_device(cfg.device)
+    dtype = next(model.parameters()).dtype
+    layers = adapter.get_layers(model)
+    n_seq = windows.shape[0] * cfg.importance.expand
+    seqlen = windows.shape[1]
+    hidden = model.config.hidden_size
+    window_fn = _window_fn(windows, cfg.importance.expand)
+    location = choose_location(cfg.offload if cfg.importance.expand == 1 or cfg.offload != "auto" else "disk",
+                               n_seq, seqlen, hidden, dtype, device)
+    store = ActivationStore(n_seq, seqlen, hidden, dtype, device, location)
+    bs = cfg.batch_size
+    try:
+        with _timed(state.timings, "capture"):
+            kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            layer.to(device)
+            if i >= start_layer and cfg.quantizes:
+                report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn, progress)
+            else:
+                report = None
+            with _timed(state.timings, "propagate"):
+                for a, b in store.batches(bs):
+                    store.set(a, b, layer_forward(layer, store.get(a, b), kwargs))
+            layer.to("cpu")
+            if report is not None:
+                report.seconds = time.perf_counter() - t0
+                state.layers.append(report)
+                if on_layer_done is not None:
+                    on_layer_done(i, state)
+            if progress is not None:
+                progress(i + 1, len(layers), f"layer {i}")
+    finally:
+        store.close()
+    return state
+
+
+def _window_fn(windows: torch.Tensor, expand: int):
+    """Window i of the (optionally expanded) calibration set, made on the fly (spec §5)."""
+    if expand == 1:
+        return lambda i: windows[i]
+    from rsq.importance import rolled_window
+
+    return lambda i: rolled_window(windows, i, expand)
+
+
+def _quantize_one_layer(
+    index: int,
+    layer: nn.Module,
+    adapter: ModelAdapter,
+    cfg: RSQConfig,
+    store: ActivationStore,
+    kwargs: dict,
+    window_fn,
+    state: RunState,
+    weight_fn,
+    progress,
+) -> LayerReport:
+    bs = cfg.batch_size
+    weights: list[torch.Tensor] | None = None
+    imp_summary = None
+    if weight_fn is not None:
+        with _timed(state.timings, "importance"):
+            weights = []
+            for a, b in store.batches(bs):
+                ids = torch.stack([window_fn(j) for j in range(a, b)])
+                w = weight_fn(index, layer, store.get(a, b), kwargs, ids)
+                weights.append(None if w is None else w.float())
+            if any(w is None for w in weights):
+                weights = None
+            else:
+                allw = torch.cat([w.cpu() for w in weights])
+                state.importance_maps[index] = allw[0].clone()
+                imp_summary = {
+                    "first_token_mean": allw[:, 0].mean().item(),
+                    "median": allw.median().item(),
+                    "max": allw.max().item(),
+                    "min": allw.min().item(),
+                }
+    losses: dict[str, float] = {}
+    for group in adapter.groups:
+        modules = [layer.get_submodule(name) for name in group]
+        width = modules[0].in_features
+        acc = HessianAccumulator(width, device=store.device)
+        if cfg.solver.algorithm != "rtn":
+            current: dict = {}
+            with _timed(state.timings, "hessian"), _input_hooks(modules, lambda x: acc.add(x, current.get("w"))):
+                for k, (a, b) in enumerate(store.batches(bs)):
+                    current["w"] = None if weights is None else weights[k]
+                    layer_forward(layer, store.get(a, b), kwargs)
+            H = acc.finalize()
+        with _timed(state.timings, "solve"):
+            for name, module in zip(group, modules):
+                full = f"layers.{index}.{name}"
+                W = module.weight.data.to(store.device)
+                if cfg.solver.algorithm == "rtn":
+                    res = rtn_result(W, cfg.grid, full)
+                else:
+                    res = _solve(W, H, cfg, full)
+                module.weight.data = res.weight.to(module.weight.dtype)
+                state.results[full] = _to_cpu(res)
+                losses[name] = res.loss
+    return LayerReport(index=index, seconds=0.0, losses=losses, importance=imp_summary)
+
+
+def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> QuantResult:
+    if cfg.grid.kind == "e8p":
+        from rsq.solver.ldlq import ldlq_quantize
+
+        return ldlq_quantize(W, H, cfg.grid, cfg.solver)
+    if cfg.grid.kind == "nf":
+        from rsq.solver.gptq_nf import gptq_nf_quantize
+
+        return gptq_nf_quantize(W, H, cfg.grid, cfg.solver, name)
+    return gptq_quantize(W, H, cfg.grid, cfg.solver, name)
+
+
+def _to_cpu(res: QuantResult) -> QuantResult:
+    res.codes, res.scale, res.zero = res.codes.cpu(), res.scale.cpu(), res.zero.cpu()
+    res.weight = res.weight.cpu()
+    return res
+
+
+def attention_qk(layer: nn.Module, adapter: ModelAdapter, config, x: torch.Tensor, kwargs: dict):
+    """Post-RoPE queries and keys of one layer from its input x (B, T, D), computed from the
+    projections alone (independent of transformers' attention internals). Returns
+    q (B, Hq, T, d), k (B, Hkv, T, d)."""
+    h = layer.get_submodule(adapter.attn_norm)(x)
+    q = layer.get_submodule(adapter.q_proj)(h)
+    k = layer.get_submodule(adapter.k_proj)(h)
+    b, t, _ = x.shape
+    hd = adapter.head_dim(config)
+    q = q.view(b, t, -1, hd).transpose(1, 2)
+    k = k.view(b, t, -1, hd).transpose(1, 2)
+    cos, sin = rope_from_kwargs(kwargs)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -1,0 +1,242 @@
+"""One quantization job with its output directory: atomic writes, resume, results.json.
+
+The output is built in ``<out>.partial/`` next to ``<out>`` and renamed into place only when
+complete. After every finished layer the partial directory holds that layer's quantized tensors and
+``state.json``; ``resume=True`` reloads them, replays the finished layers forward (cheap) and
+continues, which gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import rsq
+from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
+from rsq.config import RSQConfig
+from rsq.errors import CheckpointFormatError, ConfigError
+from rsq.eval.perplexity import perplexity
+from rsq.loading import describe_source, load_model
+from rsq.models.registry import resolve
+from rsq.pipeline import DTYPES, LayerReport, RunState, quantize_layers, resolve_device
+from rsq.solver.result import QuantResult
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {
+        "rsq": rsq.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.partial"
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
+    """Check the destination; return the partial directory and the resume state (if any)."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} already exists: pass --overwrite or choose another --out")
+    part = partial_dir(out)
+    if resume and (part / STATE_FILE).is_file():
+        try:
+            return part, json.loads((part / STATE_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointFormatError(f"{part / STATE_FILE} is corrupt ({exc}): delete {part} and rerun") from exc
+    if resume:
+        log.warning("--resume: no unfinished run in %s, starting from the beginning", part)
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    return part, None
+
+
+def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig) -> None:
+    tensors = {}
+    for name, res in state.results.items():
+        if name.startswith(f"layers.{index}."):
+            tensors[f"{name}.codes"] = res.codes.contiguous()
+            tensors[f"{name}.scale"] = res.scale.contiguous()
+            tensors[f"{name}.zero"] = res.zero.contiguous()
+            tensors[f"{name}.weight"] = res.weight.contiguous()
+    tmp = part / f"layer-{index:04d}.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, part / f"layer-{index:04d}.safetensors")
+    record = {
+        "config": cfg.to_dict(),
+        "finished_layers": index + 1,
+        "layers": [vars(r) for r in state.layers],
+        "results_meta": {k: {"loss": r.loss, "damp": r.damp, "meta": r.meta} for k, r in state.results.items()},
+        "timings": state.timings,
+    }
+    tmp = part / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, part / STATE_FILE)
+
+
+def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
+    if saved["config"] != cfg.to_dict():
+        raise ConfigError(
+            f"--resume: the unfinished run in {part} used different options; rerun with the same options "
+            "or without --resume"
+        )
+    adapter = resolve(model)
+    layers = adapter.get_layers(model)
+    state = RunState(timings=dict(saved.get("timings", {})))
+    for rec in saved["layers"]:
+        state.layers.append(LayerReport(**rec))
+    for index in range(saved["finished_layers"]):
+        path = part / f"layer-{index:04d}.safetensors"
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for truncated files
+            raise CheckpointFormatError(f"{path} is unreadable ({exc}): delete {part} and rerun") from exc
+        for name in adapter.linears:
+            full = f"layers.{index}.{name}"
+            meta = saved["results_meta"][full]
+            res = QuantResult(
+                codes=tensors[f"{full}.codes"], scale=tensors[f"{full}.scale"], zero=tensors[f"{full}.zero"],
+                weight=tensors[f"{full}.weight"], loss=meta["loss"], damp=meta["damp"], meta=meta["meta"],
+            )
+            module = layers[index].get_submodule(name)
+            module.weight.data = res.weight.to(module.weight.dtype)
+            state.results[full] = res
+    return state
+
+
+def run_quantize(
+    cfg: RSQConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    ppl_sources: tuple[str, ...] = ("wikitext2",),
+    ppl_seqlen: int = 512,
+    ppl_max_windows: int | None = 40,
+    progress: Callable[[str, int, int], None] | None = None,
+    stop_after_layer: int | None = None,
+) -> dict:
+    """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
+
+    ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
+    """
+    out = Path(out)
+    part, saved = prepare_output(out, resume, overwrite)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model or None, DTYPES[cfg.dtype])
+    timings["load"] = time.perf_counter() - t0
+    adapter = resolve(model)
+
+    rotation_record = None
+    if cfg.rotation.enabled:
+        from rsq.rotation import rotate_model
+
+        t0 = time.perf_counter()
+        rotation_record = rotate_model(model, adapter, cfg.rotation)
+        timings["rotate"] = time.perf_counter() - t0
+
+    texts = load_text(cfg.calib.source, cfg.calib.data_dir)
+    calib_ids = tokenize(tokenizer, texts.calib)
+    windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+
+    state, start = None, 0
+    if saved is not None:
+        state = _load_layers(part, saved, model, cfg)
+        start = saved["finished_layers"]
+        log.info("resuming after %d finished layers", start)
+
+    n_layers = len(adapter.get_layers(model))
+
+    def on_done(index: int, st: RunState) -> None:
+        _save_layer(part, index, st, cfg)
+        if stop_after_layer is not None and index >= stop_after_layer:
+            raise _Interrupted(index)
+
+    weight_fn = None
+    if cfg.importance.strategy != "uniform":
+        from rsq.importance_glue import make_weight_fn
+
+        weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
+
+    t0 = time.perf_counter()
+    if not cfg.quantizes:
+        state = RunState()
+    else:
+        state = quantize_layers(
+            model, cfg, windows, adapter=adapter, state=state, start_layer=start, on_layer_done=on_done,
+            progress=(lambda i, n, msg: progress("quantize", i, n)) if progress else None, weight_fn=weight_fn,
+        )
+    timings["quantize"] = time.perf_counter() - t0
+
+    ppl = {}
+    t0 = time.perf_counter()
+    for source in ppl_sources:
+        eval_text = texts.eval if source == cfg.calib.source else load_text(source, cfg.calib.data_dir).eval
+        wins = eval_windows(tokenize(tokenizer, eval_text), ppl_seqlen, ppl_max_windows)
+        ppl[source] = perplexity(model, wins, device, progress=(lambda i, n: progress("perplexity", i, n)) if progress else None)
+        model.to("cpu")
+    timings["perplexity"] = time.perf_counter() - t0
+
+    from rsq.checkpoint import save_checkpoint
+
+    t0 = time.perf_counter()
+    save_checkpoint(model, tokenizer, part, cfg, state, rotation_record)
+    timings["save"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    results = {
+        "model": describe_source(cfg.model or None),
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": versions(),
+        "device": str(device),
+        "calibration": {**texts.description, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
+        "perplexity": {"seqlen": ppl_seqlen, "max_windows": ppl_max_windows, **ppl},
+        "rotation": rotation_record,
+        "timings": {**timings, "stages": state.timings},
+        "layers": [vars(r) for r in state.layers],
+        "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
+        "num_layers": n_layers,
+    }
+    (part / "results.json").write_text(json.dumps(results, indent=2))
+    for leftover in list(part.glob("layer-*.safetensors")) + [part / STATE_FILE]:
+        leftover.unlink(missing_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(part, out)
+    return results
+
+
+class _Interrupted(Exception):
+    """Raised by the testing aid ``stop_after_layer`` to simulate a killed run."""
