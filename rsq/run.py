@@ -147,6 +147,15 @@ def run_quantize(
     """
     out = Path(out)
     part, saved = prepare_output(out, resume, overwrite)
+    try:
+        return _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer)
+    except Exception:
+        if not (part / STATE_FILE).exists():
+            shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
+        raise
+
+
+def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer) -> dict:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -156,6 +165,9 @@ def run_quantize(
     model, tokenizer = load_model(cfg.model or None, DTYPES[cfg.dtype])
     timings["load"] = time.perf_counter() - t0
     adapter = resolve(model)
+    first = adapter.get_layers(model)[0]
+    for name in adapter.linears:
+        cfg.grid.check_width(first.get_submodule(name).in_features, name)
 
     rotation_record = None
     if cfg.rotation.enabled:

@@ -1,0 +1,5 @@
+import sys
+
+from rsq.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""`rsq` command line: quantize | eval | demo | ... . All user I/O, logging and progress bars live here.
+
+Defaults are not repeated here: an option left unset keeps the config dataclass's default
+(rsq/config.py), and --help shows that default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rsq.cli.progress import Progress
+from rsq.config import (
+    CalibConfig,
+    GridConfig,
+    ImportanceConfig,
+    RotationConfig,
+    RSQConfig,
+    SolverConfig,
+    method_preset,
+)
+from rsq.errors import RSQError
+
+log = logging.getLogger("rsq")
+
+
+def _default(cls, name: str):
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
+
+
+def _opt(parser, flag: str, cls, field: str, help: str, **kw) -> None:
+    parser.add_argument(flag, dest=f"{cls.__name__}.{field}", default=None, metavar=field.upper(),
+                        help=f"{help} (default: {_default(cls, field)})", **kw)
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="rsq", choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
+                   help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
+                   "rsq: rotate + attention-concentration scaling + gptq (default: rsq)")
+    _opt(p, "--bits", GridConfig, "bits", "weight bits, 2..8", type=int)
+    _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
+    p.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points (default: symmetric)")
+    p.add_argument("--no-clip", action="store_true", help="disable the MSE clipping search (spec §1)")
+    _opt(p, "--grid", GridConfig, "kind", "number format: uniform, nf (NormalFloat) or e8p (2-bit lattice)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
+    _opt(p, "--block-size", SolverConfig, "block_size", "GPTQ block size", type=int)
+    _opt(p, "--damp", SolverConfig, "damp_frac", "GPTQ damping, fraction of the mean Hessian diagonal", type=float)
+    _opt(p, "--calib", CalibConfig, "source", "calibration text: wikitext2 or a path to a text file")
+    _opt(p, "--nsamples", CalibConfig, "nsamples", "calibration windows", type=int)
+    _opt(p, "--seqlen", CalibConfig, "seqlen", "tokens per calibration window", type=int)
+    _opt(p, "--data-dir", CalibConfig, "data_dir", "directory with wiki.test.raw (and wiki.train.raw); also $RSQ_DATA_DIR")
+    p.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="force the Hadamard rotation on")
+    p.add_argument("--no-rotate", dest="rotate", action="store_false", help="skip the rotation (e.g. rsq without rotation)")
+    _opt(p, "--rotate-seed", RotationConfig, "seed", "seed of the random Hadamard signs", type=int)
+    _opt(p, "--rotate-mode", RotationConfig, "mode", "hadamard or random (orthogonal)")
+    p.add_argument("--center-embeddings", action="store_true",
+                   help="subtract each embedding row's mean, as the reference code does (not function-preserving)")
+    _opt(p, "--importance", ImportanceConfig, "strategy",
+         "token importance: attncon, actnorm, actdiff, tokenfreq, tokensim, firstn, firstlastn, a_b_..._N, uniform "
+         "(default for --method rsq: attncon)")
+    _opt(p, "--r-min", ImportanceConfig, "r_min", "smallest token weight before renormalisation", type=float)
+    _opt(p, "--r-max", ImportanceConfig, "r_max", "largest token weight before renormalisation", type=float)
+    _opt(p, "--normalize", ImportanceConfig, "normalize", "attncon: divide by #queries seeing a token: none|linear|sqrt")
+    _opt(p, "--power", ImportanceConfig, "power", "raise raw scores to this power", type=float)
+    _opt(p, "--quantile", ImportanceConfig, "quantile", "min-max on the q and 1-q quantiles", type=float)
+    _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
+    p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and every random choice (default: 0)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16, float16 (default: float32)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default: 8)")
+    p.add_argument("--offload", default=None, help="calibration activations: auto, device, cpu or disk (default: auto)")
+
+
+def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
+    p.add_argument("--ppl", default="wikitext2", help="perplexity sources, comma separated (wikitext2 or text files); "
+                   "'none' to skip (default: wikitext2)")
+    p.add_argument(flag_seqlen, dest="ppl_seqlen", type=int, default=512, help="perplexity window length (default: 512)")
+    p.add_argument("--max-windows", type=int, default=40, help="at most this many windows; 0 = all (default: 40)")
+
+
+def build_config(args: argparse.Namespace) -> RSQConfig:
+    """Namespace -> RSQConfig; only options the user set override the dataclass defaults."""
+    preset = method_preset(args.method)
+    groups: dict[str, dict] = {c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            cls, field = key.split(".")
+            groups[cls][field] = value
+    grid = groups["GridConfig"]
+    if args.asym:
+        grid["symmetric"] = False
+    if args.no_clip:
+        grid["mse_clip"] = False
+    solver = groups["SolverConfig"]
+    solver.setdefault("algorithm", "ldlq" if grid.get("kind") == "e8p" else preset["algorithm"])
+    if grid.get("kind") == "e8p":
+        grid.setdefault("bits", 2)
+    if args.act_order:
+        solver["act_order"] = True
+    rotation = groups["RotationConfig"]
+    rotation["enabled"] = preset["rotate"] if args.rotate is None else args.rotate
+    if args.center_embeddings:
+        rotation["center_embeddings"] = True
+    importance = groups["ImportanceConfig"]
+    importance.setdefault("strategy", preset["importance"])
+    top = {k: getattr(args, k) for k in ("seed", "device", "dtype", "batch_size", "offload") if getattr(args, k) is not None}
+    return RSQConfig(
+        model=args.model or "",
+        method=args.method,
+        grid=GridConfig(**grid),
+        solver=SolverConfig(**solver),
+        rotation=RotationConfig(**rotation),
+        importance=ImportanceConfig(**importance),
+        calib=CalibConfig(**groups["CalibConfig"]),
+        **top,
+    )
+
+
+def _sources(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() == "none" else tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from rsq.run import run_quantize
+
+    cfg = build_config(args)
+    out = Path(args.out)
+    with Progress() as progress:
+        results = run_quantize(
+            cfg, out, resume=args.resume, overwrite=args.overwrite, ppl_sources=_sources(args.ppl),
+            ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.max_windows or None, progress=progress.update,
+        )
+    print_summary([results])
+    print(f"wrote {out}/ (results.json, model, tokenizer)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rsq.evaluate import run_eval
+
+    with Progress() as progress:
+        results = run_eval(args.model, _sources(args.ppl), args.ppl_seqlen, args.max_windows or None,
+                           device=args.device or "auto", data_dir=args.data_dir, progress=progress.update)
+    print(json.dumps(results["perplexity"], indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def print_summary(runs: list[dict]) -> None:
+    """One line per run: method, bits, perplexities, time."""
+    header = f"{'method':<10} {'bits':>4} {'seed':>4} " + " ".join(f"{'ppl ' + s:>16}" for s in _ppl_keys(runs)) + f" {'time s':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        bits = "16" if r["method"] == "fp16" else str(r["config"]["grid"]["bits"])
+        ppl = " ".join(f"{r['perplexity'].get(s, float('nan')):>16.2f}" for s in _ppl_keys(runs))
+        print(f"{r['method']:<10} {bits:>4} {r['seed']:>4} {ppl} {r['timings']['total']:>8.1f}")
+
+
+def _ppl_keys(runs: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in runs:
+        for k in r["perplexity"]:
+            if k not in ("seqlen", "max_windows") and k not in keys:
+                keys.append(k)
+    return keys
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsq", description="RSQ: Rotate, Scale, then Quantize LLMs to 2-4-bit weights.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint + results.json",
+                       description="Quantize MODEL layer by layer and write OUT/ (results.json, weights, tokenizer).")
+    add_quantize_options(q)
+    q.add_argument("--out", required=True, help="output directory (written atomically)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_ppl_options(q, "--ppl-seqlen")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint",
+                       description="Evaluate MODEL_OR_DIR (hub id, directory, .gguf, or rsq checkpoint).")
+    e.add_argument("model", nargs="?", default=None, help="model or checkpoint (default: embedded SmolLM2)")
+    add_ppl_options(e, "--seqlen")
+    e.add_argument("--device", default=None, help="auto, cpu, cuda (default: auto)")
+    e.add_argument("--data-dir", default=None, help="directory with wiki.test.raw; also $RSQ_DATA_DIR")
+    e.add_argument("--json-out", default=None, help="also write the results to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    from rsq.cli.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers()
+    try:
+        return args.func(args)
+    except RSQError as exc:
+        print(f"rsq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsq: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
