@@ -1,0 +1,75 @@
+"""Online rotations: transforms applied to a linear layer's input at run time.
+
+A rotation site is described as data (:class:`OnlineRotation`), recorded in the checkpoint, and
+attached to a linear (``nn.Linear`` or ``QuantLinear``) as a child module plus a forward pre-hook,
+so parameter names are unchanged and forward hooks (Hessian collection) see the rotated input.
+
+kinds:
+* ``full``: x <- H_n x over the whole last dim (n = in_features; down_proj input).
+* ``cross_head``: x viewed as (heads, head_dim) <- (H_heads ⊗ I_head_dim) x (before o_proj).
+* ``random_full`` / ``random_cross_head``: the same with a seeded random orthogonal matrix, the
+  explicit fallback where no Hadamard of the order exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rsq.rotation.hadamard import hadamard_transform, random_orthogonal
+
+
+@dataclass(frozen=True)
+class OnlineRotation:
+    module: str  # path inside a decoder layer, e.g. "mlp.down_proj"
+    kind: str  # full | cross_head | random_full | random_cross_head
+    size: int  # order of the orthogonal matrix
+    head_dim: int = 1  # cross_head: width of each head block
+    seed: int = 0  # random_* kinds: seed of the matrix
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OnlineRotationModule(nn.Module):
+    """Applies an :class:`OnlineRotation` to the last dim of its input. No persistent state."""
+
+    def __init__(self, spec: OnlineRotation):
+        super().__init__()
+        self.spec = spec
+        if spec.kind.startswith("random"):
+            self.register_buffer("matrix", random_orthogonal(spec.size, spec.seed).float(), persistent=False)
+        else:
+            self.matrix = None
+
+    def _rotate_last(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            return hadamard_transform(x, self.spec.size)
+        m = self.matrix.to(x.device)
+        return (x.float() @ m.T).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind.endswith("cross_head"):
+            shape = x.shape
+            # (..., heads * hd) -> (..., hd, heads): rotate across heads, per position in the head
+            y = x.reshape(*shape[:-1], self.spec.size, self.spec.head_dim).transpose(-1, -2)
+            y = self._rotate_last(y)
+            return y.transpose(-1, -2).reshape(shape)
+        return self._rotate_last(x)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.spec.kind}, size={self.spec.size}, head_dim={self.spec.head_dim}"
+
+
+def _pre_hook(module: nn.Module, args):
+    return (module.online_rotation(args[0]),) + tuple(args[1:])
+
+
+def attach_online_rotation(linear: nn.Module, spec: OnlineRotation) -> None:
+    """Make ``linear`` rotate its input by ``spec`` before computing (idempotent per module)."""
+    if hasattr(linear, "online_rotation"):
+        raise RuntimeError(f"{spec.module} already has an online rotation")
+    linear.online_rotation = OnlineRotationModule(spec)
+    linear.register_forward_pre_hook(_pre_hook)
