@@ -196,7 +196,7 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
 
     weight_fn = None
     if cfg.importance.strategy != "uniform":
-        from rsq.importance_glue import make_weight_fn
+        from rsq.importance.layer import make_weight_fn
 
         weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
 

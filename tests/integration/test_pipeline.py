@@ -1,0 +1,104 @@
+"""The whole quantize job on tiny random models: outputs, resume, and every bad input's error."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsq.cli.main import main
+from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
+from rsq.run import _Interrupted, partial_dir, run_quantize
+
+
+def _cfg(model_dir, method="gptq", **kw):
+    return RSQConfig(model=str(model_dir), method=method, grid=GridConfig(bits=3),
+                     solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
+                     calib=CalibConfig(nsamples=4, seqlen=64), batch_size=3, **kw)
+
+
+def test_gptq_run_writes_complete_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_quantize(_cfg(tiny_model_dir("llama")), out, ppl_seqlen=64, ppl_max_windows=4)
+    assert (out / "results.json").is_file() and (out / "config.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seed"] == 0 and saved["config"]["grid"]["bits"] == 3
+    assert len(saved["modules"]) == 2 * 7 and all(m["loss"] >= 0 for m in saved["modules"].values())
+    assert set(saved["timings"]["stages"]) >= {"capture", "hessian", "solve", "propagate"}
+    assert "split by article" in saved["calibration"]["split"]
+    assert res["perplexity"]["wikitext2"] > 1
+    assert not partial_dir(out).exists()
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("qwen2")
+    cfg = _cfg(model_dir, method="quarot")
+    full = tmp_path / "full"
+    run_quantize(cfg, full, ppl_sources=())
+    killed = tmp_path / "killed"
+    with pytest.raises(_Interrupted):
+        run_quantize(cfg, killed, ppl_sources=(), stop_after_layer=0)
+    assert not killed.exists() and (partial_dir(killed) / "state.json").is_file()
+    run_quantize(cfg, killed, ppl_sources=(), resume=True)
+    a = load_file(str(next(full.glob("*.safetensors"))))
+    b = load_file(str(next(killed.glob("*.safetensors"))))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_other_options_is_refused(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    out = tmp_path / "r"
+    with pytest.raises(_Interrupted):
+        run_quantize(_cfg(model_dir), out, ppl_sources=(), stop_after_layer=0)
+    rc = main(["quantize", str(model_dir), "--method", "gptq", "--bits", "4", "--nsamples", "4", "--seqlen", "64",
+               "--out", str(out), "--resume", "--ppl", "none"])
+    assert rc == 2
+
+
+def _cli(*args):
+    return main(["quantize", *args])
+
+
+def test_bad_inputs_give_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    model_dir = str(tiny_model_dir("llama"))
+    out = str(tmp_path / "o")
+    cases = [
+        ((str(tmp_path / "missing"), "--out", out), "does not exist"),
+        ((model_dir, "--bits", "9", "--out", out), "outside 2..8"),
+        ((model_dir, "--bits", "1", "--out", out), "outside 2..8"),
+        ((model_dir, "--group-size", "48", "--out", out), "does not divide"),
+    ]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    cases += [
+        ((model_dir, "--calib", str(empty), "--out", out), "empty"),
+        ((model_dir, "--calib", str(short), "--seqlen", "64", "--out", out), "too few"),
+    ]
+    unknown = tmp_path / "gpt2"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    cases.append(((str(unknown), "--out", out), "not supported"))
+    for args, needle in cases:
+        rc = _cli(*args, "--nsamples", "2", "--ppl", "none")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, (args, err)
+        assert len(err) == 1 and err[0].startswith("rsq: error:") and needle in err[0], (args, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_nan_activations_are_reported(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model_dir("mistral")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.model.embed_tokens.weight.data[:] = float("nan")
+    bad = tmp_path / "nan-model"
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(src).save_pretrained(bad)
+    rc = _cli(str(bad), "--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"), "--ppl", "none")
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN/Inf" in err

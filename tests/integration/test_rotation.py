@@ -1,0 +1,71 @@
+"""Rotation preserves the function: logits of the rotated model equal the original's."""
+
+import copy
+
+import pytest
+import torch
+
+from rsq.config import RotationConfig
+from rsq.models.registry import resolve
+from rsq.rotation import rotate_model
+from tests.conftest import tiny_model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("fallback", ["skip", "random"])
+def test_rotation_preserves_logits_float64(family, fallback):
+    model = tiny_model(family, dtype=torch.float64)
+    ids = torch.randint(0, 512, (2, 48))
+    ref = _logits(model, ids)
+    rotated = copy.deepcopy(model)
+    record = rotate_model(rotated, resolve(rotated), RotationConfig(enabled=True, seed=3, fallback=fallback))
+    out = _logits(rotated, ids)
+    # float64 end to end: only rounding of O(depth * width) products remains
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-10, record
+    # the weights really changed
+    assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_rotation_preserves_logits_float32(family):
+    model = tiny_model(family, dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 48))
+    ref = _logits(model, ids)
+    rotate_model(model, resolve(model), RotationConfig(enabled=True, seed=0))
+    out = _logits(model, ids)
+    # float32 rounding of the rotated weights (computed in float64, cast once): ~1e-6 relative
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_rotation_record_and_untie():
+    model = tiny_model("llama", dtype=torch.float64)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    record = rotate_model(model, resolve(model), RotationConfig(enabled=True))
+    assert record["untied_embeddings"] is True
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    kinds = {r["module"]: r["kind"] for r in record["online"]}
+    assert kinds == {"mlp.down_proj": "full", "self_attn.v_proj": "per_head", "self_attn.o_proj": "cross_head"}
+
+
+def test_qwen_seven_heads_cross_head_skipped_or_random():
+    model = tiny_model("qwen2", dtype=torch.float64)
+    record = rotate_model(model, resolve(model), RotationConfig(enabled=True))
+    o = [r for r in record["online"] if r["module"] == "self_attn.o_proj"][0]
+    assert o["kind"] == "skipped" and "7" in o["reason"]
+    model = tiny_model("qwen2", dtype=torch.float64)
+    record = rotate_model(model, resolve(model), RotationConfig(enabled=True, fallback="random"))
+    o = [r for r in record["online"] if r["module"] == "self_attn.o_proj"][0]
+    assert o["kind"] == "random_cross_head"
+
+
+def test_seed_changes_rotation_and_is_reproducible():
+    a, b, c = (tiny_model("llama", dtype=torch.float64) for _ in range(3))
+    for m, seed in ((a, 1), (b, 1), (c, 2)):
+        rotate_model(m, resolve(m), RotationConfig(enabled=True, seed=seed))
+    wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
