@@ -1,3 +1,27 @@
-"""rsq: Rotate, Scale, then Quantize — low-bit post-training quantization of LLMs."""
+"""rsq: Rotate, Scale, then Quantize — low-bit post-training quantization of LLMs.
+
+Public API (everything else is import-by-path and may change):
+
+* ``RSQConfig`` — the config tree (rsq.config);
+* ``quantize(cfg, out_dir)`` — run a quantization job and write a checkpoint (rsq.run);
+* ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.checkpoint.load);
+"""
 
 __version__ = "0.1.0"
+
+from rsq.config import RSQConfig  # noqa: E402
+
+
+def quantize(cfg, out, **kwargs):
+    from rsq.run import run_quantize
+
+    return run_quantize(cfg, out, **kwargs)
+
+
+def load(path, device="cpu", dtype=None):
+    from rsq.checkpoint.load import load_quantized
+
+    return load_quantized(path, device=device, dtype=dtype)
+
+
+__all__ = ["RSQConfig", "quantize", "load", "__version__"]

@@ -221,8 +221,10 @@ def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> Quant
 
 
 def _to_cpu(res: QuantResult) -> QuantResult:
+    """Keep codes and scales only: the model holds W_hat, and checkpoint.schema.dequantize_result
+    rebuilds it exactly from the codes (8B models would otherwise keep a second float copy)."""
     res.codes, res.scale, res.zero = res.codes.cpu(), res.scale.cpu(), res.zero.cpu()
-    res.weight = res.weight.cpu()
+    res.weight = None
     return res
 
 

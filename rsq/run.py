@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rsq
+from rsq.checkpoint.schema import dequantize_result
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
 from rsq.config import RSQConfig
 from rsq.errors import CheckpointFormatError, ConfigError
@@ -83,7 +84,6 @@ def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig) -> None
             tensors[f"{name}.codes"] = res.codes.contiguous()
             tensors[f"{name}.scale"] = res.scale.contiguous()
             tensors[f"{name}.zero"] = res.zero.contiguous()
-            tensors[f"{name}.weight"] = res.weight.contiguous()
     tmp = part / f"layer-{index:04d}.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, part / f"layer-{index:04d}.safetensors")
@@ -121,10 +121,10 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
             meta = saved["results_meta"][full]
             res = QuantResult(
                 codes=tensors[f"{full}.codes"], scale=tensors[f"{full}.scale"], zero=tensors[f"{full}.zero"],
-                weight=tensors[f"{full}.weight"], loss=meta["loss"], damp=meta["damp"], meta=meta["meta"],
+                weight=None, loss=meta["loss"], damp=meta["damp"], meta=meta["meta"],
             )
             module = layers[index].get_submodule(name)
-            module.weight.data = res.weight.to(module.weight.dtype)
+            module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.dtype)
             state.results[full] = res
     return state
 

@@ -1,0 +1,146 @@
+"""Load an rsq checkpoint directory into a model with quantized linears and online rotations,
+from its files alone (no rotation code path runs on full weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
+from rsq.errors import CheckpointFormatError
+from rsq.models.registry import resolve
+from rsq.nn.hadamard import OnlineRotation, attach_online_rotation
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def read_quant_config(path: Path) -> tuple[dict, dict]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointFormatError(f"{cfg_file} is missing: {path} is not an rsq checkpoint directory")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointFormatError(f"{cfg_file} is not valid JSON ({exc}): the checkpoint is corrupt") from exc
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads ({FORMAT_VERSION}): upgrade rsq"
+        )
+    return config, qc
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointFormatError(f"{index} is corrupt ({exc})") from exc
+        files = [path / n for n in names]
+    else:
+        files = [path / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointFormatError(f"{f} is missing: the checkpoint is incomplete; re-run rsq quantize")
+    return files
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            raise CheckpointFormatError(f"{f} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+    return tensors
+
+
+def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear, dtype: torch.dtype):
+    """A quantized module of the checkpoint's grid kind, filled from its stored tensors."""
+    kind = qc.get("grid", "uniform")
+    bias = tensors.get(f"{prefix}.bias")
+    if kind == "uniform":
+        from rsq.nn.qlinear import QuantLinear
+
+        module = QuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                                   bias is not None, dtype)
+    elif kind == "nf":
+        from rsq.nn.qlinear import NFQuantLinear
+
+        module = NFQuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                                     bias is not None, dtype)
+    elif kind == "e8p":
+        from rsq.nn.e8p_linear import E8PLinear
+
+        module = E8PLinear.empty(linear.in_features, linear.out_features, bias is not None, dtype)
+    else:
+        raise CheckpointFormatError(f"unknown grid {kind!r} in quantization_config: upgrade rsq")
+    return module
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from an rsq checkpoint directory. Raises CheckpointFormatError naming the
+    file and the problem for missing, corrupt, truncated or mismatched files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config_dict, qc = read_quant_config(path)
+    dtype = dtype or _DTYPES.get(str(config_dict.get("dtype", "float32")), torch.float32)
+    files = _weight_files(path)
+    tensors = _read_tensors(files)
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours, not a transformers quantizer
+    adapter = resolve(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = adapter.get_layers(model)
+    for name in qc["modules"]:
+        full = f"{adapter.layers}.{name}"
+        parent_name, child = full.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _quant_module(qc, full, tensors, getattr(parent, child), dtype))
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected = set(model.state_dict().keys())
+    if tied:
+        expected.discard(f"{adapter.lm_head}.weight")
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise CheckpointFormatError(
+            f"{path}: tensors do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+            "the checkpoint is corrupt or from another model"
+        )
+    try:
+        model.load_state_dict(tensors, strict=not tied, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointFormatError(f"{path}: tensor shapes do not match the config ({str(exc).splitlines()[0]})") from exc
+
+    if tied:
+        model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
+    rotation = qc.get("rotation") or {}
+    for site in rotation.get("online", []):
+        if site["kind"] in ("skipped", "per_head"):
+            continue
+        spec = OnlineRotation(site["module"], site["kind"], site["size"], site.get("head_dim", 1), site.get("seed", 0))
+        for layer in layers:
+            attach_online_rotation(layer.get_submodule(spec.module), spec)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
