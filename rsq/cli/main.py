@@ -201,8 +201,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     from rsq.cli.demo import add_demo_parser
+    from rsq.cli.inspectcmd import add_inspect_parser
 
     add_demo_parser(sub)
+    add_inspect_parser(sub)
     return parser
 
 
