@@ -140,29 +140,36 @@ def run_quantize(
     ppl_max_windows: int | None = 40,
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_layer: int | None = None,
+    preloaded: tuple | None = None,
 ) -> dict:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
     ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
+    ``preloaded`` = (model, tokenizer) skips loading (the model is modified in place: pass a copy).
     """
     out = Path(out)
     part, saved = prepare_output(out, resume, overwrite)
     try:
-        return _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer)
+        return _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
+                    preloaded)
     except Exception:
         if not (part / STATE_FILE).exists():
             shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
         raise
 
 
-def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer) -> dict:
+def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
+         preloaded) -> dict:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model or None, DTYPES[cfg.dtype])
+    if preloaded is not None:
+        model, tokenizer = preloaded
+    else:
+        model, tokenizer = load_model(cfg.model or None, DTYPES[cfg.dtype])
     timings["load"] = time.perf_counter() - t0
     adapter = resolve(model)
     first = adapter.get_layers(model)[0]
@@ -241,6 +248,9 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
         "num_layers": n_layers,
     }
+    if state.importance_maps:
+        save_file({f"layer.{i}": w.contiguous() for i, w in state.importance_maps.items()},
+                  str(part / "importance.safetensors"))
     (part / "results.json").write_text(json.dumps(results, indent=2))
     for leftover in list(part.glob("layer-*.safetensors")) + [part / STATE_FILE]:
         leftover.unlink(missing_ok=True)

@@ -203,8 +203,11 @@ def make_parser() -> argparse.ArgumentParser:
     from rsq.cli.demo import add_demo_parser
     from rsq.cli.inspectcmd import add_inspect_parser
 
+    from rsq.cli.ablatecmd import add_ablate_parsers
+
     add_demo_parser(sub)
     add_inspect_parser(sub)
+    add_ablate_parsers(sub)
     return parser
 
 
