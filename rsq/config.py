@@ -77,6 +77,7 @@ class SolverConfig:
     act_order: bool = False
     damp_retries: int = 10  # bounded: raise SingularHessianError after this many extra dampings
     ldlq_tune_iters: int = 10
+    hessian_dtype: str = "float32"  # accumulation precision: float32 (spec) or float64
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("gptq", "rtn", "ldlq"):
@@ -87,6 +88,8 @@ class SolverConfig:
             raise ConfigError(f"damp_frac {self.damp_frac} must be in [0, 1)")
         if self.damp_retries < 0:
             raise ConfigError("damp_retries must be >= 0")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ConfigError(f"hessian_dtype {self.hessian_dtype!r}: use float32 or float64")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from rsq.calib.capture import (
     layer_forward,
     rope_from_kwargs,
 )
+from rsq.checkpoint.schema import dequantize_result
 from rsq.config import RSQConfig
+from rsq.distributed import DistContext
 from rsq.errors import CalibrationError
 from rsq.models.adapter import ModelAdapter, apply_rope
 from rsq.models.registry import resolve
@@ -48,7 +50,7 @@ class LayerReport:
 class RunState:
     """What the pipeline hands back, and what a resumed run starts from."""
 
-    results: dict[str, QuantResult] = field(default_factory=dict)  # "layers.3.self_attn.q_proj" -> result
+    results: dict[str, QuantResult] = field(default_factory=dict)  # "model.layers.3.self_attn.q_proj" -> result
     layers: list[LayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
@@ -93,6 +95,7 @@ def quantize_layers(
     on_layer_done: Callable[[int, RunState], None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     weight_fn: Callable | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> RunState:
     """Quantize every decoder layer of ``model`` in place (fake quantization: W <- W_hat).
 
@@ -100,16 +103,22 @@ def quantize_layers(
     weights (resume); they are only run forward. ``weight_fn(layer_index, layer, x, kwargs, ids)``
     returns per-token weights (B, T) or None for uniform (the importance step; see rsq.importance).
     ``on_layer_done`` is called after each finished layer (used for resume state).
+    ``dist_ctx``: with several ranks, this rank handles windows rank, rank+K, ... and Hessians are
+    summed over ranks before the solves (rsq.distributed).
     """
     adapter = adapter or resolve(model)
     state = state or RunState()
+    ctx = dist_ctx or DistContext()
     device = resolve_device(cfg.device)
     dtype = next(model.parameters()).dtype
     layers = adapter.get_layers(model)
-    n_seq = windows.shape[0] * cfg.importance.expand
+    n_total = windows.shape[0] * cfg.importance.expand
+    local = ctx.shard(n_total)
+    n_seq = len(local)
     seqlen = windows.shape[1]
     hidden = model.config.hidden_size
-    window_fn = _window_fn(windows, cfg.importance.expand)
+    global_fn = _window_fn(windows, cfg.importance.expand)
+    window_fn = lambda i: global_fn(local[i])  # noqa: E731
     location = choose_location(cfg.offload if cfg.importance.expand == 1 or cfg.offload != "auto" else "disk",
                                n_seq, seqlen, hidden, dtype, device)
     store = ActivationStore(n_seq, seqlen, hidden, dtype, device, location)
@@ -121,7 +130,8 @@ def quantize_layers(
             t0 = time.perf_counter()
             layer.to(device)
             if i >= start_layer and cfg.quantizes:
-                report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn, progress)
+                report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn,
+                                             ctx, n_total)
             else:
                 report = None
             with _timed(state.timings, "propagate"):
@@ -159,7 +169,8 @@ def _quantize_one_layer(
     window_fn,
     state: RunState,
     weight_fn,
-    progress,
+    ctx: DistContext,
+    n_total: int,
 ) -> LayerReport:
     bs = cfg.batch_size
     weights: list[torch.Tensor] | None = None
@@ -183,29 +194,57 @@ def _quantize_one_layer(
                     "min": allw.min().item(),
                 }
     losses: dict[str, float] = {}
+    hdtype = torch.float64 if cfg.solver.hessian_dtype == "float64" else torch.float32
+    position = 0  # module number within the layer: decides its owner rank
     for group in adapter.groups:
         modules = [layer.get_submodule(name) for name in group]
         width = modules[0].in_features
-        acc = HessianAccumulator(width, device=store.device)
+        H = None
         if cfg.solver.algorithm != "rtn":
+            acc = HessianAccumulator(width, device=store.device, dtype=hdtype)
             current: dict = {}
             with _timed(state.timings, "hessian"), _input_hooks(modules, lambda x: acc.add(x, current.get("w"))):
                 for k, (a, b) in enumerate(store.batches(bs)):
                     current["w"] = None if weights is None else weights[k]
                     layer_forward(layer, store.get(a, b), kwargs)
+            ctx.all_reduce_sum(acc.sum)
+            acc.nseq = n_total
             H = acc.finalize()
         with _timed(state.timings, "solve"):
+            mine = {}
             for name, module in zip(group, modules):
-                full = f"layers.{index}.{name}"
-                W = module.weight.data.to(store.device)
-                if cfg.solver.algorithm == "rtn":
-                    res = rtn_result(W, cfg.grid, full)
-                else:
-                    res = _solve(W, H, cfg, full)
-                module.weight.data = res.weight.to(module.weight.dtype)
-                state.results[full] = _to_cpu(res)
+                full = f"{adapter.layers}.{index}.{name}"
+                if ctx.owner(position) == ctx.rank:
+                    W = module.weight.data.to(store.device)
+                    res = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
+                    mine[name] = _to_cpu(res)
+                position += 1
+            for k, (name, module) in enumerate(zip(group, modules)):
+                owner = ctx.owner(position - len(group) + k)
+                res = share_result(ctx, mine.get(name), owner)
+                module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)
+                state.results[f"{adapter.layers}.{index}.{name}"] = res
                 losses[name] = res.loss
     return LayerReport(index=index, seconds=0.0, losses=losses, importance=imp_summary)
+
+
+def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> QuantResult:
+    """The owner's result on every rank (metadata as an object, tensors by broadcast)."""
+    if not ctx.enabled:
+        return res
+    head = None
+    if ctx.rank == owner:
+        head = {k: (tuple(getattr(res, k).shape), getattr(res, k).dtype) for k in ("codes", "scale", "zero")}
+        head.update(loss=res.loss, damp=res.damp, meta=res.meta)
+    head = ctx.broadcast_object(head, owner)
+    tensors = {}
+    for key in ("codes", "scale", "zero"):
+        shape, dtype = head[key]
+        t = getattr(res, key) if ctx.rank == owner else torch.empty(shape, dtype=dtype)
+        if ctx.backend == "nccl":
+            t = t.cuda()
+        tensors[key] = ctx.broadcast(t, owner).cpu()
+    return QuantResult(weight=None, loss=head["loss"], damp=head["damp"], meta=head["meta"], **tensors)
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> QuantResult:

@@ -77,10 +77,10 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, dict
     return part, None
 
 
-def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig) -> None:
+def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix: str) -> None:
     tensors = {}
     for name, res in state.results.items():
-        if name.startswith(f"layers.{index}."):
+        if name.startswith(f"{prefix}.{index}."):
             tensors[f"{name}.codes"] = res.codes.contiguous()
             tensors[f"{name}.scale"] = res.scale.contiguous()
             tensors[f"{name}.zero"] = res.zero.contiguous()
@@ -117,7 +117,7 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
         except Exception as exc:  # safetensors raises several types for truncated files
             raise CheckpointFormatError(f"{path} is unreadable ({exc}): delete {part} and rerun") from exc
         for name in adapter.linears:
-            full = f"layers.{index}.{name}"
+            full = f"{adapter.layers}.{index}.{name}"
             meta = saved["results_meta"][full]
             res = QuantResult(
                 codes=tensors[f"{full}.codes"], scale=tensors[f"{full}.scale"], zero=tensors[f"{full}.zero"],
@@ -197,7 +197,7 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
     n_layers = len(adapter.get_layers(model))
 
     def on_done(index: int, st: RunState) -> None:
-        _save_layer(part, index, st, cfg)
+        _save_layer(part, index, st, cfg, adapter.layers)
         if stop_after_layer is not None and index >= stop_after_layer:
             raise _Interrupted(index)
 

@@ -105,8 +105,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = adapter.get_layers(model)
-    for name in qc["modules"]:
-        full = f"{adapter.layers}.{name}"
+    for full in qc["modules"]:
         parent_name, child = full.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         setattr(parent, child, _quant_module(qc, full, tensors, getattr(parent, child), dtype))

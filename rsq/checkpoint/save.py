@@ -49,8 +49,7 @@ def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: l
 
 def checkpoint_state_dict(model: torch.nn.Module, results: dict, cfg: RSQConfig, dtype: torch.dtype) -> dict:
     """Packed tensors for quantized linears, plain tensors for the rest (names as in HF)."""
-    prefix = _layers_prefix(model)
-    quantized = {f"{prefix}.{name}" for name in results}
+    quantized = set(results)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -61,18 +60,11 @@ def checkpoint_state_dict(model: torch.nn.Module, results: dict, cfg: RSQConfig,
             continue  # a tied weight (lm_head = embedding): stored once, re-tied on load
         seen.add(tensor.data_ptr())
         out[name] = tensor.detach().contiguous()
-    for name, res in results.items():
-        full = f"{prefix}.{name}"
+    for full, res in results.items():
         bias = model.get_submodule(full).bias
         for key, t in quantized_module_tensors(res, cfg.grid, bias, dtype).items():
             out[f"{full}.{key}"] = t.contiguous()
     return out
-
-
-def _layers_prefix(model: torch.nn.Module) -> str:
-    from rsq.models.registry import resolve
-
-    return resolve(model).layers
 
 
 def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation_record) -> dict:
