@@ -101,7 +101,7 @@ def _guard(fn):
         ) from exc
 
 
-def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistContext:
+def init_from_env(device_type: str, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE > 1); else a one-rank context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -15,6 +15,7 @@ import platform
 import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,8 @@ import rsq
 from rsq.checkpoint.schema import dequantize_result
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
 from rsq.config import RSQConfig
-from rsq.errors import CheckpointFormatError, ConfigError
+from rsq.distributed import DistContext, rank_device
+from rsq.errors import CheckpointFormatError, ConfigError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_model
 from rsq.models.registry import resolve
@@ -141,29 +143,43 @@ def run_quantize(
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_layer: int | None = None,
     preloaded: tuple | None = None,
-) -> dict:
+    dist_ctx: DistContext | None = None,
+) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
     ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
     ``preloaded`` = (model, tokenizer) skips loading (the model is modified in place: pass a copy).
+    ``dist_ctx``: with several ranks (torchrun), only rank 0 touches the output directory.
     """
+    ctx = dist_ctx or DistContext()
     out = Path(out)
-    part, saved = prepare_output(out, resume, overwrite)
+    part, saved, problem = partial_dir(out), None, None
+    if ctx.is_main:
+        try:
+            part, saved = prepare_output(out, resume, overwrite)
+        except RSQError as exc:
+            problem = exc
+    problem_text, saved = ctx.broadcast_object((None if problem is None else str(problem), saved), 0)
+    if problem is not None:
+        raise problem
+    if problem_text is not None:
+        raise ConfigError(problem_text)
     try:
         return _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
-                    preloaded)
+                    preloaded, ctx)
     except Exception:
-        if not (part / STATE_FILE).exists():
+        if ctx.is_main and not (part / STATE_FILE).exists():
             shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
         raise
 
 
 def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
-         preloaded) -> dict:
+         preloaded, ctx: DistContext) -> dict | None:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    run_cfg = replace(cfg, device=rank_device(ctx, cfg.device)) if ctx.enabled else cfg
+    device = resolve_device(run_cfg.device)
 
     t0 = time.perf_counter()
     if preloaded is not None:
@@ -197,7 +213,8 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
     n_layers = len(adapter.get_layers(model))
 
     def on_done(index: int, st: RunState) -> None:
-        _save_layer(part, index, st, cfg, adapter.layers)
+        if ctx.is_main:
+            _save_layer(part, index, st, cfg, adapter.layers)
         if stop_after_layer is not None and index >= stop_after_layer:
             raise _Interrupted(index)
 
@@ -212,11 +229,15 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         state = RunState()
     else:
         state = quantize_layers(
-            model, cfg, windows, adapter=adapter, state=state, start_layer=start, on_layer_done=on_done,
-            progress=(lambda i, n, msg: progress("quantize", i, n)) if progress else None, weight_fn=weight_fn,
+            model, run_cfg, windows, adapter=adapter, state=state, start_layer=start, on_layer_done=on_done,
+            progress=(lambda i, n, msg: progress("quantize", i, n)) if progress and ctx.is_main else None,
+            weight_fn=weight_fn, dist_ctx=ctx,
         )
     timings["quantize"] = time.perf_counter() - t0
 
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 evaluates and writes the checkpoint
+        return None
     ppl = {}
     t0 = time.perf_counter()
     for source in ppl_sources:
@@ -247,6 +268,7 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
         "num_layers": n_layers,
+        "ranks": ctx.world,
     }
     if state.importance_maps:
         save_file({f"layer.{i}": w.contiguous() for i, w in state.importance_maps.items()},
@@ -257,6 +279,7 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
     if out.exists():
         shutil.rmtree(out)
     os.replace(part, out)
+    ctx.barrier()
     return results
 
 

@@ -130,18 +130,47 @@ def _sources(text: str) -> tuple[str, ...]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import os
+
+    from rsq.distributed import init_from_env, shutdown
     from rsq.run import run_quantize
 
     cfg = build_config(args)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(args.nproc)
+    ctx = init_from_env("cuda" if cfg.device in ("auto", "cuda") and _has_cuda() else "cpu")
     out = Path(args.out)
-    with Progress() as progress:
-        results = run_quantize(
-            cfg, out, resume=args.resume, overwrite=args.overwrite, ppl_sources=_sources(args.ppl),
-            ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.max_windows or None, progress=progress.update,
-        )
-    print_summary([results])
-    print(f"wrote {out}/ (results.json, model, tokenizer)")
+    try:
+        with Progress() as progress:
+            results = run_quantize(
+                cfg, out, resume=args.resume, overwrite=args.overwrite, ppl_sources=_sources(args.ppl),
+                ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.max_windows or None,
+                progress=progress.update if ctx.is_main else None, dist_ctx=ctx,
+            )
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print_summary([results])
+        print(f"wrote {out}/ (results.json, model, tokenizer)")
     return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _launch_ranks(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` ranks (one per GPU, or gloo on CPU)."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc")
+    del argv[i : i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "rsq", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -188,6 +217,8 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (torchrun; one per GPU, gloo on CPU); "
+                   "also works when started by torchrun directly (default: 1)")
     add_ppl_options(q, "--ppl-seqlen")
     q.set_defaults(func=cmd_quantize)
 
