@@ -20,6 +20,7 @@ from rsq.calib.capture import (
     ActivationStore,
     capture_layer0_inputs,
     choose_location,
+    forward_until,
     layer_forward,
     rope_from_kwargs,
 )
@@ -29,7 +30,7 @@ from rsq.distributed import DistContext
 from rsq.errors import CalibrationError
 from rsq.models.adapter import ModelAdapter, apply_rope
 from rsq.models.registry import resolve
-from rsq.solver.gptq import gptq_quantize, rtn_result
+from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
 from rsq.solver.hessian import HessianAccumulator
 from rsq.solver.result import QuantResult
 
@@ -71,17 +72,6 @@ def _timed(timings: dict, key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
-@contextmanager
-def _input_hooks(modules: list[nn.Module], fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Forward hooks that see each module's (pre-hook-transformed) input; always removed."""
-    handles = [m.register_forward_hook(lambda mod, args, out: fn(args[0])) for m in modules[:1]]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def quantize_layers(
@@ -202,17 +192,26 @@ def _quantize_one_layer(
         H = None
         if cfg.solver.algorithm != "rtn":
             acc = HessianAccumulator(width, device=store.device, dtype=hdtype)
-            current: dict = {}
-            with _timed(state.timings, "hessian"), _input_hooks(modules, lambda x: acc.add(x, current.get("w"))):
+            with _timed(state.timings, "hessian"):
                 for k, (a, b) in enumerate(store.batches(bs)):
-                    current["w"] = None if weights is None else weights[k]
-                    layer_forward(layer, store.get(a, b), kwargs)
+                    w = None if weights is None else weights[k]
+                    forward_until(layer, modules[0], store.get(a, b), kwargs, lambda x, w=w: acc.add(x, w))
             ctx.all_reduce_sum(acc.sum)
             acc.nseq = n_total
             H = acc.finalize()
         with _timed(state.timings, "solve"):
             mine = {}
+            if not ctx.enabled and H is not None and cfg.grid.kind == "uniform" and len(group) > 1:
+                # members share H and GPTQ treats rows independently: one solve on the stacked rows
+                names = [f"{adapter.layers}.{index}.{name}" for name in group]
+                W = torch.cat([m.weight.data.to(store.device) for m in modules])
+                stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names))
+                for name, part in zip(group, split_rows(stacked, [m.out_features for m in modules])):
+                    mine[name] = _to_cpu(part)
+                position += len(group)
             for name, module in zip(group, modules):
+                if name in mine:
+                    continue
                 full = f"{adapter.layers}.{index}.{name}"
                 if ctx.owner(position) == ctx.rank:
                     W = module.weight.data.to(store.device)

@@ -176,6 +176,28 @@ def _move_pre_layer_modules(model: nn.Module, layers: nn.ModuleList, device: tor
     return moved
 
 
+def forward_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn) -> None:
+    """Run ``layer`` only until ``module`` has received its input; call ``fn(input)`` with it.
+
+    The input is what the module's forward sees (after any forward pre-hook such as an online
+    rotation). Stopping early skips the rest of the layer, e.g. the whole MLP when collecting the
+    q/k/v Hessian.
+    """
+
+    def hook(mod, args, out):
+        fn(args[0])
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        layer_forward(layer, hidden, kwargs)
+    except _StopForward:
+        return
+    finally:
+        handle.remove()
+    raise RuntimeError("the layer finished without calling the hooked module")  # internal invariant
+
+
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Run one decoder layer; HF returns a tensor (>= 4.5x) or a tuple (older)."""
     out = layer(hidden, **kwargs)

@@ -145,7 +145,19 @@ def gptq_quantize(
         loss=losses.sum().item(),
         damp=damp,
         meta={"algorithm": "gptq", "act_order": solver.act_order},
+        row_loss=losses,
     )
+
+
+def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
+    """Split a result of vertically stacked matrices (sharing one Hessian) back into per-matrix
+    results; GPTQ treats rows independently, so each part is that matrix's own solution."""
+    parts = []
+    for codes, scale, zero, weight, rl in zip(*(torch.split(t, sizes) for t in (res.codes, res.scale, res.zero,
+                                                                              res.weight, res.row_loss))):
+        parts.append(QuantResult(codes=codes, scale=scale, zero=zero, weight=weight, loss=rl.sum().item(),
+                                 damp=res.damp, meta=dict(res.meta), row_loss=rl))
+    return parts
 
 
 def rtn_result(W: torch.Tensor, grid: GridConfig, name: str = "") -> QuantResult:

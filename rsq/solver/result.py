@@ -27,3 +27,4 @@ class QuantResult:
     loss: float
     damp: float = 0.0
     meta: dict = field(default_factory=dict)
+    row_loss: torch.Tensor | None = None  # per output row (GPTQ), lets stacked solves be split
