@@ -201,7 +201,7 @@ def _quantize_one_layer(
             H = acc.finalize()
         with _timed(state.timings, "solve"):
             mine = {}
-            if not ctx.enabled and H is not None and cfg.grid.kind == "uniform" and len(group) > 1:
+            if not ctx.enabled and H is not None and cfg.grid.kind in ("uniform", "nf") and len(group) > 1:
                 # members share H and GPTQ treats rows independently: one solve on the stacked rows
                 names = [f"{adapter.layers}.{index}.{name}" for name in group]
                 W = torch.cat([m.weight.data.to(store.device) for m in modules])
@@ -250,11 +250,7 @@ def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> Quant
     if cfg.grid.kind == "e8p":
         from rsq.solver.ldlq import ldlq_quantize
 
-        return ldlq_quantize(W, H, cfg.grid, cfg.solver)
-    if cfg.grid.kind == "nf":
-        from rsq.solver.gptq_nf import gptq_nf_quantize
-
-        return gptq_nf_quantize(W, H, cfg.grid, cfg.solver, name)
+        return ldlq_quantize(W, H, cfg.grid, cfg.solver, name)
     return gptq_quantize(W, H, cfg.grid, cfg.solver, name)
 
 

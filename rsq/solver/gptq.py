@@ -8,6 +8,7 @@ columns not yet quantized through the upper Cholesky factor of H^-1.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -66,6 +67,44 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_frac: float, retries: int, nam
     )
 
 
+class _ScalarGrid:
+    """The two operations GPTQ needs from a per-element grid: row parameters for a block of columns,
+    and rounding one column. Uniform: codes with zero points; nf: NormalFloat level indices."""
+
+    def __init__(self, grid: GridConfig, device: torch.device):
+        self.grid = grid
+        if grid.kind == "nf":
+            from rsq.quant.nf import nf_levels
+
+            self.levels = nf_levels(grid.bits).to(device)
+
+    def params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, 1) scale and zero for the columns of W taken as one group."""
+        if self.grid.kind == "nf":
+            from rsq.quant.nf import nf_find_params
+
+            scale = nf_find_params(W, replace(self.grid, group_size=-1))
+            return scale, torch.zeros_like(scale)
+        return find_params(W, self.grid)
+
+    def group_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grid.kind == "nf":
+            from rsq.quant.nf import nf_find_params
+
+            scale = nf_find_params(W, self.grid)
+            return scale, torch.zeros_like(scale)
+        return find_group_params(W, self.grid)
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grid.kind == "nf":
+            from rsq.quant.nf import nf_dequantize, nf_quantize_codes
+
+            c = nf_quantize_codes(w, s, self.levels)
+            return c.float(), nf_dequantize(c, s, self.levels)
+        c = quantize_codes(w, s, z, self.grid.bits)
+        return c, dequantize_codes(c, s, z)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -81,6 +120,7 @@ def gptq_quantize(
         diag(H) and group parameters are computed up front from the original W in natural order
         ("static groups"), so codes, scales and zeros stay in natural column order.
     solver: block_size, damp_frac, act_order, damp_retries.
+    Grids: uniform (codes with zero points) and nf (NormalFloat level indices, zero unused).
     Returns codes in natural column order, scale/zero (out, n_groups), W_hat and the GPTQ loss
     sum_j (w_j - q_j)^2 / U_jj^2 / 2 (which equals half the layer-output error increase).
     """
@@ -88,9 +128,10 @@ def gptq_quantize(
     rows, cols = W.shape
     W, H = prepare_hessian(W, H)
     group = cols if grid.group_size == -1 else grid.group_size
+    ops = _ScalarGrid(grid, W.device)
     static = grid.group_size == -1 or solver.act_order
     if static:
-        scale_g, zero_g = find_group_params(W, grid) if grid.group_size != -1 else find_params(W, grid)
+        scale_g, zero_g = ops.group_params(W) if grid.group_size != -1 else ops.params(W)
     else:
         scale_g = torch.empty(rows, cols // group, device=W.device)
         zero_g = torch.empty_like(scale_g)
@@ -120,12 +161,11 @@ def gptq_quantize(
             if not static and col_of[j] % group == 0:
                 # new group: parameters from W after the updates of earlier blocks (as IST GPTQ;
                 # with group_size == block_size a group starts a block, so this is exact)
-                s, z = find_params(W[:, j : j + group], grid)
+                s, z = ops.params(W[:, j : j + group])
                 scale_g[:, g], zero_g[:, g] = s[:, 0], z[:, 0]
             s, z = scale_g[:, g], zero_g[:, g]
             w = W1[:, i]
-            c = quantize_codes(w, s, z, grid.bits)
-            q = dequantize_codes(c, s, z)
+            c, q = ops.round(w, s, z)
             codes[:, j], Q[:, j] = c, q
             d = U1[i, i]
             losses += (w - q) ** 2 / d**2 / 2
@@ -163,7 +203,13 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
 def rtn_result(W: torch.Tensor, grid: GridConfig, name: str = "") -> QuantResult:
     """Round-to-nearest as a QuantResult (loss = plain squared weight error)."""
     grid.check_width(W.shape[1], name)
-    codes, scale, zero, w_hat = rtn_quantize(W.float(), grid)
+    if grid.kind == "nf":
+        from rsq.quant.nf import nf_rtn_quantize
+
+        codes, scale, w_hat = nf_rtn_quantize(W.float(), grid)
+        zero = torch.zeros_like(scale)
+    else:
+        codes, scale, zero, w_hat = rtn_quantize(W.float(), grid)
     return QuantResult(
         codes=codes.to(torch.uint8),
         scale=scale,

@@ -5,7 +5,8 @@ import torch
 
 from rsq.config import GridConfig, SolverConfig
 from rsq.errors import SingularHessianError
-from rsq.quant.grid import find_params, fake_quantize
+from rsq.quant.grid import fake_quantize, find_params
+from rsq.quant.nf import nf_find_params, nf_levels
 from rsq.solver.gptq import gptq_quantize, layer_error, rtn_result
 from rsq.solver.hessian import HessianAccumulator
 
@@ -17,12 +18,22 @@ def naive_gptq(W, H, grid, damp_frac=0.01):
     H = H.double().clone()
     n = W.shape[1]
     H += damp_frac * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
-    scale, zero = find_params(W.float(), grid)
-    scale, zero = scale.double()[:, 0], zero.double()[:, 0]
+    if grid.kind == "nf":
+        scale = nf_find_params(W.float(), grid).double()[:, 0]
+        levels = nf_levels(grid.bits).double()
+
+        def quant(col):
+            return scale * levels[torch.argmin((col[:, None] / scale[:, None] - levels[None, :]).abs(), dim=1)]
+    else:
+        scale, zero = find_params(W.float(), grid)
+        scale, zero = scale.double()[:, 0], zero.double()[:, 0]
+
+        def quant(col):
+            return fake_quantize(col, scale, zero, grid.bits)
     Q = torch.zeros_like(W)
     for j in range(n):
         Hinv = torch.linalg.inv(H[j:, j:])
-        q = fake_quantize(W[:, j], scale, zero, grid.bits)
+        q = quant(W[:, j])
         Q[:, j] = q
         err = (W[:, j] - q) / Hinv[0, 0]
         W[:, j:] -= err[:, None] * Hinv[0, :][None, :]
@@ -46,6 +57,18 @@ def test_gptq_equals_naive(n, block):
     # Same decisions; float32 Cholesky vs float64 inverses differ by ~1e-6 relative, far below a
     # quantization step, so every rounding decision agrees and weights match to float32 precision.
     assert torch.allclose(res.weight.double(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_nf_grid_equals_naive(bits):
+    torch.manual_seed(bits)
+    W = torch.randn(10, 40)
+    H = random_hessian(40, seed=bits)
+    grid = GridConfig(kind="nf", bits=bits)
+    res = gptq_quantize(W, H, grid, SolverConfig(block_size=16))
+    assert torch.allclose(res.weight.double(), naive_gptq(W, H, grid), atol=1e-4)
+    levels = nf_levels(bits)
+    assert torch.equal(res.weight, res.scale * levels[res.codes.long()])
 
 
 def test_gptq_beats_rtn_on_correlated_hessian():
