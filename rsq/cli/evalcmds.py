@@ -1,0 +1,158 @@
+"""`rsq lm-eval`, `rsq longctx` and `rsq report`: evaluation subcommands (argparse wiring and output)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from rsq.errors import ConfigError
+
+    try:
+        return [int(s) for s in _csv(text)]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from exc
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}"
+
+
+def add_eval_parsers(sub) -> None:
+    model_help = "model or checkpoint: hub id, directory, .gguf or rsq run directory (default: embedded SmolLM2)"
+
+    z = sub.add_parser("lm-eval", help="zero-/few-shot accuracy with lm-evaluation-harness",
+                       description="Run lm-eval tasks on MODEL_OR_DIR loaded by rsq (quantized checkpoints "
+                       "included). Reported metric per task: acc_norm, else acc, else exact_match "
+                       "(flexible-extract); the average is the plain mean over top-level entries.")
+    z.add_argument("model", nargs="?", default=None, help=model_help)
+    z.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval task names, e.g. piqa,hellaswag,arc_easy,arc_challenge,"
+                   "winogrande,lambada (hub data), or rsq_facts (a small local task shipped with rsq)")
+    z.add_argument("--limit", type=float, default=None,
+                   help="documents per task (>=1) or a fraction (<1); for quick checks only (default: all)")
+    z.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 for most)")
+    z.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default: 8)")
+    z.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAMLs")
+    z.add_argument("--chat-template", action="store_true",
+                   help="apply the tokenizer's chat template (few-shot as multi-turn), as for gsm8k_cot_llama")
+    z.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default: 0)")
+    z.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    z.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/lm_eval.json for rsq report)")
+    z.set_defaults(func=cmd_lm_eval)
+
+    lc = sub.add_parser("longctx", help="long-context retrieval accuracy by length and gold position",
+                        description="Synthetic LongEval 'lines' and Lost-in-the-Middle key-value retrieval, "
+                        "greedy decoding, accuracy by length and position. Prompts longer than the model's "
+                        "context are skipped and listed.")
+    lc.add_argument("model", nargs="?", default=None, help=model_help)
+    lc.add_argument("--task", default="lines", help="lines, kv or lines,kv (default: lines)")
+    lc.add_argument("--lines", default=None,
+                    help="comma-separated item counts (lines, or key-value pairs for kv) "
+                    "(default: 300,460,620 as the paper when --tokens is not given)")
+    lc.add_argument("--tokens", default=None,
+                    help="comma-separated prompt token budgets, or 'max' for the model's context; each becomes "
+                    "the largest item count that fits")
+    lc.add_argument("--positions", default="start,middle,end",
+                    help="gold positions: start, middle, end or fractions in [0,1] (default: start,middle,end)")
+    lc.add_argument("--samples", type=int, default=5, help="prompts per length and position (default: 5)")
+    lc.add_argument("--seed", type=int, default=0, help="seed of the generated keys and values (default: 0)")
+    lc.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: lines 24, kv 48)")
+    lc.add_argument("--no-chat", action="store_true", help="raw prompt even when the tokenizer has a chat template")
+    lc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    lc.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/longctx.json for rsq report)")
+    lc.set_defaults(func=cmd_longctx)
+
+    r = sub.add_parser("report", help="markdown/HTML report with plots comparing run directories",
+                       description="Read RUN_DIR/results.json and the evaluation JSONs in each RUN_DIR "
+                       "(lm_eval/longctx/eval --json-out) and write report.md, report.html and PNG plots.")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (rsq quantize --out ...)")
+    r.add_argument("--out", required=True, help="report directory")
+    r.add_argument("--title", default="rsq comparison", help="report title (default: rsq comparison)")
+    r.set_defaults(func=cmd_report)
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(data, indent=2))
+        print(f"wrote {p}")
+
+
+def cmd_lm_eval(args) -> int:
+    from rsq.eval.zeroshot import run_lm_eval
+    from rsq.evaluate import load_any
+    from rsq.loading import describe_source
+
+    tasks = _csv(args.tasks)
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    model, tokenizer = load_any(args.model)
+    res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=limit,
+                      num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
+                      apply_chat_template=args.chat_template, seed=args.seed)
+    res["model"] = describe_source(args.model)
+    print(f"{'task':<28} {'metric':<32} {'value':>7} {'stderr':>7}")
+    for name, t in res["tasks"].items():
+        mark = "*" if name in res["averaged"] else " "
+        value = "–" if t["value"] is None else f"{100 * t['value']:.2f}"
+        stderr = "–" if t["stderr"] is None else f"{100 * t['stderr']:.2f}"
+        print(f"{mark}{name:<27} {str(t['metric']):<32} {value:>7} {stderr:>7}")
+    avg = res["average"]
+    print(f"average of * entries ({len(res['averaged'])}): " + ("–" if math.isnan(avg) else f"{100 * avg:.2f}"))
+    if limit is not None:
+        print(f"note: --limit {limit}: not comparable to full-task scores")
+    _write_json(args.json_out, res)
+    return 0
+
+
+def cmd_longctx(args) -> int:
+    from rsq.cli.progress import Progress
+    from rsq.eval.longctx import parse_positions, run_longctx
+    from rsq.evaluate import load_any
+    from rsq.loading import describe_source
+
+    tasks = _csv(args.task)
+    positions = parse_positions(args.positions)
+    tokens = [t if t == "max" else int(t) for t in _csv(args.tokens)] if args.tokens else []
+    if any(t != "max" and t < 1 for t in tokens):
+        from rsq.errors import ConfigError
+
+        raise ConfigError(f"--tokens takes positive integers or 'max', got {args.tokens!r}")
+    items = _ints(args.lines, "--lines") if args.lines else ([] if tokens else [300, 460, 620])
+    model, tokenizer = load_any(args.model)
+    with Progress() as progress:
+        res = run_longctx(model, tokenizer, tasks, device=args.device, items=items, tokens=tokens,
+                          positions=positions, samples=args.samples, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else "auto",
+                          progress=progress.update)
+    res["model"] = describe_source(args.model)
+    for task, r in res["tasks"].items():
+        print(f"{task}: {r['decoding']}; {r['scoring']}")
+        print(f"  {'items':>6} {'tokens':>7} {'n':>4} " + " ".join(f"{p:>7}" for p in r["positions"]) + f" {'all':>7}")
+        for length in r["lengths"]:
+            cells = " ".join(f"{_pct(length['by_position'][p]):>7}" for p in r["positions"])
+            print(f"  {length['items']:>6} {length['tokens']:>7.0f} {length['n']:>4} {cells} {_pct(length['accuracy']):>7}")
+        if r["skipped"]:
+            sizes = sorted({s["items"] for s in r["skipped"]})
+            print(f"  skipped (longer than the context {r['model_context']}): items {', '.join(map(str, sizes))}")
+        print(f"  {r['seconds']:.0f} s")
+    _write_json(args.json_out, res)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rsq.report import write_report
+
+    summary = write_report(args.runs, args.out, title=args.title)
+    out = Path(args.out)
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'}" + "".join(f", {out / p}" for p in summary["plots"]))
+    return 0

@@ -1,0 +1,410 @@
+"""`rsq report RUN_DIR... --out DIR`: one comparison of several runs, as markdown, HTML and PNGs.
+
+Inputs, per run directory (the run's own files stay the machine-readable source):
+
+* ``results.json`` of ``rsq quantize`` (method, config with bits and group size, perplexity with its
+  window length, timings); optional, so that a directory holding only evaluations also works;
+* any other ``*.json`` in the directory written by the evaluation commands, recognised by content:
+  ``rsq lm-eval --json-out`` (``"kind": "lm_eval"``), ``rsq longctx --json-out`` (``"kind":
+  "longctx"``) and ``rsq eval --json-out`` (a ``perplexity`` dict and no ``method``). Convention:
+  ``RUN/lm_eval.json``, ``RUN/longctx.json``, ``RUN/eval-<seqlen>.json``;
+* ``*.safetensors`` sizes (the checkpoint on disk; ``importance.safetensors`` is not counted).
+
+Outputs in ``DIR``: ``report.md``, ``report.html`` (same content), ``report.json`` (the table rows),
+and where the data exists ``ppl_vs_bits.png`` (one panel per perplexity source and window length;
+a line per method over its bit widths, unquantized runs as dashed horizontal references),
+``accuracy.png`` (lm-eval chosen metric per task and the average, one bar per run) and
+``retrieval.png`` (long-context accuracy by gold position, one panel per task, one bar per run).
+Perplexity is "perplexity source@window length"; several runs of one method at one bit width are
+averaged in the plot (the table lists every run).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rsq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SKIP_JSON = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "results.json", "state.json", "vocab.json", "added_tokens.json",
+             "model.safetensors.index.json", "chat_template.json", "preprocessor_config.json"}
+MAX_JSON_BYTES = 64 * 2**20
+UNQUANTIZED_BITS = 16
+
+
+@dataclass
+class Run:
+    """Everything the report knows about one run directory."""
+
+    name: str
+    path: Path
+    method: str
+    bits: int
+    group_size: int | None = None
+    detail: str = ""
+    size_bytes: int = 0
+    ppl: dict[str, float] = field(default_factory=dict)  # "source@seqlen" -> ppl
+    tasks: dict[str, float] = field(default_factory=dict)  # lm-eval entry -> chosen metric value
+    task_metric: dict[str, str] = field(default_factory=dict)
+    average: float | None = None
+    retrieval: dict[str, dict] = field(default_factory=dict)  # task -> {"accuracy", "by_position", "lengths"}
+    seconds: float | None = None
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < UNQUANTIZED_BITS
+
+
+def _ppl_entries(block: dict) -> dict[str, float]:
+    seqlen = block.get("seqlen")
+    return {f"{k}@{seqlen}": float(v) for k, v in block.items()
+            if k not in ("seqlen", "max_windows") and isinstance(v, (int, float))}
+
+
+def _read_json(path: Path) -> dict | None:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log.warning("skipping %s: not JSON (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _checkpoint_bits(path: Path) -> tuple[str, int, int | None] | None:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    data = _read_json(cfg) or {}
+    qc = data.get("quantization_config") or {}
+    if qc.get("quant_method") == "rsq":
+        return str(qc.get("method", "rsq")), int(qc.get("bits", UNQUANTIZED_BITS)), qc.get("group_size")
+    return None
+
+
+def load_run(path: str | Path) -> Run:
+    """Collect one run directory (see the module doc); ConfigError when it holds nothing to report."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"run directory {p} does not exist: pass directories written by rsq quantize")
+    results = _read_json(p / "results.json") if (p / "results.json").is_file() else None
+    if results is not None:
+        method = str(results.get("method", "?"))
+        grid = (results.get("config") or {}).get("grid") or {}
+        bits = UNQUANTIZED_BITS if method == "fp16" else int(grid.get("bits", UNQUANTIZED_BITS))
+        run = Run(p.name, p, method, bits, grid.get("group_size") if method != "fp16" else None)
+        imp = ((results.get("config") or {}).get("importance") or {}).get("strategy")
+        if method == "rsq" and imp:
+            run.detail = imp
+        run.ppl.update(_ppl_entries(results.get("perplexity") or {}))
+        run.seconds = (results.get("timings") or {}).get("total")
+        run.sources.append("results.json")
+    else:
+        ck = _checkpoint_bits(p)
+        method, bits, gs = ck if ck else ("unquantized", UNQUANTIZED_BITS, None)
+        run = Run(p.name, p, method, bits, gs)
+    run.size_bytes = sum(f.stat().st_size for f in p.glob("*.safetensors") if f.name != "importance.safetensors")
+
+    for f in sorted(p.glob("*.json")):
+        if f.name in SKIP_JSON or f.name.startswith("tokenizer"):
+            continue
+        data = _read_json(f)
+        if not data:
+            continue
+        kind = data.get("kind")
+        if kind == "lm_eval":
+            for name, t in (data.get("tasks") or {}).items():
+                if t.get("value") is not None:
+                    run.tasks[name] = float(t["value"])
+                    run.task_metric[name] = str(t.get("metric"))
+            avg = data.get("average")
+            run.average = float(avg) if isinstance(avg, (int, float)) and not math.isnan(avg) else None
+        elif kind == "longctx":
+            for task, r in (data.get("tasks") or {}).items():
+                run.retrieval[task] = {"accuracy": r.get("accuracy"), "by_position": r.get("by_position") or {},
+                                       "lengths": r.get("lengths") or [], "positions": r.get("positions") or []}
+        elif "perplexity" in data and "method" not in data and isinstance(data["perplexity"], dict):
+            run.ppl.update(_ppl_entries(data["perplexity"]))
+        else:
+            continue
+        run.sources.append(f.name)
+    if not run.sources:
+        raise ConfigError(
+            f"{p} has no results.json and no evaluation JSON (rsq lm-eval/longctx/eval --json-out): pass a run "
+            "directory of rsq quantize, or write evaluations into it first"
+        )
+    return run
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _keys(runs: list[Run], attr: str) -> list[str]:
+    out: list[str] = []
+    for r in runs:
+        for k in getattr(r, attr):
+            if k not in out:
+                out.append(k)
+    return out
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) of the methods × metrics table."""
+    ppl_keys, task_keys, ret_keys = _keys(runs, "ppl"), _keys(runs, "tasks"), _keys(runs, "retrieval")
+    header = ["run", "method", "bits", "group", "size MiB"] + [f"ppl {k}" for k in ppl_keys]
+    header += [f"{k} ({_metric_name(runs, k)})" for k in task_keys]
+    header += ["lm-eval avg"] if task_keys else []
+    header += [f"retrieval {k}" for k in ret_keys] + ["quantize s"]
+    rows = []
+    for r in runs:
+        row = [r.name, r.method + (f" ({r.detail})" if r.detail else ""), str(r.bits),
+               "–" if r.group_size in (None, -1) else str(r.group_size),
+               _fmt(r.size_bytes / 2**20, 1) if r.size_bytes else "–"]
+        row += [_fmt(r.ppl.get(k)) for k in ppl_keys]
+        row += [_fmt(100 * r.tasks[k], 1) if k in r.tasks else "–" for k in task_keys]
+        if task_keys:
+            row.append(_fmt(100 * r.average, 1) if r.average is not None else "–")
+        row += [_fmt(100 * r.retrieval[k]["accuracy"], 1) if k in r.retrieval and r.retrieval[k]["accuracy"] is not None
+                else "–" for k in ret_keys]
+        row.append(_fmt(r.seconds, 0))
+        rows.append(row)
+    return header, rows
+
+
+def _metric_name(runs: list[Run], task: str) -> str:
+    for r in runs:
+        if task in r.task_metric:
+            return r.task_metric[task].split(",")[0]
+    return "?"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ppl_vs_bits(runs: list[Run], out: Path) -> Path | None:
+    keys = _keys(runs, "ppl")
+    if not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    methods = sorted({r.method for r in runs if r.quantized})
+    all_bits = sorted({r.bits for r in runs if r.quantized})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes[0], keys):
+        for i, method in enumerate(methods):
+            pts = {}
+            for r in runs:
+                if r.method == method and r.quantized and key in r.ppl and math.isfinite(r.ppl[key]):
+                    pts.setdefault(r.bits, []).append(r.ppl[key])
+            if pts:
+                xs = sorted(pts)
+                ys = [sum(pts[b]) / len(pts[b]) for b in xs]
+                ax.plot(xs, ys, "o-", color=colors[i % len(colors)], label=method, markersize=7, linewidth=2)
+        refs = [r for r in runs if not r.quantized and key in r.ppl]
+        for j, r in enumerate(refs):
+            ax.axhline(r.ppl[key], color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1.2,
+                       label=f"{r.name} (16-bit)")
+        values = [r.ppl[k] for r in runs for k in [key] if k in r.ppl and math.isfinite(r.ppl[k])]
+        if values and max(values) / max(min(values), 1e-9) > 8:
+            ax.set_yscale("log")
+        ax.set_xticks(all_bits or [UNQUANTIZED_BITS])
+        if len(all_bits) == 1:
+            ax.set_xlim(all_bits[0] - 1, all_bits[0] + 1)
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title(f"perplexity {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    path = out / "ppl_vs_bits.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], ylabel: str) -> None:
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for i, (label, values) in enumerate(series):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        ys = [100 * v if v is not None else 0.0 for v in values]
+        bars = ax.bar(xs, ys, width=width * 0.95, label=label)
+        for b, v in zip(bars, values):
+            ax.annotate("n/a" if v is None else f"{100 * v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20 if max(len(g) for g in groups) > 10 else 0, ha="right"
+                       if max(len(g) for g in groups) > 10 else "center")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_accuracy(runs: list[Run], out: Path) -> Path | None:
+    keys = _keys(runs, "tasks")
+    with_tasks = [r for r in runs if r.tasks]
+    if not keys:
+        return None
+    plt = _plt()
+    groups = keys + ["average"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.5 * len(groups) * max(len(with_tasks), 2)), 4.4))
+    series = [(r.name, [r.tasks.get(k) for k in keys] + [r.average]) for r in with_tasks]
+    _grouped_bars(ax, groups, series, "accuracy % (chosen metric)")
+    ax.set_title("lm-eval accuracy (acc_norm where present, else acc / exact match)")
+    ax.legend(fontsize=8, ncol=min(len(series), 4), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    fig.tight_layout()
+    path = out / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_retrieval(runs: list[Run], out: Path) -> Path | None:
+    tasks = _keys(runs, "retrieval")
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        positions: list[str] = []
+        for r in runs:
+            for p in (r.retrieval.get(task) or {}).get("positions") or (r.retrieval.get(task) or {}).get("by_position", {}):
+                if p not in positions:
+                    positions.append(p)
+        series = []
+        for r in runs:
+            if task in r.retrieval:
+                lengths = r.retrieval[task]["lengths"]
+                span = ""
+                if lengths:
+                    toks = [int(x["tokens"]) for x in lengths]
+                    span = f" [{min(toks)}–{max(toks)} tok]" if len(toks) > 1 else f" [{toks[0]} tok]"
+                series.append((r.name + span, [r.retrieval[task]["by_position"].get(p) for p in positions]))
+        _grouped_bars(ax, positions, series, "accuracy %")
+        ax.set_xlabel("position of the gold item")
+        ax.set_title(f"{task} retrieval: accuracy by position (all lengths)")
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=min(len(series), 3))
+    fig.tight_layout()
+    path = out / "retrieval.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _retrieval_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per task: accuracy per (run, length) by position, as (title, header, rows)."""
+    out = []
+    for task in _keys(runs, "retrieval"):
+        positions: list[str] = []
+        for r in runs:
+            for p in (r.retrieval.get(task) or {}).get("by_position", {}):
+                if p not in positions:
+                    positions.append(p)
+        header = ["run", "items", "prompt tokens", "n"] + positions + ["all"]
+        rows = []
+        for r in runs:
+            for length in (r.retrieval.get(task) or {}).get("lengths", []):
+                rows.append([r.name, str(length["items"]), f"{length['tokens']:.0f}", str(length["n"])]
+                            + [_fmt(100 * length["by_position"][p], 0) if length["by_position"].get(p) is not None
+                               else "–" for p in positions]
+                            + [_fmt(100 * length["accuracy"], 0) if length["accuracy"] is not None else "–"])
+        out.append((f"Retrieval `{task}`: accuracy % by length and gold position", header, rows))
+    return out
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+NOTES = [
+    "Perplexity columns are `source@window length` (non-overlapping windows, spec §8); lower is better.",
+    "lm-eval columns show the chosen metric ×100 (first of acc_norm, acc, exact_match flexible-extract); "
+    "the average is the plain mean over top-level entries (a tag such as lambada counts each member).",
+    "Retrieval columns are accuracy ×100 over all lengths and positions that fit the model's context.",
+    "Size is the checkpoint's *.safetensors on disk (16-bit runs are stored unquantized).",
+]
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "rsq comparison") -> dict:
+    """Read the runs, write report.md / report.html / report.json and the PNGs into ``out``."""
+    if not run_dirs:
+        raise ConfigError("no run directories given: pass one or more RUN_DIR")
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    for r in runs:  # disambiguate equal directory names from different parents
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.name}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs)
+    plots = [p for p in (plot_ppl_vs_bits(runs, out), plot_accuracy(runs, out), plot_retrieval(runs, out)) if p]
+    details = _retrieval_detail(runs)
+    captions = {"ppl_vs_bits.png": "Perplexity vs weight bits per method",
+                "accuracy.png": "lm-eval accuracy per task",
+                "retrieval.png": "Long-context retrieval accuracy by gold position"}
+
+    md = [f"# {title}", "", _md_table(header, rows), ""]
+    md += [f"- {n}" for n in NOTES] + [""]
+    for t, h, rws in details:
+        md += [f"## {t}", "", _md_table(h, rws), ""]
+    for p in plots:
+        md += [f"## {captions[p.name]}", "", f"![{captions[p.name]}]({p.name})", ""]
+    md += ["## Sources", ""] + [f"- `{r.name}`: {r.path} ({', '.join(r.sources)})" for r in runs] + [""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+             "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}"
+             "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #ddd}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>", _html_table(header, rows), "<ul>"]
+    parts += [f"<li>{html.escape(n)}</li>" for n in NOTES] + ["</ul>"]
+    for t, h, rws in details:
+        parts += [f"<h2>{html.escape(t.replace('`', ''))}</h2>", _html_table(h, rws)]
+    for p in plots:
+        parts += [f"<h2>{html.escape(captions[p.name])}</h2>", f"<img src='{p.name}' alt='{html.escape(captions[p.name])}'>"]
+    parts += ["<h2>Sources</h2><ul>"] + [f"<li>{html.escape(r.name)}: {html.escape(str(r.path))} "
+                                         f"({html.escape(', '.join(r.sources))})</li>" for r in runs]
+    parts += ["</ul></body></html>"]
+    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
+
+    summary = {"header": header, "rows": rows, "plots": [p.name for p in plots],
+               "runs": [{"name": r.name, "path": str(r.path), "method": r.method, "bits": r.bits,
+                         "size_bytes": r.size_bytes, "ppl": r.ppl, "tasks": r.tasks, "average": r.average,
+                         "retrieval": {k: v["accuracy"] for k, v in r.retrieval.items()}} for r in runs]}
+    (out / "report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
