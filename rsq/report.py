@@ -173,7 +173,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in runs:
         row = [r.name, r.method + (f" ({r.detail})" if r.detail else ""), str(r.bits),
-               "–" if r.group_size in (None, -1) else str(r.group_size),
+               "–" if r.group_size is None else ("channel" if r.group_size == -1 else str(r.group_size)),
                _fmt(r.size_bytes / 2**20, 1) if r.size_bytes else "–"]
         row += [_fmt(r.ppl.get(k)) for k in ppl_keys]
         row += [_fmt(100 * r.tasks[k], 1) if k in r.tasks else "–" for k in task_keys]
@@ -271,7 +271,7 @@ def plot_accuracy(runs: list[Run], out: Path) -> Path | None:
         return None
     plt = _plt()
     groups = keys + ["average"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.5 * len(groups) * max(len(with_tasks), 2)), 4.4))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.0 + 0.35 * len(groups) * max(len(with_tasks), 2))), 4.6))
     series = [(r.name, [r.tasks.get(k) for k in keys] + [r.average]) for r in with_tasks]
     _grouped_bars(ax, groups, series, "accuracy % (chosen metric)")
     ax.set_title("lm-eval accuracy (acc_norm where present, else acc / exact match)")
@@ -284,30 +284,38 @@ def plot_accuracy(runs: list[Run], out: Path) -> Path | None:
 
 
 def plot_retrieval(runs: list[Run], out: Path) -> Path | None:
+    """Top row: accuracy by gold position (all lengths) per task; bottom row: accuracy vs prompt tokens."""
     tasks = _keys(runs, "retrieval")
     if not tasks:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.2), squeeze=False)
+    for col, task in enumerate(tasks):
+        with_task = [r for r in runs if task in r.retrieval]
         positions: list[str] = []
-        for r in runs:
-            for p in (r.retrieval.get(task) or {}).get("positions") or (r.retrieval.get(task) or {}).get("by_position", {}):
+        for r in with_task:
+            for p in r.retrieval[task].get("positions") or r.retrieval[task]["by_position"]:
                 if p not in positions:
                     positions.append(p)
-        series = []
-        for r in runs:
-            if task in r.retrieval:
-                lengths = r.retrieval[task]["lengths"]
-                span = ""
-                if lengths:
-                    toks = [int(x["tokens"]) for x in lengths]
-                    span = f" [{min(toks)}–{max(toks)} tok]" if len(toks) > 1 else f" [{toks[0]} tok]"
-                series.append((r.name + span, [r.retrieval[task]["by_position"].get(p) for p in positions]))
-        _grouped_bars(ax, positions, series, "accuracy %")
+        toks = [int(x["tokens"]) for r in with_task for x in r.retrieval[task]["lengths"]]
+        span = f", prompts of {min(toks)}–{max(toks)} tokens" if toks else ""
+        ax = axes[0][col]
+        _grouped_bars(ax, positions, [(r.name, [r.retrieval[task]["by_position"].get(p) for p in positions])
+                                      for r in with_task], "accuracy %")
         ax.set_xlabel("position of the gold item")
-        ax.set_title(f"{task} retrieval: accuracy by position (all lengths)")
-        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=min(len(series), 3))
+        ax.set_title(f"{task} retrieval by position (all lengths{span})", fontsize=10)
+        ax.legend(fontsize=8, ncol=min(len(with_task), 3))
+        ax = axes[1][col]
+        for r in with_task:
+            lengths = [x for x in r.retrieval[task]["lengths"] if x.get("accuracy") is not None]
+            if lengths:
+                ax.plot([x["tokens"] for x in lengths], [100 * x["accuracy"] for x in lengths], "o-", label=r.name)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("accuracy % (all positions)")
+        ax.set_title(f"{task} retrieval by length", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(len(with_task), 3))
     fig.tight_layout()
     path = out / "retrieval.png"
     fig.savefig(path, dpi=110)
