@@ -40,15 +40,18 @@ class OnlineRotationModule(nn.Module):
         super().__init__()
         self.spec = spec
         if spec.kind.startswith("random"):
-            self.register_buffer("matrix", random_orthogonal(spec.size, spec.seed).float(), persistent=False)
+            # a plain attribute, not a buffer: model.to(bfloat16) must not round the orthogonal
+            # matrix; it is kept in float64 and applied in float32 (float64 for float64 inputs)
+            self.matrix = random_orthogonal(spec.size, spec.seed)
         else:
             self.matrix = None
 
     def _rotate_last(self, x: torch.Tensor) -> torch.Tensor:
         if self.matrix is None:
             return hadamard_transform(x, self.spec.size)
-        m = self.matrix.to(x.device)
-        return (x.float() @ m.T).to(x.dtype)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        m = self.matrix.to(x.device, work)
+        return (x.to(work) @ m.T).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.kind.endswith("cross_head"):

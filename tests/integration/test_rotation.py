@@ -16,6 +16,17 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _exact_norms(model):
+    """HF's RMSNorm computes in float32 even in a float64 model (a 1e-7 floor); for the exactness
+    check every norm runs in float64 instead (same formula), in both models alike."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            def forward(x, m=module):
+                return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+            module.forward = forward
+    return model
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("fallback", ["skip", "random"])
 def test_rotation_preserves_logits_float64(family, fallback):
@@ -25,8 +36,11 @@ def test_rotation_preserves_logits_float64(family, fallback):
     rotated = copy.deepcopy(model)
     record = rotate_model(rotated, resolve(rotated), RotationConfig(enabled=True, seed=3, fallback=fallback))
     out = _logits(rotated, ids)
-    # float64 end to end: only rounding of O(depth * width) products remains
-    assert (out - ref).abs().max() / ref.abs().max() < 1e-10, record
+    # HF norms as they are (float32 inside): the issue's bound, 1e-6 relative
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-6, record
+    # float64 end to end: only rounding of O(depth * width) float64 products remains
+    ref64, out64 = _logits(_exact_norms(model), ids), _logits(_exact_norms(rotated), ids)
+    assert (out64 - ref64).abs().max() / ref64.abs().max() < 1e-12, record
     # the weights really changed
     assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
