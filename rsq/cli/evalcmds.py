@@ -24,6 +24,20 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.0f}"
 
 
+def _load(model: str | None, dtype: str | None):
+    """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards."""
+    from rsq.errors import ConfigError
+    from rsq.evaluate import load_any
+    from rsq.pipeline import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    net, tok = load_any(model)
+    if dtype is not None:
+        net.to(DTYPES[dtype])
+    return net, tok
+
+
 def add_eval_parsers(sub) -> None:
     model_help = "model or checkpoint: hub id, directory, .gguf or rsq run directory (default: embedded SmolLM2)"
 
@@ -44,6 +58,8 @@ def add_eval_parsers(sub) -> None:
                    help="apply the tokenizer's chat template (few-shot as multi-turn), as for gsm8k_cot_llama")
     z.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default: 0)")
     z.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    z.add_argument("--dtype", default=None, help="cast weights after loading: float16, bfloat16, float32 "
+                   "(default: as loaded, float32)")
     z.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/lm_eval.json for rsq report)")
     z.set_defaults(func=cmd_lm_eval)
 
@@ -66,6 +82,8 @@ def add_eval_parsers(sub) -> None:
     lc.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: lines 24, kv 48)")
     lc.add_argument("--no-chat", action="store_true", help="raw prompt even when the tokenizer has a chat template")
     lc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    lc.add_argument("--dtype", default=None, help="cast weights after loading: float16, bfloat16, float32 "
+                    "(default: as loaded, float32)")
     lc.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/longctx.json for rsq report)")
     lc.set_defaults(func=cmd_longctx)
 
@@ -88,14 +106,13 @@ def _write_json(path: str | None, data: dict) -> None:
 
 def cmd_lm_eval(args) -> int:
     from rsq.eval.zeroshot import run_lm_eval
-    from rsq.evaluate import load_any
     from rsq.loading import describe_source
 
     tasks = _csv(args.tasks)
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
     res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=limit,
                       num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
                       apply_chat_template=args.chat_template, seed=args.seed)
@@ -117,7 +134,6 @@ def cmd_lm_eval(args) -> int:
 def cmd_longctx(args) -> int:
     from rsq.cli.progress import Progress
     from rsq.eval.longctx import parse_positions, run_longctx
-    from rsq.evaluate import load_any
     from rsq.loading import describe_source
 
     tasks = _csv(args.task)
@@ -128,7 +144,7 @@ def cmd_longctx(args) -> int:
 
         raise ConfigError(f"--tokens takes positive integers or 'max', got {args.tokens!r}")
     items = _ints(args.lines, "--lines") if args.lines else ([] if tokens else [300, 460, 620])
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
     with Progress() as progress:
         res = run_longctx(model, tokenizer, tasks, device=args.device, items=items, tokens=tokens,
                           positions=positions, samples=args.samples, seed=args.seed,

@@ -206,3 +206,27 @@ def test_lca_loader_and_api_recall(tmp_path):
     assert lc.score_long("api_recall", "f = Figure(); f.show()", ex[0].answers) == 0.5
     with pytest.raises(ConfigError, match="clean_reference"):
         lc.load_lca_library(_jsonl(tmp_path / "b.jsonl", [{"instruction": "x", "unique_apis": []}]))
+
+
+def test_cli_longctx_json_feeds_the_report(tiny_model_dir, tmp_path, capsys):
+    """rsq longctx on a tiny random model (context 512): the 3-item prompts run, the 60-item ones are
+    skipped as too long, and the JSON is read by rsq report's loader."""
+    import argparse
+
+    from rsq.cli.evalcmds import add_eval_parsers
+    from rsq.report import load_run
+
+    parser = argparse.ArgumentParser(prog="rsq")
+    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    run = tmp_path / "run"
+    args = parser.parse_args(["longctx", str(tiny_model_dir("llama")), "--task", "lines,kv", "--lines", "3,60",
+                              "--positions", "start,end", "--samples", "1", "--device", "cpu",
+                              "--max-new-tokens", "4", "--json-out", str(run / "longctx.json")])
+    assert args.func(args) == 0
+    data = json.loads((run / "longctx.json").read_text())
+    for task in ("lines", "kv"):
+        r = data["tasks"][task]
+        assert [x["items"] for x in r["lengths"]] == [3] and r["n"] == 2
+        assert {s["items"] for s in r["skipped"]} == {60}
+    assert "skipped" in capsys.readouterr().out
+    assert set(load_run(run).retrieval) == {"lines", "kv"}
