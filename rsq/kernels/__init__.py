@@ -73,16 +73,16 @@ _TRITON = dict(bits=(2, 3, 4, 8), dtypes=_HALF, device_types=("cuda",), min_capa
                group_multiple=32, requires=("triton",))
 
 BACKENDS: list[Backend] = [
-    # batch-1 decode: CUDA-core GEMV, one program per few rows, no split-K
-    Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=1, priority=30, **_TRITON),
-    # small batch: tensor-core tile with M padded to 16, split-K for occupancy
-    Backend(name="triton_small", function="rsq.kernels.triton_wq:matmul_small", m_max=32, priority=20,
+    # decode, M <= 8: CUDA-core kernel (codes -> floats with one LOP3), one program per 8 rows
+    Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=8, priority=30, **_TRITON),
+    # small batch: tensor-core tiles of 16 tokens, split-K for occupancy
+    Backend(name="triton_small", function="rsq.kernels.triton_wq:matmul_small", m_max=64, priority=20,
             **_TRITON),
     # prefill: dequantize the whole weight to bf16/fp16 with Triton, then cuBLAS
-    Backend(name="triton_dequant_mm", function="rsq.kernels.triton_wq:dequant_matmul", m_min=33,
+    Backend(name="triton_dequant_mm", function="rsq.kernels.triton_wq:dequant_matmul", m_min=65,
             priority=15, **_TRITON),
     # prefill: fused dequant-in-registers + tl.dot GEMM
-    Backend(name="triton_gemm", function="rsq.kernels.triton_wq:matmul_large", m_min=33, priority=10,
+    Backend(name="triton_gemm", function="rsq.kernels.triton_wq:matmul_large", m_min=65, priority=10,
             **_TRITON),
     REFERENCE,
 ]

@@ -1,0 +1,288 @@
+"""Weight-only quantized matmul kernels vs bf16 torch.matmul on Llama-3-8B linear shapes.
+
+Run from the repository root on a CUDA machine:  python3 bench/kernels.py [--quick] [--no-e2e]
+
+For each (out x in) shape, tokens M in {1, 4, 16, 2048}, bits in {4, 3, 2} and group size in
+{per channel, 128}, every matching kernel is first checked against rsq/kernels/reference.py
+(relative error <= 1e-2) and then timed. Timing: a CUDA graph of calls cycling over enough copies of
+the weights (>= 256 MB) that L2 (50 MB on H100) holds none of them, replayed several times; the median
+replay / calls is reported (graphs remove Python launch overhead, which decode uses graphs to hide).
+The same is done for bf16 torch.matmul(x, W^T). Bandwidth counts packed weights + scales + zeros +
+activations in and out, and is compared with a device-to-device copy (read + write bytes) measured
+in the same run. --e2e adds a proxy for decode tokens/s: 32 layers x 7 Llama-3-8B linears at M = 1
+(random weights, no attention/norms/sampling), bf16 vs 4-bit vs 3-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rsq.kernels import reference  # noqa: E402
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in): qkv/o, k/v, gate/up, down
+E2E_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+COPY_BYTES = 256 << 20  # weight bytes cycled per timed pass (> 5x L2)
+
+
+def kernel_fns():
+    from rsq.kernels import triton_wq as T
+
+    return {"gemv": T.gemv, "small": T.matmul_small, "large": T.matmul_large, "dequant_mm": T.dequant_matmul}
+
+
+def kernels_for(m: int) -> list[str]:
+    if m <= 8:
+        return ["gemv", "small"]
+    if m <= 64:
+        return ["small"]
+    return ["dequant_mm", "large"]
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def graph_time_us(calls, replays: int = 7) -> float:
+    """Median time per call (microseconds) of a CUDA graph running every callable in ``calls``."""
+    for c in calls[:2]:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:  # warm-up on the capture stream (allocator pools)
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10, 2 GiB buffers)."""
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() / statistics.median(times)
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = graph_time_us([lambda: a @ b] * 4, replays=5)
+    return 2 * 8192**3 / (t * 1e-6) / 1e12
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def packed_weight(n, k, bits, group_size, dtype=torch.bfloat16):
+    """Random packed weights (random int32 words = random codes), scales ~1e-2, random zeros."""
+    groups = 1 if group_size == -1 else k // group_size
+    kw = -(-k // 32) * bits
+    qw = torch.randint(-(2**31), 2**31 - 1, (n, kw), device="cuda", dtype=torch.int32)
+    s = (torch.rand(n, groups, device="cuda") * 0.02 + 1e-3).to(dtype)
+    z = torch.randint(0, 1 << bits, (n, groups), device="cuda", dtype=torch.uint8)
+    return qw, s, z
+
+
+def weight_bytes(n, k, bits, group_size) -> int:
+    groups = 1 if group_size == -1 else k // group_size
+    return n * (-(-k // 32) * bits * 4 + groups * 3)
+
+
+def n_copies(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(COPY_BYTES / nbytes)))
+
+
+# ------------------------------------------------------------------------------------------- cases
+
+
+def cases(quick: bool):
+    """(out, in, M, bits, group, kernel): every bit width and both group sizes on the path each M
+    takes, plus the other candidate kernel for 4-bit per channel (and 3-bit at prefill)."""
+    bit_list = (4, 3) if quick else (4, 3, 2)
+    groups = (-1,) if quick else (-1, 128)
+    for n, k in SHAPES:
+        for m, main, other in ((1, "gemv", "small"), (4, "gemv", "small"), (16, "small", None),
+                               (2048, "dequant_mm", "large")):
+            for bits in bit_list:
+                for g in groups:
+                    yield n, k, m, bits, g, main
+                    if other and (bits, g) in ((4, -1), (4, 128)) + (((3, -1),) if m == 2048 else ()):
+                        yield n, k, m, bits, g, other
+
+
+def _warm(case):
+    """Compile one case's kernel in a worker process (fills Triton's on-disk cache)."""
+    n, k, m, bits, g, name = case
+    try:
+        n_small = 64 if n % 16 == 0 else 63  # same divisibility by 16 as the real N
+        qw, s, z = packed_weight(n_small, k, bits, g)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        kernel_fns()[name](x, qw, s, z, None, bits=bits, in_features=k, group_size=g,
+                           **_config(name, n, k, m, bits, g))
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # reported, and the case is retried (and fails visibly) in the main process
+        return f"warm-up {case}: {type(exc).__name__}: {exc}"
+
+
+def _config(name, n, k, m, bits, g) -> dict:
+    """The configuration the real shape would use, so that warm-up compiles the same kernel."""
+    from rsq.kernels import triton_wq as T
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if name == "gemv":
+        return {"config": T.gemv_config(m, n, k, bits, g, sms)}
+    if name == "small":
+        return {"config": T.small_config(m, n, k, bits, g, sms)}
+    if name == "large":
+        return {"config": T.large_config(m, n, k, bits, g, sms)}
+    return {}
+
+
+def run_case(case, results, copy_bw, bf16_cache):
+    n, k, m, bits, g, name = case
+    fn = kernel_fns()[name]
+    kwargs = dict(bits=bits, in_features=k, group_size=g, **_config(name, n, k, m, bits, g))
+    wb = weight_bytes(n, k, bits, g)
+    copies = [packed_weight(n, k, bits, g) for _ in range(n_copies(wb))]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    qw, s, z = copies[0]
+    y = fn(x, qw, s, z, None, **kwargs)
+    ref = reference.wq_matmul(x.float(), qw, s, z, None, bits=bits, in_features=k, group_size=g)
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    del ref
+    ok = bool(torch.isfinite(y).all()) and rel <= 1e-2
+    t = graph_time_us([lambda c=c: fn(x, *c, None, **kwargs) for c in copies]) if ok else float("nan")
+    del copies
+    key = (n, k, m)
+    if key not in bf16_cache:
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
+        bf16_cache[key] = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+        del ws
+    t16 = bf16_cache[key]
+    nbytes = wb + 2 * m * (k + n)
+    results.append(dict(n=n, k=k, m=m, bits=bits, g=g, kernel=name, us=t, bf16_us=t16, speedup=t16 / t,
+                        gbs=nbytes / (t * 1e-6) / 1e9, pct=nbytes / (t * 1e-6) / copy_bw * 100, rel=rel,
+                        ok=ok, tflops=2 * m * n * k / (t * 1e-6) / 1e12,
+                        bf16_tflops=2 * m * n * k / (t16 * 1e-6) / 1e12))
+    r = results[-1]
+    print(f"{n:>5}x{k:<5} M={m:<4} {bits}b g={g:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  "
+          f"x{r['speedup']:5.2f}  {r['gbs']:7.0f} GB/s ({r['pct']:5.1f}%)  rel {rel:.1e}{'' if ok else '  FAIL'}",
+          flush=True)
+
+
+# ------------------------------------------------------------------------------------------- e2e proxy
+
+
+def e2e(copy_bw) -> list[str]:
+    """Decode proxy: one token through 32 layers x 7 linears (M = 1), as one CUDA graph."""
+    from rsq.kernels import triton_wq as T
+
+    lines = []
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
+    for label, bits in (("bf16", None), ("4-bit", 4), ("3-bit", 3)):
+        layers = []
+        total = 0
+        for _ in range(32):
+            for n, k in E2E_LAYER:
+                if bits is None:
+                    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                    layers.append(lambda w=w, k=k: torch.matmul(x[k], w.t()))
+                    total += 2 * n * k
+                else:
+                    qw, s, z = packed_weight(n, k, bits, -1)
+                    cfg = T.gemv_config(1, n, k, bits, -1)
+                    layers.append(lambda qw=qw, s=s, z=z, k=k, cfg=cfg: T.gemv(
+                        x[k], qw, s, z, None, bits=bits, in_features=k, group_size=-1, config=cfg))
+                    total += weight_bytes(n, k, bits, -1)
+        t = graph_time_us(layers, replays=5) * len(layers)  # per token
+        lines.append(f"e2e proxy {label:>6}: {t / 1e3:7.3f} ms/token  {1e6 / t:7.1f} tokens/s  "
+                     f"{total / 1e9:5.2f} GB weights  {total / (t * 1e-6) / copy_bw * 100:5.1f}% of copy bandwidth")
+        print(lines[-1], flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4/3 bits, per channel only")
+    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+    props = torch.cuda.get_device_properties(0)
+    all_cases = list(cases(args.quick))
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            for err in pool.map(_warm, all_cases):
+                if err:
+                    print(err, flush=True)
+    copy_bw = copy_bandwidth()
+    peak = matmul_tflops()
+    print(f"device {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+          f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s", flush=True)
+    results, bf16_cache = [], {}
+    for case in all_cases:
+        try:
+            run_case(case, results, copy_bw, bf16_cache)
+        except Exception as exc:  # keep going: one broken case must not hide the others
+            print(f"{case}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+    e2e_lines = [] if args.no_e2e else e2e(copy_bw)
+
+    print("\n| out x in | M | bits | group | kernel | us | bf16 us | speed-up | GB/s | % copy BW | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for r in results:
+        key = (r["n"], r["k"], r["m"], r["bits"], r["g"])
+        if r["ok"] and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    for r in results:
+        mark = "*" if best.get((r["n"], r["k"], r["m"], r["bits"], r["g"])) is r else ""
+        print(f"| {r['n']}x{r['k']} | {r['m']} | {r['bits']} | {r['g']} | {r['kernel']}{mark} | {r['us']:.1f} | "
+              f"{r['bf16_us']:.1f} | {r['speedup']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} | {r['tflops']:.0f} |"
+              + ("" if r["ok"] else " FAIL"))
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; bf16 8192^3 matmul {peak:.0f} TFLOP/s; * = fastest kernel")
+    for line in e2e_lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

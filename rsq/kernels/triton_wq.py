@@ -1,0 +1,414 @@
+"""Triton kernels: packed 2/3/4/8-bit weights x bf16/fp16 activations, dequantized in registers.
+
+Weights use the dense layout of rsq/quant/pack.py: row n of ``qweight`` (int32, KW words) holds the
+codes of W[n, :] in runs of 32 codes = ``bits`` words. A tile of BLOCK_K columns (BLOCK_K a multiple
+of 32, starting at a run boundary) is read as NV "virtual words" of CPV codes each:
+
+* bits 2/4/8: a virtual word is a real word (CPV = 32 / bits codes, lowest bits first);
+* bits 3: a run of 96 bits is read as four 24-bit virtual words of 8 codes: virtual word v is
+  (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32 (two loads per 8 codes).
+
+Codes become floats without int->float conversion: (0x4B000000 | q) read as float32 is exactly
+2^23 + q, so (2^23 + q) - (2^23 + z) = q - z exactly in one FADD.
+
+Kernels (host wrappers below, registered in rsq/kernels/__init__.py):
+
+* ``gemv``: M = 1, CUDA cores. One program per BLOCK_N rows streams their whole K range, keeps a
+  [BLOCK_N, BLOCK_K] float32 accumulator and reduces once at the end; next tile's words are loaded
+  before the current tile is used (register double buffering).
+* ``matmul_small``: M <= 32, tensor cores: x padded to 16 rows, tile (q - z) exact in bf16/fp16,
+  tl.dot, scale applied to the [16, BLOCK_N] product (not per weight); split-K with float32 atomics.
+* ``matmul_large``: prefill GEMM, dequantized tile (scale applied) fed to tl.dot, fp32 accumulate.
+* ``dequant_matmul``: dequantize the whole weight with ``dequantize`` then cuBLAS (F.linear).
+
+Constraints (the dispatcher's declarations): group_size -1 or a multiple of 32; any N and K (K is
+padded to the packed width and masked).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_TWO23 = tl.constexpr(8388608.0)  # 2^23: float32 ulp is 1 on [2^23, 2^24)
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _load_words(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, NV: tl.constexpr):
+    """Words for columns [k0, k0 + BLOCK_K) of ``rows``: (lo, hi), each [BLOCK_N, NV] int32.
+
+    bits 2/4/8: NV consecutive words from word k0 * bits / 32; hi is lo.
+    bits 3: lo/hi words of NV virtual 24-bit words (see module docstring).
+    """
+    row_off = rows[:, None] * KW
+    if BITS == 3:
+        vi = tl.arange(0, NV)
+        v = vi % 4
+        base = (k0 // 32) * 3 + (vi // 4) * 3
+        lo_idx = base + (3 * v) // 4
+        hi_idx = tl.minimum(lo_idx + 1, base + 2)
+        mask = row_mask[:, None] & (lo_idx < KW)[None, :]
+        lo = tl.load(qw_ptr + row_off + lo_idx[None, :], mask=mask, other=0)
+        hi = tl.load(qw_ptr + row_off + hi_idx[None, :], mask=mask, other=0)
+    else:
+        idx = (k0 * BITS) // 32 + tl.arange(0, NV)
+        mask = row_mask[:, None] & (idx < KW)[None, :]
+        lo = tl.load(qw_ptr + row_off + idx[None, :], mask=mask, other=0)
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _unpack_float(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] float32 holding 2^23 + code (column v*CPV + j)."""
+    word = lo.to(tl.uint32, bitcast=True)
+    if BITS == 3:
+        sh = ((tl.arange(0, NV) % 4) * 24) % 32
+        hs = tl.where(sh == 0, 24, 32 - sh)
+        word = (word >> sh.to(tl.uint32)[None, :]) | (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[None, :])
+    shifts = (tl.arange(0, CPV) * BITS).to(tl.uint32)
+    codes = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# M = 1: CUDA-core GEMV
+
+
+@triton.jit
+def _gemv_words(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, NV: tl.constexpr):
+    """[NV, BLOCK_N, 1, 1] words (lo, hi) of columns [k0, k0 + NV * CPV) (word-major: see _gemv_kernel)."""
+    vi = tl.arange(0, NV)
+    row_off = rows[None, :, None, None] * KW
+    if BITS == 3:
+        v = vi % 4
+        base = (k0 // 32) * 3 + (vi // 4) * 3
+        lo_idx = base + (3 * v) // 4
+        hi_idx = tl.minimum(lo_idx + 1, base + 2)
+        mask = row_mask[None, :, None, None] & (lo_idx < KW)[:, None, None, None]
+        lo = tl.load(qw_ptr + row_off + lo_idx[:, None, None, None], mask=mask, other=0)
+        hi = tl.load(qw_ptr + row_off + hi_idx[:, None, None, None], mask=mask, other=0)
+    else:
+        if BITS == 2:  # virtual word v = 16-bit half v % 2 of word v // 2 (8 codes, like 3 and 4 bits)
+            idx = (k0 * BITS) // 32 + vi // 2
+        else:
+            idx = (k0 * BITS) // 32 + vi
+        mask = row_mask[None, :, None, None] & (idx < KW)[:, None, None, None]
+        lo = tl.load(qw_ptr + row_off + idx[:, None, None, None], mask=mask, other=0)
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _gemv_unit(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[NV, BLOCK_N, 1, 1] words -> (f [NV, BLOCK_N, 1, CPV] float32, pos [CPV] int32).
+
+    f's bit pattern is code_j << pos_j with pos_j + BITS <= 24, so as a float f = code * 2^(pos - 149)
+    exactly (a subnormal, or a normal with exponent field 1, both linear in the bits): one LOP3 per
+    code and no int->float conversion. Codes in bits 24..31 are read from word >> 8 (one shift per
+    word). The kernel multiplies by x * 2^(85 - pos), so every product is code * x * 2^-64.
+    Needs FMAs that keep subnormals (Triton emits fma.rn.f32, not .ftz).
+    """
+    word = lo.to(tl.uint32, bitcast=True)
+    j = tl.arange(0, CPV)
+    if BITS == 3:
+        sh = ((tl.arange(0, NV) % 4) * 24) % 32
+        hs = tl.where(sh == 0, 24, 32 - sh)
+        word = (word >> sh.to(tl.uint32)[:, None, None, None]) | \
+            (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[:, None, None, None])
+        pos = j * 3
+        src = word
+    elif BITS == 2:
+        pos = j * 2
+        src = word >> ((tl.arange(0, NV) % 2) * 16).to(tl.uint32)[:, None, None, None]
+    else:
+        low = j < 24 // BITS
+        pos = tl.where(low, j * BITS, j * BITS - 8)
+        src = tl.where(low[None, None, None, :], word, word >> 8)
+    bits = src & (((1 << BITS) - 1) << pos).to(tl.uint32)[None, None, None, :]
+    return bits.to(tl.float32, bitcast=True), pos
+
+
+@triton.jit(do_not_specialize=["KW"])
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+                 BITS: tl.constexpr, CPV: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """y[m, n] = sum_k s (q - z) x[m, k]  =  s (2^64 sum_k f_k X[m, k] - z sum_k x[m, k]),
+    X = x 2^(85 - pos), for M <= BLOCK_M tokens (BLOCK_M small: every code costs BLOCK_M FMAs).
+
+    Tensors are word-major, [NV, BLOCK_N, BLOCK_M, CPV]: with KW unspecialized, Triton cannot prove
+    rows 16-byte aligned, so each thread loads single words (4-byte loads, coalesced along NV), and
+    loads whose addresses are not contiguous (zeros, scales) also get threads along dim 0 (Triton's
+    tie order): one thread layout for every tensor, no shared-memory conversions. A thread holds a
+    word of all BLOCK_N rows, so x (loaded [NV, 1, BLOCK_M, CPV], 16-byte vectors) is converted and
+    scaled once for all rows. Per tile, t[v, n, m] = sum_j f X (in-thread FMAs), xs[v, m] = sum_j x;
+    per channel both are accumulated and combined at the end, grouped ones per word with that
+    word's scale and zero. |x| must stay below 2^43 (X finite)."""
+    NV: tl.constexpr = BLOCK_K // CPV
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    vi = tl.arange(0, NV)
+    tok = tl.arange(0, BLOCK_M)
+    cols = vi[:, None, None, None] * CPV + tl.arange(0, CPV)[None, None, None, :]  # [NV, 1, 1, CPV]
+    x_off = tok[None, None, :, None] * stride_xm  # [1, 1, BLOCK_M, 1]
+    x_mask = (tok < M)[None, None, :, None]
+    acc = tl.zeros([NV, BLOCK_N, BLOCK_M], dtype=tl.float32)
+    accx = tl.zeros([NV, 1, BLOCK_M], dtype=tl.float32)
+    lo, hi = _gemv_words(qw_ptr, rows, row_mask, KW, 0, BITS, NV)
+    for k0 in range(0, K, BLOCK_K):
+        nlo, nhi = _gemv_words(qw_ptr, rows, row_mask, KW, k0 + BLOCK_K, BITS, NV)  # prefetch
+        f, pos = _gemv_unit(lo, hi, BITS, NV, CPV)  # [NV, BLOCK_N, 1, CPV]
+        mult = ((85 - pos + 127) << 23).to(tl.float32, bitcast=True)  # 2^(85 - pos), exact
+        kk = k0 + cols
+        xv = tl.load(x_ptr + x_off + kk, mask=x_mask & (kk < K), other=0.0).to(tl.float32)
+        t = tl.sum(f * (xv * mult[None, None, None, :]), axis=3)  # [NV, BLOCK_N, BLOCK_M], units of 2^-64
+        xs = tl.sum(xv, axis=3)  # [NV, 1, BLOCK_M]
+        if PER_CHANNEL:
+            acc += t
+            accx += xs
+        else:  # one group per word (GS >= 32 >= CPV)
+            g = tl.minimum((k0 + vi * CPV) // GS, NG - 1)[:, None, None]
+            zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [NV, BLOCK_N, 1]
+            sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
+            acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
+        lo = nlo
+        hi = nhi
+    y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, BLOCK_M], * 2^64
+    if PER_CHANNEL:
+        z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
+        s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
+        y = s * (y - z * tl.sum(accx, axis=0))
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    tl.store(y_ptr + tok[None, :] * stride_ym + rows[:, None], y.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (tok < M)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-core tile kernel (small M with split-K, and prefill)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K,
+                BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
+                PER_CHANNEL: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ W_hat[N, K]^T. GS % BLOCK_K == 0 (or per channel), so a K tile lies in
+    one group. SCALE_AFTER: dot with exact (q - z) and scale the [BLOCK_M, BLOCK_N] product;
+    otherwise scale the weight tile. ATOMIC (SPLIT_K > 1): float32 atomics into a zeroed y."""
+    NV: tl.constexpr = BLOCK_K // CPV
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # programs per group of GROUP_M row-blocks (L2 reuse of weight tiles)
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < M
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    kt = tl.arange(0, BLOCK_K)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = tl.program_id(1) * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    zf = tl.load(z_ptr + rows * NG).to(tl.float32) + _TWO23
+    for t in range(t0, t1):
+        k0 = t * BLOCK_K
+        lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
+        xk = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kt)[None, :],
+                     mask=m_mask[:, None] & ((k0 + kt) < K)[None, :], other=0.0)
+        f = _unpack_float(lo, hi, BITS, NV, CPV)
+        if PER_CHANNEL:
+            w = f - zf[:, None, None]
+        else:
+            g = k0 // GS
+            w = f - (tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23)[:, None, None]
+            sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
+            if not SCALE_AFTER:
+                w = w * sg[:, None, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+        part = tl.dot(xk, tl.trans(w))
+        if PER_CHANNEL:
+            acc += part
+        elif SCALE_AFTER:
+            acc += part * sg[None, :]
+        else:
+            acc += part
+    if PER_CHANNEL:
+        acc = acc * tl.load(s_ptr + rows * NG).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+    out = y_ptr + m[:, None] * stride_ym + rows[None, :]
+    mask = m_mask[:, None] & row_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-weight dequantization
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS,
+                    BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PER_CHANNEL: tl.constexpr):
+    NV: tl.constexpr = BLOCK_K // CPV
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    k0 = tl.program_id(1) * BLOCK_K
+    lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
+    f = _unpack_float(lo, hi, BITS, NV, CPV)
+    g = 0 if PER_CHANNEL else k0 // GS
+    zf = tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23
+    sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
+    w = tl.reshape((f - zf[:, None, None]) * sg[:, None, None], (BLOCK_N, BLOCK_K))
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + rows[:, None] * K + cols[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols < K)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _cpv(bits: int) -> int:
+    """Codes per (virtual) word of _load_words/_unpack_float: a 24-bit virtual word for 3 bits."""
+    return 8 if bits == 3 else 32 // bits
+
+
+def _gemv_cpv(bits: int) -> int:
+    """Codes per (virtual) word of the GEMV kernel: 8 (16-bit halves for 2 bits), 4 bytes for 8."""
+    return 4 if bits == 8 else 8
+
+
+def _pow2_block(group_size: int, cap: int) -> int:
+    """Largest power of two <= cap dividing group_size (>= 32, as group_size is a multiple of 32)."""
+    if group_size == -1:
+        return cap
+    b = 32
+    while b * 2 <= cap and group_size % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _shape(x, qweight, scales, in_features, group_size):
+    n, kw = qweight.shape
+    return x.shape[0], n, in_features, kw, scales.shape[1], (in_features if group_size == -1 else group_size)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":  # Triton's CPU interpreter (TRITON_INTERPRET=1), used to debug
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
+    """Default launch configuration of :func:`gemv` (see bench/NOTES-kernels.md)."""
+    block_m = triton.next_power_of_2(m)
+    block_k = {2: 1024, 3: 1024, 4: 1024, 8: 512}[bits]
+    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
+    block_n = 8 if block_m <= 4 else 4  # BLOCK_M 8 x BLOCK_N 8 spills registers
+    while block_n > 1 and triton.cdiv(n, block_n) < 4 * sms:
+        block_n //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
+    """y (M, N) = x (M, K) @ W_hat^T + bias for a few tokens (M <= 8), CUDA-core kernel."""
+    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
+    cfg = config or gemv_config(m, n, k, bits, group_size, _sm_count(x.device))
+    if m > cfg["BLOCK_M"]:
+        raise ValueError(f"gemv got {m} tokens for BLOCK_M {cfg['BLOCK_M']}: use matmul_small")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, x.stride(0),
+        y.stride(0), BITS=bits, CPV=_gemv_cpv(bits), GS=gs if group_size != -1 else 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PER_CHANNEL=group_size == -1,
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+    return y
+
+
+def small_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
+    """Default launch configuration of :func:`matmul_small`: split K until ~2 programs per SM."""
+    block_n = 32
+    block_k = _pow2_block(group_size, 256)
+    tiles_n = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
+    split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k * 4), 16))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
+
+
+def large_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
+    """Default launch configuration of :func:`matmul_large`."""
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=_pow2_block(group_size, 64), SPLIT_K=1, num_warps=8,
+                num_stages=3, GROUP_M=8)
+
+
+def _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after):
+    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
+    if group_size != -1 and gs % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
+                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _dot_kernel[grid](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
+        x.stride(0), y.stride(0), split, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1), ATOMIC=split > 1, PER_CHANNEL=group_size == -1,
+        SCALE_AFTER=scale_after, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if split > 1 else y
+
+
+def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
+    """Small batch: tensor-core tiles of 16 tokens, split-K."""
+    cfg = config or small_config(x.shape[0], qweight.shape[0], in_features, bits, group_size,
+                                 _sm_count(x.device))
+    return _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after=True)
+
+
+def matmul_large(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
+    """Prefill GEMM with the dequantized tile fed to tl.dot."""
+    cfg = config or large_config(x.shape[0], qweight.shape[0], in_features, bits, group_size)
+    return _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after=False)
+
+
+def dequantize(qweight, scales, qzeros, *, bits, in_features, group_size, dtype=torch.bfloat16,
+               config: dict | None = None) -> torch.Tensor:
+    """W_hat (N, K) in ``dtype``, computed as float32 (q - z) * s then rounded."""
+    n, kw = qweight.shape
+    gs = in_features if group_size == -1 else group_size
+    cfg = config or dict(BLOCK_N=16, BLOCK_K=_pow2_block(group_size, 256), num_warps=4)
+    w = torch.empty(n, in_features, device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(in_features, cfg["BLOCK_K"]))
+    _dequant_kernel[grid](qweight, scales, qzeros, w, n, in_features, kw, scales.shape[1], gs,
+                          BITS=bits, CPV=_cpv(bits), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                          PER_CHANNEL=group_size == -1, num_warps=cfg["num_warps"])
+    return w
+
+
+def dequant_matmul(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size):
+    """Prefill: dequantize the whole weight (transient N x K buffer), then cuBLAS."""
+    w = dequantize(qweight, scales, qzeros, bits=bits, in_features=in_features, group_size=group_size,
+                   dtype=x.dtype)
+    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
