@@ -73,12 +73,12 @@ def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear,
         module = QuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
                                    bias is not None, dtype)
     elif kind == "nf":
-        from rsq.nn.qlinear import NFQuantLinear
+        from rsq.nn.vqlinear import NFQuantLinear
 
         module = NFQuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
                                      bias is not None, dtype)
     elif kind == "e8p":
-        from rsq.nn.e8p_linear import E8PLinear
+        from rsq.nn.vqlinear import E8PLinear
 
         module = E8PLinear.empty(linear.in_features, linear.out_features, bias is not None, dtype)
     else:
