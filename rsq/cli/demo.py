@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEMO_METHODS = ("fp16", "rtn", "gptq")
+DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 
 
 def add_demo_parser(sub) -> None:

@@ -235,10 +235,12 @@ def make_parser() -> argparse.ArgumentParser:
     from rsq.cli.inspectcmd import add_inspect_parser
 
     from rsq.cli.ablatecmd import add_ablate_parsers
+    from rsq.cli.evalcmds import add_eval_parsers
 
     add_demo_parser(sub)
     add_inspect_parser(sub)
     add_ablate_parsers(sub)
+    add_eval_parsers(sub)
     return parser
 
 
