@@ -55,6 +55,7 @@ class Run:
     task_metric: dict[str, str] = field(default_factory=dict)
     average: float | None = None
     retrieval: dict[str, dict] = field(default_factory=dict)  # task -> {"accuracy", "by_position", "lengths"}
+    bench: dict[str, float] = field(default_factory=dict)  # long benchmark file -> mean score
     seconds: float | None = None
     sources: list[str] = field(default_factory=list)
 
@@ -129,6 +130,9 @@ def load_run(path: str | Path) -> Run:
             avg = data.get("average")
             run.average = float(avg) if isinstance(avg, (int, float)) and not math.isnan(avg) else None
         elif kind == "longctx":
+            for name, b in (data.get("benchmarks") or {}).items():
+                if b.get("score") is not None:
+                    run.bench[name] = float(b["score"])
             for task, r in (data.get("tasks") or {}).items():
                 run.retrieval[task] = {"accuracy": r.get("accuracy"), "by_position": r.get("by_position") or {},
                                        "lengths": r.get("lengths") or [], "positions": r.get("positions") or []}
@@ -166,10 +170,11 @@ def _fmt(v, digits: int = 2) -> str:
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings) of the methods × metrics table."""
     ppl_keys, task_keys, ret_keys = _keys(runs, "ppl"), _keys(runs, "tasks"), _keys(runs, "retrieval")
+    bench_keys = _keys(runs, "bench")
     header = ["run", "method", "bits", "group", "size MiB"] + [f"ppl {k}" for k in ppl_keys]
     header += [f"{k} ({_metric_name(runs, k)})" for k in task_keys]
     header += ["lm-eval avg"] if task_keys else []
-    header += [f"retrieval {k}" for k in ret_keys] + ["quantize s"]
+    header += [f"retrieval {k}" for k in ret_keys] + [k for k in bench_keys] + ["quantize s"]
     rows = []
     for r in runs:
         row = [r.name, r.method + (f" ({r.detail})" if r.detail else ""), str(r.bits),
@@ -181,6 +186,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             row.append(_fmt(100 * r.average, 1) if r.average is not None else "–")
         row += [_fmt(100 * r.retrieval[k]["accuracy"], 1) if k in r.retrieval and r.retrieval[k]["accuracy"] is not None
                 else "–" for k in ret_keys]
+        row += [_fmt(100 * r.bench[k], 1) if k in r.bench else "–" for k in bench_keys]
         row.append(_fmt(r.seconds, 0))
         rows.append(row)
     return header, rows
@@ -363,7 +369,8 @@ NOTES = [
     "Perplexity columns are `source@window length` (non-overlapping windows, spec §8); lower is better.",
     "lm-eval columns show the chosen metric ×100 (first of acc_norm, acc, exact_match flexible-extract); "
     "the average is the plain mean over top-level entries (a tag such as lambada counts each member).",
-    "Retrieval columns are accuracy ×100 over all lengths and positions that fit the model's context.",
+    "Retrieval columns are accuracy ×100 over all lengths and positions that fit the model's context; "
+    "leval:/icl:/lca: columns are the mean score ×100 of those benchmark files (rsq longctx --leval/--icl/--lca).",
     "Size is the checkpoint's *.safetensors on disk (16-bit runs are stored unquantized).",
 ]
 
@@ -384,7 +391,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "rsq 
     details = _retrieval_detail(runs)
     captions = {"ppl_vs_bits.png": "Perplexity vs weight bits per method",
                 "accuracy.png": "lm-eval accuracy per task",
-                "retrieval.png": "Long-context retrieval accuracy by gold position"}
+                "retrieval.png": "Long-context retrieval accuracy by gold position and by length"}
 
     md = [f"# {title}", "", _md_table(header, rows), ""]
     md += [f"- {n}" for n in NOTES] + [""]

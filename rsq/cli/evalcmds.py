@@ -68,7 +68,7 @@ def add_eval_parsers(sub) -> None:
                         "greedy decoding, accuracy by length and position. Prompts longer than the model's "
                         "context are skipped and listed.")
     lc.add_argument("model", nargs="?", default=None, help=model_help)
-    lc.add_argument("--task", default="lines", help="lines, kv or lines,kv (default: lines)")
+    lc.add_argument("--task", default="lines", help="lines, kv, lines,kv or none (only benchmark files) (default: lines)")
     lc.add_argument("--lines", default=None,
                     help="comma-separated item counts (lines, or key-value pairs for kv) "
                     "(default: 300,460,620 as the paper when --tokens is not given)")
@@ -84,6 +84,17 @@ def add_eval_parsers(sub) -> None:
     lc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     lc.add_argument("--dtype", default=None, help="cast weights after loading: float16, bfloat16, float32 "
                     "(default: as loaded, float32)")
+    lc.add_argument("--leval", action="append", metavar="FILE",
+                    help="an L-Eval task jsonl (fields input, instructions, outputs); repeatable")
+    lc.add_argument("--lca", action="append", metavar="FILE",
+                    help="a Long Code Arena library-based code generation jsonl (instruction, clean_reference, "
+                    "unique_apis); repeatable")
+    lc.add_argument("--icl", action="append", nargs=2, metavar=("TRAIN", "TEST"),
+                    help="LongICLBench-style train and test jsonl of {text, label}; repeatable")
+    lc.add_argument("--icl-rounds", type=int, default=1, help="demonstration rounds for --icl (default: 1)")
+    lc.add_argument("--icl-label-names", default=None, help="JSON list of class names for integer --icl labels")
+    lc.add_argument("--bench-limit", type=int, default=None, help="at most this many examples per benchmark file")
+    lc.add_argument("--bench-new-tokens", type=int, default=64, help="answer tokens for benchmark files (default: 64)")
     lc.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/longctx.json for rsq report)")
     lc.set_defaults(func=cmd_longctx)
 
@@ -131,12 +142,35 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+def _benchmarks(args) -> dict[str, list]:
+    """Load the benchmark files named on the command line (before the model: missing data fails fast)."""
+    from rsq.errors import ConfigError
+    from rsq.eval import longctx as lc
+
+    out: dict[str, list] = {}
+    limit = args.bench_limit
+    for path in args.leval or []:
+        out[f"leval:{Path(path).stem}"] = lc.load_leval(path, limit=limit)
+    for path in args.lca or []:
+        out[f"lca:{Path(path).stem}"] = lc.load_lca_library(path, limit=limit)
+    names = None
+    if args.icl_label_names:
+        try:
+            names = json.loads(Path(args.icl_label_names).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--icl-label-names {args.icl_label_names}: not a readable JSON list ({exc})") from exc
+    for train, test in args.icl or []:
+        out[f"icl:{Path(test).stem}:r{args.icl_rounds}"] = lc.load_longiclbench(
+            train, test, rounds=args.icl_rounds, label_names=names, limit=limit)
+    return out
+
+
 def cmd_longctx(args) -> int:
     from rsq.cli.progress import Progress
-    from rsq.eval.longctx import parse_positions, run_longctx
+    from rsq.eval.longctx import parse_positions, run_examples, run_longctx
     from rsq.loading import describe_source
 
-    tasks = _csv(args.task)
+    tasks = [] if args.task.strip().lower() == "none" else _csv(args.task)
     positions = parse_positions(args.positions)
     tokens = [t if t == "max" else int(t) for t in _csv(args.tokens)] if args.tokens else []
     if any(t != "max" and t < 1 for t in tokens):
@@ -144,12 +178,24 @@ def cmd_longctx(args) -> int:
 
         raise ConfigError(f"--tokens takes positive integers or 'max', got {args.tokens!r}")
     items = _ints(args.lines, "--lines") if args.lines else ([] if tokens else [300, 460, 620])
+    benches = _benchmarks(args)
+    if not tasks and not benches:
+        from rsq.errors import ConfigError
+
+        raise ConfigError("--task none and no --leval/--lca/--icl data: nothing to evaluate")
     model, tokenizer = _load(args.model, args.dtype)
+    chat = False if args.no_chat else "auto"
     with Progress() as progress:
         res = run_longctx(model, tokenizer, tasks, device=args.device, items=items, tokens=tokens,
                           positions=positions, samples=args.samples, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else "auto",
-                          progress=progress.update)
+                          max_new_tokens=args.max_new_tokens, chat=chat, progress=progress.update)
+        if benches:
+            res["benchmarks"] = {
+                name: {"metric": examples[0].metric,
+                       **run_examples(model, tokenizer, examples, max_new_tokens=args.bench_new_tokens, chat=chat,
+                                      progress=progress.update)}
+                for name, examples in benches.items()
+            }
     res["model"] = describe_source(args.model)
     for task, r in res["tasks"].items():
         print(f"{task}: {r['decoding']}; {r['scoring']}")
@@ -161,6 +207,9 @@ def cmd_longctx(args) -> int:
             sizes = sorted({s["items"] for s in r["skipped"]})
             print(f"  skipped (longer than the context {r['model_context']}): items {', '.join(map(str, sizes))}")
         print(f"  {r['seconds']:.0f} s")
+    for name, b in res.get("benchmarks", {}).items():
+        print(f"{name}: {b['metric']} {_pct(b['score'])} over {b['n']} examples"
+              + (f" ({len(b['skipped'])} skipped: longer than the context)" if b["skipped"] else ""))
     _write_json(args.json_out, res)
     return 0
 

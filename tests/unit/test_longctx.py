@@ -219,14 +219,21 @@ def test_cli_longctx_json_feeds_the_report(tiny_model_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rsq")
     add_eval_parsers(parser.add_subparsers(dest="command", required=True))
     run = tmp_path / "run"
+    leval = _jsonl(tmp_path / "tpo.jsonl", [{"input": "short doc", "instructions": ["q1", "q2"], "outputs": ["A", "B"]}])
     args = parser.parse_args(["longctx", str(tiny_model_dir("llama")), "--task", "lines,kv", "--lines", "3,60",
                               "--positions", "start,end", "--samples", "1", "--device", "cpu",
-                              "--max-new-tokens", "4", "--json-out", str(run / "longctx.json")])
+                              "--max-new-tokens", "4", "--leval", str(leval), "--bench-new-tokens", "3",
+                              "--json-out", str(run / "longctx.json")])
     assert args.func(args) == 0
     data = json.loads((run / "longctx.json").read_text())
+    assert data["benchmarks"]["leval:tpo"]["n"] == 2 and data["benchmarks"]["leval:tpo"]["metric"] == "leval_exam"
     for task in ("lines", "kv"):
         r = data["tasks"][task]
         assert [x["items"] for x in r["lengths"]] == [3] and r["n"] == 2
         assert {s["items"] for s in r["skipped"]} == {60}
     assert "skipped" in capsys.readouterr().out
-    assert set(load_run(run).retrieval) == {"lines", "kv"}
+    loaded = load_run(run)
+    assert set(loaded.retrieval) == {"lines", "kv"} and "leval:tpo" in loaded.bench
+    missing = parser.parse_args(["longctx", "--task", "none", "--leval", str(tmp_path / "absent.jsonl")])
+    with pytest.raises(ConfigError, match="L-Eval data not found"):
+        missing.func(missing)  # raised before any model is loaded
