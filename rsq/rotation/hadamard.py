@@ -229,7 +229,7 @@ def goethals_seidel_matrix(rows: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _gs_sequences() -> dict[int, np.ndarray]:
     """The shipped sequence quadruples {m: (4, m) int8}, checksum- and PAF-verified."""
-    raw = resources.files("rsq").joinpath("data", GS_DATA_FILE).read_bytes()
+    raw = (resources.files("rsq") / "data" / GS_DATA_FILE).read_bytes()
     return _parse_gs_data(raw, GS_DATA_SHA256)
 
 
@@ -424,13 +424,14 @@ def _core_on(K: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.
         return (_core_matrix(K).double() / math.sqrt(n)).to(device=device, dtype=dtype)
 
 
-def _fwht(y: torch.Tensor) -> torch.Tensor:
+def _fwht(y: torch.Tensor, writable: bool = False) -> torch.Tensor:
     """Unnormalized Walsh–Hadamard transform (Sylvester order) along the last dim of (R, K, M).
 
     Stage h applies I ⊗ H_2 ⊗ I_h: pairs (i, i+h) inside blocks of 2h become (a+b, a−b). The
     product of all stages is H_2^{⊗m} = sylvester(M): log2(M) stages, O(n log M) additions.
     Without autograd the stages ping-pong between two buffers (no allocation per stage, about 3×
-    faster on CPU than building each stage with torch.stack); with autograd they stack.
+    faster on CPU than building each stage with torch.stack); y itself is one of them only if
+    ``writable``. With autograd the stages stack.
     """
     R, K, M = y.shape
     if M == 1:
@@ -443,14 +444,14 @@ def _fwht(y: torch.Tensor) -> torch.Tensor:
             h *= 2
         return y.view(R, K, M)
     src, dst = y, torch.empty_like(y)
+    fresh = not writable  # y must not be overwritten: the 2nd buffer is allocated after stage 1
     h = 1
     while h < M:
         s = src.view(R, K, M // (2 * h), 2, h)
         d = dst.view(R, K, M // (2 * h), 2, h)
         torch.add(s[:, :, :, 0], s[:, :, :, 1], out=d[:, :, :, 0])
         torch.sub(s[:, :, :, 0], s[:, :, :, 1], out=d[:, :, :, 1])
-        # after the first stage both buffers are ours; the caller's y is never written
-        src, dst = dst, (torch.empty_like(y) if src is y else src)
+        src, dst = dst, (torch.empty_like(y) if fresh and src is y else src)
         h *= 2
     return src
 
@@ -460,7 +461,9 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
 
     x: (..., n), any device; float64 is computed in float64, everything else in float32, and the
     result has x's dtype. H_n is exactly :func:`hadamard_matrix` (n): with x viewed as (K, M),
-    (H_K ⊗ H_M)·x = H_K·X·H_M, so a butterfly pass over M and one K×K matmul (K small).
+    (H_K ⊗ H_M)·x = H_K·X·H_M, so a butterfly pass over M and one K×K matmul (K small). Every
+    recipe has this structure (a Kronecker core is just a denser H_K), so there is no dense
+    n×n fallback. Cost per row: n·log2(M) additions + n·K multiply-adds.
     """
     n = x.shape[-1] if n is None else n
     if x.shape[-1] != n:
@@ -472,7 +475,7 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-1]
     y = x.reshape(-1, K, M).to(compute).contiguous()  # (R, K, M): row-major split of the last dim
-    y = _fwht(y)
+    y = _fwht(y, writable=y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
     if K > 1:
         # (H_K/√n)·X for every row r: matmul broadcasts the (K, K) factor over R
         y = torch.matmul(_core_on(K, n, compute, y.device), y)
