@@ -139,7 +139,7 @@ def cases(quick: bool):
             for bits in bit_list:
                 for g in groups:
                     yield n, k, m, bits, g, main
-                    if other and (bits, g) in ((4, -1), (4, 128)) + (((3, -1),) if m == 2048 else ()):
+                    if other and (bits, g) in (((4, -1),) if m == 2048 else ((4, -1), (4, 128))):
                         yield n, k, m, bits, g, other
 
 
@@ -204,6 +204,81 @@ def run_case(case, results, copy_bw, bf16_cache):
           flush=True)
 
 
+# ------------------------------------------------------------------------------------------- sweep
+
+GEMV_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
+              ((8, 1024, 4), (8, 2048, 8), (8, 4096, 8), (4, 2048, 8), (16, 2048, 8), (8, 2048, 4), (4, 4096, 8))]
+SMALL_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=sp) for bn, bk, nw, ns, sp in
+               ((64, 256, 4, 3, 1.0), (64, 256, 4, 3, 2.0), (64, 256, 4, 3, 0.5), (64, 128, 4, 4, 1.0),
+                (128, 128, 8, 3, 1.0))]
+
+
+def sweep_cases():
+    for n, k in SHAPES:
+        for bits in (4, 3, 2):
+            for cfg in GEMV_SWEEP:
+                yield ("gemv", n, k, 1, bits, -1, cfg)
+        for bits in (4, 3):
+            for cfg in SMALL_SWEEP:
+                yield ("small", n, k, 16, bits, -1, cfg)
+
+
+def _sweep_config(name, n, k, m, bits, g, cfg):
+    from rsq.kernels import triton_wq as T
+
+    if name == "gemv":
+        return dict(cfg, BLOCK_M=triton_next_pow2(m))
+    base = T.small_config(m, n, k, bits, g, torch.cuda.get_device_properties(0).multi_processor_count)
+    split = max(1, round(base["SPLIT_K"] * cfg["split"]))
+    out = dict(base, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"], SPLIT_K=split)
+    if cfg["BLOCK_N"] != base["BLOCK_N"]:
+        out["SPLIT_K"] = max(1, round(split * base["BLOCK_N"] / cfg["BLOCK_N"]))
+    return out
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _warm_sweep(case):
+    name, n, k, m, bits, g, cfg = case
+    try:
+        qw, s, z = packed_weight(64, k, bits, g)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        kernel_fns()[name](x, qw, s, z, None, bits=bits, in_features=k, group_size=g,
+                           config=_sweep_config(name, n, k, m, bits, g, cfg))
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:
+        return f"warm-up {case}: {type(exc).__name__}: {exc}"
+
+
+def run_sweep(copy_bw) -> list[str]:
+    lines = []
+    for case in sweep_cases():
+        name, n, k, m, bits, g, cfg = case
+        try:
+            fn = kernel_fns()[name]
+            conf = _sweep_config(name, n, k, m, bits, g, cfg)
+            wb = weight_bytes(n, k, bits, g)
+            copies = [packed_weight(n, k, bits, g) for _ in range(n_copies(wb))]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            kw = dict(bits=bits, in_features=k, group_size=g, config=conf)
+            y = fn(x, *copies[0], None, **kw)
+            ref = reference.wq_matmul(x.float(), *copies[0], None, bits=bits, in_features=k, group_size=g)
+            rel = ((y.float() - ref).norm() / ref.norm()).item()
+            t = graph_time_us([lambda c=c: fn(x, *c, None, **kw) for c in copies])
+            nbytes = wb + 2 * m * (k + n)
+            lines.append(f"sweep {name:5} {n:>5}x{k:<5} M={m:<2} {bits}b {conf}: {t:8.2f} us "
+                         f"{nbytes / (t * 1e-6) / copy_bw * 100:5.1f}% rel {rel:.1e}")
+        except Exception as exc:
+            lines.append(f"sweep {case}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+    return lines
+
+
 # ------------------------------------------------------------------------------------------- e2e proxy
 
 
@@ -242,6 +317,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4/3 bits, per channel only")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
@@ -251,13 +327,17 @@ def main() -> None:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-            for err in pool.map(_warm, all_cases):
+            warm = list(pool.map(_warm, all_cases))
+            if args.sweep:
+                warm += list(pool.map(_warm_sweep, list(sweep_cases())))
+            for err in warm:
                 if err:
                     print(err, flush=True)
     copy_bw = copy_bandwidth()
     peak = matmul_tflops()
     print(f"device {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
           f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s", flush=True)
+    sweep_lines = run_sweep(copy_bw) if args.sweep else []
     results, bf16_cache = [], {}
     for case in all_cases:
         try:

@@ -65,8 +65,11 @@ def _load_words(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, NV: tl.const
 
 
 @triton.jit
-def _unpack_float(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
-    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] float32 holding 2^23 + code (column v*CPV + j)."""
+def _unpack_float(lo, hi, magic, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] float32 holding 2^23 + code (column v*CPV + j).
+
+    ``magic`` is 0x4B000000 passed as a run-time argument: ptxas then keeps it in a register and
+    fuses (code & mask) | magic into one LOP3 (with a literal it emits two)."""
     word = lo.to(tl.uint32, bitcast=True)
     if BITS == 3:
         sh = ((tl.arange(0, NV) % 4) * 24) % 32
@@ -74,7 +77,7 @@ def _unpack_float(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexp
         word = (word >> sh.to(tl.uint32)[None, :]) | (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[None, :])
     shifts = (tl.arange(0, CPV) * BITS).to(tl.uint32)
     codes = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True)
+    return (codes | magic).to(tl.float32, bitcast=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +199,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
 # tensor-core tile kernel (small M with split-K, and prefill)
 
 
-@triton.jit
-def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K,
+@triton.jit(do_not_specialize=["magic"])
+def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K, magic,
                 BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
                 PER_CHANNEL: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -233,7 +236,7 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
         lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
         xk = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kt)[None, :],
                      mask=m_mask[:, None] & ((k0 + kt) < K)[None, :], other=0.0)
-        f = _unpack_float(lo, hi, BITS, NV, CPV)
+        f = _unpack_float(lo, hi, magic, BITS, NV, CPV)
         if PER_CHANNEL:
             w = f - zf[:, None, None]
         else:
@@ -263,12 +266,85 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _unpack_codes(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] uint32 codes (column v*CPV + j)."""
+    word = lo.to(tl.uint32, bitcast=True)
+    if BITS == 3:
+        sh = ((tl.arange(0, NV) % 4) * 24) % 32
+        hs = tl.where(sh == 0, 24, 32 - sh)
+        word = (word >> sh.to(tl.uint32)[None, :]) | (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[None, :])
+    shifts = (tl.arange(0, CPV) * BITS).to(tl.uint32)
+    return (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit(do_not_specialize=["magic"])
+def _small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K, magic,
+                  BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, USE16: tl.constexpr, OFFSET: tl.constexpr):
+    """y^T[N, M] (+)= W_hat[N, K] @ x^T[K, M] for few tokens: the weight tile is the MMA's A operand
+    (BLOCK_N rows = the MMA's M dimension, no transpose of the dequantized tile), the tokens its N
+    dimension (BLOCK_M >= 16).
+
+    The tile holds OFFSET + q exactly: USE16 builds the 16-bit pattern magic | q directly (bf16
+    0x4300 | q = 128 + q for q < 128; fp16 0x6400 | q = 1024 + q), else 2^23 + q - 2^23 in float32.
+    Zero and scale are applied to the [BLOCK_N, BLOCK_M] product with the tile's column sums of x:
+    sum_k (q - z) x = dot - (OFFSET + z) sum_k x. GS % BLOCK_K == 0 (or per channel).
+    ATOMIC: split-K, float32 atomics into a zeroed y."""
+    NV: tl.constexpr = BLOCK_K // CPV
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    m = tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    kt = tl.arange(0, BLOCK_K)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = tl.program_id(1) * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in range(t0, t1):
+        k0 = t * BLOCK_K
+        lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
+        xk = tl.load(x_ptr + m[None, :] * stride_xm + (k0 + kt)[:, None],
+                     mask=m_mask[None, :] & ((k0 + kt) < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_M]
+        codes = _unpack_codes(lo, hi, BITS, NV, CPV)
+        if USE16:
+            w = (codes | magic).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+        else:
+            w = ((codes | magic).to(tl.float32, bitcast=True) - _TWO23).to(x_ptr.dtype.element_ty)
+        part = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), xk)
+        if PER_CHANNEL:
+            acc += part
+            xsum += tl.sum(xk.to(tl.float32), axis=0)
+        else:
+            g = k0 // GS
+            zg = tl.load(z_ptr + rows * NG + g).to(tl.float32) + OFFSET
+            sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
+            xs = tl.sum(xk.to(tl.float32), axis=0)
+            acc += sg[:, None] * (part - zg[:, None] * xs[None, :])
+    if PER_CHANNEL:
+        z = tl.load(z_ptr + rows).to(tl.float32) + OFFSET
+        acc = tl.load(s_ptr + rows).to(tl.float32)[:, None] * (acc - z[:, None] * xsum[None, :])
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    out = y_ptr + m[None, :] * stride_ym + rows[:, None]
+    mask = m_mask[None, :] & row_mask[:, None]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-weight dequantization
 
 
-@triton.jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS,
+@triton.jit(do_not_specialize=["magic"])
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS, magic,
                     BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PER_CHANNEL: tl.constexpr):
     NV: tl.constexpr = BLOCK_K // CPV
@@ -277,7 +353,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS,
     rows = tl.where(row_mask, rows, 0)
     k0 = tl.program_id(1) * BLOCK_K
     lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
-    f = _unpack_float(lo, hi, BITS, NV, CPV)
+    f = _unpack_float(lo, hi, magic, BITS, NV, CPV)
     g = 0 if PER_CHANNEL else k0 // GS
     zf = tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23
     sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
@@ -289,6 +365,8 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS,
 
 # ---------------------------------------------------------------------------------------------
 # host side
+
+_MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
 def _cpv(bits: int) -> int:
@@ -323,14 +401,15 @@ def _sm_count(device) -> int:
 
 
 def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """Default launch configuration of :func:`gemv` (see bench/NOTES-kernels.md)."""
+    """Default launch configuration of :func:`gemv` (bench/NOTES-kernels.md): 2048-column tiles with
+    8 warps keep ~16 KB of weights in flight per program; BLOCK_N rows share each x load."""
     block_m = triton.next_power_of_2(m)
-    block_k = {2: 1024, 3: 1024, 4: 1024, 8: 512}[bits]
-    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
+    block_k = max(32, min(1024 if bits == 8 else 2048, triton.next_power_of_2(k)))
+    num_warps = 8 if block_k // _gemv_cpv(bits) >= 256 else 4
     block_n = 8 if block_m <= 4 else 4  # BLOCK_M 8 x BLOCK_N 8 spills registers
-    while block_n > 1 and triton.cdiv(n, block_n) < 4 * sms:
+    while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
 
 
 def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
@@ -350,11 +429,12 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
 
 def small_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
     """Default launch configuration of :func:`matmul_small`: split K until ~2 programs per SM."""
-    block_n = 32
+    block_n = 64
     block_k = _pow2_block(group_size, 256)
-    tiles_n = triton.cdiv(n, block_n) * triton.cdiv(m, 16)
-    split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k * 4), 16))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
+    tiles_n = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k * 2), 16))
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                num_warps=4, num_stages=3)
 
 
 def large_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
@@ -373,7 +453,7 @@ def _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, s
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _dot_kernel[grid](
         x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
-        x.stride(0), y.stride(0), split, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        x.stride(0), y.stride(0), split, _MAGIC, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1), ATOMIC=split > 1, PER_CHANNEL=group_size == -1,
         SCALE_AFTER=scale_after, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
@@ -381,10 +461,26 @@ def _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, s
 
 
 def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
-    """Small batch: tensor-core tiles of 16 tokens, split-K."""
-    cfg = config or small_config(x.shape[0], qweight.shape[0], in_features, bits, group_size,
-                                 _sm_count(x.device))
-    return _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after=True)
+    """Few tokens (M <= 64): y^T = W_hat x^T with the weight tile as the tensor cores' A operand, split-K."""
+    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
+    cfg = config or small_config(m, n, k, bits, group_size, _sm_count(x.device))
+    if group_size != -1 and gs % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
+    if m > cfg["BLOCK_M"]:
+        raise ValueError(f"matmul_small got {m} tokens for BLOCK_M {cfg['BLOCK_M']}")
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
+                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    use16 = bits < 8 or x.dtype == torch.float16
+    magic = (0x6400 if x.dtype == torch.float16 else 0x4300) if use16 else _MAGIC
+    offset = (1024.0 if x.dtype == torch.float16 else 128.0) if use16 else 0.0
+    _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
+        x.stride(0), y.stride(0), split, magic, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ATOMIC=split > 1, PER_CHANNEL=group_size == -1,
+        HAS_BIAS=bias is not None, USE16=use16, OFFSET=offset, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if split > 1 else y
 
 
 def matmul_large(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
@@ -401,7 +497,7 @@ def dequantize(qweight, scales, qzeros, *, bits, in_features, group_size, dtype=
     cfg = config or dict(BLOCK_N=16, BLOCK_K=_pow2_block(group_size, 256), num_warps=4)
     w = torch.empty(n, in_features, device=qweight.device, dtype=dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(in_features, cfg["BLOCK_K"]))
-    _dequant_kernel[grid](qweight, scales, qzeros, w, n, in_features, kw, scales.shape[1], gs,
+    _dequant_kernel[grid](qweight, scales, qzeros, w, n, in_features, kw, scales.shape[1], gs, _MAGIC,
                           BITS=bits, CPV=_cpv(bits), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                           PER_CHANNEL=group_size == -1, num_warps=cfg["num_warps"])
     return w
