@@ -40,7 +40,7 @@ def kernel_fns():
 
 
 def kernels_for(m: int) -> list[str]:
-    if m <= 8:
+    if m <= 4:
         return ["gemv", "small"]
     if m <= 64:
         return ["small"]

@@ -73,8 +73,8 @@ _TRITON = dict(bits=(2, 3, 4, 8), dtypes=_HALF, device_types=("cuda",), min_capa
                group_multiple=32, requires=("triton",))
 
 BACKENDS: list[Backend] = [
-    # decode, M <= 8: CUDA-core kernel (codes -> floats with one LOP3), one program per 8 rows
-    Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=8, priority=30, **_TRITON),
+    # decode, M <= 4: CUDA-core kernel (codes -> floats with one LOP3), one program per 8 rows
+    Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=4, priority=30, **_TRITON),
     # small batch: tensor-core tiles of 16 tokens, split-K for occupancy
     Backend(name="triton_small", function="rsq.kernels.triton_wq:matmul_small", m_max=64, priority=20,
             **_TRITON),

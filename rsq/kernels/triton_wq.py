@@ -166,12 +166,15 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
     acc = tl.zeros([NV, BLOCK_N, BLOCK_M], dtype=tl.float32)
     accx = tl.zeros([NV, 1, BLOCK_M], dtype=tl.float32)
     lo, hi = _gemv_words(qw_ptr, rows, row_mask, KW, 0, BITS, NV)
+    xn = tl.load(x_ptr + x_off + cols, mask=x_mask & (cols < K), other=0.0)
     for k0 in range(0, K, BLOCK_K):
-        nlo, nhi = _gemv_words(qw_ptr, rows, row_mask, KW, k0 + BLOCK_K, BITS, NV)  # prefetch
+        # prefetch the next tile's words and x: the loop then waits on no load it issued itself
+        nlo, nhi = _gemv_words(qw_ptr, rows, row_mask, KW, k0 + BLOCK_K, BITS, NV)
+        kn = k0 + BLOCK_K + cols
+        nxn = tl.load(x_ptr + x_off + kn, mask=x_mask & (kn < K), other=0.0)
         f, pos = _gemv_unit(lo, hi, BITS, NV, CPV)  # [NV, BLOCK_N, 1, CPV]
         mult = ((85 - pos + 127) << 23).to(tl.float32, bitcast=True)  # 2^(85 - pos), exact
-        kk = k0 + cols
-        xv = tl.load(x_ptr + x_off + kk, mask=x_mask & (kk < K), other=0.0).to(tl.float32)
+        xv = xn.to(tl.float32)
         t = tl.sum(f * (xv * mult[None, None, None, :]), axis=3)  # [NV, BLOCK_N, BLOCK_M], units of 2^-64
         xs = tl.sum(xv, axis=3)  # [NV, 1, BLOCK_M]
         if PER_CHANNEL:
@@ -184,6 +187,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
             acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
         lo = nlo
         hi = nhi
+        xn = nxn
     y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, BLOCK_M], * 2^64
     if PER_CHANNEL:
         z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
@@ -401,15 +405,15 @@ def _sm_count(device) -> int:
 
 
 def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """Default launch configuration of :func:`gemv` (bench/NOTES-kernels.md): 2048-column tiles with
-    8 warps keep ~16 KB of weights in flight per program; BLOCK_N rows share each x load."""
+    """Default launch configuration of :func:`gemv`, from the sweep in bench/NOTES-kernels.md:
+    one token: 8 rows x 2048 columns per program, 4 warps; 2-4 tokens: 1024 columns."""
     block_m = triton.next_power_of_2(m)
-    block_k = max(32, min(1024 if bits == 8 else 2048, triton.next_power_of_2(k)))
-    num_warps = 8 if block_k // _gemv_cpv(bits) >= 256 else 4
+    block_k = 2048 if m == 1 else 1024
+    block_k = max(32, min(block_k // 2 if bits == 8 else block_k, triton.next_power_of_2(k)))
     block_n = 8 if block_m <= 4 else 4  # BLOCK_M 8 x BLOCK_N 8 spills registers
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
 def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
@@ -432,7 +436,7 @@ def small_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 
     block_n = 64
     block_k = _pow2_block(group_size, 256)
     tiles_n = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k * 2), 16))
+    split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k), 16))
     return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                 num_warps=4, num_stages=3)
 

@@ -106,7 +106,7 @@ def test_quantlinear_dispatch_on_gpu():
     zero = torch.full((384, 4), 4.0, device="cuda")
     layer = QuantLinear.from_codes(codes, scale, zero, 3, 128, bias=torch.randn(384, device="cuda"))
     w = layer.dequantize_weight()
-    for shape, expected in (((1, 512), "triton_gemv"), ((2, 3, 512), "triton_gemv"), ((16, 512), "triton_small"),
+    for shape, expected in (((1, 512), "triton_gemv"), ((2, 2, 512), "triton_gemv"), ((2, 3, 512), "triton_small"),
                             ((300, 512), "triton_dequant_mm")):
         x = torch.randn(*shape, device="cuda").bfloat16()
         assert select_backend(x, layer).name == expected
