@@ -78,6 +78,9 @@ class SolverConfig:
     damp_retries: int = 10  # bounded: raise SingularHessianError after this many extra dampings
     ldlq_tune_iters: int = 10
     hessian_dtype: str = "float32"  # accumulation precision: float32 (spec) or float64
+    # auto: on CUDA, bf16/fp16 activation products on the tensor cores with fp32 accumulation
+    # (the token weights folded in to ~2^-16); fp32: upcast activations first (CPU always does)
+    hessian_matmul: str = "auto"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("gptq", "rtn", "ldlq"):
@@ -88,6 +91,8 @@ class SolverConfig:
             raise ConfigError(f"damp_frac {self.damp_frac} must be in [0, 1)")
         if self.damp_retries < 0:
             raise ConfigError("damp_retries must be >= 0")
+        if self.hessian_matmul not in ("auto", "fp32"):
+            raise ConfigError(f"hessian_matmul {self.hessian_matmul!r}: use auto or fp32")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ConfigError(f"hessian_dtype {self.hessian_dtype!r}: use float32 or float64")
 

@@ -118,6 +118,7 @@ def quantize_layers(
             kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
+            home = next(layer.parameters()).device  # where the layer lives between its turns
             layer.to(device)
             if i >= start_layer and cfg.quantizes:
                 report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn,
@@ -127,7 +128,7 @@ def quantize_layers(
             with _timed(state.timings, "propagate"):
                 for a, b in store.batches(bs):
                     store.set(a, b, layer_forward(layer, store.get(a, b), kwargs))
-            layer.to("cpu")
+            layer.to(home)
             if report is not None:
                 report.seconds = time.perf_counter() - t0
                 state.layers.append(report)
@@ -191,7 +192,8 @@ def _quantize_one_layer(
         width = modules[0].in_features
         H = None
         if cfg.solver.algorithm != "rtn":
-            acc = HessianAccumulator(width, device=store.device, dtype=hdtype)
+            acc = HessianAccumulator(width, device=store.device, dtype=hdtype,
+                                     half_inputs=cfg.solver.hessian_matmul == "auto")
             with _timed(state.timings, "hessian"):
                 for k, (a, b) in enumerate(store.batches(bs)):
                     w = None if weights is None else weights[k]

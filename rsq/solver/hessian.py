@@ -17,17 +17,24 @@ class HessianAccumulator:
     ones). With weights None or exactly one, the result is bit-identical to plain GPTQ's.
     """
 
-    def __init__(self, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 half_inputs: bool = False):
         self.width = width
         self.dtype = dtype
         self.sum = torch.zeros(width, width, device=device, dtype=dtype)
         self.nseq = 0
+        # GPU fast path: products of bf16/fp16 activations on the tensor cores, fp32 accumulation
+        self.half_inputs = half_inputs and self.sum.is_cuda and dtype == torch.float32
 
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         if x.dim() == 2:
             x = x.unsqueeze(0)
             weights = None if weights is None else weights.unsqueeze(0)
         batch = x.shape[0]
+        if self.half_inputs and x.dtype in (torch.bfloat16, torch.float16) and _half_mm_ok(x.device):
+            self._add_half(x.reshape(-1, self.width), weights)
+            self.nseq += batch
+            return
         x = x.reshape(batch, -1, x.shape[-1]).to(self.sum.device, self.dtype)
         if weights is not None:
             # sqrt(w) on the features: H gains w_t x_t x_t^T (sqrt(1) == 1 exactly)
@@ -35,6 +42,20 @@ class HessianAccumulator:
         flat = x.reshape(-1, self.width)  # (B*T, d)
         self.sum.addmm_(flat.T, flat)
         self.nseq += batch
+
+    def _add_half(self, flat: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """H += X^T (w ⊙ X) with X the exact half-precision activations (T, d). w ⊙ X is split into
+        hi + lo half parts (hi = half(w⊙x), lo = half(w⊙x - hi)), so the weighting is exact to
+        ~2^-16 relative while every product runs on the tensor cores with fp32 accumulation."""
+        if weights is None:
+            self.sum += torch.mm(flat.T, flat, out_dtype=torch.float32)
+            return
+        y = flat.float() * weights.reshape(-1, 1).to(flat.device, torch.float32)
+        hi = y.to(flat.dtype)
+        lo = (y - hi.float()).to(flat.dtype)
+        xt = flat.T
+        self.sum += torch.mm(xt, hi, out_dtype=torch.float32)
+        self.sum += torch.mm(xt, lo, out_dtype=torch.float32)
 
     def merge(self, other: "HessianAccumulator") -> None:
         self.sum += other.sum.to(self.sum.device)
@@ -44,4 +65,22 @@ class HessianAccumulator:
         """(2/N) * sum, float32."""
         if self.nseq == 0:
             raise RuntimeError("no calibration data reached this module")
-        return (self.sum * (2.0 / self.nseq)).float()
+        H = self.sum
+        if self.half_inputs:
+            H = (H + H.T) / 2  # X^T(w⊙X) is symmetric only up to the lo part's rounding
+        return (H * (2.0 / self.nseq)).float()
+
+
+_HALF_MM: dict = {}
+
+
+def _half_mm_ok(device: torch.device) -> bool:
+    """Whether torch.mm(..., out_dtype=float32) exists for half inputs here (torch >= 2.8, CUDA)."""
+    key = str(device)
+    if key not in _HALF_MM:
+        try:
+            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            _HALF_MM[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _HALF_MM[key] = False
+    return _HALF_MM[key]

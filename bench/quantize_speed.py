@@ -1,0 +1,196 @@
+"""RSQ speed at real scale: a Llama-3-8B-shaped model with random weights, built on the GPU.
+
+Runs `--method rsq` (rotation + attncon + 3-bit per-channel GPTQ) through rsq's pipeline and prints
+per-stage wall time, total, peak GPU and host memory. In the same run it times a plain reference
+of the same algorithm (per-sequence fp32 Hessians through full layer forwards, the full attention
+probability tensor for importance, one GPTQ per module) on the first --ref-layers layers, checks
+that both give the same quantized weights there (tolerance below), and reports the ratio with the
+reference's per-layer time extrapolated to all layers.
+
+    python3 bench/quantize_speed.py            # 256 x 4096, 32 layers (the paper's setting)
+    python3 bench/quantize_speed.py --quick    # 32 x 2048, 4 layers
+
+Nothing is downloaded: the config is rsq's bundled Llama-3-8B config.json, weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rsq.calib.capture import ActivationStore, capture_layer0_inputs, layer_forward  # noqa: E402
+from rsq.config import CalibConfig, GridConfig, ImportanceConfig, RotationConfig, RSQConfig  # noqa: E402
+from rsq.importance import attention_received_naive, to_weights  # noqa: E402
+from rsq.importance.layer import make_weight_fn  # noqa: E402
+from rsq.models.bundled import load_bundled_config  # noqa: E402
+from rsq.models.registry import resolve  # noqa: E402
+from rsq.pipeline import attention_qk, quantize_layers  # noqa: E402
+from rsq.rotation import rotate_model  # noqa: E402
+from rsq.solver.gptq import gptq_quantize  # noqa: E402
+
+
+def build_model(layers: int, device: str, tiny: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    config = load_bundled_config("llama-3-8b")
+    if tiny:
+        from rsq.models.bundled import tiny_config
+
+        config = tiny_config(config, layers=layers)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def host_peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+@torch.no_grad()
+def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: RSQConfig) -> dict[str, torch.Tensor]:
+    """Textbook RSQ for one layer: sequence by sequence, full probabilities, fp32 Hessians, one
+    GPTQ per module, sequential groups with full layer forwards. Returns {module: W_hat}."""
+    n = X.shape[0]
+    weights = []
+    for i in range(n):
+        q, k = attention_qk(layer, adapter, config, X[i : i + 1], kwargs)
+        s = attention_received_naive(q, k)
+        weights.append(to_weights(s, cfg.importance, reverse=False))
+    out = {}
+    for group in adapter.groups:
+        modules = {name: layer.get_submodule(name) for name in group}
+        H = {name: torch.zeros(m.in_features, m.in_features, device=X.device) for name, m in modules.items()}
+        handles = []
+        current = {}
+        for name, m in modules.items():
+            def hook(mod, args, res, name=name):
+                x = args[0].float().reshape(-1, mod.in_features) * current["w"].reshape(-1, 1).sqrt()
+                H[name] += x.T @ x
+            handles.append(m.register_forward_hook(hook))
+        for i in range(n):
+            current["w"] = weights[i]
+            layer_forward(layer, X[i : i + 1], kwargs)
+        for h in handles:
+            h.remove()
+        for name, m in modules.items():
+            res = gptq_quantize(m.weight.data.float(), H[name] * 2 / n, cfg.grid, cfg.solver, name)
+            m.weight.data = res.weight.to(m.weight.dtype)
+            out[name] = res.weight
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32 x 2048 tokens, 4 layers")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--ref-layers", type=int, default=1, help="layers timed with the plain reference (0 = none)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="structure-preserving tiny config (CPU smoke test)")
+    args = ap.parse_args()
+    layers = args.layers or (4 if args.quick else 32)
+    nsamples = args.nsamples or (32 if args.quick else 256)
+    seqlen = args.seqlen or (2048 if args.quick else 4096)
+    device = args.device
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}  torch {torch.__version__}  layers {layers}  calib {nsamples}x{seqlen}",
+          flush=True)
+
+    t0 = time.perf_counter()
+    model = build_model(layers, device, args.tiny)
+    sync()
+    t_build = time.perf_counter() - t0
+    adapter = resolve(model)
+    cfg = RSQConfig(method="rsq", grid=GridConfig(bits=3), rotation=RotationConfig(enabled=True),
+                    importance=ImportanceConfig(strategy="attncon"), calib=CalibConfig(nsamples=nsamples, seqlen=seqlen),
+                    dtype="bfloat16", device=device, batch_size=args.batch_size, offload="device")
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)
+
+    sync()
+    t0 = time.perf_counter()
+    rotate_model(model, adapter, cfg.rotation)
+    sync()
+    t_rotate = time.perf_counter() - t0
+
+    ref = None
+    if args.ref_layers:
+        ref_layers = [copy.deepcopy(adapter.get_layers(model)[i]) for i in range(args.ref_layers)]
+        store = ActivationStore(nsamples, seqlen, model.config.hidden_size, torch.bfloat16, torch.device(device), "device")
+        kwargs = capture_layer0_inputs(model, adapter.get_layers(model), windows, store, args.batch_size, torch.device(device))
+        X = store.data
+        sync()
+        t0 = time.perf_counter()
+        ref_w = []
+        for layer in ref_layers:
+            ref_w.append(reference_layer(layer, adapter, model.config, X, kwargs, cfg))
+            X = torch.cat([layer_forward(layer, X[i : i + args.batch_size], kwargs)
+                           for i in range(0, nsamples, args.batch_size)])
+        sync()
+        t_ref = (time.perf_counter() - t0) / args.ref_layers
+        store.close()
+        del X, ref_layers
+        if cuda:
+            torch.cuda.empty_cache()
+        ref = (ref_w, t_ref)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
+    sync()
+    t0 = time.perf_counter()
+    state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn)
+    sync()
+    t_quant = time.perf_counter() - t0
+    peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
+
+    figures = {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "build_s": t_build, "rotate_s": t_rotate,
+               "quantize_s": t_quant, "total_s": t_rotate + t_quant, "stages_s": state.timings,
+               "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib()}
+    if ref is not None:
+        ref_w, t_ref = ref
+        worst_rel, worst_match = 0.0, 1.0
+        for i, mods in enumerate(ref_w):
+            for name, w_ref in mods.items():
+                w = adapter.get_layers(model)[i].get_submodule(name).weight.float()
+                rel = ((w - w_ref.to(w.device)).norm() / w_ref.norm()).item()
+                match = (w == w_ref.to(w.device).to(w.dtype).float()).float().mean().item()
+                worst_rel, worst_match = max(worst_rel, rel), min(worst_match, match)
+        figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
+                       speedup_vs_ref=t_ref * layers / t_quant, ref_worst_rel_diff=worst_rel,
+                       ref_worst_equal_fraction=worst_match)
+    print(json.dumps(figures, indent=2))
+    print()
+    print(f"{'stage':<12} {'seconds':>9}")
+    for k, v in state.timings.items():
+        print(f"{k:<12} {v:9.1f}")
+    print(f"{'rotate':<12} {t_rotate:9.1f}")
+    print(f"{'TOTAL':<12} {t_rotate + t_quant:9.1f}   (target < 180 s at 256x4096, 32 layers)")
+    print(f"peak GPU {peak_gpu:.1f} GiB, peak host {host_peak_gib():.1f} GiB")
+    if ref is not None:
+        print(f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
+              f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; "
+              f"max rel. weight diff {figures['ref_worst_rel_diff']:.2e}, min equal fraction "
+              f"{figures['ref_worst_equal_fraction']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
