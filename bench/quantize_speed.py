@@ -140,6 +140,7 @@ def main() -> None:
         ref_w = []
         for layer in ref_layers:
             ref_w.append(reference_layer(layer, adapter, model.config, X, kwargs, cfg))
+            print(f"  reference layer done at {time.perf_counter() - t0:.1f} s", flush=True)
             X = torch.cat([layer_forward(layer, X[i : i + args.batch_size], kwargs)
                            for i in range(0, nsamples, args.batch_size)])
         sync()
@@ -155,7 +156,10 @@ def main() -> None:
     weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
     sync()
     t0 = time.perf_counter()
-    state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn)
+    def progress(i, n, msg):
+        print(f"  layer {i}/{n} at {time.perf_counter() - t0:.1f} s", flush=True)
+
+    state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
     sync()
     t_quant = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
