@@ -36,7 +36,8 @@ COPY_BYTES = 256 << 20  # weight bytes cycled per timed pass (> 5x L2)
 def kernel_fns():
     from rsq.kernels import triton_wq as T
 
-    return {"gemv": T.gemv, "small": T.matmul_small, "large": T.matmul_large, "dequant_mm": T.dequant_matmul}
+    return {"gemv": T.gemv, "gemv_stream": T.gemv_stream, "small": T.matmul_small, "large": T.matmul_large,
+            "dequant_mm": T.dequant_matmul}
 
 
 def kernels_for(m: int) -> list[str]:
@@ -128,7 +129,7 @@ def n_copies(nbytes: int) -> int:
 # ------------------------------------------------------------------------------------------- cases
 
 
-def cases(quick: bool):
+def cases(quick: bool, only_m: int | None = None):
     """(out, in, M, bits, group, kernel): every bit width and both group sizes on the path each M
     takes, plus the other candidate kernel for 4-bit per channel (and 3-bit at prefill)."""
     bit_list = (4, 3) if quick else (4, 3, 2)
@@ -136,9 +137,13 @@ def cases(quick: bool):
     for n, k in SHAPES:
         for m, main, other in ((1, "gemv", "small"), (4, "gemv", "small"), (16, "small", None),
                                (2048, "dequant_mm", "large")):
+            if only_m is not None and m != only_m:
+                continue
             for bits in bit_list:
                 for g in groups:
                     yield n, k, m, bits, g, main
+                    if m == 1:
+                        yield n, k, m, bits, g, "gemv_stream"
                     if other and (bits, g) in (((4, -1),) if m == 2048 else ((4, -1), (4, 128))):
                         yield n, k, m, bits, g, other
 
@@ -215,12 +220,13 @@ SMALL_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=s
 
 def sweep_cases():
     for n, k in SHAPES:
-        for bits in (4, 3, 2):
-            for cfg in GEMV_SWEEP:
-                yield ("gemv", n, k, 1, bits, -1, cfg)
         for bits in (4, 3):
-            for cfg in SMALL_SWEEP:
-                yield ("small", n, k, 16, bits, -1, cfg)
+            for cfg in STREAM_SWEEP:
+                yield ("gemv_stream", n, k, 1, bits, -1, cfg)
+
+
+STREAM_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, programs_per_sm=pp) for bn, bk, nw, pp in
+                ((8, 2048, 4, 4), (8, 1024, 4, 6), (16, 2048, 8, 2), (4, 2048, 4, 6))]
 
 
 def _sweep_config(name, n, k, m, bits, g, cfg):
@@ -228,6 +234,8 @@ def _sweep_config(name, n, k, m, bits, g, cfg):
 
     if name == "gemv":
         return dict(cfg, BLOCK_M=triton_next_pow2(m))
+    if name == "gemv_stream":
+        return dict(cfg)
     base = T.small_config(m, n, k, bits, g, torch.cuda.get_device_properties(0).multi_processor_count)
     split = max(1, round(base["SPLIT_K"] * cfg["split"]))
     out = dict(base, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
@@ -318,11 +326,12 @@ def main() -> None:
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
     ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
+    ap.add_argument("--m", type=int, default=None, help="only this token count (1, 4, 16 or 2048)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
-    all_cases = list(cases(args.quick))
+    all_cases = list(cases(args.quick, args.m))
     if args.workers > 1:
         import multiprocessing as mp
 

@@ -199,6 +199,70 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
              mask=row_mask[:, None] & (tok < M)[None, :])
 
 
+@triton.jit(do_not_specialize=["KW"])
+def _gemv_stream_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, RB_PER_PROG,
+                        BITS: tl.constexpr, CPV: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One token, persistent: program p owns row blocks [p * RB_PER_PROG, (p + 1) * RB_PER_PROG) and
+    walks their (row block, K tile) items in one loop, prefetching the next item's words and x
+    across row-block boundaries, so a program streams without pausing between row blocks and the
+    grid is a single wave. Same arithmetic as _gemv_kernel with BLOCK_M = 1."""
+    NV: tl.constexpr = BLOCK_K // CPV
+    kt_n = tl.cdiv(K, BLOCK_K)
+    rb0 = tl.program_id(0) * RB_PER_PROG
+    n_items = tl.maximum(tl.minimum(RB_PER_PROG, tl.cdiv(N, BLOCK_N) - rb0), 0) * kt_n
+    lane = tl.arange(0, BLOCK_N)
+    vi = tl.arange(0, NV)
+    cols = vi[:, None, None, None] * CPV + tl.arange(0, CPV)[None, None, None, :]  # [NV, 1, 1, CPV]
+    acc = tl.zeros([NV, BLOCK_N, 1], dtype=tl.float32)
+    accx = tl.zeros([NV, 1, 1], dtype=tl.float32)
+    rows = rb0 * BLOCK_N + lane
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    lo, hi = _gemv_words(qw_ptr, rows, row_mask & (n_items > 0), KW, 0, BITS, NV)
+    xn = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+    for it in range(0, n_items):
+        kt = it % kt_n
+        k0 = kt * BLOCK_K
+        rows = (rb0 + it // kt_n) * BLOCK_N + lane
+        row_mask = rows < N
+        rows = tl.where(row_mask, rows, 0)
+        # prefetch item it + 1 (next K tile, or the first tile of the next row block)
+        nrows = (rb0 + (it + 1) // kt_n) * BLOCK_N + lane
+        nmask = (nrows < N) & (it + 1 < n_items)
+        nk0 = ((it + 1) % kt_n) * BLOCK_K
+        nlo, nhi = _gemv_words(qw_ptr, tl.where(nmask, nrows, 0), nmask, KW, nk0, BITS, NV)
+        kn = nk0 + cols
+        nxn = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
+        f, pos = _gemv_unit(lo, hi, BITS, NV, CPV)  # [NV, BLOCK_N, 1, CPV]
+        mult = ((85 - pos + 127) << 23).to(tl.float32, bitcast=True)  # 2^(85 - pos), exact
+        xv = xn.to(tl.float32)
+        t = tl.sum(f * (xv * mult[None, None, None, :]), axis=3)  # [NV, BLOCK_N, 1], units of 2^-64
+        xs = tl.sum(xv, axis=3)  # [NV, 1, 1]
+        if PER_CHANNEL:
+            acc += t
+            accx += xs
+        else:  # one group per word (GS >= 32 >= CPV)
+            g = tl.minimum((k0 + vi * CPV) // GS, NG - 1)[:, None, None]
+            zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [NV, BLOCK_N, 1]
+            sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
+            acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
+        if kt == kt_n - 1:  # row block done: reduce, store, reset
+            y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, 1], * 2^64
+            if PER_CHANNEL:
+                z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
+                s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
+                y = s * (y - z * tl.sum(accx, axis=0))
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+            tl.store(y_ptr + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
+            acc = tl.zeros([NV, BLOCK_N, 1], dtype=tl.float32)
+            accx = tl.zeros([NV, 1, 1], dtype=tl.float32)
+        lo = nlo
+        hi = nhi
+        xn = nxn
+
+
 # ---------------------------------------------------------------------------------------------
 # tensor-core tile kernel (small M with split-K, and prefill)
 
@@ -428,6 +492,25 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
         y.stride(0), BITS=bits, CPV=_gemv_cpv(bits), GS=gs if group_size != -1 else 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PER_CHANNEL=group_size == -1,
         HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+    return y
+
+
+def gemv_stream(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size,
+                config: dict | None = None):
+    """One token, persistent grid of ``programs`` programs (default: SMs x programs_per_sm)."""
+    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
+    if m != 1:
+        raise ValueError(f"gemv_stream handles one token, got {m}")
+    cfg = config or dict(BLOCK_N=8, BLOCK_K=1024 if bits == 8 else 2048, num_warps=4, programs_per_sm=3)
+    block_k = max(32, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
+    n_rb = triton.cdiv(n, cfg["BLOCK_N"])
+    per_prog = triton.cdiv(n_rb, _sm_count(x.device) * cfg["programs_per_sm"])
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    _gemv_stream_kernel[(triton.cdiv(n_rb, per_prog),)](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, y, n, k, kw, ng, per_prog,
+        BITS=bits, CPV=_gemv_cpv(bits), GS=gs if group_size != -1 else 0, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=block_k, PER_CHANNEL=group_size == -1, HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"], num_stages=1)
     return y
 
 
