@@ -96,25 +96,31 @@ def residual_rotation(n: int, cfg: RotationConfig) -> tuple[torch.Tensor, str]:
     return random_orthogonal(n, cfg.seed), "random orthogonal (QR of a Gaussian)"
 
 
+def _like(Q: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Q on the module's device (modules of a large model may live on different devices)."""
+    return Q.to(module.weight.device)
+
+
 def rotate_residual(model: nn.Module, adapter: ModelAdapter, Q: torch.Tensor) -> None:
     emb = model.get_submodule(adapter.embed)
-    _set(emb, _w64(emb) @ Q)
+    _set(emb, _w64(emb) @ _like(Q, emb))
     head = model.get_submodule(adapter.lm_head)
-    _set(head, _w64(head) @ Q)
+    _set(head, _w64(head) @ _like(Q, head))
     for layer in adapter.get_layers(model):
         for name in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.gate_proj, adapter.up_proj):
             lin = layer.get_submodule(name)
-            _set(lin, _w64(lin) @ Q)
+            _set(lin, _w64(lin) @ _like(Q, lin))
         for name in (adapter.o_proj, adapter.down_proj):
             lin = layer.get_submodule(name)
-            bias = None if lin.bias is None else Q.T @ lin.bias.data.double()
-            _set(lin, Q.T @ _w64(lin), bias)
+            q = _like(Q, lin)
+            bias = None if lin.bias is None else q.T @ lin.bias.data.double()
+            _set(lin, q.T @ _w64(lin), bias)
 
 
 def _rotate_in(W: torch.Tensor, n: int, kind: str, seed: int) -> torch.Tensor:
     """W·Mᵀ along the last dim for the site's orthogonal M (float64)."""
     if kind.startswith("random"):
-        return W @ random_orthogonal(n, seed).T
+        return W @ random_orthogonal(n, seed).to(W.device).T
     return hadamard_transform(W, n)
 
 
