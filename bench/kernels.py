@@ -1,6 +1,7 @@
 """Weight-only quantized matmul kernels vs bf16 torch.matmul on Llama-3-8B linear shapes.
 
-Run from the repository root on a CUDA machine:  python3 bench/kernels.py [--quick] [--no-e2e]
+Run from the repository root on a CUDA machine:
+    python3 bench/kernels.py [--quick] [--m 1] [--sweep] [--no-e2e]
 
 For each (out x in) shape, tokens M in {1, 4, 16, 2048}, bits in {4, 3, 2} and group size in
 {per channel, 128}, every matching kernel is first checked against rsq/kernels/reference.py
@@ -9,8 +10,10 @@ the weights (>= 256 MB) that L2 (50 MB on H100) holds none of them, replayed sev
 replay / calls is reported (graphs remove Python launch overhead, which decode uses graphs to hide).
 The same is done for bf16 torch.matmul(x, W^T). Bandwidth counts packed weights + scales + zeros +
 activations in and out, and is compared with a device-to-device copy (read + write bytes) measured
-in the same run. --e2e adds a proxy for decode tokens/s: 32 layers x 7 Llama-3-8B linears at M = 1
-(random weights, no attention/norms/sampling), bf16 vs 4-bit vs 3-bit.
+in the same run. Unless --no-e2e, a proxy for decode tokens/s follows: 32 layers x 7 Llama-3-8B
+linears at M = 1 (random weights, no attention/norms/sampling), bf16 vs 4-bit vs 3-bit, one CUDA
+graph per token. --sweep first times alternative launch configurations of gemv (M = 1) and
+matmul_small (M = 16). Results and their reading: bench/NOTES-kernels.md.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ COPY_BYTES = 256 << 20  # weight bytes cycled per timed pass (> 5x L2)
 def kernel_fns():
     from rsq.kernels import triton_wq as T
 
-    return {"gemv": T.gemv, "gemv_stream": T.gemv_stream, "small": T.matmul_small, "large": T.matmul_large,
-            "dequant_mm": T.dequant_matmul}
+    return {"gemv": T.gemv, "small": T.matmul_small, "large": T.matmul_large, "dequant_mm": T.dequant_matmul}
 
 
 def kernels_for(m: int) -> list[str]:
@@ -142,8 +144,6 @@ def cases(quick: bool, only_m: int | None = None):
             for bits in bit_list:
                 for g in groups:
                     yield n, k, m, bits, g, main
-                    if m == 1:
-                        yield n, k, m, bits, g, "gemv_stream"
                     if other and (bits, g) in (((4, -1),) if m == 2048 else ((4, -1), (4, 128))):
                         yield n, k, m, bits, g, other
 
@@ -220,13 +220,12 @@ SMALL_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=s
 
 def sweep_cases():
     for n, k in SHAPES:
+        for bits in (4, 3, 2):
+            for cfg in GEMV_SWEEP:
+                yield ("gemv", n, k, 1, bits, -1, cfg)
         for bits in (4, 3):
-            for cfg in STREAM_SWEEP:
-                yield ("gemv_stream", n, k, 1, bits, -1, cfg)
-
-
-STREAM_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, programs_per_sm=pp) for bn, bk, nw, pp in
-                ((8, 2048, 4, 4), (8, 1024, 4, 6), (16, 2048, 8, 2), (4, 2048, 4, 6))]
+            for cfg in SMALL_SWEEP:
+                yield ("small", n, k, 16, bits, -1, cfg)
 
 
 def _sweep_config(name, n, k, m, bits, g, cfg):
@@ -234,8 +233,6 @@ def _sweep_config(name, n, k, m, bits, g, cfg):
 
     if name == "gemv":
         return dict(cfg, BLOCK_M=triton_next_pow2(m))
-    if name == "gemv_stream":
-        return dict(cfg)
     base = T.small_config(m, n, k, bits, g, torch.cuda.get_device_properties(0).multi_processor_count)
     split = max(1, round(base["SPLIT_K"] * cfg["split"]))
     out = dict(base, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],

@@ -1,28 +1,29 @@
 """Triton kernels: packed 2/3/4/8-bit weights x bf16/fp16 activations, dequantized in registers.
 
 Weights use the dense layout of rsq/quant/pack.py: row n of ``qweight`` (int32, KW words) holds the
-codes of W[n, :] in runs of 32 codes = ``bits`` words. A tile of BLOCK_K columns (BLOCK_K a multiple
-of 32, starting at a run boundary) is read as NV "virtual words" of CPV codes each:
+codes of W[n, :] in runs of 32 codes = ``bits`` words. A tile of BLOCK_K columns (a multiple of 32,
+starting at a run boundary) is read as "virtual words" of CPV codes each: real words for 2/4/8 bits
+(16-bit halves for 2 bits in the GEMV); for 3 bits a 96-bit run is read as four 24-bit virtual
+words of 8 codes, (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32.
 
-* bits 2/4/8: a virtual word is a real word (CPV = 32 / bits codes, lowest bits first);
-* bits 3: a run of 96 bits is read as four 24-bit virtual words of 8 codes: virtual word v is
-  (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32 (two loads per 8 codes).
+Codes never go through int->float conversion instructions:
+* GEMV: the bits code << pos (pos + bits <= 24) read as float32 are exactly code * 2^(pos - 149);
+  one LOP3 per code, and the product with x * 2^(85 - pos) is code * x * 2^-64.
+* tensor-core tiles: (0x4B000000 | q) read as float32 is 2^23 + q; 16-bit tiles are built directly
+  as bf16 0x4300 | q = 128 + q (fp16 0x6400 | q = 1024 + q), exact, offset removed after the dot.
 
-Codes become floats without int->float conversion: (0x4B000000 | q) read as float32 is exactly
-2^23 + q, so (2^23 + q) - (2^23 + z) = q - z exactly in one FADD.
-
-Kernels (host wrappers below, registered in rsq/kernels/__init__.py):
-
-* ``gemv``: M = 1, CUDA cores. One program per BLOCK_N rows streams their whole K range, keeps a
-  [BLOCK_N, BLOCK_K] float32 accumulator and reduces once at the end; next tile's words are loaded
-  before the current tile is used (register double buffering).
-* ``matmul_small``: M <= 32, tensor cores: x padded to 16 rows, tile (q - z) exact in bf16/fp16,
-  tl.dot, scale applied to the [16, BLOCK_N] product (not per weight); split-K with float32 atomics.
-* ``matmul_large``: prefill GEMM, dequantized tile (scale applied) fed to tl.dot, fp32 accumulate.
-* ``dequant_matmul``: dequantize the whole weight with ``dequantize`` then cuBLAS (F.linear).
+Kernels (host wrappers below; registered with their capabilities in rsq/kernels/__init__.py;
+measurements in bench/NOTES-kernels.md):
+* ``gemv``: M <= 4 tokens, CUDA cores, one program per BLOCK_N rows over the whole K range with the
+  next tile's words and x prefetched into registers; one reduction at the end.
+* ``matmul_small``: M <= 64, wgmma with the weight tile as the A operand (tokens are the MMA's N),
+  zero/scale applied to the product; split-K with float32 atomics.
+* ``dequant_matmul``: prefill, dequantize the whole weight with ``dequantize`` then cuBLAS.
+* ``matmul_large``: prefill GEMM fed by tiles dequantized in registers (slower than dequant_matmul
+  on H100; kept as the fused path and tested).
 
 Constraints (the dispatcher's declarations): group_size -1 or a multiple of 32; any N and K (K is
-padded to the packed width and masked).
+padded to the packed width and masked). GEMV: |x| < 2^43.
 """
 
 from __future__ import annotations
@@ -65,19 +66,24 @@ def _load_words(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, NV: tl.const
 
 
 @triton.jit
-def _unpack_float(lo, hi, magic, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
-    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] float32 holding 2^23 + code (column v*CPV + j).
-
-    ``magic`` is 0x4B000000 passed as a run-time argument: ptxas then keeps it in a register and
-    fuses (code & mask) | magic into one LOP3 (with a literal it emits two)."""
+def _unpack_codes(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] uint32 codes (column v*CPV + j)."""
     word = lo.to(tl.uint32, bitcast=True)
     if BITS == 3:
         sh = ((tl.arange(0, NV) % 4) * 24) % 32
         hs = tl.where(sh == 0, 24, 32 - sh)
         word = (word >> sh.to(tl.uint32)[None, :]) | (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[None, :])
     shifts = (tl.arange(0, CPV) * BITS).to(tl.uint32)
-    codes = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return (codes | magic).to(tl.float32, bitcast=True)
+    return (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _unpack_float(lo, hi, magic, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
+    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] float32 holding 2^23 + code (column v*CPV + j).
+
+    ``magic`` is 0x4B000000 passed as a run-time argument: ptxas then keeps it in a register and
+    fuses (code & mask) | magic into one LOP3 (with a literal it emits two)."""
+    return (_unpack_codes(lo, hi, BITS, NV, CPV) | magic).to(tl.float32, bitcast=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,70 +205,6 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
              mask=row_mask[:, None] & (tok < M)[None, :])
 
 
-@triton.jit(do_not_specialize=["KW"])
-def _gemv_stream_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, RB_PER_PROG,
-                        BITS: tl.constexpr, CPV: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One token, persistent: program p owns row blocks [p * RB_PER_PROG, (p + 1) * RB_PER_PROG) and
-    walks their (row block, K tile) items in one loop, prefetching the next item's words and x
-    across row-block boundaries, so a program streams without pausing between row blocks and the
-    grid is a single wave. Same arithmetic as _gemv_kernel with BLOCK_M = 1."""
-    NV: tl.constexpr = BLOCK_K // CPV
-    kt_n = tl.cdiv(K, BLOCK_K)
-    rb0 = tl.program_id(0) * RB_PER_PROG
-    n_items = tl.maximum(tl.minimum(RB_PER_PROG, tl.cdiv(N, BLOCK_N) - rb0), 0) * kt_n
-    lane = tl.arange(0, BLOCK_N)
-    vi = tl.arange(0, NV)
-    cols = vi[:, None, None, None] * CPV + tl.arange(0, CPV)[None, None, None, :]  # [NV, 1, 1, CPV]
-    acc = tl.zeros([NV, BLOCK_N, 1], dtype=tl.float32)
-    accx = tl.zeros([NV, 1, 1], dtype=tl.float32)
-    rows = rb0 * BLOCK_N + lane
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
-    lo, hi = _gemv_words(qw_ptr, rows, row_mask & (n_items > 0), KW, 0, BITS, NV)
-    xn = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-    for it in range(0, n_items):
-        kt = it % kt_n
-        k0 = kt * BLOCK_K
-        rows = (rb0 + it // kt_n) * BLOCK_N + lane
-        row_mask = rows < N
-        rows = tl.where(row_mask, rows, 0)
-        # prefetch item it + 1 (next K tile, or the first tile of the next row block)
-        nrows = (rb0 + (it + 1) // kt_n) * BLOCK_N + lane
-        nmask = (nrows < N) & (it + 1 < n_items)
-        nk0 = ((it + 1) % kt_n) * BLOCK_K
-        nlo, nhi = _gemv_words(qw_ptr, tl.where(nmask, nrows, 0), nmask, KW, nk0, BITS, NV)
-        kn = nk0 + cols
-        nxn = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
-        f, pos = _gemv_unit(lo, hi, BITS, NV, CPV)  # [NV, BLOCK_N, 1, CPV]
-        mult = ((85 - pos + 127) << 23).to(tl.float32, bitcast=True)  # 2^(85 - pos), exact
-        xv = xn.to(tl.float32)
-        t = tl.sum(f * (xv * mult[None, None, None, :]), axis=3)  # [NV, BLOCK_N, 1], units of 2^-64
-        xs = tl.sum(xv, axis=3)  # [NV, 1, 1]
-        if PER_CHANNEL:
-            acc += t
-            accx += xs
-        else:  # one group per word (GS >= 32 >= CPV)
-            g = tl.minimum((k0 + vi * CPV) // GS, NG - 1)[:, None, None]
-            zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [NV, BLOCK_N, 1]
-            sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
-            acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
-        if kt == kt_n - 1:  # row block done: reduce, store, reset
-            y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, 1], * 2^64
-            if PER_CHANNEL:
-                z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
-                s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
-                y = s * (y - z * tl.sum(accx, axis=0))
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-            tl.store(y_ptr + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
-            acc = tl.zeros([NV, BLOCK_N, 1], dtype=tl.float32)
-            accx = tl.zeros([NV, 1, 1], dtype=tl.float32)
-        lo = nlo
-        hi = nhi
-        xn = nxn
-
-
 # ---------------------------------------------------------------------------------------------
 # tensor-core tile kernel (small M with split-K, and prefill)
 
@@ -271,10 +213,10 @@ def _gemv_stream_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG,
 def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K, magic,
                 BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
-                PER_CHANNEL: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[M, N] (+)= x[M, K] @ W_hat[N, K]^T. GS % BLOCK_K == 0 (or per channel), so a K tile lies in
-    one group. SCALE_AFTER: dot with exact (q - z) and scale the [BLOCK_M, BLOCK_N] product;
-    otherwise scale the weight tile. ATOMIC (SPLIT_K > 1): float32 atomics into a zeroed y."""
+                PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ W_hat[N, K]^T with 128-token tiles (prefill). GS % BLOCK_K == 0 (or per
+    channel), so a K tile lies in one group: grouped tiles are scaled before the dot; per channel the
+    dot takes exact (q - z) and the product is scaled once. ATOMIC: split-K, float32 atomics."""
     NV: tl.constexpr = BLOCK_K // CPV
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -310,17 +252,9 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
         else:
             g = k0 // GS
             w = f - (tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23)[:, None, None]
-            sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
-            if not SCALE_AFTER:
-                w = w * sg[:, None, None]
+            w = w * tl.load(s_ptr + rows * NG + g).to(tl.float32)[:, None, None]
         w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
-        part = tl.dot(xk, tl.trans(w))
-        if PER_CHANNEL:
-            acc += part
-        elif SCALE_AFTER:
-            acc += part * sg[None, :]
-        else:
-            acc += part
+        acc += tl.dot(xk, tl.trans(w))
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + rows * NG).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -332,18 +266,6 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _unpack_codes(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
-    """[BLOCK_N, NV] words -> [BLOCK_N, NV, CPV] uint32 codes (column v*CPV + j)."""
-    word = lo.to(tl.uint32, bitcast=True)
-    if BITS == 3:
-        sh = ((tl.arange(0, NV) % 4) * 24) % 32
-        hs = tl.where(sh == 0, 24, 32 - sh)
-        word = (word >> sh.to(tl.uint32)[None, :]) | (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[None, :])
-    shifts = (tl.arange(0, CPV) * BITS).to(tl.uint32)
-    return (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit(do_not_specialize=["magic"])
@@ -495,25 +417,6 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
     return y
 
 
-def gemv_stream(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size,
-                config: dict | None = None):
-    """One token, persistent grid of ``programs`` programs (default: SMs x programs_per_sm)."""
-    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
-    if m != 1:
-        raise ValueError(f"gemv_stream handles one token, got {m}")
-    cfg = config or dict(BLOCK_N=8, BLOCK_K=1024 if bits == 8 else 2048, num_warps=4, programs_per_sm=3)
-    block_k = max(32, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
-    n_rb = triton.cdiv(n, cfg["BLOCK_N"])
-    per_prog = triton.cdiv(n_rb, _sm_count(x.device) * cfg["programs_per_sm"])
-    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    _gemv_stream_kernel[(triton.cdiv(n_rb, per_prog),)](
-        x, qweight, scales, qzeros, bias if bias is not None else scales, y, n, k, kw, ng, per_prog,
-        BITS=bits, CPV=_gemv_cpv(bits), GS=gs if group_size != -1 else 0, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=block_k, PER_CHANNEL=group_size == -1, HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"], num_stages=1)
-    return y
-
-
 def small_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
     """Default launch configuration of :func:`matmul_small`: split K until ~2 programs per SM."""
     block_n = 64
@@ -528,23 +431,6 @@ def large_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 
     """Default launch configuration of :func:`matmul_large`."""
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=_pow2_block(group_size, 64), SPLIT_K=1, num_warps=8,
                 num_stages=3, GROUP_M=8)
-
-
-def _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after):
-    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
-    if group_size != -1 and gs % cfg["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
-    split = cfg["SPLIT_K"]
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
-                                                   dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _dot_kernel[grid](
-        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
-        x.stride(0), y.stride(0), split, _MAGIC, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1), ATOMIC=split > 1, PER_CHANNEL=group_size == -1,
-        SCALE_AFTER=scale_after, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return y.to(x.dtype) if split > 1 else y
 
 
 def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
@@ -571,9 +457,22 @@ def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_s
 
 
 def matmul_large(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
-    """Prefill GEMM with the dequantized tile fed to tl.dot."""
-    cfg = config or large_config(x.shape[0], qweight.shape[0], in_features, bits, group_size)
-    return _dot(x, qweight, scales, qzeros, bias, bits, in_features, group_size, cfg, scale_after=False)
+    """Prefill GEMM with tiles dequantized in registers fed to tl.dot (fp32 accumulation)."""
+    m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
+    cfg = config or large_config(m, n, k, bits, group_size)
+    if group_size != -1 and gs % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
+                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _dot_kernel[grid](
+        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
+        x.stride(0), y.stride(0), split, _MAGIC, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1), ATOMIC=split > 1,
+        PER_CHANNEL=group_size == -1, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if split > 1 else y
 
 
 def dequantize(qweight, scales, qzeros, *, bits, in_features, group_size, dtype=torch.bfloat16,

@@ -36,8 +36,7 @@ def make_weight(n, k, bits, group_size, dtype=torch.bfloat16, seed=0):
 def kernels():
     from rsq.kernels import triton_wq as T
 
-    return {"gemv": T.gemv, "gemv_stream": T.gemv_stream, "small": T.matmul_small, "large": T.matmul_large,
-            "dequant_mm": T.dequant_matmul}
+    return {"gemv": T.gemv, "small": T.matmul_small, "large": T.matmul_large, "dequant_mm": T.dequant_matmul}
 
 
 def check(name, m, weight, bits, k, group_size, bias=True, dtype=torch.bfloat16):
@@ -58,7 +57,6 @@ def check(name, m, weight, bits, k, group_size, bias=True, dtype=torch.bfloat16)
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_llama_shapes_decode(n, k, bits, group_size):
     weight = make_weight(n, k, bits, group_size, seed=n + k + bits)
-    check("gemv_stream", 1, weight, bits, k, group_size)
     for m in (1, 4):
         check("gemv", m, weight, bits, k, group_size)
     for m in (1, 4, 16):
@@ -79,7 +77,6 @@ def test_prefill(bits, group_size):
 ])
 def test_odd_shapes(n, k, bits, group_size):
     weight = make_weight(n, k, bits, group_size, seed=n * k)
-    check("gemv_stream", 1, weight, bits, k, group_size)
     for m in (1, 3, 8):
         check("gemv", m, weight, bits, k, group_size, bias=m != 3)
     for m in (1, 5, 16, 40):
