@@ -81,6 +81,7 @@ class SolverConfig:
     # auto: on CUDA, bf16/fp16 activation products on the tensor cores with fp32 accumulation
     # (the token weights folded in to ~2^-16); fp32: upcast activations first (CPU always does)
     hessian_matmul: str = "auto"
+    cuda_graphs: bool = True  # replay each GPTQ block as a captured CUDA graph on GPUs
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("gptq", "rtn", "ldlq"):

@@ -142,6 +142,14 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """dtype of the q·kᵀ product: half inputs on CUDA multiply in their own dtype on the tensor
+    cores (as the reference's eager attention does; the softmax stays fp32), else _compute_dtype."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return q.dtype
+    return _compute_dtype(q)
+
+
 def attention_received(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,8 +165,9 @@ def attention_received(
 
     q: (B, Hq, T, d) post-RoPE queries; k: (B, Hkv, T, d) post-RoPE keys (GQA as HF repeat_kv).
     scale defaults to 1/sqrt(d); mask is -inf above the diagonal when ``causal``.
-    Returns s: (B, T) in float32 (float64 for float64 inputs). q·kᵀ and softmax are computed in
-    float32 (the reference does q·kᵀ in the model dtype and only the softmax in fp32).
+    Returns s: (B, T) in float32 (float64 for float64 inputs). The softmax is float32; q·kᵀ is
+    float32 on the CPU and, for bf16/fp16 inputs on CUDA, in that dtype on the tensor cores (as the
+    reference's eager attention).
 
     Memory: one sequence and ``query_chunk`` queries at a time, O(Hq · chunk · T); the (Hq, T, T)
     probability tensor is never built. With causal masking a chunk only scores the keys it can see.
@@ -171,11 +180,12 @@ def attention_received(
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dtype = _compute_dtype(q)
+    sdtype = _score_dtype(q)
     out = torch.zeros(b, t, dtype=dtype, device=q.device)
     pos = torch.arange(t, device=q.device)
     for bi in range(b):
-        qb = q[bi].to(dtype).view(hkv, group, t, d)  # (Hkv, G, T, d): head h = kv*G + g
-        kb = k[bi].to(dtype).unsqueeze(1)  # (Hkv, 1, T, d)
+        qb = q[bi].to(sdtype).view(hkv, group, t, d)  # (Hkv, G, T, d): head h = kv*G + g
+        kb = k[bi].to(sdtype).unsqueeze(1)  # (Hkv, 1, T, d)
         for i0 in range(0, t, query_chunk):
             i1 = min(i0 + query_chunk, t)
             n_keys = i1 if causal else t  # causal: keys after the chunk's last query get 0
@@ -183,7 +193,7 @@ def attention_received(
             if causal:
                 future = pos[None, :n_keys] > pos[i0:i1, None]  # (c, K)
                 scores = scores.masked_fill(future, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(scores, dim=-1, dtype=dtype)
             out[bi, :n_keys] += probs.sum(dim=(0, 1, 2))
     return out
 
@@ -195,13 +205,13 @@ def attention_received_naive(
     group = _check_qk(q, k)
     t, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    dtype = _compute_dtype(q)
-    k_rep = k.to(dtype).repeat_interleave(group, dim=1)  # (B, Hq, T, d), as HF repeat_kv
-    scores = (q.to(dtype) @ k_rep.transpose(-1, -2)) * scale
+    dtype, sdtype = _compute_dtype(q), _score_dtype(q)
+    k_rep = k.to(sdtype).repeat_interleave(group, dim=1)  # (B, Hq, T, d), as HF repeat_kv
+    scores = (q.to(sdtype) @ k_rep.transpose(-1, -2)) * scale
     if causal:
         future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).sum(dim=(1, 2))
+    return torch.softmax(scores, dim=-1, dtype=dtype).sum(dim=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,32 +147,29 @@ def gptq_quantize(
     codes = torch.zeros(rows, cols, device=W.device)
     Q = torch.zeros_like(W)
     losses = torch.zeros(rows, device=W.device)
-    col_of = perm if perm is not None else torch.arange(cols, device=W.device)
-    group_of = (col_of // group).tolist()
+    col_of = (perm if perm is not None else torch.arange(cols)).tolist()
+    group_of = [c // group for c in col_of]
+    bs = solver.block_size
 
-    for i1 in range(0, cols, solver.block_size):
-        i2 = min(i1 + solver.block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = group_of[j]
-            if not static and col_of[j] % group == 0:
-                # new group: parameters from W after the updates of earlier blocks (as IST GPTQ;
-                # with group_size == block_size a group starts a block, so this is exact)
-                s, z = ops.params(W[:, j : j + group])
-                scale_g[:, g], zero_g[:, g] = s[:, 0], z[:, 0]
-            s, z = scale_g[:, g], zero_g[:, g]
-            w = W1[:, i]
-            c, q = ops.round(w, s, z)
-            codes[:, j], Q[:, j] = c, q
-            d = U1[i, i]
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        if not static:
+            for j in range(i1, i2):
+                if col_of[j] % group == 0:
+                    # new group: parameters from W after the updates of earlier blocks (as IST
+                    # GPTQ, which reads W, not the in-block copy)
+                    s_, z_ = ops.params(W[:, j : j + group])
+                    scale_g[:, group_of[j]], zero_g[:, group_of[j]] = s_[:, 0], z_[:, 0]
+        idx = group_of[i1:i2]
+        if static and grid.group_size == -1:
+            S1, Z1 = scale_g.expand(rows, i2 - i1), zero_g.expand(rows, i2 - i1)
+        else:
+            S1, Z1 = scale_g[:, idx], zero_g[:, idx]
+        block = _block_runner(ops, rows, i2 - i1, W.device) if W.is_cuda and solver.cuda_graphs else _gptq_block
+        C1, Q1, E1, L1 = block(ops, W[:, i1:i2], U[i1:i2, i1:i2], S1, Z1)
+        codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
+        losses += L1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     if perm is not None:
         inv = torch.argsort(perm)
@@ -187,6 +184,63 @@ def gptq_quantize(
         meta={"algorithm": "gptq", "act_order": solver.act_order},
         row_loss=losses,
     )
+
+
+def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
+    """One GPTQ block, column by column: quantize, then push the error onto the block's later
+    columns through the Cholesky row. W1, S1, Z1: (rows, B); U1: (B, B). Returns codes, W_hat,
+    scaled errors (for the lazy update of later blocks) and per-row losses."""
+    W1 = W1.clone()
+    C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    L1 = torch.zeros(W1.shape[0], device=W1.device, dtype=W1.dtype)
+    for i in range(W1.shape[1]):
+        w = W1[:, i]
+        c, q = ops.round(w, S1[:, i], Z1[:, i])
+        C1[:, i], Q1[:, i] = c, q
+        err = (w - q) / U1[i, i]
+        L1 += err * err / 2
+        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+        E1[:, i] = err
+    return C1, Q1, E1, L1
+
+
+class _GraphedBlock:
+    """_gptq_block captured once as a CUDA graph for a (rows, B, grid) shape and replayed for every
+    block of every matrix of that shape: ~12 kernels x B columns become one launch, which removes
+    the launch/dispatch overhead that dominates GPTQ on a GPU."""
+
+    def __init__(self, ops: _ScalarGrid, rows: int, width: int, device: torch.device):
+        self.ops = ops  # the graph reads ops' tensors (NF levels): keep them alive
+        self.W1 = torch.zeros(rows, width, device=device)
+        self.U1 = torch.eye(width, device=device)
+        self.S1 = torch.ones(rows, width, device=device)
+        self.Z1 = torch.zeros(rows, width, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+            _gptq_block(ops, self.W1, self.U1, self.S1, self.Z1)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _gptq_block(ops, self.W1, self.U1, self.S1, self.Z1)
+
+    def __call__(self, ops, W1, U1, S1, Z1):
+        self.W1.copy_(W1)
+        self.U1.copy_(U1)
+        self.S1.copy_(S1)
+        self.Z1.copy_(Z1)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.out)
+
+
+_GRAPHS: dict = {}  # (device, rows, width, grid kind, bits) -> _GraphedBlock; shapes repeat per layer
+
+
+def _block_runner(ops: _ScalarGrid, rows: int, width: int, device: torch.device):
+    key = (str(device), rows, width, ops.grid.kind, ops.grid.bits)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _GraphedBlock(ops, rows, width, device)
+    return _GRAPHS[key]
 
 
 def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
