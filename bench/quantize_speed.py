@@ -35,7 +35,7 @@ from rsq.models.bundled import load_bundled_config  # noqa: E402
 from rsq.models.registry import resolve  # noqa: E402
 from rsq.pipeline import attention_qk, quantize_layers  # noqa: E402
 from rsq.rotation import rotate_model  # noqa: E402
-from rsq.solver.gptq import gptq_quantize  # noqa: E402
+from rsq.solver.gptq import gptq_quantize, layer_error  # noqa: E402
 
 
 def build_model(layers: int, device: str, tiny: bool = False):
@@ -85,9 +85,11 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
         for h in handles:
             h.remove()
         for name, m in modules.items():
-            res = gptq_quantize(m.weight.data.float(), H[name] * 2 / n, cfg.grid, cfg.solver, name)
+            W = m.weight.data.float().clone()
+            Hn = H[name] * 2 / n
+            res = gptq_quantize(W, Hn, cfg.grid, cfg.solver, name)
             m.weight.data = res.weight.to(m.weight.dtype)
-            out[name] = res.weight
+            out[name] = (W, res.weight, Hn)
     return out
 
 
@@ -134,6 +136,7 @@ def main() -> None:
         ref_layers = [copy.deepcopy(adapter.get_layers(model)[i]) for i in range(args.ref_layers)]
         store = ActivationStore(nsamples, seqlen, model.config.hidden_size, torch.bfloat16, torch.device(device), "device")
         kwargs = capture_layer0_inputs(model, adapter.get_layers(model), windows, store, args.batch_size, torch.device(device))
+        print("layer kwargs:", {k: (type(v).__name__, getattr(v, "shape", None)) for k, v in kwargs.items()}, flush=True)
         X = store.data
         sync()
         t0 = time.perf_counter()
@@ -169,16 +172,17 @@ def main() -> None:
                "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib()}
     if ref is not None:
         ref_w, t_ref = ref
-        worst_rel, worst_match = 0.0, 1.0
+        # GPTQ is chaotic (one rounding flip changes every later column of a row), so the two
+        # paths are compared by quality: each one's layer error tr(ΔW H ΔWᵀ) under the
+        # reference's fp32 Hessian; they must agree within 5%.
+        ratios = {}
         for i, mods in enumerate(ref_w):
-            for name, w_ref in mods.items():
+            for name, (W, w_ref, Hn) in mods.items():
                 w = adapter.get_layers(model)[i].get_submodule(name).weight.float()
-                rel = ((w - w_ref.to(w.device)).norm() / w_ref.norm()).item()
-                match = (w == w_ref.to(w.device).to(w.dtype).float()).float().mean().item()
-                worst_rel, worst_match = max(worst_rel, rel), min(worst_match, match)
+                ratios[f"{i}.{name}"] = layer_error(W, w, Hn) / layer_error(W, w_ref.to(w.device), Hn)
         figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
-                       speedup_vs_ref=t_ref * layers / t_quant, ref_worst_rel_diff=worst_rel,
-                       ref_worst_equal_fraction=worst_match)
+                       speedup_vs_ref=t_ref * layers / t_quant, error_ratio_fast_over_ref=ratios,
+                       error_ratio_max=max(ratios.values()), error_ratio_min=min(ratios.values()))
     print(json.dumps(figures, indent=2))
     print()
     print(f"{'stage':<12} {'seconds':>9}")
@@ -189,9 +193,8 @@ def main() -> None:
     print(f"peak GPU {peak_gpu:.1f} GiB, peak host {host_peak_gib():.1f} GiB")
     if ref is not None:
         print(f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
-              f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; "
-              f"max rel. weight diff {figures['ref_worst_rel_diff']:.2e}, min equal fraction "
-              f"{figures['ref_worst_equal_fraction']:.4f}")
+              f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; layer error fast/ref "
+              f"{figures['error_ratio_min']:.3f}..{figures['error_ratio_max']:.3f} (must be within 0.95..1.05)")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
