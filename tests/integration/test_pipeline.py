@@ -102,3 +102,25 @@ def test_nan_activations_are_reported(tiny_model_dir, tmp_path, capsys):
     rc = _cli(str(bad), "--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"), "--ppl", "none")
     err = capsys.readouterr().err
     assert rc == 2 and "NaN/Inf" in err
+
+
+def test_expansion_equals_explicit_rolled_copies():
+    """expand=F (rolled windows made on the fly, disk-backed store) == F explicit rolled copies."""
+    from rsq.config import ImportanceConfig
+    from rsq.importance import expand_rolls
+    from rsq.importance.layer import make_weight_fn
+    from rsq.models.registry import resolve
+    from rsq.pipeline import quantize_layers
+    from tests.conftest import tiny_model
+
+    windows = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for expand, wins in ((4, windows), (1, expand_rolls(windows, 4))):
+        model = tiny_model("llama")
+        cfg = RSQConfig(method="rsq", importance=ImportanceConfig(strategy="attncon", expand=expand),
+                        calib=CalibConfig(nsamples=wins.shape[0], seqlen=32), batch_size=4, device="cpu")
+        adapter = resolve(model)
+        quantize_layers(model, cfg, wins, adapter=adapter, weight_fn=make_weight_fn(cfg, adapter, model.config, wins))
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
