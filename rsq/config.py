@@ -11,13 +11,17 @@ import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+import torch
+
 from rsq.errors import ConfigError
 
 CONFIG_VERSION = 1
 
 METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 GRIDS = ("uniform", "nf", "e8p")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+DTYPES = tuple(TORCH_DTYPES)
 
 
 @dataclass(frozen=True)

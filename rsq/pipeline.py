@@ -25,7 +25,7 @@ from rsq.calib.capture import (
     rope_from_kwargs,
 )
 from rsq.checkpoint.schema import dequantize_result
-from rsq.config import RSQConfig
+from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext
 from rsq.errors import CalibrationError
 from rsq.models.adapter import ModelAdapter, apply_rope
@@ -36,7 +36,7 @@ from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = TORCH_DTYPES  # name -> torch dtype (rsq.config holds the one table)
 
 
 @dataclass

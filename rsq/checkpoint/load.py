@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
+from rsq.config import TORCH_DTYPES
 from rsq.errors import CheckpointFormatError
 from rsq.models.registry import resolve
 from rsq.nn.hadamard import OnlineRotation, attach_online_rotation
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def read_quant_config(path: Path) -> tuple[dict, dict]:
@@ -94,7 +94,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
     path = Path(path)
     config_dict, qc = read_quant_config(path)
-    dtype = dtype or _DTYPES.get(str(config_dict.get("dtype", "float32")), torch.float32)
+    dtype = dtype or TORCH_DTYPES.get(str(config_dict.get("dtype", "float32")), torch.float32)
     files = _weight_files(path)
     tensors = _read_tensors(files)
 
