@@ -58,7 +58,8 @@ def quantize(model: Path, out: Path, nproc: int, device: str, extra: list[str]) 
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    # a short process-group timeout: a stuck collective fails in minutes instead of the default 30
+    subprocess.run(cmd, check=True, timeout=420, env={**os.environ, "TQDM_DISABLE": "1", "RSQ_DIST_TIMEOUT_S": "180"})
     return time.perf_counter() - t0
 
 

@@ -101,6 +101,17 @@ def _guard(fn):
         ) from exc
 
 
+def choose_backend(device_type: str, local_world: int, gpus: int, override: str | None = None) -> str:
+    """The process-group backend, the same on every rank (a mismatch hangs the rendezvous).
+
+    NCCL when each local rank has a GPU of its own; gloo on CPU and when several ranks share a GPU
+    (NCCL refuses duplicate devices). Decided from the local world size, never from the rank.
+    """
+    if override:
+        return override
+    return "nccl" if device_type == "cuda" and gpus >= local_world else "gloo"
+
+
 def init_from_env(device_type: str, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE > 1); else a one-rank context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -108,10 +119,10 @@ def init_from_env(device_type: str, timeout_s: float = 1800.0) -> DistContext:
         return DistContext()
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    backend = os.environ.get("RSQ_DIST_BACKEND") or ("nccl" if device_type == "cuda" else "gloo")
-    if backend == "nccl" and torch.cuda.device_count() <= local:
-        # several ranks on one GPU: NCCL refuses duplicate devices, gloo does not
-        backend = "gloo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = torch.cuda.device_count() if device_type == "cuda" else 0
+    backend = choose_backend(device_type, local_world, gpus, os.environ.get("RSQ_DIST_BACKEND"))
+    timeout_s = float(os.environ.get("RSQ_DIST_TIMEOUT_S", timeout_s))
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
