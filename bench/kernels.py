@@ -288,17 +288,29 @@ def run_sweep(copy_bw) -> list[str]:
 
 
 def e2e(copy_bw) -> list[str]:
-    """Decode proxy: one token through 32 layers x 7 linears (M = 1), as one CUDA graph."""
+    """Decode proxy: one token through 32 layers x 7 linears (M = 1), as one CUDA graph; "+H" adds
+    the rotated model's online Hadamard (14336) before each down_proj; e8p: 2-bit E8P gemv."""
+    from rsq.kernels import triton_e8p as E
+    from rsq.kernels import triton_hadamard as TH
     from rsq.kernels import triton_wq as T
+    from rsq.quant.e8p import codes_to_int16
 
     lines = []
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
-    for label, bits in (("bf16", None), ("4-bit", 4), ("3-bit", 3)):
+    scale = torch.tensor([[0.01]], device="cuda")
+    for label, bits in (("bf16", None), ("4-bit", 4), ("3-bit", 3), ("4-bit+H", 4), ("e8p", "e8p"),
+                        ("e8p+H", "e8p")):
         layers = []
         total = 0
         for _ in range(32):
             for n, k in E2E_LAYER:
-                if bits is None:
+                if label.endswith("+H") and k == 14336:  # the rotated model's online Hadamard
+                    layers.append(lambda: TH.hadamard(x[14336], 14336))
+                if bits == "e8p":
+                    c = codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), device="cuda"))
+                    layers.append(lambda c=c, k=k: E.gemv(x[k], c, scale))
+                    total += n * k // 4
+                elif bits is None:
                     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                     layers.append(lambda w=w, k=k: torch.matmul(x[k], w.t()))
                     total += 2 * n * k
@@ -308,13 +320,99 @@ def e2e(copy_bw) -> list[str]:
                     layers.append(lambda qw=qw, s=s, z=z, k=k, cfg=cfg: T.gemv(
                         x[k], qw, s, z, None, bits=bits, in_features=k, group_size=-1, config=cfg))
                     total += weight_bytes(n, k, bits, -1)
-        t = graph_time_us(layers, replays=5) * len(layers)  # per token
+        t = graph_time_us(layers, replays=5) * len(layers)  # per token (len counts the Hadamard calls too)
         lines.append(f"e2e proxy {label:>6}: {t / 1e3:7.3f} ms/token  {1e6 / t:7.1f} tokens/s  "
                      f"{total / 1e9:5.2f} GB weights  {total / (t * 1e-6) / copy_bw * 100:5.1f}% of copy bandwidth")
         print(lines[-1], flush=True)
         del layers
         torch.cuda.empty_cache()
     return lines
+
+
+# ------------------------------------------------------------------------- E8P and online Hadamard
+
+
+def e8p_cases(quick: bool):
+    for n, k in SHAPES:
+        for m in ((1, 16) if quick else (1, 4, 16, 2048)):
+            yield n, k, m
+
+
+def run_e8p(quick: bool, copy_bw) -> list[dict]:
+    """E8P (2 bits/weight, 16-bit code per 8 weights) kernels vs bf16 matmul, checked against the
+    e8p_decode reference first."""
+    from rsq.kernels import triton_e8p as T
+    from rsq.quant.e8p import codes_to_int16, e8p_decode
+
+    rows = []
+    for n, k, m in e8p_cases(quick):
+        nbytes_w = n * k // 4
+        copies = [codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), device="cuda"))
+                  for _ in range(n_copies(nbytes_w))]
+        scale = torch.tensor([[0.01]], device="cuda")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ (e8p_decode(copies[0].reshape(-1)).reshape(n, k) * 0.01).T
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
+        t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+        del ws
+        names = ["gemv", "small"] if m <= 4 else ["small"] if m <= 64 else ["dequant_mm"]
+        for name in names:
+            fn = {"gemv": T.gemv, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}[name]
+            y = fn(x, copies[0], scale)
+            rel = ((y.float() - ref).norm() / ref.norm()).item()
+            ok = bool(torch.isfinite(y).all()) and rel <= 1e-2
+            t = graph_time_us([lambda c=c: fn(x, c, scale) for c in copies]) if ok else float("nan")
+            nbytes = nbytes_w + 2 * m * (k + n)
+            rows.append(dict(n=n, k=k, m=m, kernel=name, us=t, bf16_us=t16, speedup=t16 / t, ok=ok, rel=rel,
+                             pct=nbytes / (t * 1e-6) / copy_bw * 100))
+            r = rows[-1]
+            print(f"e8p {n:>5}x{k:<5} M={m:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
+                  f"{r['pct']:5.1f}% copy BW  rel {rel:.1e}{'' if ok else '  FAIL'}", flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_hadamard(quick: bool, copy_bw) -> list[dict]:
+    """Online Hadamard (bf16 in/out) on the sizes a rotated Llama-3-8B applies at run time:
+    14336 (down_proj input), 4096, and 32 heads x 128 across heads (before o_proj). The Triton kernel
+    vs the torch transform (rsq.rotation.hadamard_transform: butterflies in float32) vs the copy
+    floor (read + write bytes at the measured copy bandwidth) vs the bf16 matmul it precedes."""
+    from rsq.kernels import triton_hadamard as TH
+    from rsq.rotation.hadamard import hadamard_transform
+
+    rows = []
+    sites = [("down_proj 14336", 14336, False, 1, 4096), ("full 4096", 4096, False, 1, 4096),
+             ("heads 32x128", 32, True, 128, 4096)]
+    for label, n, cross, hd, out in sites:
+        width = n * hd
+        for m in ((1, 2048) if quick else (1, 16, 2048)):
+            xs = [torch.randn(m, width, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * m * width))]
+            y = TH.hadamard(xs[0], n, cross, hd)
+            if cross:
+                ref = hadamard_transform(xs[0].float().reshape(m, n, hd).transpose(1, 2), n).transpose(1, 2)
+                ref = ref.reshape(m, width)
+            else:
+                ref = hadamard_transform(xs[0].float(), n)
+            rel = ((y.float() - ref).norm() / ref.norm()).item()
+            t = graph_time_us([lambda x=x: TH.hadamard(x, n, cross, hd) for x in xs])
+            if cross:
+                def torch_fn(x):
+                    v = x.reshape(m, n, hd).transpose(1, 2)
+                    return hadamard_transform(v, n).transpose(1, 2).reshape(m, width)
+            else:
+                def torch_fn(x):
+                    return hadamard_transform(x, n)
+            t_torch = graph_time_us([lambda x=x: torch_fn(x) for x in xs])
+            w = torch.randn(out, width, device="cuda", dtype=torch.bfloat16)
+            t_mm = graph_time_us([lambda x=x: torch.matmul(x, w.t()) for x in xs[:4]])
+            floor = 2 * 2 * m * width / copy_bw * 1e6
+            rows.append(dict(site=label, m=m, us=t, torch_us=t_torch, floor_us=floor, mm_us=t_mm, rel=rel))
+            print(f"hadamard {label:<16} M={m:<4} triton {t:8.2f} us  torch {t_torch:8.2f} us (x{t_torch / t:5.1f})  "
+                  f"copy floor {floor:7.2f} us  next matmul {t_mm:8.2f} us  rel {rel:.1e}", flush=True)
+            del xs
+            torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -324,11 +422,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
     ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
     ap.add_argument("--m", type=int, default=None, help="only this token count (1, 4, 16 or 2048)")
+    ap.add_argument("--only", choices=("scalar", "e8p", "hadamard"), action="append",
+                    help="run only these sections (repeatable; default: all)")
     args = ap.parse_args()
+    only = set(args.only or ("scalar", "e8p", "hadamard"))
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
-    all_cases = list(cases(args.quick, args.m))
+    all_cases = list(cases(args.quick, args.m)) if "scalar" in only else []
     if args.workers > 1:
         import multiprocessing as mp
 
@@ -351,6 +452,8 @@ def main() -> None:
         except Exception as exc:  # keep going: one broken case must not hide the others
             print(f"{case}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         torch.cuda.empty_cache()
+    e8p_rows = run_e8p(args.quick, copy_bw) if "e8p" in only else []
+    had_rows = run_hadamard(args.quick, copy_bw) if "hadamard" in only else []
     e2e_lines = [] if args.no_e2e else e2e(copy_bw)
 
     print("\n| out x in | M | bits | group | kernel | us | bf16 us | speed-up | GB/s | % copy BW | TFLOP/s |")
@@ -366,6 +469,20 @@ def main() -> None:
               f"{r['bf16_us']:.1f} | {r['speedup']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} | {r['tflops']:.0f} |"
               + ("" if r["ok"] else " FAIL"))
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; bf16 8192^3 matmul {peak:.0f} TFLOP/s; * = fastest kernel")
+    if e8p_rows:
+        print("\n| E8P out x in | M | kernel | us | bf16 us | speed-up | % copy BW |")
+        print("|---|---|---|---|---|---|---|")
+        for r in e8p_rows:
+            print(f"| {r['n']}x{r['k']} | {r['m']} | {r['kernel']} | {r['us']:.1f} | {r['bf16_us']:.1f} | "
+                  f"{r['speedup']:.2f} | {r['pct']:.0f} |" + ("" if r["ok"] else " FAIL"))
+    if had_rows:
+        print("\n| Hadamard site | M | triton us | torch us | torch/triton | copy floor us | next matmul us |")
+        print("|---|---|---|---|---|---|---|")
+        for r in had_rows:
+            print(f"| {r['site']} | {r['m']} | {r['us']:.2f} | {r['torch_us']:.2f} | {r['torch_us'] / r['us']:.1f} | "
+                  f"{r['floor_us']:.2f} | {r['mm_us']:.2f} |")
+    for line in sweep_lines:
+        print(line)
     for line in e2e_lines:
         print(line)
 

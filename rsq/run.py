@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rsq
-from rsq.checkpoint.schema import dequantize_result
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
+from rsq.checkpoint.schema import dequantize_result
 from rsq.config import RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, RSQError

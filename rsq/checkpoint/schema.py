@@ -4,7 +4,8 @@ uniform (2/3/4/8-bit): qweight int32 (out, ceil(in/32)*bits), scales (out, n_gro
     qzeros uint8 (out, n_groups); w_hat = scales * (code - qzeros).
 nf: qweight as uniform (codes are NormalFloat level indices), scales (out, n_groups);
     w_hat = scales * levels[code] (levels from rsq.quant.nf.nf_levels(bits)).
-e8p: codes int32 (out, in/8) 16-bit codeword indices, scales (1, 1); w_hat = scale * codebook[code].
+e8p: codes int16 (out, in/8), the bit pattern of each unsigned 16-bit codeword index (2 bits per
+    weight; int32 codes of older checkpoints load too), scales (1, 1); w_hat = scale * codebook[code].
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def quantized_module_tensors(res: QuantResult, grid: GridConfig, bias: torch.Ten
     from rsq.quant.pack import pack_codes
 
     if grid.kind == "e8p":
-        out = {"codes": res.codes.to(torch.int32), "scales": res.scale.reshape(1, 1).float()}
+        from rsq.quant.e8p import codes_to_int16
+
+        out = {"codes": codes_to_int16(res.codes), "scales": res.scale.reshape(1, 1).float()}
     else:
         out = {"qweight": pack_codes(res.codes, grid.bits), "scales": res.scale.to(dtype)}
         if grid.kind == "uniform":

@@ -37,7 +37,14 @@ def add_ablate_parsers(sub) -> None:
 def cmd_ablate(args) -> int:
     import torch
 
-    from rsq.ablate import grid_cells, markdown_table, plot_importance, plot_ppl, run_grid, summarize
+    from rsq.ablate import (
+        grid_cells,
+        markdown_table,
+        plot_importance,
+        plot_ppl,
+        run_grid,
+        summarize,
+    )
     from rsq.cli.main import build_config
     from rsq.cli.progress import Progress
 

@@ -188,9 +188,9 @@ def run_lm_eval(
     """
     if not tasks:
         raise ConfigError("no lm-eval tasks given: pass --tasks, e.g. --tasks " + ",".join(PAPER_ZERO_SHOT))
-    from rsq.pipeline import resolve_device
-
     import lm_eval
+
+    from rsq.pipeline import resolve_device
 
     model.to(resolve_device(device))
     lm = make_lm(model, tokenizer, batch_size=batch_size)

@@ -103,6 +103,11 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def has_triton() -> bool:
+    """Whether Triton can be imported (checked once, never imported here)."""
+    return _importable(("triton",))
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -140,4 +145,4 @@ def dispatch(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tens
     return y.reshape(*x.shape[:-1], qlinear.out_features)
 
 
-__all__ = ["Backend", "BACKENDS", "REFERENCE", "dispatch", "register_backend", "select_backend"]
+__all__ = ["Backend", "BACKENDS", "REFERENCE", "dispatch", "has_triton", "register_backend", "select_backend"]

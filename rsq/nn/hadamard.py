@@ -9,6 +9,9 @@ kinds:
 * ``cross_head``: x viewed as (heads, head_dim) <- (H_heads ⊗ I_head_dim) x (before o_proj).
 * ``random_full`` / ``random_cross_head``: the same with a seeded random orthogonal matrix, the
   explicit fallback where no Hadamard of the order exists.
+
+Hadamard kinds with bf16/fp16 inputs on CUDA run the Triton kernel of rsq/kernels/triton_hadamard.py
+(one read and one write of the activations) where it supports the size; else the torch transform.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rsq.kernels import has_triton
 from rsq.rotation.hadamard import hadamard_transform, random_orthogonal
 
 
@@ -54,6 +58,12 @@ class OnlineRotationModule(nn.Module):
         return (x.to(work) @ m.T).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None and x.is_cuda and has_triton():
+            from rsq.kernels import triton_hadamard as TH
+
+            cross = self.spec.kind == "cross_head"
+            if TH.supports(x, self.spec.size, cross, self.spec.head_dim):
+                return TH.hadamard(x, self.spec.size, cross, self.spec.head_dim)
         if self.spec.kind.endswith("cross_head"):
             shape = x.shape
             # (..., heads * hd) -> (..., hd, heads): rotate across heads, per position in the head

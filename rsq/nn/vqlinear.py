@@ -1,10 +1,12 @@
 """Linear layers for the non-uniform grids: NormalFloat (packed level indices) and E8P (16-bit
 lattice codewords, 8 weights each). Forward dequantizes with the pure-torch reference and calls
-F.linear; the GPU decode kernels live in rsq.kernels.
+F.linear, except E8P with bf16/fp16 activations on CUDA, which runs the Triton decode kernels of
+rsq/kernels/triton_e8p.py (decoding in registers; tested against this reference).
 
 NFQuantLinear buffers: qweight int32 (out, ceil(in/32)*bits), scales (out, n_groups), bias.
     W_hat = scales[:, k // group] * levels[code]
-E8PLinear buffers: codes int32 (out, in/8), scales (1, 1) float32, bias.
+E8PLinear buffers: codes int16 (out, in/8; the bit pattern of the unsigned 16-bit index, 2 bits
+per weight), scales (1, 1) float32, bias.
     W_hat[:, 8j:8j+8] = scale * codebook[codes[:, j]]
 """
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsq.kernels import has_triton
 from rsq.quant.pack import packed_width, unpack_codes
 
 
@@ -47,7 +50,7 @@ class E8PLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("codes", torch.zeros(out_features, in_features // 8, dtype=torch.int32))
+        self.register_buffer("codes", torch.zeros(out_features, in_features // 8, dtype=torch.int16))
         self.register_buffer("scales", torch.ones(1, 1, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
@@ -62,5 +65,9 @@ class E8PLinear(nn.Module):
         return (w * self.scales.reshape(())).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_triton():
+            from rsq.kernels.triton_e8p import e8p_matmul
+
+            return e8p_matmul(x, self.codes, self.scales, None if self.bias is None else self.bias.to(x.dtype))
         w = self.dequantize_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

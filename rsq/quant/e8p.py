@@ -122,6 +122,13 @@ def e8p_decode(idx: torch.Tensor) -> torch.Tensor:
     return e8p_codebook(idx.device)[idx]
 
 
+def codes_to_int16(idx: torch.Tensor) -> torch.Tensor:
+    """The int16 bit pattern of unsigned 16-bit indices (values 0..65535, any integer dtype): the
+    storage dtype, 2 bits per weight; :func:`e8p_decode` reads it back as unsigned."""
+    idx = idx.to(torch.int32) & 0xFFFF
+    return (idx - (idx >= 1 << 15).to(torch.int32) * (1 << 16)).to(torch.int16)
+
+
 def e8p_round(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E8P codeword (Euclidean) of each row of x (M, 8).
 

@@ -388,6 +388,19 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(core, _sylvester_t(spec.power).double())
 
 
+def two_factors(n: int, max_cols: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) float64 ±1 with L ⊗ R = :func:`hadamard_matrix` (n) and R = sylvester(Q), Q the
+    largest power of two <= max_cols dividing the Sylvester part: L = H_K ⊗ sylvester(M/Q).
+
+    A row x viewed row-major as an (n/Q) × Q matrix X then has (L ⊗ R)·x = L·X·Rᵀ: two small
+    products (the GPU kernel of rsq/kernels/triton_hadamard.py). Raises NoHadamardError like
+    :func:`hadamard_matrix`."""
+    spec = hadamard_spec(n)
+    q = min(spec.power, max_cols)
+    L = torch.kron(_core_matrix(spec.core).double(), _sylvester_t(spec.power // q).double())
+    return L, _sylvester_t(q).double()
+
+
 # --------------------------------------------------------------------------- random rotations
 
 

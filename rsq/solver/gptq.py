@@ -14,7 +14,13 @@ import torch
 
 from rsq.config import GridConfig, SolverConfig
 from rsq.errors import SingularHessianError
-from rsq.quant.grid import dequantize_codes, find_group_params, find_params, quantize_codes, rtn_quantize
+from rsq.quant.grid import (
+    dequantize_codes,
+    find_group_params,
+    find_params,
+    quantize_codes,
+    rtn_quantize,
+)
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)

@@ -69,6 +69,12 @@ def test_other_grids_round_trip(tiny_model_dir, tmp_path, grid):
     ids = torch.randint(0, 512, (1, 32))
     ref, got = _logits(ref_model, ids), _logits(loaded, ids)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    if grid.kind == "e8p":  # one 16-bit code per 8 weights on disk: 2 bits per weight
+        from safetensors import safe_open
+
+        with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+            codes = [k for k in f.keys() if k.endswith(".codes")]
+            assert codes and all(f.get_slice(k).get_dtype() == "I16" for k in codes)
 
 
 def test_checkpoint_is_small(tiny_model_dir, tmp_path):

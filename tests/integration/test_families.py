@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import rsq
-from rsq.config import CalibConfig, GridConfig, ImportanceConfig, RotationConfig, RSQConfig, SolverConfig
+from rsq.config import (
+    CalibConfig,
+    GridConfig,
+    ImportanceConfig,
+    RotationConfig,
+    RSQConfig,
+    SolverConfig,
+)
 from rsq.models.bundled import list_bundled, load_bundled_config, tiny_config
 from rsq.models.registry import resolve
 from rsq.plan import layer_linear_shapes, memory_plan, rotation_plan

@@ -143,3 +143,14 @@ def test_norm12_positions_are_distinct_triples():
     assert len(set(NORM12_HALF_POSITIONS)) == 29
     assert all(len(set(t)) == 3 and max(t) < 8 for t in NORM12_HALF_POSITIONS)
     assert set(NORM12_HALF_POSITIONS) <= set(itertools.combinations(range(8), 3))
+
+
+def test_int16_storage_round_trips_every_index():
+    # the checkpoint stores the unsigned 16-bit index as an int16 bit pattern (2 bits per weight)
+    from rsq.quant.e8p import codes_to_int16
+
+    idx = torch.arange(1 << 16, dtype=torch.int32)
+    stored = codes_to_int16(idx)
+    assert stored.dtype == torch.int16
+    assert torch.equal(stored.to(torch.int32) & 0xFFFF, idx)
+    assert torch.equal(e8p_decode(stored), e8p_decode(idx))

@@ -363,3 +363,13 @@ def test_returned_matrices_are_fresh():
     H = hadamard_matrix(64)
     H.zero_()
     assert_hadamard_exact(hadamard_matrix(64))
+
+
+@pytest.mark.parametrize("n", [4096, 14336, 1536, 576, 256, 12, 11008])
+def test_two_factors_kronecker_is_the_hadamard_matrix(n):
+    # the GPU kernel's view of a row (L·X·Rᵀ) is exact only if L ⊗ R is exactly H_n
+    from rsq.rotation.hadamard import two_factors
+
+    L, R = two_factors(n)
+    assert R.shape[0] == min(hadamard_spec(n).power, 128)
+    assert torch.equal(torch.kron(L, R), hadamard_matrix(n))

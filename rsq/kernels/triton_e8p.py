@@ -1,0 +1,212 @@
+"""Triton kernels for E8P-coded weights (2 bits per weight: one 16-bit codeword index per 8 weights).
+
+Decoding follows the index layout of rsq/quant/e8p.py (``idx = a << 8 | h << 7 | s``) from a
+256-entry int32 table, one entry per abs pattern: bits 2j..2j+1 hold v_j with a_j = v_j + 1/2
+(v in {0, 1, 2}), bit 16 holds sum(a) mod 2. Per code: one table gather (1 KiB, L1-resident), the
+parity of the 7 sign bits by xor folding, then per weight (v + 1/2)·(±1) + (±1/4). Every codeword
+entry is a multiple of 1/4 below 3, exact in bf16 and fp16, so decoded tiles feed the tensor cores
+without rounding; the single per-matrix scale (read on the device, no host sync) multiplies the
+float32 result.
+
+* ``gemv``: M <= 4 tokens, CUDA cores, one program per BLOCK_N rows over all of K.
+* ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
+* ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
+
+Codes may be int16 (the checkpoint's bit pattern) or int32 (values 0..65535).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@functools.lru_cache(maxsize=8)
+def pattern_table(device: str) -> torch.Tensor:
+    """(256,) int32: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16."""
+    from rsq.quant.e8p import _abs_patterns_int
+
+    rows = []
+    for twice in _abs_patterns_int():  # entries 2a in {1, 3, 5}
+        word = sum(((t - 1) // 2) << (2 * j) for j, t in enumerate(twice))
+        rows.append(word | (((sum(twice) // 2) % 2) << 16))
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _decode(c, tab_ptr):
+    """[R, C] int codes -> [R, C, 8] float32 codewords."""
+    c = c & 0xFFFF
+    p = tl.load(tab_ptr + (c >> 8))
+    s = c & 0x7F
+    t = s ^ (s >> 4)
+    t = t ^ (t >> 2)
+    t = t ^ (t >> 1)
+    neg = s | (((t ^ (p >> 16)) & 1) << 7)  # coordinate 7's sign makes the parity right
+    j = tl.arange(0, 8)
+    v = ((p[:, :, None] >> (2 * j[None, None, :])) & 3).to(tl.float32) + 0.5
+    sign = 1.0 - 2.0 * ((neg[:, :, None] >> j[None, None, :]) & 1).to(tl.float32)
+    shift = tl.where(((c >> 7) & 1) == 1, 0.25, -0.25)
+    return v * sign + shift[:, :, None]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, M, N, K, C, stride_xm, stride_ym,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    cc = tl.arange(0, BLOCK_C)
+    j = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cmask = (c0 + cc) < C
+        codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
+        w = _decode(codes, tab_ptr)  # [BLOCK_N, BLOCK_C, 8]; masked codes decode finite, x is 0 there
+        cols = (c0 + cc)[:, None] * 8 + j[None, :]  # [BLOCK_C, 8]
+        for m in tl.static_range(BLOCK_M):
+            xm = tl.load(x_ptr + m * stride_xm + cols, mask=(cols < K) & (m < M), other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)  # [BLOCK_N]
+            acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, part[None, :], 0.0)
+    out = acc * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+    ms = tl.arange(0, BLOCK_M)
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=(ms < M)[:, None] & row_mask[None, :])
+
+
+@triton.jit
+def _small_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, M, N, K, C, stride_xm, stride_ym, SPLIT_K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    BLOCK_K: tl.constexpr = BLOCK_C * 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    ms = tl.arange(0, BLOCK_M)
+    cc = tl.arange(0, BLOCK_C)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for c0 in range(tl.program_id(1) * BLOCK_C, C, SPLIT_K * BLOCK_C):
+        cmask = (c0 + cc) < C
+        codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
+        w = tl.reshape(_decode(codes, tab_ptr), (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+        cols = c0 * 8 + kk
+        xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=(cols < K)[:, None] & (ms < M)[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        acc = tl.dot(w, xt, acc)
+    out = acc * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.where(tl.program_id(1) == 0, tl.load(b_ptr + rows).to(tl.float32), 0.0)[:, None]
+    ptrs = y_ptr + ms[None, :] * stride_ym + rows[:, None]
+    mask = row_mask[:, None] & (ms < M)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, out, mask=mask)
+    else:
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < N)[:, None] & (cc < C)[None, :]
+    codes = tl.load(c_ptr + rows[:, None] * C + cc[None, :], mask=mask, other=0).to(tl.int32)
+    w = tl.reshape(_decode(codes, tab_ptr) * tl.load(s_ptr).to(tl.float32), (BLOCK_N, BLOCK_C * 8))
+    cols = tl.program_id(1) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+    tl.store(w_ptr + rows[:, None] * K + cols[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- host
+
+
+def _check(x, codes):
+    n, c = codes.shape
+    if x.shape[-1] != 8 * c:
+        raise ValueError(f"x has {x.shape[-1]} features, the E8P codes cover {8 * c}")
+    return x.shape[0], n, 8 * c, c
+
+
+def gemv_config(m: int, n: int, sms: int = 132) -> dict:
+    block_n = 8
+    while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_C=64, num_warps=4)
+
+
+def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
+    """y (M, N) = x (M, 8C) @ W_hat^T + bias for M <= 4 tokens (CUDA cores)."""
+    m, n, k, c = _check(x, codes)
+    cfg = config or gemv_config(m, n, _sms(x.device))
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, codes, pattern_table(str(x.device)), scales, bias if bias is not None else y, y, m, n, k, c,
+        x.stride(0), y.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"])
+    return y
+
+
+def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
+    block_n, block_c = 64, 16
+    split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(c, block_c), 16))
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=split,
+                num_warps=4, num_stages=2)
+
+
+def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
+    """M <= 64 tokens: decoded weight tiles x tensor cores, split-K with float32 atomics."""
+    m, n, k, c = _check(x, codes)
+    cfg = config or small_config(m, n, c, _sms(x.device))
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
+                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, codes, pattern_table(str(x.device)), scales, bias if bias is not None else y, y, m, n, k, c,
+        x.stride(0), y.stride(0), split,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], ATOMIC=split > 1,
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if split > 1 else y
+
+
+def dequantize(codes, scales, dtype=torch.bfloat16) -> torch.Tensor:
+    """W_hat (N, 8C) in ``dtype``: codeword * scale computed in float32, then rounded."""
+    n, c = codes.shape
+    w = torch.empty(n, 8 * c, device=codes.device, dtype=dtype)
+    block_n, block_c = 16, 32
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
+        codes, pattern_table(str(codes.device)), scales, w, n, 8 * c, c,
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    return w
+
+
+def dequant_matmul(x, codes, scales, bias=None):
+    """Prefill: decode the whole weight (transient N x K buffer), then cuBLAS."""
+    w = dequantize(codes, scales, x.dtype)
+    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":  # Triton's CPU interpreter (TRITON_INTERPRET=1)
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def e8p_matmul(x, codes, scales, bias=None) -> torch.Tensor:
+    """The E8P dispatcher for CUDA bf16/fp16 activations: gemv for M <= 4, matmul_small for
+    M <= 64, dequant_matmul beyond. x (..., 8C) -> (..., N)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    m = x2d.shape[0]
+    if m <= 4:
+        y = gemv(x2d, codes, scales, bias)
+    elif m <= 64:
+        y = matmul_small(x2d, codes, scales, bias)
+    else:
+        y = dequant_matmul(x2d, codes, scales, bias)
+    return y.reshape(*x.shape[:-1], codes.shape[0])

@@ -1,0 +1,116 @@
+"""E8P decode kernels and the online Hadamard kernel against their torch references (GPU only;
+skipped without CUDA or Triton).
+
+Oracles: E8P — rsq.quant.e8p.e8p_decode (the codebook by its definition) times the scale, x @ W^T
+in float32; tolerance: relative Frobenius error <= 1e-2 (bf16 outputs, 2^-9 per element, and
+float32 accumulation order). Hadamard — rsq.rotation.hadamard.hadamard_transform in float32;
+every element within one bf16/fp16 ulp of it (2^-7 relative: rounding of a result that is exact to
+~2^-16 before the final cast), plus a relative Frobenius error <= 4e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from rsq.quant.e8p import codes_to_int16, e8p_decode  # noqa: E402
+from rsq.rotation.hadamard import hadamard_transform  # noqa: E402
+
+LLAMA = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
+
+
+def _e8p(n, k, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    codes = codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), device="cuda", generator=g))
+    scale = torch.tensor([[0.013]], device="cuda")
+    w = e8p_decode(codes.reshape(-1)).reshape(n, k) * scale
+    return codes, scale, w
+
+
+@pytest.mark.parametrize("n,k,dtype", [(n, k, torch.bfloat16) for n, k in LLAMA] + [(72, 136, torch.bfloat16),
+                                                                                   (72, 136, torch.float16)])
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 300])
+def test_e8p_matmul_matches_reference(n, k, m, dtype):
+    from rsq.kernels import triton_e8p as T
+
+    codes, scale, w = _e8p(n, k, n + k + m)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    ref = x.float() @ w.T + bias.float()
+    fns = {"dispatch": T.e8p_matmul, "dequant_mm": T.dequant_matmul}
+    if m <= 4:
+        fns["gemv"] = T.gemv
+    if m <= 64:
+        fns["small"] = T.matmul_small
+    for name, fn in fns.items():
+        y = fn(x, codes, scale, bias)
+        assert y.dtype == dtype and y.shape == ref.shape and torch.isfinite(y).all(), name
+        rel = ((y.float() - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-2, f"{name} M={m} {n}x{k}: relative error {rel:.2e}"
+
+
+def test_e8p_dequantize_is_exact():
+    from rsq.kernels import triton_e8p as T
+
+    codes, scale, w = _e8p(256, 512, 0)
+    assert torch.equal(T.dequantize(codes, scale, torch.float32), w)  # multiples of 1/4 times one scale
+
+
+def test_e8p_linear_uses_the_kernel_and_matches_reference():
+    from rsq.nn.vqlinear import E8PLinear
+
+    lin = E8PLinear(512, 256, bias=False).cuda()
+    lin.codes.copy_(_e8p(256, 512, 1)[0])
+    x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ lin.dequantize_weight().T
+    y = lin(x)
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+def _check_hadamard(y, ref):
+    assert torch.isfinite(y).all()
+    err = (y.float() - ref).abs()
+    # one output ulp (2^-7 relative) + the hi/lo split's ~2^-16 of the row scale near zeros
+    assert (err <= 2**-7 * ref.abs() + 2**-13 * ref.abs().max()).all(), f"max error {err.max().item():.3e}"
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= 4e-3
+
+
+@pytest.mark.parametrize("n", [4096, 14336, 1536, 8192, 256, 12288])
+@pytest.mark.parametrize("m", [1, 7, 2048])
+def test_hadamard_full_matches_reference(n, m):
+    _full(n, m, torch.bfloat16)
+
+
+@pytest.mark.parametrize("n", [4096, 14336])
+def test_hadamard_full_fp16(n):
+    _full(n, 33, torch.float16)
+
+
+def _full(n, m, dtype):
+    from rsq.kernels import triton_hadamard as TH
+
+    assert TH.factors(n) is not None
+    x = (torch.randn(m, n, device="cuda") * 3).to(dtype)
+    y = TH.hadamard(x, n)
+    _check_hadamard(y, hadamard_transform(x.float(), n))
+
+
+@pytest.mark.parametrize("heads,hd", [(32, 128), (12, 64), (28, 128)])
+def test_hadamard_cross_head_matches_reference(heads, hd):
+    from rsq.kernels import triton_hadamard as TH
+
+    x = torch.randn(5, heads * hd, device="cuda", dtype=torch.bfloat16)
+    y = TH.hadamard(x, heads, cross_head=True, head_dim=hd)
+    ref = hadamard_transform(x.float().reshape(5, heads, hd).transpose(1, 2), heads)
+    _check_hadamard(y, ref.transpose(1, 2).reshape(5, -1))
+
+
+def test_online_rotation_module_uses_the_kernel():
+    from rsq.nn.hadamard import OnlineRotation, OnlineRotationModule
+
+    mod = OnlineRotationModule(OnlineRotation("mlp.down_proj", "full", 14336))
+    x = torch.randn(3, 14336, device="cuda", dtype=torch.bfloat16)
+    _check_hadamard(mod(x), hadamard_transform(x.float(), 14336))
