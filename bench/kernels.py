@@ -355,7 +355,7 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws
-        names = ["gemv", "small"] if m <= 4 else ["small"] if m <= 64 else ["dequant_mm"]
+        names = ["gemv", "small"] if m == 1 else ["small"] if m <= 64 else ["dequant_mm"]
         for name in names:
             fn = {"gemv": T.gemv, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}[name]
             y = fn(x, copies[0], scale)

@@ -8,7 +8,8 @@ entry is a multiple of 1/4 below 3, exact in bf16 and fp16, so decoded tiles fee
 without rounding; the single per-matrix scale (read on the device, no host sync) multiplies the
 float32 result.
 
-* ``gemv``: M <= 4 tokens, CUDA cores, one program per BLOCK_N rows over all of K.
+* ``gemv``: one token, CUDA cores, one program per BLOCK_N rows over all of K; about five
+  instructions per weight (see its docstring).
 * ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
 * ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
 
@@ -27,13 +28,26 @@ import triton.language as tl
 
 @functools.lru_cache(maxsize=8)
 def pattern_table(device: str) -> torch.Tensor:
-    """(256,) int32: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16."""
+    """(256,) int32: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16 (for _decode)."""
     from rsq.quant.e8p import _abs_patterns_int
 
     rows = []
     for twice in _abs_patterns_int():  # entries 2a in {1, 3, 5}
         word = sum(((t - 1) // 2) << (2 * j) for j, t in enumerate(twice))
         rows.append(word | (((sum(twice) // 2) % 2) << 16))
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def gemv_table(device: str) -> torch.Tensor:
+    """(256,) int32 for the GEMV: 2a_j in bits 3j..3j+2 (< 2^23, so a masked field read as float32
+    is the subnormal 2a_j·2^(3j-149)), parity of sum(a) in bit 24."""
+    from rsq.quant.e8p import _abs_patterns_int
+
+    rows = []
+    for twice in _abs_patterns_int():
+        word = sum(t << (3 * j) for j, t in enumerate(twice))
+        rows.append(word | (((sum(twice) // 2) % 2) << 24))
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
@@ -55,29 +69,40 @@ def _decode(c, tab_ptr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, M, N, K, C, stride_xm, stride_ym,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, N, K, C,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One token. Per weight: one LOP3 (the 3-bit field 2a_j of the pattern word, read as a float32
+    subnormal 2a_j·2^(3j-149)), the sign applied to x by an xor of its sign bit, one FFMA with
+    x_j·2^(85-3j); the ±1/4 shift enters once per code through the code's column sum of x."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.where(row_mask, rows, 0)
     cc = tl.arange(0, BLOCK_C)
-    j = tl.arange(0, 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cmask = (c0 + cc) < C
-        codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        w = _decode(codes, tab_ptr)  # [BLOCK_N, BLOCK_C, 8]; masked codes decode finite, x is 0 there
-        cols = (c0 + cc)[:, None] * 8 + j[None, :]  # [BLOCK_C, 8]
-        for m in tl.static_range(BLOCK_M):
-            xm = tl.load(x_ptr + m * stride_xm + cols, mask=(cols < K) & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(w * xm[None, :, :], axis=2), axis=1)  # [BLOCK_N]
-            acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, part[None, :], 0.0)
-    out = acc * tl.load(s_ptr).to(tl.float32)
+        c = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
+        c = c & 0xFFFF
+        p = tl.load(tab_ptr + (c >> 8))
+        s = c & 0x7F
+        t = s ^ (s >> 4)
+        t = t ^ (t >> 2)
+        t = t ^ (t >> 1)
+        neg = s | (((t ^ (p >> 24)) & 1) << 7)
+        xsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + (c0 + cc) * 8 + j, mask=cmask, other=0.0).to(tl.float32)
+            xsum += xj
+            xs = (xj * (2.0 ** (85 - 3 * j))).to(tl.int32, bitcast=True)
+            sx = (xs[None, :] ^ ((neg << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
+            f = (p & (7 << (3 * j))).to(tl.float32, bitcast=True)
+            acc += f * sx
+        xs8 = xsum * (2.0 ** -65)
+        acc += tl.where((c & 0x80) != 0, xs8[None, :], -xs8[None, :])
+    out = tl.sum(acc, axis=1) * (2.0 ** 63) * tl.load(s_ptr).to(tl.float32)
     if HAS_BIAS:
-        out += tl.load(b_ptr + rows).to(tl.float32)[None, :]
-    ms = tl.arange(0, BLOCK_M)
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=(ms < M)[:, None] & row_mask[None, :])
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -133,23 +158,23 @@ def _check(x, codes):
     return x.shape[0], n, 8 * c, c
 
 
-def gemv_config(m: int, n: int, sms: int = 132) -> dict:
-    block_n = 8
+def gemv_config(n: int, sms: int = 132) -> dict:
+    block_n = 16
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_C=64, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_C=64, num_warps=4)
 
 
 def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
-    """y (M, N) = x (M, 8C) @ W_hat^T + bias for M <= 4 tokens (CUDA cores)."""
+    """y (1, N) = x (1, 8C) @ W_hat^T + bias for one token (CUDA cores). |x| < 2^42."""
     m, n, k, c = _check(x, codes)
-    cfg = config or gemv_config(m, n, _sms(x.device))
+    if m != 1:
+        raise ValueError(f"the E8P gemv takes one token; got {m}: use matmul_small")
+    cfg = config or gemv_config(n, _sms(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, codes, pattern_table(str(x.device)), scales, bias if bias is not None else y, y, m, n, k, c,
-        x.stride(0), y.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"])
+        x, codes, gemv_table(str(x.device)), scales, bias if bias is not None else y, y, n, k, c,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
     return y
 
 
@@ -199,11 +224,11 @@ def _sms(device) -> int:
 
 
 def e8p_matmul(x, codes, scales, bias=None) -> torch.Tensor:
-    """The E8P dispatcher for CUDA bf16/fp16 activations: gemv for M <= 4, matmul_small for
-    M <= 64, dequant_matmul beyond. x (..., 8C) -> (..., N)."""
+    """The E8P dispatcher for CUDA bf16/fp16 activations: gemv for one token, matmul_small
+    for M <= 64, dequant_matmul beyond. x (..., 8C) -> (..., N)."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     m = x2d.shape[0]
-    if m <= 4:
+    if m == 1:
         y = gemv(x2d, codes, scales, bias)
     elif m <= 64:
         y = matmul_small(x2d, codes, scales, bias)
