@@ -203,25 +203,28 @@ def _quantize_one_layer(
             H = acc.finalize()
         with _timed(state.timings, "solve"):
             mine = {}
-            if not ctx.enabled and H is not None and cfg.grid.kind in ("uniform", "nf") and len(group) > 1:
-                # members share H and GPTQ treats rows independently: one solve on the stacked rows
-                names = [f"{adapter.layers}.{index}.{name}" for name in group]
-                W = torch.cat([m.weight.data.to(store.device) for m in modules])
-                stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names))
-                for name, part in zip(group, split_rows(stacked, [m.out_features for m in modules])):
-                    mine[name] = _to_cpu(part)
-                position += len(group)
-            for name, module in zip(group, modules):
-                if name in mine:
-                    continue
-                full = f"{adapter.layers}.{index}.{name}"
-                if ctx.owner(position) == ctx.rank:
-                    W = module.weight.data.to(store.device)
-                    res = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
-                    mine[name] = _to_cpu(res)
-                position += 1
-            for k, (name, module) in enumerate(zip(group, modules)):
-                owner = ctx.owner(position - len(group) + k)
+            # members share H and GPTQ treats rows independently: one solve on the stacked rows. Done
+            # the same way with one rank or several (one owner per stacked group), so that GPU matmul
+            # shapes, and with them the rounding, are identical and the weights bit-equal.
+            stack = H is not None and cfg.grid.kind in ("uniform", "nf") and len(group) > 1
+            if stack:
+                owners = [ctx.owner(position)] * len(group)
+                if owners[0] == ctx.rank:
+                    names = [f"{adapter.layers}.{index}.{name}" for name in group]
+                    W = torch.cat([m.weight.data.to(store.device) for m in modules])
+                    stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names))
+                    for name, part in zip(group, split_rows(stacked, [m.out_features for m in modules])):
+                        mine[name] = _to_cpu(part)
+            else:
+                owners = [ctx.owner(position + k) for k in range(len(group))]
+                for name, module, owner in zip(group, modules, owners):
+                    if owner == ctx.rank:
+                        full = f"{adapter.layers}.{index}.{name}"
+                        W = module.weight.data.to(store.device)
+                        res = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
+                        mine[name] = _to_cpu(res)
+            position += 1 if stack else len(group)
+            for name, module, owner in zip(group, modules, owners):
                 res = share_result(ctx, mine.get(name), owner)
                 module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)
                 state.results[f"{adapter.layers}.{index}.{name}"] = res
