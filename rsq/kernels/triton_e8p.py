@@ -159,10 +159,12 @@ def _check(x, codes):
 
 
 def gemv_config(n: int, sms: int = 132) -> dict:
+    """From a sweep on the H100 (BLOCK_N 4-32 x BLOCK_C 32-128 x 2-8 warps; bench/NOTES-kernels.md):
+    128 codes (1024 columns) per step, 4 warps, 16 rows unless that leaves < 2 programs per SM."""
     block_n = 16
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return dict(BLOCK_N=block_n, BLOCK_C=64, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_C=128, num_warps=4)
 
 
 def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
