@@ -104,7 +104,14 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="structure-preserving tiny config (CPU smoke test)")
+    ap.add_argument("--gptq-inner", type=int, default=None,
+                    help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
+                         "gives the one-level block of the earlier version, for comparison)")
     args = ap.parse_args()
+    if args.gptq_inner:
+        import rsq.solver.gptq as gptq_module
+
+        gptq_module.INNER = args.gptq_inner
     layers = args.layers or (4 if args.quick else 32)
     nsamples = args.nsamples or (32 if args.quick else 256)
     seqlen = args.seqlen or (2048 if args.quick else 4096)

@@ -192,21 +192,35 @@ def gptq_quantize(
     )
 
 
+INNER = 16  # columns per inner sub-block of _gptq_block
+
+
 def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
     """One GPTQ block, column by column: quantize, then push the error onto the block's later
     columns through the Cholesky row. W1, S1, Z1: (rows, B); U1: (B, B). Returns codes, W_hat,
-    scaled errors (for the lazy update of later blocks) and per-row losses."""
+    scaled errors (for the lazy update of later blocks) and per-row losses.
+
+    The same lazy-batch identity GPTQ uses between blocks is applied inside the block: a column's
+    error goes at once only to the rest of its INNER-column sub-block, and each finished sub-block
+    reaches the block's later columns in one (rows, INNER) x (INNER, rest) product. Exact
+    arithmetic gives the same W_hat; the per-column traffic drops from rows x (B - i) to
+    rows x INNER, which is what bounds GPTQ on a GPU (the block sits in L2, not in registers)."""
     W1 = W1.clone()
+    B = W1.shape[1]
     C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     L1 = torch.zeros(W1.shape[0], device=W1.device, dtype=W1.dtype)
-    for i in range(W1.shape[1]):
-        w = W1[:, i]
-        c, q = ops.round(w, S1[:, i], Z1[:, i])
-        C1[:, i], Q1[:, i] = c, q
-        err = (w - q) / U1[i, i]
-        L1 += err * err / 2
-        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-        E1[:, i] = err
+    for j1 in range(0, B, INNER):
+        j2 = min(j1 + INNER, B)
+        for i in range(j1, j2):
+            w = W1[:, i]
+            c, q = ops.round(w, S1[:, i], Z1[:, i])
+            C1[:, i], Q1[:, i] = c, q
+            err = (w - q) / U1[i, i]
+            L1 += err * err / 2
+            W1[:, i:j2] -= err[:, None] * U1[i, i:j2][None, :]
+            E1[:, i] = err
+        if j2 < B:
+            W1[:, j2:] -= E1[:, j1:j2] @ U1[j1:j2, j2:]
     return C1, Q1, E1, L1
 
 
