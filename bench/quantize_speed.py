@@ -107,10 +107,13 @@ def main() -> None:
     ap.add_argument("--gptq-inner", type=int, default=None,
                     help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
                          "gives the one-level block of the earlier version, for comparison)")
+    ap.add_argument("--gptq-fused", type=int, choices=(0, 1), default=1,
+                    help="1: each 16-column sub-block's column loop as one Triton kernel on CUDA (default); 0: torch loop")
     args = ap.parse_args()
-    if args.gptq_inner:
-        import rsq.solver.gptq as gptq_module
+    import rsq.solver.gptq as gptq_module
 
+    gptq_module.FUSED = bool(args.gptq_fused)
+    if args.gptq_inner:
         gptq_module.INNER = args.gptq_inner
     layers = args.layers or (4 if args.quick else 32)
     nsamples = args.nsamples or (32 if args.quick else 256)

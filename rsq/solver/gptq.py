@@ -14,10 +14,12 @@ import torch
 
 from rsq.config import GridConfig, SolverConfig
 from rsq.errors import SingularHessianError
+from rsq.kernels import has_triton
 from rsq.quant.grid import (
     dequantize_codes,
     find_group_params,
     find_params,
+    max_code,
     quantize_codes,
     rtn_quantize,
 )
@@ -193,6 +195,7 @@ def gptq_quantize(
 
 
 INNER = 16  # columns per inner sub-block of _gptq_block
+FUSED = True  # on CUDA, run each sub-block's column loop as one Triton kernel (uniform grid)
 
 
 def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
@@ -209,9 +212,16 @@ def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.
     B = W1.shape[1]
     C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     L1 = torch.zeros(W1.shape[0], device=W1.device, dtype=W1.dtype)
+    fused = FUSED and W1.is_cuda and ops.grid.kind == "uniform" and INNER <= 16 and has_triton()
     for j1 in range(0, B, INNER):
         j2 = min(j1 + INNER, B)
-        for i in range(j1, j2):
+        if fused:  # the sub-block's column loop as one Triton kernel (rsq/kernels/triton_gptq.py)
+            from rsq.kernels.triton_gptq import sub_block
+
+            sl = slice(j1, j2)
+            sub_block(W1[:, sl], U1[sl, sl], S1[:, sl], Z1[:, sl], C1[:, sl], Q1[:, sl], E1[:, sl], L1,
+                      max_code(ops.grid.bits))
+        for i in range(j1, j2) if not fused else ():
             w = W1[:, i]
             c, q = ops.round(w, S1[:, i], Z1[:, i])
             C1[:, i], Q1[:, i] = c, q
