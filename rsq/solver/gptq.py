@@ -209,6 +209,7 @@ def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.
     arithmetic gives the same W_hat; the per-column traffic drops from rows x (B - i) to
     rows x INNER, which is what bounds GPTQ on a GPU (the block sits in L2, not in registers)."""
     W1 = W1.clone()
+    U1 = U1.contiguous()  # the same operand layout as the graphed copy, so cuBLAS rounds the same way
     B = W1.shape[1]
     C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     L1 = torch.zeros(W1.shape[0], device=W1.device, dtype=W1.dtype)
