@@ -52,15 +52,22 @@ def gemv_table(device: str) -> torch.Tensor:
 
 
 @triton.jit
-def _decode(c, tab_ptr):
-    """[R, C] int codes -> [R, C, 8] float32 codewords."""
+def _pattern_and_signs(c, tab_ptr, PARITY_BIT: tl.constexpr):
+    """(16-bit code, its table word, its 8 sign bits) for [R, C] int codes: the 7 stored sign bits
+    plus coordinate 7's, which makes the parity of the negative entries equal sum(a) mod 2."""
     c = c & 0xFFFF
     p = tl.load(tab_ptr + (c >> 8))
     s = c & 0x7F
     t = s ^ (s >> 4)
     t = t ^ (t >> 2)
     t = t ^ (t >> 1)
-    neg = s | (((t ^ (p >> 16)) & 1) << 7)  # coordinate 7's sign makes the parity right
+    return c, p, s | (((t ^ (p >> PARITY_BIT)) & 1) << 7)
+
+
+@triton.jit
+def _decode(c, tab_ptr):
+    """[R, C] int codes -> [R, C, 8] float32 codewords."""
+    c, p, neg = _pattern_and_signs(c, tab_ptr, 16)
     j = tl.arange(0, 8)
     v = ((p[:, :, None] >> (2 * j[None, None, :])) & 3).to(tl.float32) + 0.5
     sign = 1.0 - 2.0 * ((neg[:, :, None] >> j[None, None, :]) & 1).to(tl.float32)
@@ -82,13 +89,7 @@ def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, N, K, C,
     for c0 in range(0, C, BLOCK_C):
         cmask = (c0 + cc) < C
         c = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        c = c & 0xFFFF
-        p = tl.load(tab_ptr + (c >> 8))
-        s = c & 0x7F
-        t = s ^ (s >> 4)
-        t = t ^ (t >> 2)
-        t = t ^ (t >> 1)
-        neg = s | (((t ^ (p >> 24)) & 1) << 7)
+        c, p, neg = _pattern_and_signs(c, tab_ptr, 24)
         xsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + (c0 + cc) * 8 + j, mask=cmask, other=0.0).to(tl.float32)
