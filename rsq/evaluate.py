@@ -55,8 +55,9 @@ def dense_linears(model) -> int:
 
 
 def run_eval(model: str | None, sources, seqlen: int, max_windows: int | None, *, device: str = "auto",
-             data_dir: str | None = None, progress=None) -> dict:
-    net, tokenizer = load_any(model)
+             data_dir: str | None = None, progress=None, loaded=None) -> dict:
+    """Perplexity of ``model`` on each source; ``loaded``: an already loaded (model, tokenizer)."""
+    net, tokenizer = loaded if loaded is not None else load_any(model)
     dev = resolve_device(device)
     ppl = {}
     for source in sources:

@@ -141,7 +141,8 @@ def _write_json(path: str | None, data: dict) -> None:
         print(f"wrote {p}")
 
 
-def cmd_lm_eval(args) -> int:
+def cmd_lm_eval(args, loaded=None) -> int:
+    """``loaded``: an already loaded (model, tokenizer) (``rsq eval --tasks --ppl`` loads once)."""
     from rsq.eval.zeroshot import run_lm_eval
     from rsq.loading import describe_source
 
@@ -149,7 +150,7 @@ def cmd_lm_eval(args) -> int:
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = loaded if loaded is not None else _load(args.model, args.dtype)
     res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=limit,
                       num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device or "auto",
                       apply_chat_template=args.chat_template, seed=args.seed)

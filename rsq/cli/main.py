@@ -192,10 +192,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise ConfigError("--json-out with both --tasks and --ppl: run rsq eval once per kind (each writes its own "
                           "JSON for rsq report)")
+    loaded = None
+    if args.tasks and _sources(ppl):  # one load for both (with --dtype applied, as lm-eval sees it)
+        from rsq.cli.evalcmds import _load
+
+        loaded = _load(args.model, args.dtype)
     if _sources(ppl):
         with Progress() as progress:
             results = run_eval(args.model, _sources(ppl), args.ppl_seqlen, args.max_windows or None,
-                               device=args.device or "auto", data_dir=args.data_dir, progress=progress.update)
+                               device=args.device or "auto", data_dir=args.data_dir, progress=progress.update,
+                               loaded=loaded)
         print(json.dumps(results["perplexity"], indent=2))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(results, indent=2))
@@ -203,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         from rsq.cli.evalcmds import cmd_lm_eval
 
-        return cmd_lm_eval(args)
+        return cmd_lm_eval(args, loaded)
     return 0
 
 

@@ -175,3 +175,17 @@ def test_bad_inputs_are_config_errors(model_dir, tmp_path):
         run_lm_eval(model, tok, [], device="cpu")
     with pytest.raises(ConfigError, match="not a directory"):
         run_lm_eval(copy.deepcopy(model), tok, [TASK], include_path=str(tmp_path / "nope"), device="cpu")
+
+
+def test_cli_eval_tasks_and_ppl_load_the_model_once(model_dir, monkeypatch, capsys):
+    import rsq.evaluate
+    from rsq.cli.main import main
+
+    calls = []
+    real = rsq.evaluate.load_any
+    monkeypatch.setattr(rsq.evaluate, "load_any", lambda m: calls.append(m) or real(m))
+    assert main(["eval", str(model_dir), "--tasks", TASK, "--limit", "4", "--batch-size", "4", "--device", "cpu",
+                 "--ppl", "wikitext2", "--seqlen", "64", "--max-windows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "wikitext2" in printed and TASK in printed
+    assert len(calls) == 1
