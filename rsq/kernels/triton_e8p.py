@@ -25,30 +25,32 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rsq.kernels.triton_wq import _sm_count
 
-@functools.lru_cache(maxsize=8)
-def pattern_table(device: str) -> torch.Tensor:
-    """(256,) int32: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16 (for _decode)."""
+
+def _table(device: str, field_bits: int, encode, parity_bit: int) -> torch.Tensor:
+    """(256,) int32, one word per abs pattern: encode(2a_j) in bits field_bits·j.. and the parity
+    of sum(a) in bit parity_bit."""
     from rsq.quant.e8p import _abs_patterns_int
 
     rows = []
     for twice in _abs_patterns_int():  # entries 2a in {1, 3, 5}
-        word = sum(((t - 1) // 2) << (2 * j) for j, t in enumerate(twice))
-        rows.append(word | (((sum(twice) // 2) % 2) << 16))
+        word = sum(encode(t) << (field_bits * j) for j, t in enumerate(twice))
+        rows.append(word | (((sum(twice) // 2) % 2) << parity_bit))
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=8)
-def gemv_table(device: str) -> torch.Tensor:
-    """(256,) int32 for the GEMV: 2a_j in bits 3j..3j+2 (< 2^23, so a masked field read as float32
-    is the subnormal 2a_j·2^(3j-149)), parity of sum(a) in bit 24."""
-    from rsq.quant.e8p import _abs_patterns_int
+def pattern_table(device: str) -> torch.Tensor:
+    """For _decode: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16."""
+    return _table(device, 2, lambda t: (t - 1) // 2, 16)
 
-    rows = []
-    for twice in _abs_patterns_int():
-        word = sum(t << (3 * j) for j, t in enumerate(twice))
-        rows.append(word | (((sum(twice) // 2) % 2) << 24))
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+@functools.lru_cache(maxsize=8)
+def gemv_table(device: str) -> torch.Tensor:
+    """For the GEMV: 2a_j in bits 3j..3j+2 (< 2^23, so a masked field read as float32 is the
+    subnormal 2a_j·2^(3j-149)), parity of sum(a) in bit 24."""
+    return _table(device, 3, lambda t: t, 24)
 
 
 @triton.jit
@@ -173,7 +175,7 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
     m, n, k, c = _check(x, codes)
     if m != 1:
         raise ValueError(f"the E8P gemv takes one token; got {m}: use matmul_small")
-    cfg = config or gemv_config(n, _sms(x.device))
+    cfg = config or gemv_config(n, _sm_count(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, codes, gemv_table(str(x.device)), scales, bias if bias is not None else y, y, n, k, c,
@@ -191,7 +193,7 @@ def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
 def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
     """M <= 64 tokens: decoded weight tiles x tensor cores, split-K with float32 atomics."""
     m, n, k, c = _check(x, codes)
-    cfg = config or small_config(m, n, c, _sms(x.device))
+    cfg = config or small_config(m, n, c, _sm_count(x.device))
     split = cfg["SPLIT_K"]
     y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
                                                    dtype=torch.float32 if split > 1 else x.dtype)
@@ -218,12 +220,6 @@ def dequant_matmul(x, codes, scales, bias=None):
     """Prefill: decode the whole weight (transient N x K buffer), then cuBLAS."""
     w = dequantize(codes, scales, x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-
-
-def _sms(device) -> int:
-    if device.type != "cuda":  # Triton's CPU interpreter (TRITON_INTERPRET=1)
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def e8p_matmul(x, codes, scales, bias=None) -> torch.Tensor:

@@ -33,9 +33,13 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale * (codes - zero)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize then dequantize (what GPTQ writes back)."""
-    return dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize (what GPTQ writes back): dequantize_codes(quantize_codes(...)) op
+    for op, computed in place in ``out`` (a buffer of w's shape, reused by the clip search: its
+    80 candidates over every weight cost ~2x on CPU with a fresh tensor per op) or a new tensor."""
+    out = torch.div(w, scale, out=out)
+    return out.round_().add_(zero).clamp_(0, max_code(bits)).sub_(zero).mul_(scale)
 
 
 def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
@@ -71,11 +75,8 @@ def find_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.T
         for i in range(int(cfg.max_shrink * cfg.clip_grid)):
             p = 1 - i / cfg.clip_grid
             s1, z1 = _scale_zero(p * xmin, p * xmax, cfg.bits, cfg.symmetric)
-            # fake_quantize(w, s1, z1) - w, op for op, in one reused buffer (bit-identical; the
-            # search runs 80 candidates over every weight, and fresh tensors per op cost ~2x on CPU)
-            buf = torch.div(w, s1[:, None], out=buf)
-            buf.round_().add_(z1[:, None]).clamp_(0, max_code(cfg.bits)).sub_(z1[:, None]).mul_(s1[:, None])
-            err = buf.sub_(w).abs_().pow_(cfg.clip_norm).sum(dim=1)
+            err = fake_quantize(w, s1[:, None], z1[:, None], cfg.bits, out=buf)
+            err = err.sub_(w).abs_().pow_(cfg.clip_norm).sum(dim=1)
             better = err < best
             if better.any():
                 best = torch.where(better, err, best)

@@ -207,7 +207,8 @@ def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.
     error goes at once only to the rest of its INNER-column sub-block, and each finished sub-block
     reaches the block's later columns in one (rows, INNER) x (INNER, rest) product. Exact
     arithmetic gives the same W_hat; the per-column traffic drops from rows x (B - i) to
-    rows x INNER, which is what bounds GPTQ on a GPU (the block sits in L2, not in registers)."""
+    rows x INNER (~20% faster on CPU; no change measured on the H100, bench/NOTES-speed.md). On
+    CUDA the sub-block's column loop is one Triton kernel (rsq/kernels/triton_gptq.py)."""
     W1 = W1.clone()
     U1 = U1.contiguous()  # the same operand layout as the graphed copy, so cuBLAS rounds the same way
     B = W1.shape[1]
@@ -216,20 +217,21 @@ def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.
     fused = FUSED and W1.is_cuda and ops.grid.kind == "uniform" and INNER <= 16 and has_triton()
     for j1 in range(0, B, INNER):
         j2 = min(j1 + INNER, B)
-        if fused:  # the sub-block's column loop as one Triton kernel (rsq/kernels/triton_gptq.py)
+        if fused:
             from rsq.kernels.triton_gptq import sub_block
 
             sl = slice(j1, j2)
             sub_block(W1[:, sl], U1[sl, sl], S1[:, sl], Z1[:, sl], C1[:, sl], Q1[:, sl], E1[:, sl], L1,
                       max_code(ops.grid.bits))
-        for i in range(j1, j2) if not fused else ():
-            w = W1[:, i]
-            c, q = ops.round(w, S1[:, i], Z1[:, i])
-            C1[:, i], Q1[:, i] = c, q
-            err = (w - q) / U1[i, i]
-            L1 += err * err / 2
-            W1[:, i:j2] -= err[:, None] * U1[i, i:j2][None, :]
-            E1[:, i] = err
+        else:
+            for i in range(j1, j2):
+                w = W1[:, i]
+                c, q = ops.round(w, S1[:, i], Z1[:, i])
+                C1[:, i], Q1[:, i] = c, q
+                err = (w - q) / U1[i, i]
+                L1 += err * err / 2
+                W1[:, i:j2] -= err[:, None] * U1[i, i:j2][None, :]
+                E1[:, i] = err
         if j2 < B:
             W1[:, j2:] -= E1[:, j1:j2] @ U1[j1:j2, j2:]
     return C1, Q1, E1, L1
