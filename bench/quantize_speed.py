@@ -93,6 +93,44 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
     return out
 
 
+def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: bool) -> dict:
+    """llm-compressor's GPTQ (oneshot + GPTQModifier, its sequential pipeline) on a fresh random model
+    of ``layers`` layers with the same calibration windows: 3-bit symmetric per-channel integer
+    weights on every decoder linear, act-order off, block 128, damping 0.01 (its defaults otherwise).
+    No rotation and no importance: plain GPTQ, less work than RSQ. Returns wall time and memory."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    import tempfile
+
+    model = build_model(layers, device, tiny)
+    # oneshot re-reads the config from model.config.name_or_path: give it a local copy
+    cfg_dir = tempfile.mkdtemp(prefix="llmc-config-")
+    model.config.save_pretrained(cfg_dir)
+    model.config.name_or_path = cfg_dir
+    scheme = {"targets": ["Linear"], "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"}}
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128,
+                          dampening_frac=0.01)
+    data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    # oneshot insists on a processor when given data; the windows are already token ids
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tok, dataset=loader, recipe=recipe, num_calibration_samples=len(windows),
+            max_seq_length=windows.shape[1], pipeline="sequential")
+    if cuda:
+        torch.cuda.synchronize()
+    return {"llmc_layers": layers, "llmc_s": time.perf_counter() - t0,
+            "llmc_peak_gpu_GiB": torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 x 2048 tokens, 4 layers")
@@ -107,6 +145,12 @@ def main() -> None:
     ap.add_argument("--gptq-inner", type=int, default=None,
                     help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
                          "gives the one-level block of the earlier version, for comparison)")
+    ap.add_argument("--llmc-layers", type=int, default=None,
+                    help="layers of the model llm-compressor's GPTQ is timed on (default 4, or 2 with --quick; 0 = "
+                         "skip); its per-layer time is extrapolated to --layers")
+    ap.add_argument("--profile", default=None,
+                    help="run the quantization under torch.profiler and write its kernel table (top 60 by "
+                         "self device time) to this file")
     ap.add_argument("--gptq-fused", type=int, choices=(0, 1), default=1,
                     help="1: each 16-column sub-block's column loop as one Triton kernel on CUDA (default); 0: torch loop")
     args = ap.parse_args()
@@ -169,10 +213,22 @@ def main() -> None:
     weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
     sync()
     t0 = time.perf_counter()
-    def progress(i, n, msg):
-        print(f"  layer {i}/{n} at {time.perf_counter() - t0:.1f} s", flush=True)
+    at_layer = {}
 
-    state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
+    def progress(i, n, msg):
+        at_layer[i] = time.perf_counter() - t0
+        print(f"  layer {i}/{n} at {at_layer[i]:.1f} s", flush=True)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+    else:
+        state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
     sync()
     t_quant = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
@@ -193,10 +249,30 @@ def main() -> None:
         figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
                        speedup_vs_ref=t_ref * layers / t_quant, error_ratio_fast_over_ref=ratios,
                        error_ratio_max=max(ratios.values()), error_ratio_min=min(ratios.values()))
+    llmc_layers = min(layers, args.llmc_layers if args.llmc_layers is not None else (2 if args.quick else 4))
+    if llmc_layers:
+        try:
+            import llmcompressor  # noqa: F401
+        except ImportError as e:
+            print(f"llm-compressor not importable ({e}): install the bench extra to compare", flush=True)
+            llmc_layers = 0
+    if llmc_layers:
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        llmc = run_llmcompressor(llmc_layers, windows, device, args.tiny)
+        per_layer = llmc["llmc_s"] / llmc_layers
+        # two ratios: all layers (llm-compressor's time per layer, its fixed costs included, times
+        # the layer count) and like for like (rsq's own time to its llmc_layers-th layer; rsq's
+        # rotation and first-layer setup then weigh more)
+        figures.update(llmc, llmc_s_per_layer=per_layer, llmc_s_extrapolated=per_layer * layers,
+                       speedup_vs_llmc=per_layer * layers / (t_rotate + t_quant),
+                       rsq_s_first_llmc_layers=t_rotate + at_layer[llmc_layers],
+                       speedup_vs_llmc_same_layers=llmc["llmc_s"] / (t_rotate + at_layer[llmc_layers]))
     print(json.dumps(figures, indent=2))
     print()
     print(f"{'stage':<12} {'seconds':>9}")
-    for k, v in state.timings.items():
+    for k, v in figures["stages_s"].items():
         print(f"{k:<12} {v:9.1f}")
     print(f"{'rotate':<12} {t_rotate:9.1f}")
     print(f"{'TOTAL':<12} {t_rotate + t_quant:9.1f}   (target < 180 s at 256x4096, 32 layers)")
@@ -205,6 +281,11 @@ def main() -> None:
         print(f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
               f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; layer error fast/ref "
               f"{figures['error_ratio_min']:.3f}..{figures['error_ratio_max']:.3f} (must be within 0.95..1.05)")
+    if llmc_layers:
+        print(f"llm-compressor GPTQ (3-bit per channel, no rotation/importance): {figures['llmc_s']:.1f} s for "
+              f"{llmc_layers} layers -> {figures['llmc_s_extrapolated']:.0f} s for {layers} (extrapolated); "
+              f"speed-up {figures['speedup_vs_llmc']:.1f}x (same {llmc_layers} layers: "
+              f"{figures['speedup_vs_llmc_same_layers']:.1f}x); its peak GPU {figures['llmc_peak_gpu_GiB']:.1f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
