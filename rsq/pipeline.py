@@ -16,12 +16,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from rsq.calib.blockpass import LayerPasses
 from rsq.calib.capture import (
     ActivationStore,
     capture_layer0_inputs,
     choose_location,
-    forward_until,
-    layer_forward,
     rope_from_kwargs,
 )
 from rsq.checkpoint.schema import dequantize_result
@@ -123,21 +122,25 @@ def quantize_layers(
                                n_seq, seqlen, hidden, dtype, device)
     store = ActivationStore(n_seq, seqlen, hidden, dtype, device, location)
     bs = cfg.batch_size
+    cache = None
     try:
         with _timed(state.timings, "capture"):
             kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
+        cache = _reuse_cache(adapter, layers, cfg, store)
+        passes = LayerPasses(adapter, store, kwargs, bs, cache)
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
             home = next(layer.parameters()).device  # where the layer lives between its turns
             layer.to(device)
+            passes.begin(layer)
             if i >= start_layer and cfg.quantizes:
                 report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn,
-                                             ctx, n_total)
+                                             ctx, n_total, passes)
             else:
                 report = None
             with _timed(state.timings, "propagate"):
                 for a, b in store.batches(bs):
-                    store.set(a, b, layer_forward(layer, store.get(a, b), kwargs))
+                    store.set(a, b, passes.output(a, b))
             layer.to(home)
             if report is not None:
                 report.seconds = time.perf_counter() - t0
@@ -148,7 +151,22 @@ def quantize_layers(
                 progress(i + 1, len(layers), f"layer {i}")
     finally:
         store.close()
+        if cache is not None:
+            cache.close()
     return state
+
+
+def _reuse_cache(adapter: ModelAdapter, layers, cfg: RSQConfig, store: ActivationStore) -> ActivationStore | None:
+    """The buffer rsq.calib.blockpass shares the attention output through, where the block allows it
+    and it fits beside the activations (device memory: under a quarter of what is free; else host
+    memory when the activations are there too); None means full layer passes."""
+    o_proj = layers[0].get_submodule(adapter.o_proj)
+    if (not adapter.prenorm_residual or not cfg.quantizes or cfg.solver.algorithm == "rtn"
+            or store.location == "disk" or o_proj.in_features != store.shape[2]):
+        return None
+    n, t, d = store.shape
+    location = choose_location("auto", n, t, d, store.dtype, store.device) if store.location == "device" else "cpu"
+    return ActivationStore(n, t, d, store.dtype, store.device, location)
 
 
 def _window_fn(windows: torch.Tensor, expand: int):
@@ -172,6 +190,7 @@ def _quantize_one_layer(
     weight_fn,
     ctx: DistContext,
     n_total: int,
+    passes: LayerPasses,
 ) -> LayerReport:
     bs = cfg.batch_size
     weights: list[torch.Tensor] | None = None
@@ -205,9 +224,8 @@ def _quantize_one_layer(
             acc = HessianAccumulator(width, device=store.device, dtype=hdtype,
                                      half_inputs=cfg.solver.hessian_matmul == "auto")
             with _timed(state.timings, "hessian"):
-                for k, (a, b) in enumerate(store.batches(bs)):
-                    w = None if weights is None else weights[k]
-                    forward_until(layer, modules[0], store.get(a, b), kwargs, lambda x, w=w: acc.add(x, w))
+                for k, x in passes.group_inputs(group):
+                    acc.add(x, None if weights is None else weights[k])
             ctx.all_reduce_sum(acc.sum)
             acc.nseq = n_total
             H = acc.finalize()
@@ -224,20 +242,20 @@ def _quantize_one_layer(
                     W = torch.cat([m.weight.data.to(store.device) for m in modules])
                     stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names))
                     for name, part in zip(group, split_rows(stacked, [m.out_features for m in modules])):
-                        mine[name] = _to_cpu(part)
+                        mine[name] = part
             else:
                 owners = [ctx.owner(position + k) for k in range(len(group))]
                 for name, module, owner in zip(group, modules, owners):
                     if owner == ctx.rank:
                         full = f"{adapter.layers}.{index}.{name}"
                         W = module.weight.data.to(store.device)
-                        res = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
-                        mine[name] = _to_cpu(res)
+                        mine[name] = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
             position += 1 if stack else len(group)
             for name, module, owner in zip(group, modules, owners):
                 res = share_result(ctx, mine.get(name), owner)
+                # W_hat from the codes where they are (the owner's device: no host round trip)
                 module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)
-                state.results[f"{adapter.layers}.{index}.{name}"] = res
+                state.results[f"{adapter.layers}.{index}.{name}"] = _to_cpu(res)
                 losses[name] = res.loss
     return LayerReport(index=index, seconds=0.0, losses=losses, importance=imp_summary)
 
@@ -255,8 +273,7 @@ def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> Quant
     for key in ("codes", "scale", "zero"):
         shape, dtype = head[key]
         t = getattr(res, key) if ctx.rank == owner else torch.empty(shape, dtype=dtype)
-        if ctx.backend == "nccl":
-            t = t.cuda()
+        t = t.cuda() if ctx.backend == "nccl" else t.cpu()
         tensors[key] = ctx.broadcast(t, owner).cpu()
     return QuantResult(weight=None, loss=head["loss"], damp=head["damp"], meta=head["meta"], **tensors)
 
@@ -270,8 +287,9 @@ def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> Quant
 
 
 def _to_cpu(res: QuantResult) -> QuantResult:
-    """Keep codes and scales only: the model holds W_hat, and checkpoint.schema.dequantize_result
-    rebuilds it exactly from the codes (8B models would otherwise keep a second float copy)."""
+    """Keep codes and scales only, on the host: the model holds W_hat, and
+    checkpoint.schema.dequantize_result rebuilds it exactly from the codes (8B models would
+    otherwise keep a second float copy)."""
     res.codes, res.scale, res.zero = res.codes.cpu(), res.scale.cpu(), res.zero.cpu()
     res.weight = None
     return res

@@ -176,19 +176,22 @@ def _move_pre_layer_modules(model: nn.Module, layers: nn.ModuleList, device: tor
     return moved
 
 
-def forward_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn) -> None:
-    """Run ``layer`` only until ``module`` has received its input; call ``fn(input)`` with it.
+def forward_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn,
+                  raw: bool = False) -> None:
+    """Run ``layer`` only until ``module`` is called; call ``fn(input)`` with its input.
 
     The input is what the module's forward sees (after any forward pre-hook such as an online
-    rotation). Stopping early skips the rest of the layer, e.g. the whole MLP when collecting the
-    q/k/v Hessian.
+    rotation), or with ``raw`` what it is called with (before its pre-hooks). The module itself
+    does not run: stopping early skips it and the rest of the layer, e.g. the whole MLP when
+    collecting the q/k/v Hessian. ``layer`` may be any module (a layer, an MLP) and ``kwargs`` its
+    keyword arguments.
     """
 
-    def hook(mod, args, out):
+    def hook(mod, args):
         fn(args[0])
         raise _StopForward
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_pre_hook(hook, prepend=raw)
     try:
         layer_forward(layer, hidden, kwargs)
     except _StopForward:

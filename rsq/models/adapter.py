@@ -34,6 +34,10 @@ class ModelAdapter:
     down_proj: str = "mlp.down_proj"
     # rotary convention: "half" = HF rotate_half (x1, x2 = halves; out = x*cos + cat(-x2, x1)*sin)
     rope: str = "half"
+    # the block is h = x + self_attn(attn_norm(x)); out = h + mlp(mlp_norm(h)) with o_proj the
+    # attention's last op and down_proj the MLP's: calibration passes may then reuse the attention
+    # output between groups (rsq.calib.blockpass; checked against the layer's own forward at run time)
+    prenorm_residual: bool = True
     notes: str = ""
 
     @property

@@ -80,6 +80,12 @@ def _pre_hook(module: nn.Module, args):
     return (module.online_rotation(args[0]),) + tuple(args[1:])
 
 
+def module_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``linear`` computes on when called with ``x``: x after its online rotation, if any."""
+    rotation = getattr(linear, "online_rotation", None)
+    return x if rotation is None else rotation(x)
+
+
 def attach_online_rotation(linear: nn.Module, spec: OnlineRotation) -> None:
     """Make ``linear`` rotate its input by ``spec`` before computing (idempotent per module)."""
     if hasattr(linear, "online_rotation"):

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from rsq.kernels import has_triton
+
+FUSED_SPLIT = True  # hi/lo split of the weighted activations by one Triton kernel on CUDA
+_ADDMM_INTO = True  # torch.addmm(..., out_dtype=float32, out=sum) works here (set False on first failure)
+
 
 class HessianAccumulator:
     """Accumulates sum_t w_t x_t x_t^T over batches of sequences.
@@ -47,15 +52,33 @@ class HessianAccumulator:
         """H += X^T (w ⊙ X) with X the exact half-precision activations (T, d). w ⊙ X is split into
         hi + lo half parts (hi = half(w⊙x), lo = half(w⊙x - hi)), so the weighting is exact to
         ~2^-16 relative while every product runs on the tensor cores with fp32 accumulation."""
-        if weights is None:
-            self.sum += torch.mm(flat.T, flat, out_dtype=torch.float32)
-            return
-        y = flat.float() * weights.reshape(-1, 1).to(flat.device, torch.float32)
-        hi = y.to(flat.dtype)
-        lo = (y - hi.float()).to(flat.dtype)
         xt = flat.T
-        self.sum += torch.mm(xt, hi, out_dtype=torch.float32)
-        self.sum += torch.mm(xt, lo, out_dtype=torch.float32)
+        if weights is None:
+            self._accumulate(xt, flat)
+            return
+        w = weights.reshape(-1).to(flat.device, torch.float32)
+        if FUSED_SPLIT and has_triton() and flat.is_contiguous():
+            from rsq.kernels.triton_hessian import split_weighted
+
+            hi, lo = split_weighted(flat, w)
+        else:
+            y = flat.float() * w[:, None]
+            hi = y.to(flat.dtype)
+            lo = (y - hi.float()).to(flat.dtype)
+        self._accumulate(xt, hi)
+        self._accumulate(xt, lo)
+
+    def _accumulate(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """sum += a @ b with float32 accumulation into sum itself (cuBLAS beta = 1: no temporary
+        (width, width) product), or through a temporary where this torch lacks that form."""
+        global _ADDMM_INTO
+        if _ADDMM_INTO:
+            try:
+                torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.sum)
+                return
+            except (RuntimeError, TypeError):
+                _ADDMM_INTO = False
+        self.sum += torch.mm(a, b, out_dtype=torch.float32)
 
     def merge(self, other: "HessianAccumulator") -> None:
         self.sum += other.sum.to(self.sum.device)

@@ -46,6 +46,29 @@ def test_half_hessian_matches_fp32():
     assert rel < 1e-5, rel
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_hi_lo_split_is_the_torch_split(dtype, monkeypatch):
+    # rsq/kernels/triton_hessian.py: the same float32 product and round-to-nearest-even casts as the
+    # torch form, so bit-identical parts and an identical Hessian
+    pytest.importorskip("triton")
+    import rsq.solver.hessian as Hm
+    from rsq.kernels.triton_hessian import split_weighted
+
+    torch.manual_seed(1)
+    x = (torch.randn(3 * 1000 + 7, 300, device="cuda") * 4).to(dtype)
+    w = torch.rand(x.shape[0], device="cuda") * 7
+    hi, lo = split_weighted(x, w)
+    y = x.float() * w[:, None]
+    assert torch.equal(hi, y.to(dtype)) and torch.equal(lo, (y - y.to(dtype).float()).to(dtype))
+    sums = []
+    for fused in (True, False):
+        monkeypatch.setattr(Hm, "FUSED_SPLIT", fused)
+        acc = HessianAccumulator(300, device="cuda", half_inputs=True)
+        acc.add(x.reshape(1, -1, 300), w.reshape(1, -1))
+        sums.append(acc.sum)
+    assert torch.equal(sums[0], sums[1])
+
+
 def test_half_attention_scores_close_to_fp32():
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1024, 64, device="cuda").bfloat16()
