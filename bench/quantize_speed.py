@@ -98,10 +98,10 @@ def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: boo
     of ``layers`` layers with the same calibration windows: 3-bit symmetric per-channel integer
     weights on every decoder linear, act-order off, block 128, damping 0.01 (its defaults otherwise).
     No rotation and no importance: plain GPTQ, less work than RSQ. Returns wall time and memory."""
+    import tempfile
+
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-
-    import tempfile
 
     model = build_model(layers, device, tiny)
     # oneshot re-reads the config from model.config.name_or_path: give it a local copy
@@ -148,6 +148,11 @@ def main() -> None:
     ap.add_argument("--llmc-layers", type=int, default=None,
                     help="layers of the model llm-compressor's GPTQ is timed on (default 4, or 2 with --quick; 0 = "
                          "skip); its per-layer time is extrapolated to --layers")
+    ap.add_argument("--expand", type=int, default=1,
+                    help="dataset expansion factor (spec §5): nsamples x expand rolled windows")
+    ap.add_argument("--offload", default="device", choices=("device", "cpu", "disk", "auto"),
+                    help="where the calibration activations live (cpu: pinned host memory; x8 expansion at 8B "
+                         "needs 68.7 GB: cpu on a 128 GiB host)")
     ap.add_argument("--profile", default=None,
                     help="run the quantization under torch.profiler and write its kernel table (top 60 by "
                          "self device time) to this file")
@@ -174,8 +179,9 @@ def main() -> None:
     t_build = time.perf_counter() - t0
     adapter = resolve(model)
     cfg = RSQConfig(method="rsq", grid=GridConfig(bits=3), rotation=RotationConfig(enabled=True),
-                    importance=ImportanceConfig(strategy="attncon"), calib=CalibConfig(nsamples=nsamples, seqlen=seqlen),
-                    dtype="bfloat16", device=device, batch_size=args.batch_size, offload="device")
+                    importance=ImportanceConfig(strategy="attncon", expand=args.expand),
+                    calib=CalibConfig(nsamples=nsamples, seqlen=seqlen), dtype="bfloat16", device=device,
+                    batch_size=args.batch_size, offload=args.offload)
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)
 
@@ -233,7 +239,7 @@ def main() -> None:
     t_quant = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
 
-    figures = {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "build_s": t_build, "rotate_s": t_rotate,
+    figures = {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "expand": args.expand, "offload": args.offload, "build_s": t_build, "rotate_s": t_rotate,
                "quantize_s": t_quant, "total_s": t_rotate + t_quant, "stages_s": state.timings,
                "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib()}
     if ref is not None:

@@ -158,15 +158,19 @@ def quantize_layers(
 
 def _reuse_cache(adapter: ModelAdapter, layers, cfg: RSQConfig, store: ActivationStore) -> ActivationStore | None:
     """The buffer rsq.calib.blockpass shares the attention output through, where the block allows it
-    and it fits beside the activations (device memory: under a quarter of what is free; else host
-    memory when the activations are there too); None means full layer passes."""
+    and it fits: beside device-resident activations on the GPU if under a quarter of its free memory,
+    beside host activations on the CPU device; None means full layer passes (a second host copy of
+    offloaded activations, 69 GB for x8 expansion at 8B, would cost more than it saves)."""
     o_proj = layers[0].get_submodule(adapter.o_proj)
     if (not adapter.prenorm_residual or not cfg.quantizes or cfg.solver.algorithm == "rtn"
-            or store.location == "disk" or o_proj.in_features != store.shape[2]):
+            or o_proj.in_features != store.shape[2]):
         return None
     n, t, d = store.shape
-    location = choose_location("auto", n, t, d, store.dtype, store.device) if store.location == "device" else "cpu"
-    return ActivationStore(n, t, d, store.dtype, store.device, location)
+    if store.device.type == "cpu":
+        return ActivationStore(n, t, d, store.dtype, store.device, "cpu") if store.location == "cpu" else None
+    if store.location != "device" or choose_location("auto", n, t, d, store.dtype, store.device) != "device":
+        return None
+    return ActivationStore(n, t, d, store.dtype, store.device, "device")
 
 
 def _window_fn(windows: torch.Tensor, expand: int):
