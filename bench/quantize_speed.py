@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--llmc-layers", type=int, default=None,
                     help="layers of the model llm-compressor's GPTQ is timed on (default 4, or 2 with --quick; 0 = "
                          "skip); its per-layer time is extrapolated to --layers")
+    ap.add_argument("--model-home", default="cpu", choices=("cpu", "device"),
+                    help="where the model waits between its layers' turns (built and rotated on the device "
+                         "either way; cpu is what `rsq quantize` does with a model loaded from disk)")
     ap.add_argument("--expand", type=int, default=1,
                     help="dataset expansion factor (spec §5): nsamples x expand rolled windows")
     ap.add_argument("--offload", default="device", choices=("device", "cpu", "disk", "auto"),
@@ -214,7 +217,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         ref = (ref_w, t_ref)
 
+    if args.model_home == "cpu":
+        model.to("cpu")  # as a real run holds it: each layer visits the GPU for its turn
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
     sync()
@@ -241,7 +247,7 @@ def main() -> None:
 
     figures = {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "expand": args.expand, "offload": args.offload, "build_s": t_build, "rotate_s": t_rotate,
                "quantize_s": t_quant, "total_s": t_rotate + t_quant, "stages_s": state.timings,
-               "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib()}
+               "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib(), "gpu_peak_by_stage_GiB": state.gpu_peaks}
     if ref is not None:
         ref_w, t_ref = ref
         # GPTQ is chaotic (one rounding flip changes every later column of a row), so the two
@@ -282,7 +288,8 @@ def main() -> None:
         print(f"{k:<12} {v:9.1f}")
     print(f"{'rotate':<12} {t_rotate:9.1f}")
     print(f"{'TOTAL':<12} {t_rotate + t_quant:9.1f}   (target < 180 s at 256x4096, 32 layers)")
-    print(f"peak GPU {peak_gpu:.1f} GiB, peak host {host_peak_gib():.1f} GiB")
+    print(f"peak GPU {peak_gpu:.1f} GiB (run's peak at the end of each stage: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in figures["gpu_peak_by_stage_GiB"].items()) + f"), peak host {figures['peak_host_GiB']:.1f} GiB")
     if ref is not None:
         print(f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
               f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; layer error fast/ref "

@@ -53,6 +53,9 @@ class RunState:
     results: dict[str, QuantResult] = field(default_factory=dict)  # "model.layers.3.self_attn.q_proj" -> result
     layers: list[LayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # stage -> peak GPU memory (GiB) of the run up to the end of that stage's latest turn: the
+    # stage where a figure first jumps is the one that raised the peak
+    gpu_peaks: dict[str, float] = field(default_factory=dict)
     importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
 
 
@@ -65,17 +68,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextmanager
-def _timed(timings: dict, key: str) -> Iterator[None]:
-    """Add the wall time of the block to timings[key]. On CUDA the queue is drained at both ends, so
-    a stage is billed for its own kernels, not for the asynchronous work of the stage before it (the
-    first host sync would otherwise absorb it; measured stage splits were wrong without this)."""
+def _timed(state: RunState, key: str) -> Iterator[None]:
+    """Add the wall time of the block to state.timings[key] (and the run's GPU peak so far to
+    state.gpu_peaks[key]). On CUDA the queue is drained at both ends, so a stage is billed for its
+    own kernels, not for the asynchronous work of the stage before it (the first host sync would
+    otherwise absorb it; measured stage splits were wrong without this)."""
     _sync()
     t0 = time.perf_counter()
     try:
         yield
     finally:
         _sync()
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        state.timings[key] = state.timings.get(key, 0.0) + time.perf_counter() - t0
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state.gpu_peaks[key] = torch.cuda.max_memory_allocated() / 1024**3
 
 
 def _sync() -> None:
@@ -124,7 +130,7 @@ def quantize_layers(
     bs = cfg.batch_size
     cache = None
     try:
-        with _timed(state.timings, "capture"):
+        with _timed(state, "capture"):
             kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
         cache = _reuse_cache(adapter, layers, cfg, store)
         passes = LayerPasses(adapter, store, kwargs, bs, cache)
@@ -138,7 +144,7 @@ def quantize_layers(
                                              ctx, n_total, passes)
             else:
                 report = None
-            with _timed(state.timings, "propagate"):
+            with _timed(state, "propagate"):
                 for a, b in store.batches(bs):
                     store.set(a, b, passes.output(a, b))
             layer.to(home)
@@ -200,7 +206,7 @@ def _quantize_one_layer(
     weights: list[torch.Tensor] | None = None
     imp_summary = None
     if weight_fn is not None:
-        with _timed(state.timings, "importance"):
+        with _timed(state, "importance"):
             weights = []
             for a, b in store.batches(bs):
                 ids = torch.stack([window_fn(j) for j in range(a, b)])
@@ -227,13 +233,13 @@ def _quantize_one_layer(
         if cfg.solver.algorithm != "rtn":
             acc = HessianAccumulator(width, device=store.device, dtype=hdtype,
                                      half_inputs=cfg.solver.hessian_matmul == "auto")
-            with _timed(state.timings, "hessian"):
+            with _timed(state, "hessian"):
                 for k, x in passes.group_inputs(group):
                     acc.add(x, None if weights is None else weights[k])
             ctx.all_reduce_sum(acc.sum)
             acc.nseq = n_total
             H = acc.finalize()
-        with _timed(state.timings, "solve"):
+        with _timed(state, "solve"):
             mine = {}
             # members share H and GPTQ treats rows independently: one solve on the stacked rows. Done
             # the same way with one rank or several (one owner per stacked group), so that GPU matmul

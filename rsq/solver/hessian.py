@@ -69,16 +69,23 @@ class HessianAccumulator:
         self._accumulate(xt, lo)
 
     def _accumulate(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """sum += a @ b with float32 accumulation into sum itself (cuBLAS beta = 1: no temporary
-        (width, width) product), or through a temporary where this torch lacks that form."""
+        """sum += a @ b, upper block triangle only (a @ b is symmetric up to the lo part's rounding,
+        so finalize mirrors the upper triangle): with k x k blocks, k(k+1)/2 of the k² block products
+        as k strip products, e.g. 10/16 of the flops for down_proj's 14336 = 4 x 3584. Float32
+        accumulation into sum itself (cuBLAS beta = 1: no temporary product), or through a temporary
+        where this torch lacks that."""
+        for r0, r1 in _block_edges(self.width):  # block row i: its diagonal block and all to the right
+            self._addmm(self.sum[r0:r1, r0:], a[r0:r1], b[:, r0:])
+
+    def _addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         global _ADDMM_INTO
         if _ADDMM_INTO:
             try:
-                torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.sum)
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
                 return
             except (RuntimeError, TypeError):
                 _ADDMM_INTO = False
-        self.sum += torch.mm(a, b, out_dtype=torch.float32)
+        out += torch.mm(a, b, out_dtype=torch.float32)
 
     def merge(self, other: "HessianAccumulator") -> None:
         self.sum += other.sum.to(self.sum.device)
@@ -90,8 +97,19 @@ class HessianAccumulator:
             raise RuntimeError("no calibration data reached this module")
         H = self.sum
         if self.half_inputs:
-            H = (H + H.T) / 2  # X^T(w⊙X) is symmetric only up to the lo part's rounding
+            # the half path adds the upper block triangle only (every path adds at least the upper
+            # triangle): mirror it
+            H = H.triu() + H.triu(1).T
         return (H * (2.0 / self.nseq)).float()
+
+
+MIN_BLOCK = 2048  # the half path's Hessian products use blocks of at least this width (at most 4)
+
+
+def _block_edges(width: int) -> list[tuple[int, int]]:
+    k = max(1, min(4, width // MIN_BLOCK))
+    cuts = [round(i * width / k) for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 _HALF_MM: dict = {}
