@@ -72,7 +72,6 @@ def test_fused_hi_lo_split_against_the_torch_split(dtype, monkeypatch):
     err_fused = (hi.double() + lo.double() - exact).abs()
     err_torch = (t_hi.double() + t_lo.double() - exact).abs()
     assert (err_fused <= err_torch).all(), (err_fused - err_torch).max()
-    assert (lo != t_lo).float().mean() < 0.1  # last-bit differences only where y's rounding mattered
     sums = []
     for fused in (True, False):
         monkeypatch.setattr(Hm, "FUSED_SPLIT", fused)
