@@ -147,15 +147,17 @@ def quantize_layers(
             with _timed(state, "propagate"):
                 for a, b in store.batches(bs):
                     store.set(a, b, passes.output(a, b))
-            layer.to(home)
+            layer.to(home, non_blocking=True)  # to pinned host memory, asynchronously, from a GPU
             if report is not None:
                 report.seconds = time.perf_counter() - t0
                 state.layers.append(report)
                 if on_layer_done is not None:
+                    _sync()  # the layer's codes and weights have reached the host
                     on_layer_done(i, state)
             if progress is not None:
                 progress(i + 1, len(layers), f"layer {i}")
     finally:
+        _sync()
         store.close()
         if cache is not None:
             cache.close()
@@ -215,7 +217,7 @@ def _quantize_one_layer(
             if any(w is None for w in weights):
                 weights = None
             else:
-                allw = torch.cat([w.cpu() for w in weights])
+                allw = torch.cat(weights).cpu()  # one copy (a copy per batch stalls the queue)
                 state.importance_maps[index] = allw[0].clone()
                 imp_summary = {
                     "first_token_mean": allw[:, 0].mean().item(),
@@ -300,7 +302,9 @@ def _to_cpu(res: QuantResult) -> QuantResult:
     """Keep codes and scales only, on the host: the model holds W_hat, and
     checkpoint.schema.dequantize_result rebuilds it exactly from the codes (8B models would
     otherwise keep a second float copy)."""
-    res.codes, res.scale, res.zero = res.codes.cpu(), res.scale.cpu(), res.zero.cpu()
+    # from the GPU: asynchronous copies into pinned memory (pageable ones ran at ~1 GB/s on the
+    # lent H100 host); quantize_layers synchronizes before anything on the host reads them
+    res.codes, res.scale, res.zero = (t.to("cpu", non_blocking=True) for t in (res.codes, res.scale, res.zero))
     res.weight = None
     return res
 
