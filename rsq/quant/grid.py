@@ -19,6 +19,8 @@ import torch
 
 from rsq.config import GridConfig
 
+FUSED_CLIP = True  # on CUDA, the MSE clip search as one Triton kernel (rsq/kernels/triton_scales.py)
+
 
 def max_code(bits: int) -> int:
     return (1 << bits) - 1
@@ -61,10 +63,19 @@ def find_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.T
     """Per-row scale and zero for ``w`` (rows, cols), all columns forming one group.
 
     With ``cfg.mse_clip`` the range is shrunk by p in {1, 1 - 1/grid, ..., } (grid*max_shrink
-    candidates) and, per row, the p minimising sum |fake_quantize(w) - w|^clip_norm is kept (spec §1).
+    candidates) and, per row, the p minimising sum |fake_quantize(w) - w|^clip_norm is kept (spec §1);
+    on CUDA one Triton kernel does the search (the loop below is its reference).
     Returns scale, zero of shape (rows, 1), float32.
     """
     w = w.float()
+    if cfg.mse_clip and w.is_cuda and FUSED_CLIP:
+        from rsq.kernels import has_triton
+
+        if has_triton():
+            from rsq.kernels.triton_scales import clip_search
+
+            scale, zero = clip_search(w, cfg.bits, cfg.symmetric, cfg.clip_grid, cfg.max_shrink, cfg.clip_norm)
+            return scale[:, None], zero[:, None]
     zeros = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros)
     xmax = torch.maximum(w.max(dim=1).values, zeros)
