@@ -125,6 +125,9 @@ def strategy_needs(name: str) -> set[str]:
 # attention received (AttnCon)
 
 
+FUSED_ATTNCON = True  # half inputs on CUDA: the Triton column-sum kernels (rsq/kernels/triton_attention.py)
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> int:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (B, H, T, d), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -167,7 +170,9 @@ def attention_received(
     scale defaults to 1/sqrt(d); mask is -inf above the diagonal when ``causal``.
     Returns s: (B, T) in float32 (float64 for float64 inputs). The softmax is float32; q·kᵀ is
     float32 on the CPU and, for bf16/fp16 inputs on CUDA, in that dtype on the tensor cores (as the
-    reference's eager attention).
+    reference's eager attention). On CUDA with Triton, half inputs go to
+    rsq.kernels.triton_attention instead: the same sums from two QKᵀ passes (row log-sum-exp, then
+    column sums of exp(logit - lse)) with float32 logits, no probability tensor.
 
     Memory: one sequence and ``query_chunk`` queries at a time, O(Hq · chunk · T); the (Hq, T, T)
     probability tensor is never built. With causal masking a chunk only scores the keys it can see.
@@ -176,6 +181,14 @@ def attention_received(
     group = _check_qk(q, k)
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    if FUSED_ATTNCON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
+        from rsq.kernels import has_triton
+
+        if has_triton():
+            from rsq.kernels.triton_attention import attention_received_triton, supports
+
+            if supports(q, k):
+                return attention_received_triton(q, k, causal=causal, scale=scale)
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
