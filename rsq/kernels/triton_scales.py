@@ -51,20 +51,24 @@ def _clip_kernel(W, P, S, Z, rows, cols, n_cand, maxq, half, norm,
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     base = W + r[:, None].to(tl.int64) * cols
-    mn = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    mx = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # tile-shaped running min/max/sum, reduced after each column loop (a row reduction inside the
+    # loop trips Triton 3.6's thread-locality pass on sm_90)
+    mn_t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    mx_t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (c < cols)[None, :]
         x = tl.load(base + c[None, :], mask=m, other=0.0)
-        mn = tl.minimum(mn, tl.min(x, axis=1))
-        mx = tl.maximum(mx, tl.max(x, axis=1))
+        mn_t = tl.minimum(mn_t, x)
+        mx_t = tl.maximum(mx_t, x)
+    mn = tl.min(mn_t, axis=1)
+    mx = tl.max(mx_t, axis=1)
     best_s, best_z = _scale_zero(mn, mx, maxq, half, SYM)  # p = 1: kept if no error is finite
     best = tl.full((BLOCK_R,), float("inf"), dtype=tl.float32)
     for i in range(0, n_cand):
         p = tl.load(P + i)
         s, z = _scale_zero(p * mn, p * mx, maxq, half, SYM)
-        err = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        err_t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             m = rmask[:, None] & (c < cols)[None, :]
@@ -76,8 +80,8 @@ def _clip_kernel(W, P, S, Z, rows, cols, n_cand, maxq, half, norm,
                 e = libdevice.pow(d, norm)
             else:  # Triton's CPU interpreter has no libdevice
                 e = tl.exp2(norm * tl.log2(d))
-            e = tl.where(d == 0, 0.0, e)
-            err += tl.sum(tl.where(m, e, 0.0), axis=1)
+            err_t += tl.where(m & (d != 0), e, 0.0)
+        err = tl.sum(err_t, axis=1)
         better = err < best
         best = tl.where(better, err, best)
         best_s = tl.where(better, s, best_s)

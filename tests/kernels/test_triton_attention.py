@@ -27,7 +27,7 @@ def test_triton_column_sums_match_naive(dtype, hq, hkv, t, d, causal):
     # floor for keys that receive almost nothing
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-6 * hq), (got.double() - ref).abs().max()
     if causal:  # every query row sums to 1: Σ_j s_j = Hq·T exactly, to float32 rounding
-        assert torch.allclose(got.sum(1).double(), torch.full((2,), float(hq * t), dtype=torch.float64), rtol=1e-5)
+        assert torch.allclose(got.sum(1).double(), torch.full((2,), float(hq * t), dtype=torch.float64, device="cuda"), rtol=1e-5)
 
 
 def test_dispatch_uses_the_kernel_for_half_inputs(monkeypatch):
