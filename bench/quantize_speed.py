@@ -256,7 +256,7 @@ def main() -> None:
         ratios = {}
         for i, mods in enumerate(ref_w):
             for name, (W, w_ref, Hn) in mods.items():
-                w = adapter.get_layers(model)[i].get_submodule(name).weight.float()
+                w = adapter.get_layers(model)[i].get_submodule(name).weight.float().to(W.device)
                 ratios[f"{i}.{name}"] = layer_error(W, w, Hn) / layer_error(W, w_ref.to(w.device), Hn)
         figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
                        speedup_vs_ref=t_ref * layers / t_quant, error_ratio_fast_over_ref=ratios,

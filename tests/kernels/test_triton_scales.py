@@ -37,11 +37,16 @@ def test_fused_clip_search_matches_torch_loop(symmetric, bits, shape, monkeypatc
     loop = find_params(w, grid)
     for a, b in zip(fused, loop):
         assert a.shape == b.shape == (shape[0], 1) and a.dtype == torch.float32
-    # the same float32 operations except FMA contraction and the order of the row sums: near-ties
-    # can pick another candidate, of practically equal error (float64 recomputation)
-    assert (fused[0] == loop[0]).float().mean() >= 0.99
+    # Not bit-equal: torch's CUDA kernels divide by a scalar as a multiply by its reciprocal (the
+    # kernel and torch on the CPU use IEEE division; measured on the H100: symmetric 3-bit kernel ==
+    # CPU loop on every row, CUDA loop == CPU loop on 70%), which moves a scale by an ulp, and the
+    # row sums add in another order. So: the same candidate (scales within 1e-5; neighbouring
+    # candidates differ by 1%) on >= 99% of rows, and on every row an error (recomputed in
+    # float64) no worse than the loop's beyond float32 rounding of the sums
+    close = ((fused[0] - loop[0]).abs() <= 1e-5 * loop[0]).float().mean()
+    assert close >= 0.99, close
     e_fused, e_loop = _err(w, *fused, grid), _err(w, *loop, grid)
-    assert (e_fused <= e_loop * (1 + 1e-4) + 1e-30).all()
+    assert (e_fused <= e_loop * (1 + 1e-5) + 1e-30).all()
     assert fused[0][0].item() == 1.0 and loop[0][0].item() == 1.0  # the all-zero row
 
 
@@ -54,5 +59,5 @@ def test_fused_clip_search_per_group(symmetric, monkeypatch):
     monkeypatch.setattr(G, "FUSED_CLIP", False)
     loop = find_group_params(w, grid)
     assert fused[0].shape == loop[0].shape == (256, 8)
-    assert (fused[0] == loop[0]).float().mean() >= 0.99
-    assert (fused[1] == loop[1]).float().mean() >= 0.99
+    assert ((fused[0] - loop[0]).abs() <= 1e-5 * loop[0]).float().mean() >= 0.99  # see above
+    assert (fused[1] == loop[1]).float().mean() >= 0.99  # zero points: integers
