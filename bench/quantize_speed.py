@@ -3,7 +3,8 @@
 Runs `--method rsq` (rotation + attncon + 3-bit per-channel GPTQ) through rsq's pipeline and prints
 per-stage wall time, total, peak GPU and host memory. In the same run it times a plain reference
 of the same algorithm (per-sequence fp32 Hessians through full layer forwards, the full attention
-probability tensor for importance, one GPTQ per module) on the first --ref-layers layers, checks
+probability tensor for importance, one textbook GPTQ per module: per-column torch loop, torch clip
+search) on the first --ref-layers layers, checks
 that both give the same quantized weights there (tolerance below), and reports the ratio with the
 reference's per-layer time extrapolated to all layers.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import sys
@@ -58,6 +60,20 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def _plain_gptq(W, H, cfg: RSQConfig, name: str):
+    """Textbook GPTQ: per-column torch loop in 128-column blocks (no CUDA graphs, no fused Triton
+    kernels) and the torch loop for the MSE clip search; the same arithmetic as the fast path."""
+    import rsq.quant.grid as grid_module
+    import rsq.solver.gptq as gptq_module
+
+    saved = gptq_module.FUSED, grid_module.FUSED_CLIP
+    gptq_module.FUSED = grid_module.FUSED_CLIP = False
+    try:
+        return gptq_quantize(W, H, cfg.grid, dataclasses.replace(cfg.solver, cuda_graphs=False), name)
+    finally:
+        gptq_module.FUSED, grid_module.FUSED_CLIP = saved
+
+
 @torch.no_grad()
 def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: RSQConfig) -> dict[str, torch.Tensor]:
     """Textbook RSQ for one layer: sequence by sequence, full probabilities, fp32 Hessians, one
@@ -87,7 +103,7 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
         for name, m in modules.items():
             W = m.weight.data.float().clone()
             Hn = H[name] * 2 / n
-            res = gptq_quantize(W, Hn, cfg.grid, cfg.solver, name)
+            res = _plain_gptq(W, Hn, cfg, name)
             m.weight.data = res.weight.to(m.weight.dtype)
             out[name] = (W, res.weight, Hn)
     return out
