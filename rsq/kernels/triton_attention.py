@@ -29,6 +29,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(base, rows, T, stride_t, D: tl.constexpr):
+    """Rows ``rows`` (< T, else zeros) of a (T, D) matrix with row stride stride_t."""
+    return tl.load(base + rows[:, None] * stride_t + tl.arange(0, D)[None, :], mask=(rows < T)[:, None], other=0.0)
+
+
+@triton.jit
 def _lse_kernel(Q, K, LSE, T, HQ, GROUP, qk_scale,
                 sqb, sqh, sqt, skb, skh, skt,
                 CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -39,14 +45,13 @@ def _lse_kernel(Q, K, LSE, T, HQ, GROUP, qk_scale,
     h = bh % HQ
     g = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, T, sqt, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, T) if CAUSAL else T
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skt + offs_d[None, :], mask=(offs_n < T)[:, None], other=0.0)
+        k = _tile(K + b * skb + g * skh, offs_n, T, skt, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
         valid = (offs_n < T)[None, :]
         if CAUSAL:
@@ -68,15 +73,14 @@ def _colsum_kernel(Q, K, LSE, OUT, T, HQ, HKV, GROUP, qk_scale,
     b = bg // HKV
     g = bg % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skt + offs_d[None, :], mask=(offs_n < T)[:, None], other=0.0)
+    k = _tile(K + b * skb + g * skh, offs_n, T, skt, D)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for j in range(0, GROUP):
         h = g * GROUP + j
         for m0 in range(lo, T, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
+            q = _tile(Q + b * sqb + h * sqh, offs_m, T, sqt, D)
             lse = tl.load(LSE + (b * HQ + h) * T + offs_m, mask=offs_m < T, other=float("inf"))
             s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries), log2 domain
             valid = (offs_m < T)[None, :] & (offs_n < T)[:, None]
