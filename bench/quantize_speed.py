@@ -105,7 +105,7 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
             Hn = H[name] * 2 / n
             res = _plain_gptq(W, Hn, cfg, name)
             m.weight.data = res.weight.to(m.weight.dtype)
-            out[name] = (W, res.weight, Hn)
+            out[name] = (W.cpu(), res.weight.cpu(), Hn.cpu())  # compared after the timed run
     return out
 
 
@@ -228,7 +228,7 @@ def main() -> None:
         sync()
         t_ref = (time.perf_counter() - t0) / args.ref_layers
         store.close()
-        del X, ref_layers
+        del X, ref_layers, store  # nothing of the reference may stay on the GPU: the run's peak is measured next
         if cuda:
             torch.cuda.empty_cache()
         ref = (ref_w, t_ref)
@@ -272,8 +272,9 @@ def main() -> None:
         ratios = {}
         for i, mods in enumerate(ref_w):
             for name, (W, w_ref, Hn) in mods.items():
-                w = adapter.get_layers(model)[i].get_submodule(name).weight.float().to(W.device)
-                ratios[f"{i}.{name}"] = layer_error(W, w, Hn) / layer_error(W, w_ref.to(w.device), Hn)
+                W, w_ref, Hn = W.to(device), w_ref.to(device), Hn.to(device)
+                w = adapter.get_layers(model)[i].get_submodule(name).weight.float().to(device)
+                ratios[f"{i}.{name}"] = layer_error(W, w, Hn) / layer_error(W, w_ref, Hn)
         figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
                        speedup_vs_ref=t_ref * layers / t_quant, error_ratio_fast_over_ref=ratios,
                        error_ratio_max=max(ratios.values()), error_ratio_min=min(ratios.values()))
