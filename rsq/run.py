@@ -278,6 +278,7 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         "perplexity": {"seqlen": ppl_seqlen, "max_windows": ppl_max_windows, **ppl},
         "rotation": rotation_record,
         "timings": {**timings, "stages": state.timings},
+        "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
         "num_layers": n_layers,
