@@ -93,7 +93,12 @@ def _colsum_kernel(Q, K, LSE, OUT, T, HQ, HKV, GROUP, qk_scale,
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     d = q.shape[-1]
+    # offsets are int32 in the kernels: tensors reaching element 2^31 take the torch path
+    def reach(x):
+        return sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+
     return (q.dtype in (torch.bfloat16, torch.float16, torch.float32) and k.dtype == q.dtype
+            and reach(q) < 2**31 and reach(k) < 2**31 and q.numel() < 2**31
             and d in (16, 32, 64, 128, 256) and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
