@@ -46,8 +46,10 @@ def build(dirname: Path, scale: int, layers: int) -> None:
         sys.exit("set RSQ_DATA_DIR to a directory holding wiki.test.raw")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator([test.read_text(encoding="utf-8")[:300_000]],
-                            trainers.BpeTrainer(vocab_size=2048, special_tokens=["<unk>", "<s>"]))
+    tok.train_from_iterator(
+        [test.read_text(encoding="utf-8")[:300_000]],
+        trainers.BpeTrainer(vocab_size=2048, special_tokens=["<unk>", "<s>"]),
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(dirname)
     config = tiny_config(load_bundled_config("llama-3-8b"), layers=layers, scale=scale, vocab_size=2048)
     torch.manual_seed(0)
@@ -55,9 +57,30 @@ def build(dirname: Path, scale: int, layers: int) -> None:
 
 
 def quantize(model: Path, out: Path, nproc: int, device: str, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "rsq", "quantize", str(model), "--method", "rsq", "--bits", "3",
-           "--device", device, "--dtype", "bfloat16", "--nsamples", "16", "--seqlen", "256",
-           "--hessian-dtype", "float64", "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rsq",
+        "quantize",
+        str(model),
+        "--method",
+        "rsq",
+        "--bits",
+        "3",
+        "--device",
+        device,
+        "--dtype",
+        "bfloat16",
+        "--nsamples",
+        "16",
+        "--seqlen",
+        "256",
+        "--hessian-dtype",
+        "float64",
+        "--out",
+        str(out),
+        *extra,
+    ]
     if "--batch-size" not in extra:
         # one sequence per forward on every rank and in the single process: the GPU matmuls see the
         # same shapes, so per-sequence Hessian terms are identical and their float64 sums exact
@@ -84,8 +107,12 @@ def compare(a: Path, b: Path) -> dict:
             unequal[k] = "missing or other shape"
         elif not torch.equal(ta[k], tb[k]):
             unequal[k] = float((ta[k].double() - tb[k].double()).abs().max())
-    return {"tensors": len(ta), "bit_equal": len(ta) - len(unequal), "unequal": unequal,
-            "same_keys": ta.keys() == tb.keys()}
+    return {
+        "tensors": len(ta),
+        "bit_equal": len(ta) - len(unequal),
+        "unequal": unequal,
+        "same_keys": ta.keys() == tb.keys(),
+    }
 
 
 def main() -> None:
@@ -101,12 +128,33 @@ def main() -> None:
         t2 = quantize(tmp / "model", tmp / "two", 2, args.device, extra)
         r1 = json.loads((tmp / "one" / "results.json").read_text())
         r2 = json.loads((tmp / "two" / "results.json").read_text())
-        plan = subprocess.run([sys.executable, "-m", "rsq", "plan", str(tmp / "model"), "--ranks", "1,2",
-                               "--nsamples", "16", "--seqlen", "256"], capture_output=True, text=True)
-        report = {"one_process_s": round(t1, 1), "two_ranks_s": round(t2, 1), "ranks": r2["ranks"],
-                  "ppl_one": r1["perplexity"], "ppl_two": r2["perplexity"],
-                  "compare": compare(tmp / "one", tmp / "two"), "plan": plan.stdout or plan.stderr,
-                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        plan = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rsq",
+                "plan",
+                str(tmp / "model"),
+                "--ranks",
+                "1,2",
+                "--nsamples",
+                "16",
+                "--seqlen",
+                "256",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        report = {
+            "one_process_s": round(t1, 1),
+            "two_ranks_s": round(t2, 1),
+            "ranks": r2["ranks"],
+            "ppl_one": r1["perplexity"],
+            "ppl_two": r2["perplexity"],
+            "compare": compare(tmp / "one", tmp / "two"),
+            "plan": plan.stdout or plan.stderr,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        }
     print(json.dumps(report, indent=2))
 
 

@@ -31,19 +31,43 @@ def child(args) -> None:
     from rsq.pipeline import quantize_layers
 
     torch.manual_seed(0)
-    cfg_m = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4)
+    cfg_m = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(cfg_m).eval().requires_grad_(False)
     windows = torch.randint(0, 1024, (args.nsamples, args.seqlen))
-    cfg = RSQConfig(method="rsq", importance=ImportanceConfig(strategy="attncon", expand=args.expand),
-                    calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen), device="cpu", batch_size=4)
+    cfg = RSQConfig(
+        method="rsq",
+        importance=ImportanceConfig(strategy="attncon", expand=args.expand),
+        calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen),
+        device="cpu",
+        batch_size=4,
+    )
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    quantize_layers(model, cfg, windows, adapter=resolve(model),
-                    weight_fn=make_weight_fn(cfg, resolve(model), model.config, windows))
+    quantize_layers(
+        model,
+        cfg,
+        windows,
+        adapter=resolve(model),
+        weight_fn=make_weight_fn(cfg, resolve(model), model.config, windows),
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     acts = args.nsamples * args.expand * args.seqlen * args.hidden * 4
-    print(json.dumps({"expand": args.expand, "peak_rss_MiB": peak / 1024, "before_MiB": base / 1024,
-                      "activation_bytes_MiB": acts / 2**20}))
+    print(
+        json.dumps(
+            {
+                "expand": args.expand,
+                "peak_rss_MiB": peak / 1024,
+                "before_MiB": base / 1024,
+                "activation_bytes_MiB": acts / 2**20,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -60,15 +84,29 @@ def main() -> None:
         return
     rows = []
     for f in [int(x) for x in args.factors.split(",")]:
-        cmd = [sys.executable, __file__, "--hidden", str(args.hidden), "--layers", str(args.layers), "--nsamples",
-               str(args.nsamples), "--seqlen", str(args.seqlen), "--expand", str(f)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--expand",
+            str(f),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
     base = rows[0]
     print(f"{'F':>3} {'activations MiB':>16} {'peak RSS MiB':>13} {'RSS growth vs F=1':>18}")
     for r in rows:
-        print(f"{r['expand']:>3} {r['activation_bytes_MiB']:>16.0f} {r['peak_rss_MiB']:>13.0f} "
-              f"{r['peak_rss_MiB'] / base['peak_rss_MiB']:>17.2f}x")
+        print(
+            f"{r['expand']:>3} {r['activation_bytes_MiB']:>16.0f} {r['peak_rss_MiB']:>13.0f} "
+            f"{r['peak_rss_MiB'] / base['peak_rss_MiB']:>17.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -137,8 +137,12 @@ def cases(quick: bool, only_m: int | None = None):
     bit_list = (4, 3) if quick else (4, 3, 2)
     groups = (-1,) if quick else (-1, 128)
     for n, k in SHAPES:
-        for m, main, other in ((1, "gemv", "small"), (4, "gemv", "small"), (16, "small", None),
-                               (2048, "dequant_mm", "large")):
+        for m, main, other in (
+            (1, "gemv", "small"),
+            (4, "gemv", "small"),
+            (16, "small", None),
+            (2048, "dequant_mm", "large"),
+        ):
             if only_m is not None and m != only_m:
                 continue
             for bits in bit_list:
@@ -155,8 +159,7 @@ def _warm(case):
         n_small = 64 if n % 16 == 0 else 63  # same divisibility by 16 as the real N
         qw, s, z = packed_weight(n_small, k, bits, g)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        kernel_fns()[name](x, qw, s, z, None, bits=bits, in_features=k, group_size=g,
-                           **_config(name, n, k, m, bits, g))
+        kernel_fns()[name](x, qw, s, z, None, bits=bits, in_features=k, group_size=g, **_config(name, n, k, m, bits, g))
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # reported, and the case is retried (and fails visibly) in the main process
@@ -199,23 +202,57 @@ def run_case(case, results, copy_bw, bf16_cache):
         del ws
     t16 = bf16_cache[key]
     nbytes = wb + 2 * m * (k + n)
-    results.append(dict(n=n, k=k, m=m, bits=bits, g=g, kernel=name, us=t, bf16_us=t16, speedup=t16 / t,
-                        gbs=nbytes / (t * 1e-6) / 1e9, pct=nbytes / (t * 1e-6) / copy_bw * 100, rel=rel,
-                        ok=ok, tflops=2 * m * n * k / (t * 1e-6) / 1e12,
-                        bf16_tflops=2 * m * n * k / (t16 * 1e-6) / 1e12))
+    results.append(
+        dict(
+            n=n,
+            k=k,
+            m=m,
+            bits=bits,
+            g=g,
+            kernel=name,
+            us=t,
+            bf16_us=t16,
+            speedup=t16 / t,
+            gbs=nbytes / (t * 1e-6) / 1e9,
+            pct=nbytes / (t * 1e-6) / copy_bw * 100,
+            rel=rel,
+            ok=ok,
+            tflops=2 * m * n * k / (t * 1e-6) / 1e12,
+            bf16_tflops=2 * m * n * k / (t16 * 1e-6) / 1e12,
+        )
+    )
     r = results[-1]
-    print(f"{n:>5}x{k:<5} M={m:<4} {bits}b g={g:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  "
-          f"x{r['speedup']:5.2f}  {r['gbs']:7.0f} GB/s ({r['pct']:5.1f}%)  rel {rel:.1e}{'' if ok else '  FAIL'}",
-          flush=True)
+    print(
+        f"{n:>5}x{k:<5} M={m:<4} {bits}b g={g:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  "
+        f"x{r['speedup']:5.2f}  {r['gbs']:7.0f} GB/s ({r['pct']:5.1f}%)  rel {rel:.1e}{'' if ok else '  FAIL'}",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------- sweep
 
-GEMV_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw) for bn, bk, nw in
-              ((8, 1024, 4), (8, 2048, 8), (8, 4096, 8), (4, 2048, 8), (16, 2048, 8), (8, 2048, 4), (4, 4096, 8))]
-SMALL_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=sp) for bn, bk, nw, ns, sp in
-               ((64, 256, 4, 3, 1.0), (64, 256, 4, 3, 2.0), (64, 256, 4, 3, 0.5), (64, 128, 4, 4, 1.0),
-                (128, 128, 8, 3, 1.0))]
+GEMV_SWEEP = [
+    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    for bn, bk, nw in (
+        (8, 1024, 4),
+        (8, 2048, 8),
+        (8, 4096, 8),
+        (4, 2048, 8),
+        (16, 2048, 8),
+        (8, 2048, 4),
+        (4, 4096, 8),
+    )
+]
+SMALL_SWEEP = [
+    dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=sp)
+    for bn, bk, nw, ns, sp in (
+        (64, 256, 4, 3, 1.0),
+        (64, 256, 4, 3, 2.0),
+        (64, 256, 4, 3, 0.5),
+        (64, 128, 4, 4, 1.0),
+        (128, 128, 8, 3, 1.0),
+    )
+]
 
 
 def sweep_cases():
@@ -235,8 +272,14 @@ def _sweep_config(name, n, k, m, bits, g, cfg):
         return dict(cfg, BLOCK_M=triton_next_pow2(m))
     base = T.small_config(m, n, k, bits, g, torch.cuda.get_device_properties(0).multi_processor_count)
     split = max(1, round(base["SPLIT_K"] * cfg["split"]))
-    out = dict(base, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-               num_stages=cfg["num_stages"], SPLIT_K=split)
+    out = dict(
+        base,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        SPLIT_K=split,
+    )
     if cfg["BLOCK_N"] != base["BLOCK_N"]:
         out["SPLIT_K"] = max(1, round(split * base["BLOCK_N"] / cfg["BLOCK_N"]))
     return out
@@ -251,8 +294,9 @@ def _warm_sweep(case):
     try:
         qw, s, z = packed_weight(64, k, bits, g)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        kernel_fns()[name](x, qw, s, z, None, bits=bits, in_features=k, group_size=g,
-                           config=_sweep_config(name, n, k, m, bits, g, cfg))
+        kernel_fns()[name](
+            x, qw, s, z, None, bits=bits, in_features=k, group_size=g, config=_sweep_config(name, n, k, m, bits, g, cfg)
+        )
         torch.cuda.synchronize()
         return None
     except Exception as exc:
@@ -275,8 +319,10 @@ def run_sweep(copy_bw) -> list[str]:
             rel = ((y.float() - ref).norm() / ref.norm()).item()
             t = graph_time_us([lambda c=c: fn(x, *c, None, **kw) for c in copies])
             nbytes = wb + 2 * m * (k + n)
-            lines.append(f"sweep {name:5} {n:>5}x{k:<5} M={m:<2} {bits}b {conf}: {t:8.2f} us "
-                         f"{nbytes / (t * 1e-6) / copy_bw * 100:5.1f}% rel {rel:.1e}")
+            lines.append(
+                f"sweep {name:5} {n:>5}x{k:<5} M={m:<2} {bits}b {conf}: {t:8.2f} us "
+                f"{nbytes / (t * 1e-6) / copy_bw * 100:5.1f}% rel {rel:.1e}"
+            )
         except Exception as exc:
             lines.append(f"sweep {case}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
         print(lines[-1], flush=True)
@@ -298,8 +344,7 @@ def e2e(copy_bw) -> list[str]:
     lines = []
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
     scale = torch.tensor([[0.01]], device="cuda")
-    for label, bits in (("bf16", None), ("4-bit", 4), ("3-bit", 3), ("4-bit+H", 4), ("e8p", "e8p"),
-                        ("e8p+H", "e8p")):
+    for label, bits in (("bf16", None), ("4-bit", 4), ("3-bit", 3), ("4-bit+H", 4), ("e8p", "e8p"), ("e8p+H", "e8p")):
         layers = []
         total = 0
         for _ in range(32):
@@ -317,12 +362,17 @@ def e2e(copy_bw) -> list[str]:
                 else:
                     qw, s, z = packed_weight(n, k, bits, -1)
                     cfg = T.gemv_config(1, n, k, bits, -1)
-                    layers.append(lambda qw=qw, s=s, z=z, k=k, cfg=cfg: T.gemv(
-                        x[k], qw, s, z, None, bits=bits, in_features=k, group_size=-1, config=cfg))
+                    layers.append(
+                        lambda qw=qw, s=s, z=z, k=k, cfg=cfg: T.gemv(
+                            x[k], qw, s, z, None, bits=bits, in_features=k, group_size=-1, config=cfg
+                        )
+                    )
                     total += weight_bytes(n, k, bits, -1)
         t = graph_time_us(layers, replays=5) * len(layers)  # per token (len counts the Hadamard calls too)
-        lines.append(f"e2e proxy {label:>6}: {t / 1e3:7.3f} ms/token  {1e6 / t:7.1f} tokens/s  "
-                     f"{total / 1e9:5.2f} GB weights  {total / (t * 1e-6) / copy_bw * 100:5.1f}% of copy bandwidth")
+        lines.append(
+            f"e2e proxy {label:>6}: {t / 1e3:7.3f} ms/token  {1e6 / t:7.1f} tokens/s  "
+            f"{total / 1e9:5.2f} GB weights  {total / (t * 1e-6) / copy_bw * 100:5.1f}% of copy bandwidth"
+        )
         print(lines[-1], flush=True)
         del layers
         torch.cuda.empty_cache()
@@ -334,7 +384,7 @@ def e2e(copy_bw) -> list[str]:
 
 def e8p_cases(quick: bool):
     for n, k in SHAPES:
-        for m in ((1, 16) if quick else (1, 4, 16, 2048)):
+        for m in (1, 16) if quick else (1, 4, 16, 2048):
             yield n, k, m
 
 
@@ -347,8 +397,9 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
     rows = []
     for n, k, m in e8p_cases(quick):
         nbytes_w = n * k // 4
-        copies = [codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), device="cuda"))
-                  for _ in range(n_copies(nbytes_w))]
+        copies = [
+            codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), device="cuda")) for _ in range(n_copies(nbytes_w))
+        ]
         scale = torch.tensor([[0.01]], device="cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ (e8p_decode(copies[0].reshape(-1)).reshape(n, k) * 0.01).T
@@ -363,11 +414,26 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
             ok = bool(torch.isfinite(y).all()) and rel <= 1e-2
             t = graph_time_us([lambda c=c: fn(x, c, scale) for c in copies]) if ok else float("nan")
             nbytes = nbytes_w + 2 * m * (k + n)
-            rows.append(dict(n=n, k=k, m=m, kernel=name, us=t, bf16_us=t16, speedup=t16 / t, ok=ok, rel=rel,
-                             pct=nbytes / (t * 1e-6) / copy_bw * 100))
+            rows.append(
+                dict(
+                    n=n,
+                    k=k,
+                    m=m,
+                    kernel=name,
+                    us=t,
+                    bf16_us=t16,
+                    speedup=t16 / t,
+                    ok=ok,
+                    rel=rel,
+                    pct=nbytes / (t * 1e-6) / copy_bw * 100,
+                )
+            )
             r = rows[-1]
-            print(f"e8p {n:>5}x{k:<5} M={m:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
-                  f"{r['pct']:5.1f}% copy BW  rel {rel:.1e}{'' if ok else '  FAIL'}", flush=True)
+            print(
+                f"e8p {n:>5}x{k:<5} M={m:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
+                f"{r['pct']:5.1f}% copy BW  rel {rel:.1e}{'' if ok else '  FAIL'}",
+                flush=True,
+            )
         del copies
         torch.cuda.empty_cache()
     return rows
@@ -382,11 +448,14 @@ def run_hadamard(quick: bool, copy_bw) -> list[dict]:
     from rsq.rotation.hadamard import hadamard_transform
 
     rows = []
-    sites = [("down_proj 14336", 14336, False, 1, 4096), ("full 4096", 4096, False, 1, 4096),
-             ("heads 32x128", 32, True, 128, 4096)]
+    sites = [
+        ("down_proj 14336", 14336, False, 1, 4096),
+        ("full 4096", 4096, False, 1, 4096),
+        ("heads 32x128", 32, True, 128, 4096),
+    ]
     for label, n, cross, hd, out in sites:
         width = n * hd
-        for m in ((1, 2048) if quick else (1, 16, 2048)):
+        for m in (1, 2048) if quick else (1, 16, 2048):
             xs = [torch.randn(m, width, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * m * width))]
             y = TH.hadamard(xs[0], n, cross, hd)
             if cross:
@@ -397,19 +466,25 @@ def run_hadamard(quick: bool, copy_bw) -> list[dict]:
             rel = ((y.float() - ref).norm() / ref.norm()).item()
             t = graph_time_us([lambda x=x: TH.hadamard(x, n, cross, hd) for x in xs])
             if cross:
+
                 def torch_fn(x):
                     v = x.reshape(m, n, hd).transpose(1, 2)
                     return hadamard_transform(v, n).transpose(1, 2).reshape(m, width)
             else:
+
                 def torch_fn(x):
                     return hadamard_transform(x, n)
+
             t_torch = graph_time_us([lambda x=x: torch_fn(x) for x in xs])
             w = torch.randn(out, width, device="cuda", dtype=torch.bfloat16)
             t_mm = graph_time_us([lambda x=x: torch.matmul(x, w.t()) for x in xs[:4]])
             floor = 2 * 2 * m * width / copy_bw * 1e6
             rows.append(dict(site=label, m=m, us=t, torch_us=t_torch, floor_us=floor, mm_us=t_mm, rel=rel))
-            print(f"hadamard {label:<16} M={m:<4} triton {t:8.2f} us  torch {t_torch:8.2f} us (x{t_torch / t:5.1f})  "
-                  f"copy floor {floor:7.2f} us  next matmul {t_mm:8.2f} us  rel {rel:.1e}", flush=True)
+            print(
+                f"hadamard {label:<16} M={m:<4} triton {t:8.2f} us  torch {t_torch:8.2f} us (x{t_torch / t:5.1f})  "
+                f"copy floor {floor:7.2f} us  next matmul {t_mm:8.2f} us  rel {rel:.1e}",
+                flush=True,
+            )
             del xs
             torch.cuda.empty_cache()
     return rows
@@ -422,8 +497,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
     ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
     ap.add_argument("--m", type=int, default=None, help="only this token count (1, 4, 16 or 2048)")
-    ap.add_argument("--only", choices=("scalar", "e8p", "hadamard"), action="append",
-                    help="run only these sections (repeatable; default: all)")
+    ap.add_argument(
+        "--only",
+        choices=("scalar", "e8p", "hadamard"),
+        action="append",
+        help="run only these sections (repeatable; default: all)",
+    )
     args = ap.parse_args()
     only = set(args.only or ("scalar", "e8p", "hadamard"))
     if not torch.cuda.is_available():
@@ -442,8 +521,11 @@ def main() -> None:
                     print(err, flush=True)
     copy_bw = copy_bandwidth()
     peak = matmul_tflops()
-    print(f"device {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
-          f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s", flush=True)
+    print(
+        f"device {props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+        f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s",
+        flush=True,
+    )
     sweep_lines = run_sweep(copy_bw) if args.sweep else []
     results, bf16_cache = [], {}
     for case in all_cases:
@@ -465,22 +547,28 @@ def main() -> None:
             best[key] = r
     for r in results:
         mark = "*" if best.get((r["n"], r["k"], r["m"], r["bits"], r["g"])) is r else ""
-        print(f"| {r['n']}x{r['k']} | {r['m']} | {r['bits']} | {r['g']} | {r['kernel']}{mark} | {r['us']:.1f} | "
-              f"{r['bf16_us']:.1f} | {r['speedup']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} | {r['tflops']:.0f} |"
-              + ("" if r["ok"] else " FAIL"))
+        print(
+            f"| {r['n']}x{r['k']} | {r['m']} | {r['bits']} | {r['g']} | {r['kernel']}{mark} | {r['us']:.1f} | "
+            f"{r['bf16_us']:.1f} | {r['speedup']:.2f} | {r['gbs']:.0f} | {r['pct']:.0f} | {r['tflops']:.0f} |"
+            + ("" if r["ok"] else " FAIL")
+        )
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; bf16 8192^3 matmul {peak:.0f} TFLOP/s; * = fastest kernel")
     if e8p_rows:
         print("\n| E8P out x in | M | kernel | us | bf16 us | speed-up | % copy BW |")
         print("|---|---|---|---|---|---|---|")
         for r in e8p_rows:
-            print(f"| {r['n']}x{r['k']} | {r['m']} | {r['kernel']} | {r['us']:.1f} | {r['bf16_us']:.1f} | "
-                  f"{r['speedup']:.2f} | {r['pct']:.0f} |" + ("" if r["ok"] else " FAIL"))
+            print(
+                f"| {r['n']}x{r['k']} | {r['m']} | {r['kernel']} | {r['us']:.1f} | {r['bf16_us']:.1f} | "
+                f"{r['speedup']:.2f} | {r['pct']:.0f} |" + ("" if r["ok"] else " FAIL")
+            )
     if had_rows:
         print("\n| Hadamard site | M | triton us | torch us | torch/triton | copy floor us | next matmul us |")
         print("|---|---|---|---|---|---|---|")
         for r in had_rows:
-            print(f"| {r['site']} | {r['m']} | {r['us']:.2f} | {r['torch_us']:.2f} | {r['torch_us'] / r['us']:.1f} | "
-                  f"{r['floor_us']:.2f} | {r['mm_us']:.2f} |")
+            print(
+                f"| {r['site']} | {r['m']} | {r['us']:.2f} | {r['torch_us']:.2f} | {r['torch_us'] / r['us']:.1f} | "
+                f"{r['floor_us']:.2f} | {r['mm_us']:.2f} |"
+            )
     for line in sweep_lines:
         print(line)
     for line in e2e_lines:

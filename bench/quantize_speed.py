@@ -91,9 +91,11 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
         handles = []
         current = {}
         for name, m in modules.items():
+
             def hook(mod, args, res, name=name):
                 x = args[0].float().reshape(-1, mod.in_features) * current["w"].reshape(-1, 1).sqrt()
                 H[name] += x.T @ x
+
             handles.append(m.register_forward_hook(hook))
         for i in range(n):
             current["w"] = weights[i]
@@ -124,9 +126,13 @@ def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: boo
     cfg_dir = tempfile.mkdtemp(prefix="llmc-config-")
     model.config.save_pretrained(cfg_dir)
     model.config.name_or_path = cfg_dir
-    scheme = {"targets": ["Linear"], "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"}}
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128,
-                          dampening_frac=0.01)
+    scheme = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"},
+    }
+    recipe = GPTQModifier(
+        config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128, dampening_frac=0.01
+    )
     data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     # oneshot insists on a processor when given data; the windows are already token ids
@@ -139,12 +145,22 @@ def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: boo
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    oneshot(model=model, processor=tok, dataset=loader, recipe=recipe, num_calibration_samples=len(windows),
-            max_seq_length=windows.shape[1], pipeline="sequential")
+    oneshot(
+        model=model,
+        processor=tok,
+        dataset=loader,
+        recipe=recipe,
+        num_calibration_samples=len(windows),
+        max_seq_length=windows.shape[1],
+        pipeline="sequential",
+    )
     if cuda:
         torch.cuda.synchronize()
-    return {"llmc_layers": layers, "llmc_s": time.perf_counter() - t0,
-            "llmc_peak_gpu_GiB": torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0}
+    return {
+        "llmc_layers": layers,
+        "llmc_s": time.perf_counter() - t0,
+        "llmc_peak_gpu_GiB": torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0,
+    }
 
 
 def main() -> None:
@@ -158,25 +174,50 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="structure-preserving tiny config (CPU smoke test)")
-    ap.add_argument("--gptq-inner", type=int, default=None,
-                    help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
-                         "gives the one-level block of the earlier version, for comparison)")
-    ap.add_argument("--llmc-layers", type=int, default=None,
-                    help="layers of the model llm-compressor's GPTQ is timed on (default 4, or 2 with --quick; 0 = "
-                         "skip); its per-layer time is extrapolated to --layers")
-    ap.add_argument("--model-home", default="cpu", choices=("cpu", "device"),
-                    help="where the model waits between its layers' turns (built and rotated on the device "
-                         "either way; cpu is what `rsq quantize` does with a model loaded from disk)")
-    ap.add_argument("--expand", type=int, default=1,
-                    help="dataset expansion factor (spec §5): nsamples x expand rolled windows")
-    ap.add_argument("--offload", default="device", choices=("device", "cpu", "disk", "auto"),
-                    help="where the calibration activations live (cpu: pinned host memory; x8 expansion at 8B "
-                         "needs 68.7 GB: cpu on a 128 GiB host)")
-    ap.add_argument("--profile", default=None,
-                    help="run the quantization under torch.profiler and write its kernel table (top 60 by "
-                         "self device time) to this file")
-    ap.add_argument("--gptq-fused", type=int, choices=(0, 1), default=1,
-                    help="1: each 16-column sub-block's column loop as one Triton kernel on CUDA (default); 0: torch loop")
+    ap.add_argument(
+        "--gptq-inner",
+        type=int,
+        default=None,
+        help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
+        "gives the one-level block of the earlier version, for comparison)",
+    )
+    ap.add_argument(
+        "--llmc-layers",
+        type=int,
+        default=None,
+        help="layers of the model llm-compressor's GPTQ is timed on (default 4, or 2 with --quick; 0 = "
+        "skip); its per-layer time is extrapolated to --layers",
+    )
+    ap.add_argument(
+        "--model-home",
+        default="cpu",
+        choices=("cpu", "device"),
+        help="where the model waits between its layers' turns (built and rotated on the device "
+        "either way; cpu is what `rsq quantize` does with a model loaded from disk)",
+    )
+    ap.add_argument(
+        "--expand", type=int, default=1, help="dataset expansion factor (spec §5): nsamples x expand rolled windows"
+    )
+    ap.add_argument(
+        "--offload",
+        default="device",
+        choices=("device", "cpu", "disk", "auto"),
+        help="where the calibration activations live (cpu: pinned host memory; x8 expansion at 8B "
+        "needs 68.7 GB: cpu on a 128 GiB host)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="run the quantization under torch.profiler and write its kernel table (top 60 by "
+        "self device time) to this file",
+    )
+    ap.add_argument(
+        "--gptq-fused",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: each 16-column sub-block's column loop as one Triton kernel on CUDA (default); 0: torch loop",
+    )
     args = ap.parse_args()
     import rsq.solver.gptq as gptq_module
 
@@ -189,18 +230,28 @@ def main() -> None:
     device = args.device
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}  torch {torch.__version__}  layers {layers}  calib {nsamples}x{seqlen}",
-          flush=True)
+    print(
+        f"device {torch.cuda.get_device_name() if cuda else 'cpu'}  torch {torch.__version__}  "
+        f"layers {layers}  calib {nsamples}x{seqlen}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     model = build_model(layers, device, args.tiny)
     sync()
     t_build = time.perf_counter() - t0
     adapter = resolve(model)
-    cfg = RSQConfig(method="rsq", grid=GridConfig(bits=3), rotation=RotationConfig(enabled=True),
-                    importance=ImportanceConfig(strategy="attncon", expand=args.expand),
-                    calib=CalibConfig(nsamples=nsamples, seqlen=seqlen), dtype="bfloat16", device=device,
-                    batch_size=args.batch_size, offload=args.offload)
+    cfg = RSQConfig(
+        method="rsq",
+        grid=GridConfig(bits=3),
+        rotation=RotationConfig(enabled=True),
+        importance=ImportanceConfig(strategy="attncon", expand=args.expand),
+        calib=CalibConfig(nsamples=nsamples, seqlen=seqlen),
+        dtype="bfloat16",
+        device=device,
+        batch_size=args.batch_size,
+        offload=args.offload,
+    )
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)
 
@@ -213,9 +264,15 @@ def main() -> None:
     ref = None
     if args.ref_layers:
         ref_layers = [copy.deepcopy(adapter.get_layers(model)[i]) for i in range(args.ref_layers)]
-        store = ActivationStore(nsamples, seqlen, model.config.hidden_size, torch.bfloat16, torch.device(device), "device")
-        kwargs = capture_layer0_inputs(model, adapter.get_layers(model), windows, store, args.batch_size, torch.device(device))
-        print("layer kwargs:", {k: (type(v).__name__, getattr(v, "shape", None)) for k, v in kwargs.items()}, flush=True)
+        store = ActivationStore(
+            nsamples, seqlen, model.config.hidden_size, torch.bfloat16, torch.device(device), "device"
+        )
+        kwargs = capture_layer0_inputs(
+            model, adapter.get_layers(model), windows, store, args.batch_size, torch.device(device)
+        )
+        print(
+            "layer kwargs:", {k: (type(v).__name__, getattr(v, "shape", None)) for k, v in kwargs.items()}, flush=True
+        )
         X = store.data
         sync()
         t0 = time.perf_counter()
@@ -223,8 +280,9 @@ def main() -> None:
         for layer in ref_layers:
             ref_w.append(reference_layer(layer, adapter, model.config, X, kwargs, cfg))
             print(f"  reference layer done at {time.perf_counter() - t0:.1f} s", flush=True)
-            X = torch.cat([layer_forward(layer, X[i : i + args.batch_size], kwargs)
-                           for i in range(0, nsamples, args.batch_size)])
+            X = torch.cat(
+                [layer_forward(layer, X[i : i + args.batch_size], kwargs) for i in range(0, nsamples, args.batch_size)]
+            )
         sync()
         t_ref = (time.perf_counter() - t0) / args.ref_layers
         store.close()
@@ -261,9 +319,21 @@ def main() -> None:
     t_quant = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
 
-    figures = {"layers": layers, "nsamples": nsamples, "seqlen": seqlen, "expand": args.expand, "offload": args.offload, "build_s": t_build, "rotate_s": t_rotate,
-               "quantize_s": t_quant, "total_s": t_rotate + t_quant, "stages_s": state.timings,
-               "peak_gpu_GiB": peak_gpu, "peak_host_GiB": host_peak_gib(), "gpu_peak_by_stage_GiB": state.gpu_peaks}
+    figures = {
+        "layers": layers,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "expand": args.expand,
+        "offload": args.offload,
+        "build_s": t_build,
+        "rotate_s": t_rotate,
+        "quantize_s": t_quant,
+        "total_s": t_rotate + t_quant,
+        "stages_s": state.timings,
+        "peak_gpu_GiB": peak_gpu,
+        "peak_host_GiB": host_peak_gib(),
+        "gpu_peak_by_stage_GiB": state.gpu_peaks,
+    }
     if ref is not None:
         ref_w, t_ref = ref
         # GPTQ is chaotic (one rounding flip changes every later column of a row), so the two
@@ -275,9 +345,14 @@ def main() -> None:
                 W, w_ref, Hn = W.to(device), w_ref.to(device), Hn.to(device)
                 w = adapter.get_layers(model)[i].get_submodule(name).weight.float().to(device)
                 ratios[f"{i}.{name}"] = layer_error(W, w, Hn) / layer_error(W, w_ref, Hn)
-        figures.update(ref_s_per_layer=t_ref, ref_s_extrapolated=t_ref * layers,
-                       speedup_vs_ref=t_ref * layers / t_quant, error_ratio_fast_over_ref=ratios,
-                       error_ratio_max=max(ratios.values()), error_ratio_min=min(ratios.values()))
+        figures.update(
+            ref_s_per_layer=t_ref,
+            ref_s_extrapolated=t_ref * layers,
+            speedup_vs_ref=t_ref * layers / t_quant,
+            error_ratio_fast_over_ref=ratios,
+            error_ratio_max=max(ratios.values()),
+            error_ratio_min=min(ratios.values()),
+        )
     llmc_layers = min(layers, args.llmc_layers if args.llmc_layers is not None else (2 if args.quick else 4))
     if llmc_layers:
         try:
@@ -294,10 +369,14 @@ def main() -> None:
         # two ratios: all layers (llm-compressor's time per layer, its fixed costs included, times
         # the layer count) and like for like (rsq's own time to its llmc_layers-th layer; rsq's
         # rotation and first-layer setup then weigh more)
-        figures.update(llmc, llmc_s_per_layer=per_layer, llmc_s_extrapolated=per_layer * layers,
-                       speedup_vs_llmc=per_layer * layers / (t_rotate + t_quant),
-                       rsq_s_first_llmc_layers=t_rotate + at_layer[llmc_layers],
-                       speedup_vs_llmc_same_layers=llmc["llmc_s"] / (t_rotate + at_layer[llmc_layers]))
+        figures.update(
+            llmc,
+            llmc_s_per_layer=per_layer,
+            llmc_s_extrapolated=per_layer * layers,
+            speedup_vs_llmc=per_layer * layers / (t_rotate + t_quant),
+            rsq_s_first_llmc_layers=t_rotate + at_layer[llmc_layers],
+            speedup_vs_llmc_same_layers=llmc["llmc_s"] / (t_rotate + at_layer[llmc_layers]),
+        )
     print(json.dumps(figures, indent=2))
     print()
     print(f"{'stage':<12} {'seconds':>9}")
@@ -305,17 +384,24 @@ def main() -> None:
         print(f"{k:<12} {v:9.1f}")
     print(f"{'rotate':<12} {t_rotate:9.1f}")
     print(f"{'TOTAL':<12} {t_rotate + t_quant:9.1f}   (target < 180 s at 256x4096, 32 layers)")
-    print(f"peak GPU {peak_gpu:.1f} GiB (run's peak at the end of each stage: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in figures["gpu_peak_by_stage_GiB"].items()) + f"), peak host {figures['peak_host_GiB']:.1f} GiB")
+    print(
+        f"peak GPU {peak_gpu:.1f} GiB (run's peak at the end of each stage: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in figures["gpu_peak_by_stage_GiB"].items())
+        + f"), peak host {figures['peak_host_GiB']:.1f} GiB"
+    )
     if ref is not None:
-        print(f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
-              f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; layer error fast/ref "
-              f"{figures['error_ratio_min']:.3f}..{figures['error_ratio_max']:.3f} (must be within 0.95..1.05)")
+        print(
+            f"plain reference: {ref[1]:.1f} s/layer -> {ref[1] * layers:.0f} s for {layers} layers "
+            f"(extrapolated); speed-up {figures['speedup_vs_ref']:.1f}x; layer error fast/ref "
+            f"{figures['error_ratio_min']:.3f}..{figures['error_ratio_max']:.3f} (must be within 0.95..1.05)"
+        )
     if llmc_layers:
-        print(f"llm-compressor GPTQ (3-bit per channel, no rotation/importance): {figures['llmc_s']:.1f} s for "
-              f"{llmc_layers} layers -> {figures['llmc_s_extrapolated']:.0f} s for {layers} (extrapolated); "
-              f"speed-up {figures['speedup_vs_llmc']:.1f}x (same {llmc_layers} layers: "
-              f"{figures['speedup_vs_llmc_same_layers']:.1f}x); its peak GPU {figures['llmc_peak_gpu_GiB']:.1f} GiB")
+        print(
+            f"llm-compressor GPTQ (3-bit per channel, no rotation/importance): {figures['llmc_s']:.1f} s for "
+            f"{llmc_layers} layers -> {figures['llmc_s_extrapolated']:.0f} s for {layers} (extrapolated); "
+            f"speed-up {figures['speedup_vs_llmc']:.1f}x (same {llmc_layers} layers: "
+            f"{figures['speedup_vs_llmc_same_layers']:.1f}x); its peak GPU {figures['llmc_peak_gpu_GiB']:.1f} GiB"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

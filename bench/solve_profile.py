@@ -48,8 +48,11 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     grid, solver = GridConfig(bits=args.bits), SolverConfig()
     g = torch.Generator(device=dev).manual_seed(0)
-    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, widths / {args.scale}, "
-          f"{args.bits}-bit per channel, MSE clip", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, widths / {args.scale}, "
+        f"{args.bits}-bit per channel, MSE clip",
+        flush=True,
+    )
     print("| group | rows x cols | scales s | cholesky s | gptq first s | gptq again s | loop (again) s |")
     print("|---|---|---|---|---|---|---|")
     totals = [0.0, 0.0, 0.0, 0.0]
@@ -60,17 +63,24 @@ def main() -> None:
         H = X.T @ X / X.shape[0]
         del X
         t_scale = min(timed(lambda: find_params(W, grid), sync)[0] for _ in range(args.repeats))
-        t_chol = min(timed(lambda: damped_inverse_cholesky(prepare_hessian(W.clone(), H.clone())[1],
-                                                           solver.damp_frac, solver.damp_retries), sync)[0]
-                     for _ in range(args.repeats))
-        calls = [timed(lambda: gptq_quantize(W.clone(), H.clone(), grid, solver), sync)[0]
-                 for _ in range(args.repeats)]
+        t_chol = min(
+            timed(
+                lambda: damped_inverse_cholesky(
+                    prepare_hessian(W.clone(), H.clone())[1], solver.damp_frac, solver.damp_retries
+                ),
+                sync,
+            )[0]
+            for _ in range(args.repeats)
+        )
+        calls = [timed(lambda: gptq_quantize(W.clone(), H.clone(), grid, solver), sync)[0] for _ in range(args.repeats)]
         again = calls[-1]
         loop = again - t_scale - t_chol
         for i, v in enumerate((t_scale, t_chol, again, loop)):
             totals[i] += v
-        print(f"| {name} | {rows}x{cols} | {t_scale:.3f} | {t_chol:.3f} | {calls[0]:.3f} | {again:.3f} | {loop:.3f} |",
-              flush=True)
+        print(
+            f"| {name} | {rows}x{cols} | {t_scale:.3f} | {t_chol:.3f} | {calls[0]:.3f} | {again:.3f} | {loop:.3f} |",
+            flush=True,
+        )
     print(f"| per layer | | {totals[0]:.3f} | {totals[1]:.3f} | | {totals[2]:.3f} | {totals[3]:.3f} |")
 
 

@@ -23,7 +23,9 @@ import torch
 from rsq.config import RSQConfig
 
 
-def grid_cells(base: RSQConfig, methods: list[str], strategies: list[str], seeds: list[int]) -> list[tuple[str, RSQConfig]]:
+def grid_cells(
+    base: RSQConfig, methods: list[str], strategies: list[str], seeds: list[int]
+) -> list[tuple[str, RSQConfig]]:
     """(cell name, config) for every run of the grid. ``rsq`` (and ``rsq-norot``) run once per strategy."""
     from rsq.config import method_preset
 
@@ -37,7 +39,9 @@ def grid_cells(base: RSQConfig, methods: list[str], strategies: list[str], seeds
             names = strategies if method == "rsq" else [preset["importance"]]
             for strategy in names:
                 cfg = replace(
-                    base, method=method, seed=seed,
+                    base,
+                    method=method,
+                    seed=seed,
                     rotation=replace(base.rotation, enabled=rotate, seed=seed),
                     importance=replace(base.importance, strategy=strategy),
                     solver=replace(base.solver, algorithm="ldlq" if base.grid.kind == "e8p" else preset["algorithm"]),
@@ -47,8 +51,15 @@ def grid_cells(base: RSQConfig, methods: list[str], strategies: list[str], seeds
     return cells
 
 
-def run_grid(cells: list[tuple[str, RSQConfig]], out: Path, *, gpus: int = 0, ppl_max_windows: int = 40,
-             ppl_seqlen: int = 512, progress: Callable | None = None) -> list[dict]:
+def run_grid(
+    cells: list[tuple[str, RSQConfig]],
+    out: Path,
+    *,
+    gpus: int = 0,
+    ppl_max_windows: int = 40,
+    ppl_seqlen: int = 512,
+    progress: Callable | None = None,
+) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     todo = [(name, cfg) for name, cfg in cells if not (out / name / "results.json").is_file()]
     if gpus > 1 and todo:
@@ -62,9 +73,15 @@ def run_grid(cells: list[tuple[str, RSQConfig]], out: Path, *, gpus: int = 0, pp
         for k, (name, cfg) in enumerate(todo):
             if progress:
                 progress("grid", k, len(todo))
-            run_quantize(cfg, out / name, overwrite=True, resume=can_resume(out / name, cfg),
-                         ppl_max_windows=ppl_max_windows, ppl_seqlen=ppl_seqlen,
-                         preloaded=(copy.deepcopy(base[0]), base[1]))
+            run_quantize(
+                cfg,
+                out / name,
+                overwrite=True,
+                resume=can_resume(out / name, cfg),
+                ppl_max_windows=ppl_max_windows,
+                ppl_seqlen=ppl_seqlen,
+                preloaded=(copy.deepcopy(base[0]), base[1]),
+            )
         if progress:
             progress("grid", len(todo), len(todo))
     return [dict(json.loads((out / name / "results.json").read_text()), cell=name) for name, _ in cells]
@@ -75,8 +92,14 @@ def _worker(job: tuple) -> str:
     from rsq.run import can_resume, run_quantize
 
     cfg = RSQConfig.from_dict({**cfg_dict, "device": device})
-    run_quantize(cfg, Path(out) / name, overwrite=True, resume=can_resume(Path(out) / name, cfg),
-                 ppl_max_windows=ppl_max_windows, ppl_seqlen=ppl_seqlen)
+    run_quantize(
+        cfg,
+        Path(out) / name,
+        overwrite=True,
+        resume=can_resume(Path(out) / name, cfg),
+        ppl_max_windows=ppl_max_windows,
+        ppl_seqlen=ppl_seqlen,
+    )
     return name
 
 
@@ -84,8 +107,10 @@ def _run_parallel(todo, out: Path, gpus: int, ppl_max_windows: int, ppl_seqlen: 
     """One process per GPU (spawned), each taking cells round-robin."""
     import multiprocessing as mp
 
-    jobs = [(name, cfg.to_dict(), str(out), ppl_max_windows, ppl_seqlen, f"cuda:{k % gpus}")
-            for k, (name, cfg) in enumerate(todo)]
+    jobs = [
+        (name, cfg.to_dict(), str(out), ppl_max_windows, ppl_seqlen, f"cuda:{k % gpus}")
+        for k, (name, cfg) in enumerate(todo)
+    ]
     ctx = mp.get_context("spawn")
     # jobs are grouped per GPU so that two processes never share one device
     per_gpu = [[j for j in jobs if j[-1] == f"cuda:{g}"] for g in range(gpus)]
@@ -107,8 +132,16 @@ def summarize(runs: list[dict], source: str = "wikitext2") -> list[dict]:
         bits[label] = r["config"]["grid"]["bits"]
     rows = []
     for label, vals in groups.items():
-        rows.append({"label": label, "bits": bits[label], "mean": statistics.fmean(vals),
-                     "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals), "values": vals})
+        rows.append(
+            {
+                "label": label,
+                "bits": bits[label],
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "n": len(vals),
+                "values": vals,
+            }
+        )
     return rows
 
 

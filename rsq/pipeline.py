@@ -124,8 +124,14 @@ def quantize_layers(
     hidden = model.config.hidden_size
     global_fn = _window_fn(windows, cfg.importance.expand)
     window_fn = lambda i: global_fn(local[i])  # noqa: E731
-    location = choose_location(cfg.offload if cfg.importance.expand == 1 or cfg.offload != "auto" else "disk",
-                               n_seq, seqlen, hidden, dtype, device)
+    location = choose_location(
+        cfg.offload if cfg.importance.expand == 1 or cfg.offload != "auto" else "disk",
+        n_seq,
+        seqlen,
+        hidden,
+        dtype,
+        device,
+    )
     store = ActivationStore(n_seq, seqlen, hidden, dtype, device, location)
     bs = cfg.batch_size
     cache = None
@@ -140,8 +146,9 @@ def quantize_layers(
             layer.to(device)
             passes.begin(layer)
             if i >= start_layer and cfg.quantizes:
-                report = _quantize_one_layer(i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn,
-                                             ctx, n_total, passes)
+                report = _quantize_one_layer(
+                    i, layer, adapter, cfg, store, kwargs, window_fn, state, weight_fn, ctx, n_total, passes
+                )
             else:
                 report = None
             with _timed(state, "propagate"):
@@ -170,8 +177,12 @@ def _reuse_cache(adapter: ModelAdapter, layers, cfg: RSQConfig, store: Activatio
     beside host activations on the CPU device; None means full layer passes (a second host copy of
     offloaded activations, 69 GB for x8 expansion at 8B, would cost more than it saves)."""
     o_proj = layers[0].get_submodule(adapter.o_proj)
-    if (not adapter.prenorm_residual or not cfg.quantizes or cfg.solver.algorithm == "rtn"
-            or o_proj.in_features != store.shape[2]):
+    if (
+        not adapter.prenorm_residual
+        or not cfg.quantizes
+        or cfg.solver.algorithm == "rtn"
+        or o_proj.in_features != store.shape[2]
+    ):
         return None
     n, t, d = store.shape
     if store.device.type == "cpu":
@@ -233,8 +244,9 @@ def _quantize_one_layer(
         width = modules[0].in_features
         H = None
         if cfg.solver.algorithm != "rtn":
-            acc = HessianAccumulator(width, device=store.device, dtype=hdtype,
-                                     half_inputs=cfg.solver.hessian_matmul == "auto")
+            acc = HessianAccumulator(
+                width, device=store.device, dtype=hdtype, half_inputs=cfg.solver.hessian_matmul == "auto"
+            )
             with _timed(state, "hessian"):
                 for k, x in passes.group_inputs(group):
                     acc.add(x, None if weights is None else weights[k])

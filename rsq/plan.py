@@ -26,8 +26,12 @@ def rotation_plan(config, fallback: str = "skip") -> list[Site]:
     adapter = resolve(config)
     hd, heads = adapter.head_dim(config), adapter.num_heads(config)
     sites = []
-    for name, order in (("residual (R1)", config.hidden_size), ("down_proj input", config.intermediate_size),
-                        ("v_proj per head", hd), ("o_proj cross-head", heads)):
+    for name, order in (
+        ("residual (R1)", config.hidden_size),
+        ("down_proj input", config.intermediate_size),
+        ("v_proj per head", hd),
+        ("o_proj cross-head", heads),
+    ):
         if has_hadamard(order):
             recipe = hadamard_kind(order)
         elif name.startswith("residual"):
@@ -44,8 +48,13 @@ def layer_linear_shapes(config) -> dict[str, tuple[int, int]]:
     d, inter = config.hidden_size, config.intermediate_size
     hd, heads, kv = adapter.head_dim(config), adapter.num_heads(config), adapter.num_kv_heads(config)
     return {
-        "q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, heads * hd),
-        "gate_proj": (inter, d), "up_proj": (inter, d), "down_proj": (d, inter),
+        "q_proj": (heads * hd, d),
+        "k_proj": (kv * hd, d),
+        "v_proj": (kv * hd, d),
+        "o_proj": (d, heads * hd),
+        "gate_proj": (inter, d),
+        "up_proj": (inter, d),
+        "down_proj": (d, inter),
     }
 
 
@@ -56,13 +65,28 @@ def param_counts(config) -> dict[str, int]:
         per_layer += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj"))
     embed = config.vocab_size * config.hidden_size
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
-    return {"per_layer": per_layer, "linear_per_layer": sum(o * i for o, i in shapes.values()),
-            "embed": embed, "lm_head": head, "total": embed + head + config.num_hidden_layers * per_layer + config.hidden_size}
+    return {
+        "per_layer": per_layer,
+        "linear_per_layer": sum(o * i for o, i in shapes.values()),
+        "embed": embed,
+        "lm_head": head,
+        "total": embed + head + config.num_hidden_layers * per_layer + config.hidden_size,
+    }
 
 
-def memory_plan(config, *, nsamples: int = 256, seqlen: int = 4096, bits: int = 3, ranks: int = 1,
-                act_bytes: int = 2, weight_bytes: int = 2, query_chunk: int = 512, batch: int = 8,
-                group_size: int = -1) -> dict[str, float]:
+def memory_plan(
+    config,
+    *,
+    nsamples: int = 256,
+    seqlen: int = 4096,
+    bits: int = 3,
+    ranks: int = 1,
+    act_bytes: int = 2,
+    weight_bytes: int = 2,
+    query_chunk: int = 512,
+    batch: int = 8,
+    group_size: int = -1,
+) -> dict[str, float]:
     """Bytes (as GiB) per rank. Activations are sharded over ranks; one layer is on each device."""
     p = param_counts(config)
     shapes = layer_linear_shapes(config)
@@ -95,10 +119,13 @@ def memory_plan(config, *, nsamples: int = 256, seqlen: int = 4096, bits: int = 
 
 def format_plan(name: str, config, **kw) -> list[str]:
     p = param_counts(config)
-    lines = [f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
-             f"{config.intermediate_size}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
-             f"/{getattr(config, 'num_key_value_heads', config.num_attention_heads)}, head_dim {resolve(config).head_dim(config)}, "
-             f"tied embeddings {bool(getattr(config, 'tie_word_embeddings', False))}"]
+    lines = [
+        f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
+        f"{config.intermediate_size}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
+        f"/{getattr(config, 'num_key_value_heads', config.num_attention_heads)}, "
+        f"head_dim {resolve(config).head_dim(config)}, "
+        f"tied embeddings {bool(getattr(config, 'tie_word_embeddings', False))}"
+    ]
     for site in rotation_plan(config):
         lines.append(f"  rotation {site.name:<18} order {site.order:>6}: {site.recipe}")
     mem = memory_plan(config, **kw)

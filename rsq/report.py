@@ -35,9 +35,20 @@ from rsq.plotting import plain_log_yaxis
 
 log = logging.getLogger(__name__)
 
-SKIP_JSON = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "results.json", "state.json", "vocab.json", "added_tokens.json",
-             "model.safetensors.index.json", "chat_template.json", "preprocessor_config.json"}
+SKIP_JSON = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "results.json",
+    "state.json",
+    "vocab.json",
+    "added_tokens.json",
+    "model.safetensors.index.json",
+    "chat_template.json",
+    "preprocessor_config.json",
+}
 MAX_JSON_BYTES = 64 * 2**20
 UNQUANTIZED_BITS = 16
 
@@ -69,8 +80,11 @@ class Run:
 
 def _ppl_entries(block: dict) -> dict[str, float]:
     seqlen = block.get("seqlen")
-    return {f"{k}@{seqlen}": float(v) for k, v in block.items()
-            if k not in ("seqlen", "max_windows") and isinstance(v, (int, float))}
+    return {
+        f"{k}@{seqlen}": float(v)
+        for k, v in block.items()
+        if k not in ("seqlen", "max_windows") and isinstance(v, (int, float))
+    }
 
 
 def _read_json(path: Path) -> dict | None:
@@ -154,9 +168,13 @@ def load_run(path: str | Path) -> Run:
                 if b.get("score") is not None:
                     run.bench[name] = float(b["score"])
             for task, r in (data.get("tasks") or {}).items():
-                run.retrieval[task] = {"accuracy": r.get("accuracy"), "by_position": r.get("by_position") or {},
-                                       "lengths": r.get("lengths") or [], "positions": r.get("positions") or [],
-                                       "cell_n": _cell_counts(r)}
+                run.retrieval[task] = {
+                    "accuracy": r.get("accuracy"),
+                    "by_position": r.get("by_position") or {},
+                    "lengths": r.get("lengths") or [],
+                    "positions": r.get("positions") or [],
+                    "cell_n": _cell_counts(r),
+                }
         elif "perplexity" in data and "method" not in data and isinstance(data["perplexity"], dict):
             run.ppl.update(_ppl_entries(data["perplexity"]))
         else:
@@ -207,15 +225,23 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header += [f"retrieval {k}" for k in ret_keys] + [k for k in bench_keys] + ["quantize s"]
     rows = []
     for r in runs:
-        row = [r.name, r.method + (f" ({r.detail})" if r.detail else ""), str(r.bits),
-               "–" if r.group_size is None else ("channel" if r.group_size == -1 else str(r.group_size)),
-               _fmt(r.size_bytes / 2**20, 1) if r.size_bytes else "–"]
+        row = [
+            r.name,
+            r.method + (f" ({r.detail})" if r.detail else ""),
+            str(r.bits),
+            "–" if r.group_size is None else ("channel" if r.group_size == -1 else str(r.group_size)),
+            _fmt(r.size_bytes / 2**20, 1) if r.size_bytes else "–",
+        ]
         row += [_fmt(r.ppl.get(k)) for k in ppl_keys]
         row += [_fmt(100 * r.tasks[k], 1) if k in r.tasks else "–" for k in task_keys]
         if task_keys:
             row.append(_fmt(100 * r.average, 1) if r.average is not None else "–")
-        row += [_fmt(100 * r.retrieval[k]["accuracy"], 1) if k in r.retrieval and r.retrieval[k]["accuracy"] is not None
-                else "–" for k in ret_keys]
+        row += [
+            _fmt(100 * r.retrieval[k]["accuracy"], 1)
+            if k in r.retrieval and r.retrieval[k]["accuracy"] is not None
+            else "–"
+            for k in ret_keys
+        ]
         row += [_fmt(100 * r.bench[k], 1) if k in r.bench else "–" for k in bench_keys]
         row.append(_fmt(r.seconds, 0))
         rows.append(row)
@@ -275,16 +301,28 @@ def plot_ppl_vs_bits(runs: list[Run], out: Path) -> Path | None:
             if bars:
                 ax.bar(i, ys[0], width=0.6, color=color, alpha=0.85)
                 ax.plot([i] * len(pts[xs[0]]), pts[xs[0]], "o", color="black", markersize=4, zorder=3)
-                ax.annotate(f"{ys[0]:.1f}", (i, max(pts[xs[0]])), ha="center", va="bottom", fontsize=9,
-                            xytext=(0, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{ys[0]:.1f}",
+                    (i, max(pts[xs[0]])),
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                )
             else:
                 ax.plot(xs, ys, "o-", color=color, label=method, markersize=7, linewidth=2)
                 for b in xs:
                     ax.plot([b] * len(pts[b]), pts[b], ".", color=color, markersize=4)
         refs = [r for r in runs if not r.quantized and key in r.ppl]
         for j, r in enumerate(refs):
-            ax.axhline(r.ppl[key], color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1.2,
-                       label=f"{r.name} (unquantized): {r.ppl[key]:.1f}")
+            ax.axhline(
+                r.ppl[key],
+                color="black",
+                linestyle=("--", ":", "-.")[j % 3],
+                linewidth=1.2,
+                label=f"{r.name} (unquantized): {r.ppl[key]:.1f}",
+            )
         if bars:
             ax.set_xticks(range(len(methods)))
             ax.set_xticklabels(methods)
@@ -311,8 +349,9 @@ def plot_ppl_vs_bits(runs: list[Run], out: Path) -> Path | None:
     return path
 
 
-def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], ylabel: str,
-                  colors: list[str] | None = None) -> None:
+def _grouped_bars(
+    ax, groups: list[str], series: list[tuple[str, list[float | None]]], ylabel: str, colors: list[str] | None = None
+) -> None:
     n = max(len(series), 1)
     width = 0.8 / n
     for i, (label, values) in enumerate(series):
@@ -321,8 +360,15 @@ def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | No
         ys = [max(100 * v, 0.8) if v is not None else 0.0 for v in values]
         bars = ax.bar(xs, ys, width=width * 0.95, label=label, color=colors[i] if colors else None)
         for b, v in zip(bars, values):
-            ax.annotate("n/a" if v is None else f"{100 * v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+            ax.annotate(
+                "n/a" if v is None else f"{100 * v:.0f}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 1),
+                textcoords="offset points",
+            )
     longest = max(len(line) for g in groups for line in g.split("\n"))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20 if longest > 10 else 0, ha="right" if longest > 10 else "center")
@@ -362,22 +408,35 @@ def plot_retrieval(runs: list[Run], out: Path) -> Path | None:
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.6), squeeze=False, layout="constrained")
     for col, task in enumerate(tasks):
         with_task = [r for r in runs if task in r.retrieval]
-        positions = _keys_in_order(r.retrieval[task].get("positions") or list(r.retrieval[task]["by_position"])
-                                   for r in with_task)
+        positions = _keys_in_order(
+            r.retrieval[task].get("positions") or list(r.retrieval[task]["by_position"]) for r in with_task
+        )
         toks = [int(x["tokens"]) for r in with_task for x in r.retrieval[task]["lengths"]]
         span = f", prompts of {min(toks)}–{max(toks)} tokens" if toks else ""
         ax = axes[0][col]
         labels = [f"{p}\n(n={_position_n(with_task, task, p)})" for p in positions]
-        _grouped_bars(ax, labels, [(r.name, [r.retrieval[task]["by_position"].get(p) for p in positions])
-                                   for r in with_task], "accuracy %", [color[r.name] for r in with_task])
+        _grouped_bars(
+            ax,
+            labels,
+            [(r.name, [r.retrieval[task]["by_position"].get(p) for p in positions]) for r in with_task],
+            "accuracy %",
+            [color[r.name] for r in with_task],
+        )
         ax.set_xlabel("position of the gold item (n = prompts per run)")
         ax.set_title(f"{task} retrieval by position (all lengths{span})", fontsize=10)
         ax = axes[1][col]
         for i, r in enumerate(with_task):
             lengths = [x for x in r.retrieval[task]["lengths"] if x.get("accuracy") is not None]
             if lengths:  # shrinking markers, later runs on top: equal values show as concentric rings
-                ax.plot([x["tokens"] for x in lengths], [100 * x["accuracy"] for x in lengths], "o-",
-                        color=color[r.name], label=r.name, markersize=4 + 2 * (len(with_task) - 1 - i), linewidth=1.5)
+                ax.plot(
+                    [x["tokens"] for x in lengths],
+                    [100 * x["accuracy"] for x in lengths],
+                    "o-",
+                    color=color[r.name],
+                    label=r.name,
+                    markersize=4 + 2 * (len(with_task) - 1 - i),
+                    linewidth=1.5,
+                )
         ax.set_ylim(-3, 103)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("accuracy % (all positions)")
@@ -405,13 +464,20 @@ def plot_retrieval_grid(runs: list[Run], out: Path) -> Path | None:
     plt = _plt()
     cols = max(sum(task in r.retrieval for r in runs) for task in tasks)
     heights = [max(len(_grid_lengths(runs, t)), 1) for t in tasks]
-    fig, axes = plt.subplots(len(tasks), cols, figsize=(2.6 + 2.6 * cols, 1.2 + sum(0.55 * h + 0.9 for h in heights)),
-                             squeeze=False, gridspec_kw={"height_ratios": heights}, layout="constrained")
+    fig, axes = plt.subplots(
+        len(tasks),
+        cols,
+        figsize=(2.6 + 2.6 * cols, 1.2 + sum(0.55 * h + 0.9 for h in heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+        layout="constrained",
+    )
     image = None
     for row, task in enumerate(tasks):
         with_task = [r for r in runs if task in r.retrieval]
-        positions = _keys_in_order(r.retrieval[task].get("positions") or list(r.retrieval[task]["by_position"])
-                                   for r in with_task)
+        positions = _keys_in_order(
+            r.retrieval[task].get("positions") or list(r.retrieval[task]["by_position"]) for r in with_task
+        )
         lengths = _grid_lengths(runs, task)
         for col in range(cols):
             ax = axes[row][col]
@@ -421,14 +487,26 @@ def plot_retrieval_grid(runs: list[Run], out: Path) -> Path | None:
             r = with_task[col]
             by_items = {x["items"]: x for x in r.retrieval[task]["lengths"]}
             grid = [[_cell(by_items.get(n), p) for p in positions] for n, _ in lengths]
-            image = ax.imshow([[float("nan") if v is None else 100 * v for v in line] for line in grid],
-                              vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            image = ax.imshow(
+                [[float("nan") if v is None else 100 * v for v in line] for line in grid],
+                vmin=0,
+                vmax=100,
+                cmap="viridis",
+                aspect="auto",
+            )
             for i, line in enumerate(grid):
                 for j, v in enumerate(line):
                     n = r.retrieval[task]["cell_n"].get((lengths[i][0], positions[j]), 0)
                     text = "–" if v is None else f"{100 * v:.0f}"
-                    ax.text(j, i, f"{text}\nn={n}", ha="center", va="center", fontsize=8,
-                            color="black" if v is not None and v > 0.6 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        f"{text}\nn={n}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if v is not None and v > 0.6 else "white",
+                    )
             ax.set_xticks(range(len(positions)))
             ax.set_xticklabels(positions, fontsize=8)
             ax.set_yticks(range(len(lengths)))
@@ -436,8 +514,7 @@ def plot_retrieval_grid(runs: list[Run], out: Path) -> Path | None:
             ax.set_title(r.name, fontsize=9)
             if col == 0:
                 ax.set_ylabel(f"{task}: items (prompt tokens)", fontsize=9)
-    fig.suptitle("retrieval accuracy % by length (rows) and gold position (columns)\n"
-                 "n = prompts per cell", fontsize=10)
+    fig.suptitle("retrieval accuracy % by length (rows) and gold position (columns)\nn = prompts per cell", fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8).set_label("accuracy %", fontsize=8)
     path = out / "retrieval_grid.png"
@@ -484,10 +561,14 @@ def _retrieval_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[s
         rows = []
         for r in runs:
             for length in (r.retrieval.get(task) or {}).get("lengths", []):
-                rows.append([r.name, str(length["items"]), f"{length['tokens']:.0f}", str(length["n"])]
-                            + [_fmt(100 * length["by_position"][p], 0) if length["by_position"].get(p) is not None
-                               else "–" for p in positions]
-                            + [_fmt(100 * length["accuracy"], 0) if length["accuracy"] is not None else "–"])
+                rows.append(
+                    [r.name, str(length["items"]), f"{length['tokens']:.0f}", str(length["n"])]
+                    + [
+                        _fmt(100 * length["by_position"][p], 0) if length["by_position"].get(p) is not None else "–"
+                        for p in positions
+                    ]
+                    + [_fmt(100 * length["accuracy"], 0) if length["accuracy"] is not None else "–"]
+                )
         out.append((f"Retrieval `{task}`: accuracy % by length and gold position", header, rows))
     return out
 
@@ -527,13 +608,23 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "rsq 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs)
-    plots = [p for p in (plot_ppl_vs_bits(runs, out), plot_accuracy(runs, out), plot_retrieval(runs, out),
-                         plot_retrieval_grid(runs, out)) if p]
+    plots = [
+        p
+        for p in (
+            plot_ppl_vs_bits(runs, out),
+            plot_accuracy(runs, out),
+            plot_retrieval(runs, out),
+            plot_retrieval_grid(runs, out),
+        )
+        if p
+    ]
     details = _retrieval_detail(runs)
-    captions = {"ppl_vs_bits.png": "Perplexity per method and weight bits",
-                "accuracy.png": "lm-eval accuracy per task",
-                "retrieval.png": "Long-context retrieval accuracy by gold position and by length",
-                "retrieval_grid.png": "Long-context retrieval accuracy per length and gold position"}
+    captions = {
+        "ppl_vs_bits.png": "Perplexity per method and weight bits",
+        "accuracy.png": "lm-eval accuracy per task",
+        "retrieval.png": "Long-context retrieval accuracy by gold position and by length",
+        "retrieval_grid.png": "Long-context retrieval accuracy per length and gold position",
+    }
 
     md = [f"# {title}", "", _md_table(header, rows), ""]
     md += [f"- {n}" for n in NOTES] + [""]
@@ -544,24 +635,50 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "rsq 
     md += ["## Sources", ""] + [f"- `{r.name}`: {r.path} ({', '.join(r.sources)})" for r in runs] + [""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-             "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}"
-             "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #ddd}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>", _html_table(header, rows), "<ul>"]
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+        "th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}"
+        "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;border:1px solid #ddd}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>",
+        _html_table(header, rows),
+        "<ul>",
+    ]
     parts += [f"<li>{html.escape(n)}</li>" for n in NOTES] + ["</ul>"]
     for t, h, rws in details:
         parts += [f"<h2>{html.escape(t.replace('`', ''))}</h2>", _html_table(h, rws)]
     for p in plots:
-        parts += [f"<h2>{html.escape(captions[p.name])}</h2>", f"<img src='{p.name}' alt='{html.escape(captions[p.name])}'>"]
-    parts += ["<h2>Sources</h2><ul>"] + [f"<li>{html.escape(r.name)}: {html.escape(str(r.path))} "
-                                         f"({html.escape(', '.join(r.sources))})</li>" for r in runs]
+        parts += [
+            f"<h2>{html.escape(captions[p.name])}</h2>",
+            f"<img src='{p.name}' alt='{html.escape(captions[p.name])}'>",
+        ]
+    parts += ["<h2>Sources</h2><ul>"] + [
+        f"<li>{html.escape(r.name)}: {html.escape(str(r.path))} ({html.escape(', '.join(r.sources))})</li>"
+        for r in runs
+    ]
     parts += ["</ul></body></html>"]
     (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
 
-    summary = {"header": header, "rows": rows, "plots": [p.name for p in plots],
-               "runs": [{"name": r.name, "path": str(r.path), "method": r.method, "bits": r.bits,
-                         "size_bytes": r.size_bytes, "ppl": r.ppl, "tasks": r.tasks, "average": r.average,
-                         "retrieval": {k: v["accuracy"] for k, v in r.retrieval.items()}} for r in runs]}
+    summary = {
+        "header": header,
+        "rows": rows,
+        "plots": [p.name for p in plots],
+        "runs": [
+            {
+                "name": r.name,
+                "path": str(r.path),
+                "method": r.method,
+                "bits": r.bits,
+                "size_bytes": r.size_bytes,
+                "ppl": r.ppl,
+                "tasks": r.tasks,
+                "average": r.average,
+                "retrieval": {k: v["accuracy"] for k, v in r.retrieval.items()},
+            }
+            for r in runs
+        ],
+    }
     (out / "report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -135,8 +135,13 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
             full = f"{adapter.layers}.{index}.{name}"
             meta = saved["results_meta"][full]
             res = QuantResult(
-                codes=tensors[f"{full}.codes"], scale=tensors[f"{full}.scale"], zero=tensors[f"{full}.zero"],
-                weight=None, loss=meta["loss"], damp=meta["damp"], meta=meta["meta"],
+                codes=tensors[f"{full}.codes"],
+                scale=tensors[f"{full}.scale"],
+                zero=tensors[f"{full}.zero"],
+                weight=None,
+                loss=meta["loss"],
+                damp=meta["damp"],
+                meta=meta["meta"],
             )
             module = layers[index].get_submodule(name)
             module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.dtype)
@@ -178,16 +183,28 @@ def run_quantize(
     if problem_text is not None:
         raise ConfigError(problem_text)
     try:
-        return _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
-                    preloaded, ctx)
+        return _run(
+            cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer, preloaded, ctx
+        )
     except Exception:
         if ctx.is_main and not (part / STATE_FILE).exists():
             shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
         raise
 
 
-def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer,
-         preloaded, ctx: DistContext) -> dict | None:
+def _run(
+    cfg,
+    out,
+    part,
+    saved,
+    ppl_sources,
+    ppl_seqlen,
+    ppl_max_windows,
+    progress,
+    stop_after_layer,
+    preloaded,
+    ctx: DistContext,
+) -> dict | None:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -242,9 +259,16 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         state = RunState()
     else:
         state = quantize_layers(
-            model, run_cfg, windows, adapter=adapter, state=state, start_layer=start, on_layer_done=on_done,
+            model,
+            run_cfg,
+            windows,
+            adapter=adapter,
+            state=state,
+            start_layer=start,
+            on_layer_done=on_done,
             progress=(lambda i, n, msg: progress("quantize", i, n)) if progress and ctx.is_main else None,
-            weight_fn=weight_fn, dist_ctx=ctx,
+            weight_fn=weight_fn,
+            dist_ctx=ctx,
         )
     timings["quantize"] = time.perf_counter() - t0
 
@@ -256,7 +280,9 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
     for source in ppl_sources:
         eval_text = texts.eval if source == cfg.calib.source else load_text(source, cfg.calib.data_dir).eval
         wins = eval_windows(tokenize(tokenizer, eval_text), ppl_seqlen, ppl_max_windows)
-        ppl[source] = perplexity(model, wins, device, progress=(lambda i, n: progress("perplexity", i, n)) if progress else None)
+        ppl[source] = perplexity(
+            model, wins, device, progress=(lambda i, n: progress("perplexity", i, n)) if progress else None
+        )
         model.to("cpu")
     timings["perplexity"] = time.perf_counter() - t0
 
@@ -286,8 +312,10 @@ def _run(cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progre
         "ranks": ctx.world,
     }
     if state.importance_maps:
-        save_file({f"layer.{i}": w.contiguous() for i, w in state.importance_maps.items()},
-                  str(part / "importance.safetensors"))
+        save_file(
+            {f"layer.{i}": w.contiguous() for i, w in state.importance_maps.items()},
+            str(part / "importance.safetensors"),
+        )
     (part / "results.json").write_text(json.dumps(results, indent=2))
     for leftover in list(part.glob("layer-*.safetensors")) + [part / STATE_FILE]:
         leftover.unlink(missing_ok=True)

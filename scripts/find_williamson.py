@@ -66,8 +66,17 @@ def _delta_single(rows: np.ndarray, j: np.ndarray, shifts: np.ndarray, n: int) -
     return -2 * aj * (plus + minus)
 
 
-def anneal(n: int, symmetric: bool, chains: int, seconds: float, seed: int, patience: int,
-           t_lo: float, t_hi: float, log_every: float = 10.0) -> np.ndarray | None:
+def anneal(
+    n: int,
+    symmetric: bool,
+    chains: int,
+    seconds: float,
+    seed: int,
+    patience: int,
+    t_lo: float,
+    t_hi: float,
+    log_every: float = 10.0,
+) -> np.ndarray | None:
     """Run the annealer for at most ``seconds``; return one solution (4, n) int8 or None."""
     if n % 2 == 0 or n < 3:
         raise ValueError("n must be odd and >= 3")
@@ -131,8 +140,12 @@ def anneal(n: int, symmetric: bool, chains: int, seconds: float, seed: int, pati
         now = time.time()
         if now - last_log > log_every:
             last_log = now
-            print(f"n={n} t={now - start:.0f}s steps={steps} moves={steps * chains:.2e} "
-                  f"min E now={E.min()} (in quanta {E.min() // 16})", file=sys.stderr, flush=True)
+            print(
+                f"n={n} t={now - start:.0f}s steps={steps} moves={steps * chains:.2e} "
+                f"min E now={E.min()} (in quanta {E.min() // 16})",
+                file=sys.stderr,
+                flush=True,
+            )
     return None
 
 
@@ -141,22 +154,16 @@ def to_string(seq: np.ndarray) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("n", type=int, nargs="+", help="odd sequence lengths (Hadamard order 4n)")
-    ap.add_argument("--symmetric", action="store_true",
-                    help="Williamson (symmetric) sequences only")
+    ap.add_argument("--symmetric", action="store_true", help="Williamson (symmetric) sequences only")
     ap.add_argument("--chains", type=int, default=1024)
     ap.add_argument("--seconds", type=float, default=1800.0, help="time limit per n")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--patience", type=int, default=50000,
-                    help="steps without improvement before a chain restarts")
-    ap.add_argument("--t-lo", type=float, default=0.5,
-                    help="lowest chain temperature, in energy quanta (16)")
-    ap.add_argument("--t-hi", type=float, default=2.0,
-                    help="highest chain temperature, in energy quanta (16)")
-    ap.add_argument("--out", type=Path,
-                    help="JSON file to add the solutions to (created if absent)")
+    ap.add_argument("--patience", type=int, default=50000, help="steps without improvement before a chain restarts")
+    ap.add_argument("--t-lo", type=float, default=0.5, help="lowest chain temperature, in energy quanta (16)")
+    ap.add_argument("--t-hi", type=float, default=2.0, help="highest chain temperature, in energy quanta (16)")
+    ap.add_argument("--out", type=Path, help="JSON file to add the solutions to (created if absent)")
     args = ap.parse_args()
 
     data = {"format": "rsq-gs-sequences-1", "sequences": {}}
@@ -165,8 +172,7 @@ def main() -> int:
     failed = []
     for n in args.n:
         t0 = time.time()
-        sol = anneal(n, args.symmetric, args.chains, args.seconds, args.seed + n, args.patience,
-                     args.t_lo, args.t_hi)
+        sol = anneal(n, args.symmetric, args.chains, args.seconds, args.seed + n, args.patience, args.t_lo, args.t_hi)
         if sol is None:
             print(f"n={n}: no solution in {args.seconds:.0f}s", file=sys.stderr)
             failed.append(n)
@@ -179,9 +185,11 @@ def main() -> int:
         data["sequences"][str(n)] = {
             "symmetric": bool(args.symmetric),
             "rows": strings,
-            "found_by": (f"scripts/find_williamson.py{' --symmetric' if args.symmetric else ''} "
-                         f"--seed {args.seed} (rng seed {args.seed + n}) --chains {args.chains} "
-                         f"--patience {args.patience} --t-lo {args.t_lo} --t-hi {args.t_hi}"),
+            "found_by": (
+                f"scripts/find_williamson.py{' --symmetric' if args.symmetric else ''} "
+                f"--seed {args.seed} (rng seed {args.seed + n}) --chains {args.chains} "
+                f"--patience {args.patience} --t-lo {args.t_lo} --t-hi {args.t_hi}"
+            ),
         }
     if args.out is not None:
         data["sequences"] = dict(sorted(data["sequences"].items(), key=lambda kv: int(kv[0])))

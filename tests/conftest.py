@@ -11,14 +11,33 @@ from rsq.calib.datasets import find_wikitext_files
 
 TINY = {
     # hidden 64 = 4·16, intermediate 96 = 12·8 (non-power-of-2 online Hadamard), GQA 4/2
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     # Qwen2: q/k/v bias, hidden 56 = 28·2, 7 heads (no Hadamard of order 7: cross-head skipped)
-    "qwen2": dict(model_type="qwen2", hidden_size=56, intermediate_size=152, num_attention_heads=7,
-                  num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=56,
+        intermediate_size=152,
+        num_attention_heads=7,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    ),
     # Mistral: head_dim 32 != hidden/heads = 16
-    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -27,8 +46,14 @@ def tiny_config(family: str, vocab_size: int = 512, layers: int = 2):
 
     spec = dict(TINY[family])
     model_type = spec.pop("model_type")
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, num_hidden_layers=layers,
-                                max_position_embeddings=512, rms_norm_eps=1e-6, **spec)
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        num_hidden_layers=layers,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        **spec,
+    )
 
 
 def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **kw):

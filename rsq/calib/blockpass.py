@@ -39,8 +39,14 @@ class LayerPasses:
     ``output`` for the propagation. ``cache``: an (N, T, hidden) buffer like the activation store,
     or None for the generic path."""
 
-    def __init__(self, adapter: ModelAdapter, store: ActivationStore, kwargs: dict, batch_size: int,
-                 cache: ActivationStore | None):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        store: ActivationStore,
+        kwargs: dict,
+        batch_size: int,
+        cache: ActivationStore | None,
+    ):
         self.adapter = adapter
         self.store = store
         self.kwargs = kwargs
@@ -79,7 +85,8 @@ class LayerPasses:
                 h = self.store.get(a, b) + self._sub(a_.o_proj)(self.cache.get(a, b))
                 x = _until(self._mlp(), first, self._sub(a_.mlp_norm)(h), {})
                 if not self.checked["mlp_in"] and not self._agrees(
-                        x, _until(self.layer, first, self.store.get(a, b), self.kwargs), "the MLP input"):
+                    x, _until(self.layer, first, self.store.get(a, b), self.kwargs), "the MLP input"
+                ):
                     x = None
                 else:
                     self.cache.set(a, b, h)
@@ -99,8 +106,9 @@ class LayerPasses:
         if self.reusing and self.state == "resid":
             h = self.cache.get(a, b)
             out = h + self._mlp()(self._sub(self.adapter.mlp_norm)(h))
-            if self.checked["output"] or self._agrees(out, layer_forward(self.layer, self.store.get(a, b), self.kwargs),
-                                                      "the layer output", "output"):
+            if self.checked["output"] or self._agrees(
+                out, layer_forward(self.layer, self.store.get(a, b), self.kwargs), "the layer output", "output"
+            ):
                 return out
         return layer_forward(self.layer, self.store.get(a, b), self.kwargs)
 
@@ -113,9 +121,14 @@ class LayerPasses:
         err = (fast.float() - generic.float()).abs().max()
         if err <= 1e-2 * scale:
             return True
-        log.warning("%s of a %s layer computed from the cached attention output differs from the layer's own "
-                    "forward (max |diff| %.3g of %.3g): not a pre-norm residual block; using full layer passes",
-                    what, self.adapter.name, err.item(), scale.item())
+        log.warning(
+            "%s of a %s layer computed from the cached attention output differs from the layer's own "
+            "forward (max |diff| %.3g of %.3g): not a pre-norm residual block; using full layer passes",
+            what,
+            self.adapter.name,
+            err.item(),
+            scale.item(),
+        )
         self.cache.close()
         self.cache = None
         return False

@@ -176,8 +176,9 @@ def _move_pre_layer_modules(model: nn.Module, layers: nn.ModuleList, device: tor
     return moved
 
 
-def forward_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn,
-                  raw: bool = False) -> None:
+def forward_until(
+    layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn, raw: bool = False
+) -> None:
     """Run ``layer`` only until ``module`` is called; call ``fn(input)`` with its input.
 
     The input is what the module's forward sees (after any forward pre-hook such as an online

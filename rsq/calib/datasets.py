@@ -200,25 +200,28 @@ def read_c4_documents(path: Path, start: int, count: int) -> list[str]:
                     continue
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ConfigError(f"{path} line {i + 1} has no string field 'text': pass a c4 "
-                                      "shard (JSON lines with a \"text\" field)")
+                    raise ConfigError(
+                        f"{path} line {i + 1} has no string field 'text': pass a c4 "
+                        'shard (JSON lines with a "text" field)'
+                    )
                 docs.append(row["text"])
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not a gzipped JSON-lines c4 shard ({type(exc).__name__}: "
-                          f"{exc}): replace it with the file from "
-                          "huggingface.co/datasets/allenai/c4 (en/)") from exc
+        raise ConfigError(
+            f"{path} is not a gzipped JSON-lines c4 shard ({type(exc).__name__}: "
+            f"{exc}): replace it with the file from "
+            "huggingface.co/datasets/allenai/c4 (en/)"
+        ) from exc
     return docs
 
 
 def _c4_missing(name: str, split: str, data_dir: str | None, reason: str) -> ConfigError:
-    target = (data_dir or os.environ.get("RSQ_DATA_DIR")
-              or "a directory passed as --data-dir (or $RSQ_DATA_DIR)")
-    return ConfigError(f"c4 {split} data not found: put {name} (huggingface.co/datasets/allenai/"
-                       f"c4, en/{name}) into {target}; {reason}")
+    target = data_dir or os.environ.get("RSQ_DATA_DIR") or "a directory passed as --data-dir (or $RSQ_DATA_DIR)"
+    return ConfigError(
+        f"c4 {split} data not found: put {name} (huggingface.co/datasets/allenai/c4, en/{name}) into {target}; {reason}"
+    )
 
 
-def _c4_hub_documents(name: str, split: str, start: int, count: int,
-                      data_dir: str | None) -> list[str]:
+def _c4_hub_documents(name: str, split: str, start: int, count: int, data_dir: str | None) -> list[str]:
     """Documents of shard ``en/<name>`` from the hub; else ConfigError naming the local file."""
     try:
         import datasets
@@ -232,8 +235,7 @@ def _c4_hub_documents(name: str, split: str, start: int, count: int,
     return list(ds.select(range(min(start, len(ds)), min(start + count, len(ds))))["text"])
 
 
-def _c4_documents(name: str, split: str, start: int, count: int, data_dir: str | None,
-                  where: dict) -> list[str]:
+def _c4_documents(name: str, split: str, start: int, count: int, data_dir: str | None, where: dict) -> list[str]:
     """Documents ``start..start+count-1`` of a shard, local copy first; origin into ``where``."""
     local = find_c4_file(name, data_dir)
     if local is not None:
@@ -243,16 +245,14 @@ def _c4_documents(name: str, split: str, start: int, count: int, data_dir: str |
         docs = _c4_hub_documents(name, split, start, count, data_dir)
         where[split] = f"hub allenai/c4 en/{name}"
     if not docs:
-        raise ConfigError(f"c4 {split} shard {where[split]} has no documents from index {start}: "
-                          "pass a complete shard")
+        raise ConfigError(f"c4 {split} shard {where[split]} has no documents from index {start}: pass a complete shard")
     return docs
 
 
 def load_c4(data_dir: str | None = None) -> TextSplit:
     """c4 calibration and evaluation text (module doc); each shard is read on first use."""
     if data_dir and not Path(data_dir).is_dir():
-        raise ConfigError(f"--data-dir {data_dir} does not exist: pass a directory holding "
-                          f"{C4_VALIDATION}")
+        raise ConfigError(f"--data-dir {data_dir} does not exist: pass a directory holding {C4_VALIDATION}")
     description: dict = {"source": "c4", "eval_documents": C4_EVAL_DOCS, "eval_join": "space"}
 
     def eval_text() -> str:
@@ -261,13 +261,14 @@ def load_c4(data_dir: str | None = None) -> TextSplit:
         return " ".join(docs)
 
     def calib_text() -> str:
-        validation_only = (find_c4_file(C4_TRAIN, data_dir) is None
-                           and find_c4_file(C4_VALIDATION, data_dir) is not None)
+        validation_only = find_c4_file(C4_TRAIN, data_dir) is None and find_c4_file(C4_VALIDATION, data_dir) is not None
         if validation_only:
-            log.warning("c4: no local %s; calibrating on validation documents %d.. (disjoint from "
-                        "the perplexity ones)", C4_TRAIN, C4_EVAL_DOCS)
-            docs = _c4_documents(C4_VALIDATION, "validation", C4_EVAL_DOCS, C4_CALIB_DOCS, data_dir,
-                                 description)
+            log.warning(
+                "c4: no local %s; calibrating on validation documents %d.. (disjoint from the perplexity ones)",
+                C4_TRAIN,
+                C4_EVAL_DOCS,
+            )
+            docs = _c4_documents(C4_VALIDATION, "validation", C4_EVAL_DOCS, C4_CALIB_DOCS, data_dir, description)
             last = C4_EVAL_DOCS + len(docs) - 1
             description["calib"] = f"validation documents {C4_EVAL_DOCS}..{last}"
         else:
@@ -276,6 +277,7 @@ def load_c4(data_dir: str | None = None) -> TextSplit:
         return "\n\n".join(docs)
 
     return TextSplit(calib_text, eval_text, description)
+
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole text once, without special tokens (no BOS per window, spec §1). 1-D long."""
@@ -302,8 +304,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     count = ids.numel() // seqlen
     if count == 0:
         raise CalibrationError(
-            f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}: use a "
-            "smaller --seqlen"
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}: use a smaller --seqlen"
         )
     if max_windows is not None:
         count = min(count, max_windows)

@@ -135,9 +135,7 @@ def _transform_config(qc: dict):
         return None, []
     modules = [s["module"] for s in sites]
     args = TransformArgs(targets=[rf"re:.*\.{re.escape(m)}$" for m in modules], location="input")
-    return TransformConfig(
-        config_groups={TRANSFORM_GROUP: TransformScheme(type="hadamard", apply=[args])}
-    ), modules
+    return TransformConfig(config_groups={TRANSFORM_GROUP: TransformScheme(type="hadamard", apply=[args])}), modules
 
 
 def plan_export(qc: dict, linear_names: list[str]) -> ExportPlan:
@@ -164,9 +162,7 @@ def plan_export(qc: dict, linear_names: list[str]) -> ExportPlan:
     )
     quantized = set(qc["modules"])
     ignore = sorted(n for n in linear_names if n not in quantized)
-    return ExportPlan(
-        QuantizationScheme(targets=["Linear"], weights=weights), ignore, transform, modules
-    )
+    return ExportPlan(QuantizationScheme(targets=["Linear"], weights=weights), ignore, transform, modules)
 
 
 def convert_linear(
@@ -191,19 +187,14 @@ def convert_linear(
         raise CheckpointFormatError(
             f"{prefix}: a symmetric grid has zero points other than {offset}: corrupt checkpoint"
         )
-    w_hat = (
-        expand_groups(scales.float(), in_features)
-        * (codes - expand_groups(zeros, in_features)).float()
-    )
+    w_hat = expand_groups(scales.float(), in_features) * (codes - expand_groups(zeros, in_features)).float()
     state = {"weight": w_hat, "weight_scale": scales}
     if not qc["symmetric"]:
         state["weight_zero_point"] = (zeros - offset).to(torch.int8)
     out = dict(PackedQuantizationCompressor.compress(state, scheme))
     signed = unpack_from_int32(out["weight_packed"], bits, out["weight_shape"])
     if not torch.equal(signed.to(torch.int16), codes - offset):
-        raise RuntimeError(
-            f"{prefix}: compressed-tensors re-quantization changed some codes (float round trip)"
-        )
+        raise RuntimeError(f"{prefix}: compressed-tensors re-quantization changed some codes (float round trip)")
     if f"{prefix}.bias" in tensors:
         out["bias"] = tensors[f"{prefix}.bias"]
     return out
@@ -268,13 +259,9 @@ def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:
         quantization_status="compressed",
         ignore=plan.ignore,
     )
-    ModelCompressor(quantization_config=quant, transform_config=plan.transform).update_config(
-        str(out)
-    )
+    ModelCompressor(quantization_config=quant, transform_config=plan.transform).update_config(str(out))
     provenance = {k: v for k, v in qc.items() if k not in ("modules", "rsq_config")}
-    (out / "rsq_export.json").write_text(
-        json.dumps({"format": "compressed-tensors", "source": provenance}, indent=2)
-    )
+    (out / "rsq_export.json").write_text(json.dumps({"format": "compressed-tensors", "source": provenance}, indent=2))
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -305,9 +292,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [m for m in qc["modules"] if m not in linears]
     if missing:
-        raise CheckpointFormatError(
-            f"{src}: quantized modules {missing[:3]} are not linears of the model config"
-        )
+        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
     plan = plan_export(qc, sorted(linears))
     if plan.transform is not None:
         log.warning(

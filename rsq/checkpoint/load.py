@@ -29,7 +29,8 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
         raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
     if qc.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointFormatError(
-            f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads ({FORMAT_VERSION}): upgrade rsq"
+            f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads "
+            f"({FORMAT_VERSION}): upgrade rsq"
         )
     return config, qc
 
@@ -69,13 +70,15 @@ def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear,
     if kind == "uniform":
         from rsq.nn.qlinear import QuantLinear
 
-        module = QuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                                   bias is not None, dtype)
+        module = QuantLinear.empty(
+            linear.in_features, linear.out_features, qc["bits"], qc["group_size"], bias is not None, dtype
+        )
     elif kind == "nf":
         from rsq.nn.vqlinear import NFQuantLinear
 
-        module = NFQuantLinear.empty(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                                     bias is not None, dtype)
+        module = NFQuantLinear.empty(
+            linear.in_features, linear.out_features, qc["bits"], qc["group_size"], bias is not None, dtype
+        )
     elif kind == "e8p":
         from rsq.nn.vqlinear import E8PLinear
 
@@ -125,7 +128,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     try:
         model.load_state_dict(tensors, strict=not tied, assign=True)
     except RuntimeError as exc:
-        raise CheckpointFormatError(f"{path}: tensor shapes do not match the config ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointFormatError(
+            f"{path}: tensor shapes do not match the config ({str(exc).splitlines()[0]})"
+        ) from exc
 
     if tied:
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight

@@ -47,8 +47,9 @@ def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: l
     }
 
 
-def checkpoint_state_dict(model: torch.nn.Module, results: dict, cfg: RSQConfig, dtype: torch.dtype,
-                          rest_dtype: torch.dtype | None = None) -> dict:
+def checkpoint_state_dict(
+    model: torch.nn.Module, results: dict, cfg: RSQConfig, dtype: torch.dtype, rest_dtype: torch.dtype | None = None
+) -> dict:
     """Packed tensors for quantized linears, plain tensors for the rest (names as in HF).
 
     ``rest_dtype``: cast the rest's floating tensors to it (scales and biases of quantized linears

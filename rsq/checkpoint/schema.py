@@ -26,8 +26,9 @@ TENSOR_KEYS = {
 }
 
 
-def quantized_module_tensors(res: QuantResult, grid: GridConfig, bias: torch.Tensor | None,
-                             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantized_module_tensors(
+    res: QuantResult, grid: GridConfig, bias: torch.Tensor | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized linear."""
     from rsq.quant.pack import pack_codes
 

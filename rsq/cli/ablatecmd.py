@@ -9,21 +9,29 @@ from pathlib import Path
 def add_ablate_parsers(sub) -> None:
     from rsq.cli.main import add_quantize_options
 
-    p = sub.add_parser("ablate", help="grid of methods x importance strategies x seeds, with table and plots",
-                       description="Run every (method, strategy, seed) cell as a quantize run under OUT/, then write "
-                       "OUT/results.json, OUT/table.md, OUT/ppl.png and OUT/importance.png. Cells already done are kept.")
+    p = sub.add_parser(
+        "ablate",
+        help="grid of methods x importance strategies x seeds, with table and plots",
+        description="Run every (method, strategy, seed) cell as a quantize run under OUT/, then write "
+        "OUT/results.json, OUT/table.md, OUT/ppl.png and OUT/importance.png. Cells already done are kept.",
+    )
     add_quantize_options(p)
     p.add_argument("--methods", default="gptq,quarot,rsq", help="comma-separated methods (default: gptq,quarot,rsq)")
     p.add_argument("--strategies", default="attncon", help="importance strategies for the rsq cells (default: attncon)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    p.add_argument("--gpus", type=int, default=None, help="run cells in parallel, one per GPU (default: all visible GPUs)")
+    p.add_argument(
+        "--gpus", type=int, default=None, help="run cells in parallel, one per GPU (default: all visible GPUs)"
+    )
     p.add_argument("--max-windows", type=int, default=40, help="perplexity windows (default: 40)")
     p.add_argument("--ppl-seqlen", type=int, default=512, help="perplexity window length (default: 512)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_ablate)
 
-    q = sub.add_parser("plan", help="rotation sites and memory per rank for a model, from its config alone",
-                       description="MODEL is a bundled config name (see --list), a hub id, a directory or a .gguf file.")
+    q = sub.add_parser(
+        "plan",
+        help="rotation sites and memory per rank for a model, from its config alone",
+        description="MODEL is a bundled config name (see --list), a hub id, a directory or a .gguf file.",
+    )
     q.add_argument("model", nargs="?", default=None, help="model or bundled config name (default: embedded SmolLM2)")
     q.add_argument("--list", action="store_true", help="list the bundled configs")
     q.add_argument("--all", action="store_true", help="plan every bundled config")
@@ -53,8 +61,14 @@ def cmd_ablate(args) -> int:
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     out = Path(args.out)
     with Progress() as progress:
-        runs = run_grid(cells, out, gpus=gpus, ppl_max_windows=args.max_windows, ppl_seqlen=args.ppl_seqlen,
-                        progress=progress.update)
+        runs = run_grid(
+            cells,
+            out,
+            gpus=gpus,
+            ppl_max_windows=args.max_windows,
+            ppl_seqlen=args.ppl_seqlen,
+            progress=progress.update,
+        )
     rows = summarize(runs)
     (out / "results.json").write_text(json.dumps({"cells": runs, "summary": rows}, indent=2))
     table = markdown_table(rows)
@@ -87,8 +101,18 @@ def cmd_plan(args) -> int:
         targets = [(args.model or "SmolLM2-135M-Instruct", _config_for(args.model))]
     for name, config in targets:
         for ranks in [int(r) for r in _split(args.ranks)]:
-            print("\n".join(format_plan(f"{name} (ranks={ranks})", config, nsamples=args.nsamples,
-                                        seqlen=args.seqlen, bits=args.bits, ranks=ranks)))
+            print(
+                "\n".join(
+                    format_plan(
+                        f"{name} (ranks={ranks})",
+                        config,
+                        nsamples=args.nsamples,
+                        seqlen=args.seqlen,
+                        bits=args.bits,
+                        ranks=ranks,
+                    )
+                )
+            )
             print()
     return 0
 

@@ -10,9 +10,14 @@ DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 
 
 def add_demo_parser(sub) -> None:
-    d = sub.add_parser("demo", help="quantize the embedded SmolLM2 with several methods and print the table",
-                       description="End-to-end run on the embedded default model (CPU friendly).")
-    d.add_argument("--methods", default=",".join(DEMO_METHODS), help=f"comma-separated methods (default: {','.join(DEMO_METHODS)})")
+    d = sub.add_parser(
+        "demo",
+        help="quantize the embedded SmolLM2 with several methods and print the table",
+        description="End-to-end run on the embedded default model (CPU friendly).",
+    )
+    d.add_argument(
+        "--methods", default=",".join(DEMO_METHODS), help=f"comma-separated methods (default: {','.join(DEMO_METHODS)})"
+    )
     d.add_argument("--bits", type=int, default=3, help="weight bits (default: 3)")
     d.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
     d.add_argument("--seqlen", type=int, default=512, help="calibration window length (default: 512)")
@@ -31,17 +36,38 @@ def cmd_demo(args) -> int:
     runs = []
     root = Path(args.out)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        qargs = parser.parse_args(["quantize", "--method", method, "--bits", str(args.bits), "--nsamples",
-                                   str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                                   "--out", str(root / method)])
+        qargs = parser.parse_args(
+            [
+                "quantize",
+                "--method",
+                method,
+                "--bits",
+                str(args.bits),
+                "--nsamples",
+                str(args.nsamples),
+                "--seqlen",
+                str(args.seqlen),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(root / method),
+            ]
+        )
         cfg = build_config(qargs)
         print(f"== {method} ==", flush=True)
         with Progress() as progress:
-            runs.append(run_quantize(cfg, root / method, overwrite=True, ppl_max_windows=args.max_windows,
-                                     progress=progress.update))
+            runs.append(
+                run_quantize(
+                    cfg, root / method, overwrite=True, ppl_max_windows=args.max_windows, progress=progress.update
+                )
+            )
     print()
     print_summary(runs)
-    (root / "summary.json").write_text(json.dumps(
-        [{"method": r["method"], "perplexity": r["perplexity"], "seconds": r["timings"]["total"]} for r in runs], indent=2))
+    (root / "summary.json").write_text(
+        json.dumps(
+            [{"method": r["method"], "perplexity": r["perplexity"], "seconds": r["timings"]["total"]} for r in runs],
+            indent=2,
+        )
+    )
     print(f"wrote {root}/summary.json")
     return 0

@@ -49,64 +49,107 @@ def _load(model: str | None, dtype: str | None, dense: bool = False):
 def add_eval_parsers(sub) -> None:
     model_help = "model or checkpoint: hub id, directory, .gguf or rsq run directory (default: embedded SmolLM2)"
 
-    z = sub.add_parser("lm-eval", help="zero-/few-shot accuracy with lm-evaluation-harness",
-                       description="Run lm-eval tasks on MODEL_OR_DIR loaded by rsq (quantized checkpoints "
-                       "included). Reported metric per task: acc_norm, else acc, else exact_match "
-                       "(flexible-extract); the average is the plain mean over top-level entries. "
-                       "`rsq eval MODEL --tasks ...` does the same.")
+    z = sub.add_parser(
+        "lm-eval",
+        help="zero-/few-shot accuracy with lm-evaluation-harness",
+        description="Run lm-eval tasks on MODEL_OR_DIR loaded by rsq (quantized checkpoints "
+        "included). Reported metric per task: acc_norm, else acc, else exact_match "
+        "(flexible-extract); the average is the plain mean over top-level entries. "
+        "`rsq eval MODEL --tasks ...` does the same.",
+    )
     z.add_argument("model", nargs="?", default=None, help=model_help)
     add_lm_eval_options(z, tasks_required=True)
     z.set_defaults(func=cmd_lm_eval)
 
-    lc = sub.add_parser("longctx", help="long-context retrieval accuracy by length and gold position",
-                        description="Synthetic LongEval 'lines' and Lost-in-the-Middle key-value retrieval, "
-                        "greedy decoding, accuracy by length and position. Prompts longer than the model's "
-                        "context are skipped and listed.")
+    lc = sub.add_parser(
+        "longctx",
+        help="long-context retrieval accuracy by length and gold position",
+        description="Synthetic LongEval 'lines' and Lost-in-the-Middle key-value retrieval, "
+        "greedy decoding, accuracy by length and position. Prompts longer than the model's "
+        "context are skipped and listed.",
+    )
     lc.add_argument("model", nargs="?", default=None, help=model_help)
-    lc.add_argument("--task", default="lines", help="lines, kv, lines,kv or none (only benchmark files) (default: lines)")
-    lc.add_argument("--lines", default=None,
-                    help="comma-separated item counts (lines, or key-value pairs for kv) "
-                    "(default: 300,460,620 as the paper when --tokens is not given)")
-    lc.add_argument("--tokens", default=None,
-                    help="comma-separated prompt token budgets, or 'max' for the model's context; each becomes "
-                    "the largest item count that fits")
-    lc.add_argument("--positions", default="start,middle,end",
-                    help="gold positions: start, middle, end or fractions in [0,1] (default: start,middle,end)")
+    lc.add_argument(
+        "--task", default="lines", help="lines, kv, lines,kv or none (only benchmark files) (default: lines)"
+    )
+    lc.add_argument(
+        "--lines",
+        default=None,
+        help="comma-separated item counts (lines, or key-value pairs for kv) "
+        "(default: 300,460,620 as the paper when --tokens is not given)",
+    )
+    lc.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated prompt token budgets, or 'max' for the model's context; each becomes "
+        "the largest item count that fits",
+    )
+    lc.add_argument(
+        "--positions",
+        default="start,middle,end",
+        help="gold positions: start, middle, end or fractions in [0,1] (default: start,middle,end)",
+    )
     lc.add_argument("--samples", type=int, default=5, help="prompts per length and position (default: 5)")
     lc.add_argument("--seed", type=int, default=0, help="seed of the generated keys and values (default: 0)")
     lc.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: lines 24, kv 48)")
     lc.add_argument("--no-chat", action="store_true", help="raw prompt even when the tokenizer has a chat template")
     lc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    lc.add_argument("--dtype", default=None, help="cast weights after loading: float16, bfloat16, float32 "
-                    "(default: as loaded, float32)")
-    lc.add_argument("--dense", action="store_true",
-                    help="dequantize packed weights once after loading (same function; much faster greedy "
-                    "decoding on CPU, where every step otherwise dequantizes every layer; more memory)")
-    lc.add_argument("--leval", action="append", metavar="FILE",
-                    help="an L-Eval task jsonl (fields input, instructions, outputs); repeatable")
-    lc.add_argument("--lca", action="append", metavar="FILE",
-                    help="a Long Code Arena library-based code generation jsonl (instruction, clean_reference, "
-                    "unique_apis); repeatable")
-    lc.add_argument("--icl", action="append", nargs=2, metavar=("TRAIN", "TEST"),
-                    help="LongICLBench-style train and test jsonl of {text, label}; repeatable")
+    lc.add_argument(
+        "--dtype",
+        default=None,
+        help="cast weights after loading: float16, bfloat16, float32 (default: as loaded, float32)",
+    )
+    lc.add_argument(
+        "--dense",
+        action="store_true",
+        help="dequantize packed weights once after loading (same function; much faster greedy "
+        "decoding on CPU, where every step otherwise dequantizes every layer; more memory)",
+    )
+    lc.add_argument(
+        "--leval",
+        action="append",
+        metavar="FILE",
+        help="an L-Eval task jsonl (fields input, instructions, outputs); repeatable",
+    )
+    lc.add_argument(
+        "--lca",
+        action="append",
+        metavar="FILE",
+        help="a Long Code Arena library-based code generation jsonl (instruction, clean_reference, "
+        "unique_apis); repeatable",
+    )
+    lc.add_argument(
+        "--icl",
+        action="append",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+        help="LongICLBench-style train and test jsonl of {text, label}; repeatable",
+    )
     lc.add_argument("--icl-rounds", type=int, default=1, help="demonstration rounds for --icl (default: 1)")
     lc.add_argument("--icl-label-names", default=None, help="JSON list of class names for integer --icl labels")
     lc.add_argument("--bench-limit", type=int, default=None, help="at most this many examples per benchmark file")
     lc.add_argument("--bench-new-tokens", type=int, default=64, help="answer tokens for benchmark files (default: 64)")
-    lc.add_argument("--json-out", default=None, help="write the results here (e.g. RUN_DIR/longctx.json for rsq report)")
+    lc.add_argument(
+        "--json-out", default=None, help="write the results here (e.g. RUN_DIR/longctx.json for rsq report)"
+    )
     lc.set_defaults(func=cmd_longctx)
 
-    r = sub.add_parser("report", help="markdown/HTML report with plots comparing run directories",
-                       description="Read RUN_DIR/results.json and the evaluation JSONs in each RUN_DIR "
-                       "(lm_eval/longctx/eval --json-out) and write report.md, report.html and PNG plots.")
+    r = sub.add_parser(
+        "report",
+        help="markdown/HTML report with plots comparing run directories",
+        description="Read RUN_DIR/results.json and the evaluation JSONs in each RUN_DIR "
+        "(lm_eval/longctx/eval --json-out) and write report.md, report.html and PNG plots.",
+    )
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (rsq quantize --out ...)")
     r.add_argument("--out", required=True, help="report directory")
     r.add_argument("--title", default="rsq comparison", help="report title (default: rsq comparison)")
     r.set_defaults(func=cmd_report)
 
 
-TASKS_HELP = ("comma-separated lm-eval task names, e.g. piqa,hellaswag,arc_easy,arc_challenge,winogrande,lambada "
-              "(hub data), or rsq_facts (a small local task shipped with rsq)")
+TASKS_HELP = (
+    "comma-separated lm-eval task names, e.g. piqa,hellaswag,arc_easy,arc_challenge,winogrande,lambada "
+    "(hub data), or rsq_facts (a small local task shipped with rsq)"
+)
 
 
 def add_lm_eval_options(p, tasks_required: bool) -> None:
@@ -114,23 +157,37 @@ def add_lm_eval_options(p, tasks_required: bool) -> None:
     if tasks_required:
         p.add_argument("--tasks", required=True, help=TASKS_HELP)
     else:
-        p.add_argument("--tasks", default=None, help=TASKS_HELP + "; runs them as `rsq lm-eval` does, and "
-                       "perplexity then only when --ppl is given")
-    p.add_argument("--limit", type=float, default=None,
-                   help="documents per task (>=1) or a fraction (<1); for quick checks only (default: all)")
+        p.add_argument(
+            "--tasks",
+            default=None,
+            help=TASKS_HELP + "; runs them as `rsq lm-eval` does, and perplexity then only when --ppl is given",
+        )
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="documents per task (>=1) or a fraction (<1); for quick checks only (default: all)",
+    )
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 for most)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default: 8)")
     p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAMLs")
-    p.add_argument("--chat-template", action="store_true",
-                   help="apply the tokenizer's chat template (few-shot as multi-turn), as for gsm8k_cot_llama")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="apply the tokenizer's chat template (few-shot as multi-turn), as for gsm8k_cot_llama",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default: 0)")
     if tasks_required:  # `rsq eval` has its own --device and --json-out
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", default=None, help="cast weights after loading: float16, bfloat16, float32 "
-                   "(default: as loaded, float32)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="cast weights after loading: float16, bfloat16, float32 (default: as loaded, float32)",
+    )
     if tasks_required:
-        p.add_argument("--json-out", default=None,
-                       help="write the results here (e.g. RUN_DIR/lm_eval.json for rsq report)")
+        p.add_argument(
+            "--json-out", default=None, help="write the results here (e.g. RUN_DIR/lm_eval.json for rsq report)"
+        )
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -151,9 +208,18 @@ def cmd_lm_eval(args, loaded=None) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
     model, tokenizer = loaded if loaded is not None else _load(args.model, args.dtype)
-    res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=limit,
-                      num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device or "auto",
-                      apply_chat_template=args.chat_template, seed=args.seed)
+    res = run_lm_eval(
+        model,
+        tokenizer,
+        tasks,
+        batch_size=args.batch_size,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        device=args.device or "auto",
+        apply_chat_template=args.chat_template,
+        seed=args.seed,
+    )
     res["model"] = describe_source(args.model)
     print(f"{'task':<28} {'metric':<32} {'value':>7} {'stderr':>7}")
     for name, t in res["tasks"].items():
@@ -188,7 +254,8 @@ def _benchmarks(args) -> dict[str, list]:
             raise ConfigError(f"--icl-label-names {args.icl_label_names}: not a readable JSON list ({exc})") from exc
     for train, test in args.icl or []:
         out[f"icl:{Path(test).stem}:r{args.icl_rounds}"] = lc.load_longiclbench(
-            train, test, rounds=args.icl_rounds, label_names=names, limit=limit)
+            train, test, rounds=args.icl_rounds, label_names=names, limit=limit
+        )
     return out
 
 
@@ -213,14 +280,33 @@ def cmd_longctx(args) -> int:
     model, tokenizer = _load(args.model, args.dtype, dense=args.dense)
     chat = False if args.no_chat else "auto"
     with Progress() as progress:
-        res = run_longctx(model, tokenizer, tasks, device=args.device, items=items, tokens=tokens,
-                          positions=positions, samples=args.samples, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, chat=chat, progress=progress.update)
+        res = run_longctx(
+            model,
+            tokenizer,
+            tasks,
+            device=args.device,
+            items=items,
+            tokens=tokens,
+            positions=positions,
+            samples=args.samples,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            chat=chat,
+            progress=progress.update,
+        )
         if benches:
             res["benchmarks"] = {
-                name: {"metric": examples[0].metric,
-                       **run_examples(model, tokenizer, examples, max_new_tokens=args.bench_new_tokens, chat=chat,
-                                      progress=progress.update)}
+                name: {
+                    "metric": examples[0].metric,
+                    **run_examples(
+                        model,
+                        tokenizer,
+                        examples,
+                        max_new_tokens=args.bench_new_tokens,
+                        chat=chat,
+                        progress=progress.update,
+                    ),
+                }
                 for name, examples in benches.items()
             }
     res["model"] = describe_source(args.model)
@@ -229,14 +315,19 @@ def cmd_longctx(args) -> int:
         print(f"  {'items':>6} {'tokens':>7} {'n':>4} " + " ".join(f"{p:>7}" for p in r["positions"]) + f" {'all':>7}")
         for length in r["lengths"]:
             cells = " ".join(f"{_pct(length['by_position'][p]):>7}" for p in r["positions"])
-            print(f"  {length['items']:>6} {length['tokens']:>7.0f} {length['n']:>4} {cells} {_pct(length['accuracy']):>7}")
+            print(
+                f"  {length['items']:>6} {length['tokens']:>7.0f} {length['n']:>4} "
+                f"{cells} {_pct(length['accuracy']):>7}"
+            )
         if r["skipped"]:
             sizes = sorted({s["items"] for s in r["skipped"]})
             print(f"  skipped (longer than the context {r['model_context']}): items {', '.join(map(str, sizes))}")
         print(f"  {r['seconds']:.0f} s")
     for name, b in res.get("benchmarks", {}).items():
-        print(f"{name}: {b['metric']} {_pct(b['score'])} over {b['n']} examples"
-              + (f" ({len(b['skipped'])} skipped: longer than the context)" if b["skipped"] else ""))
+        print(
+            f"{name}: {b['metric']} {_pct(b['score'])} over {b['n']} examples"
+            + (f" ({len(b['skipped'])} skipped: longer than the context)" if b["skipped"] else "")
+        )
     _write_json(args.json_out, res)
     return 0
 

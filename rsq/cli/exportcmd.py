@@ -31,9 +31,7 @@ def cmd_export(args) -> int:
     s = export_compressed_tensors(args.ckpt, args.out, overwrite=args.overwrite)
     group = "per channel" if s["group_size"] == -1 else f"group {s['group_size']}"
     sym = "symmetric" if s["symmetric"] else "asymmetric"
-    extra = (
-        f"; online Hadamard transform on {', '.join(s['transforms'])}" if s["transforms"] else ""
-    )
+    extra = f"; online Hadamard transform on {', '.join(s['transforms'])}" if s["transforms"] else ""
     floats = ", ".join(s["ignore"]) or "none"
     print(
         f"wrote {args.out}/ ({s['format']}, {s['bits']}-bit {sym} {group}, {s['modules']} "

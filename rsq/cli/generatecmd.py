@@ -15,21 +15,15 @@ def add_generate_parser(sub) -> None:
     )
     p.add_argument("ckpt", metavar="DIR", help="rsq checkpoint directory (rsq quantize --out ...)")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)"
-    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument(
         "--chat",
         action="store_true",
         help="wrap PROMPT as one user turn with the tokenizer's chat template",
     )
-    p.add_argument(
-        "--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens"
-    )
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument(
         "--dense",
         action="store_true",
@@ -94,9 +88,7 @@ def cmd_generate(args) -> int:
 
     model, tokenizer = load_any(args.ckpt)
     if tokenizer is None:
-        raise CheckpointFormatError(
-            f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it"
-        )
+        raise CheckpointFormatError(f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it")
     if args.dense:
         from rsq.evaluate import dense_linears
 

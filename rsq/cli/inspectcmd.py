@@ -7,9 +7,11 @@ from pathlib import Path
 
 
 def add_inspect_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="activation outlier statistics of every linear input (before/after rotation)",
-                       description="max|x|/rms and kurtosis of the inputs of each layer's linears, as a table, "
-                       "JSON and a PNG plot.")
+    p = sub.add_parser(
+        "inspect",
+        help="activation outlier statistics of every linear input (before/after rotation)",
+        description="max|x|/rms and kurtosis of the inputs of each layer's linears, as a table, JSON and a PNG plot.",
+    )
     p.add_argument("model", nargs="?", default=None, help="hub id, directory or .gguf (default: embedded SmolLM2)")
     p.add_argument("--rotate", action="store_true", help="also rotate a copy and compare (default: model as is)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation (default: 0)")

@@ -37,16 +37,30 @@ def _default(cls, name: str):
 
 
 def _opt(parser, flag: str, cls, field: str, help: str, **kw) -> None:
-    parser.add_argument(flag, dest=f"{cls.__name__}.{field}", default=None, metavar=field.upper(),
-                        help=f"{help} (default: {_default(cls, field)})", **kw)
+    parser.add_argument(
+        flag,
+        dest=f"{cls.__name__}.{field}",
+        default=None,
+        metavar=field.upper(),
+        help=f"{help} (default: {_default(cls, field)})",
+        **kw,
+    )
 
 
 def add_quantize_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="hub id, local Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="rsq", choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
-                   help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
-                   "rsq: rotate + attention-concentration scaling + gptq (default: rsq)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--method",
+        default="rsq",
+        choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
+        help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
+        "rsq: rotate + attention-concentration scaling + gptq (default: rsq)",
+    )
     _opt(p, "--bits", GridConfig, "bits", "weight bits, 2..8", type=int)
     _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
     p.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points (default: symmetric)")
@@ -55,51 +69,88 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
     _opt(p, "--block-size", SolverConfig, "block_size", "GPTQ block size", type=int)
     _opt(p, "--damp", SolverConfig, "damp_frac", "GPTQ damping, fraction of the mean Hessian diagonal", type=float)
-    _opt(p, "--hessian-dtype", SolverConfig, "hessian_dtype", "Hessian accumulation precision: float32 or "
-         "float64 (float64 makes data-parallel ranks give the 1-process weights bit for bit)",
-         choices=["float32", "float64"])
+    _opt(
+        p,
+        "--hessian-dtype",
+        SolverConfig,
+        "hessian_dtype",
+        "Hessian accumulation precision: float32 or "
+        "float64 (float64 makes data-parallel ranks give the 1-process weights bit for bit)",
+        choices=["float32", "float64"],
+    )
     _opt(p, "--calib", CalibConfig, "source", "calibration text: wikitext2, c4 or a path to a text file")
     _opt(p, "--nsamples", CalibConfig, "nsamples", "calibration windows", type=int)
     _opt(p, "--seqlen", CalibConfig, "seqlen", "tokens per calibration window", type=int)
-    _opt(p, "--data-dir", CalibConfig, "data_dir", "directory with wiki.test.raw (and wiki.train.raw) and/or the c4 "
-         "shards c4-validation.00000-of-00008.json.gz, c4-train.00000-of-01024.json.gz; also $RSQ_DATA_DIR")
+    _opt(
+        p,
+        "--data-dir",
+        CalibConfig,
+        "data_dir",
+        "directory with wiki.test.raw (and wiki.train.raw) and/or the c4 "
+        "shards c4-validation.00000-of-00008.json.gz, c4-train.00000-of-01024.json.gz; also $RSQ_DATA_DIR",
+    )
     p.add_argument("--rotate", dest="rotate", action="store_true", default=None, help="force the Hadamard rotation on")
-    p.add_argument("--no-rotate", dest="rotate", action="store_false", help="skip the rotation (e.g. rsq without rotation)")
+    p.add_argument(
+        "--no-rotate", dest="rotate", action="store_false", help="skip the rotation (e.g. rsq without rotation)"
+    )
     _opt(p, "--rotate-seed", RotationConfig, "seed", "seed of the random Hadamard signs", type=int)
     _opt(p, "--rotate-mode", RotationConfig, "mode", "hadamard or random (orthogonal)")
-    p.add_argument("--center-embeddings", action="store_true",
-                   help="subtract each embedding row's mean, as the reference code does (not function-preserving)")
-    _opt(p, "--importance", ImportanceConfig, "strategy",
-         "token importance: attncon, actnorm, actdiff, tokenfreq, tokensim, firstn, firstlastn, a_b_..._N, uniform "
-         "(default for --method rsq: attncon)")
+    p.add_argument(
+        "--center-embeddings",
+        action="store_true",
+        help="subtract each embedding row's mean, as the reference code does (not function-preserving)",
+    )
+    _opt(
+        p,
+        "--importance",
+        ImportanceConfig,
+        "strategy",
+        "token importance: attncon, actnorm, actdiff, tokenfreq, tokensim, firstn, firstlastn, a_b_..._N, uniform "
+        "(default for --method rsq: attncon)",
+    )
     _opt(p, "--r-min", ImportanceConfig, "r_min", "smallest token weight before renormalisation", type=float)
     _opt(p, "--r-max", ImportanceConfig, "r_max", "largest token weight before renormalisation", type=float)
-    _opt(p, "--normalize", ImportanceConfig, "normalize", "attncon: divide by #queries seeing a token: none|linear|sqrt")
+    _opt(
+        p, "--normalize", ImportanceConfig, "normalize", "attncon: divide by #queries seeing a token: none|linear|sqrt"
+    )
     _opt(p, "--power", ImportanceConfig, "power", "raise raw scores to this power", type=float)
     _opt(p, "--quantile", ImportanceConfig, "quantile", "min-max on the q and 1-q quantiles", type=float)
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
-    p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and every random choice (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of calibration sampling and every random choice (default: 0)"
+    )
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16, float16 (default: float32)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default: 8)")
     p.add_argument("--offload", default=None, help="calibration activations: auto, device, cpu or disk (default: auto)")
-    p.add_argument("--save-dtype", default=None, choices=["auto", *DTYPES],
-                   help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = "
-                        "--dtype. bfloat16 halves them for a float32 run; the checkpoint then differs from the "
-                        "in-memory model (whose perplexity results.json reports) by that rounding (default: auto)")
+    p.add_argument(
+        "--save-dtype",
+        default=None,
+        choices=["auto", *DTYPES],
+        help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = "
+        "--dtype. bfloat16 halves them for a float32 run; the checkpoint then differs from the "
+        "in-memory model (whose perplexity results.json reports) by that rounding (default: auto)",
+    )
 
 
 def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
-    p.add_argument("--ppl", default="wikitext2", help="perplexity sources, comma separated (wikitext2, c4 or text "
-                   "files); 'none' to skip (default: wikitext2)")
-    p.add_argument(flag_seqlen, dest="ppl_seqlen", type=int, default=512, help="perplexity window length (default: 512)")
+    p.add_argument(
+        "--ppl",
+        default="wikitext2",
+        help="perplexity sources, comma separated (wikitext2, c4 or text files); 'none' to skip (default: wikitext2)",
+    )
+    p.add_argument(
+        flag_seqlen, dest="ppl_seqlen", type=int, default=512, help="perplexity window length (default: 512)"
+    )
     p.add_argument("--max-windows", type=int, default=40, help="at most this many windows; 0 = all (default: 40)")
 
 
 def build_config(args: argparse.Namespace) -> RSQConfig:
     """Namespace -> RSQConfig; only options the user set override the dataclass defaults."""
     preset = method_preset(args.method)
-    groups: dict[str, dict] = {c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)}
+    groups: dict[str, dict] = {
+        c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)
+    }
     for key, value in vars(args).items():
         if "." in key and value is not None:
             cls, field = key.split(".")
@@ -121,7 +172,11 @@ def build_config(args: argparse.Namespace) -> RSQConfig:
         rotation["center_embeddings"] = True
     importance = groups["ImportanceConfig"]
     importance.setdefault("strategy", preset["importance"])
-    top = {k: getattr(args, k) for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype") if getattr(args, k) is not None}
+    top = {
+        k: getattr(args, k)
+        for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype")
+        if getattr(args, k) is not None
+    }
     return RSQConfig(
         model=args.model or "",
         method=args.method,
@@ -152,9 +207,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         with Progress() as progress:
             results = run_quantize(
-                cfg, out, resume=args.resume, overwrite=args.overwrite, ppl_sources=_sources(args.ppl),
-                ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.max_windows or None,
-                progress=progress.update if ctx.is_main else None, dist_ctx=ctx,
+                cfg,
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                ppl_sources=_sources(args.ppl),
+                ppl_seqlen=args.ppl_seqlen,
+                ppl_max_windows=args.max_windows or None,
+                progress=progress.update if ctx.is_main else None,
+                dist_ctx=ctx,
             )
     finally:
         shutdown(ctx)
@@ -177,8 +238,16 @@ def _launch_ranks(nproc: int) -> int:
     argv = [a for a in sys.argv[1:]]
     i = argv.index("--nproc")
     del argv[i : i + 2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "rsq", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "rsq",
+        *argv,
+    ]
     return subprocess.call(cmd)
 
 
@@ -190,8 +259,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks and _sources(ppl) and args.json_out:
         from rsq.errors import ConfigError
 
-        raise ConfigError("--json-out with both --tasks and --ppl: run rsq eval once per kind (each writes its own "
-                          "JSON for rsq report)")
+        raise ConfigError(
+            "--json-out with both --tasks and --ppl: run rsq eval once per kind (each writes its own "
+            "JSON for rsq report)"
+        )
     loaded = None
     if args.tasks and _sources(ppl):  # one load for both (with --dtype applied, as lm-eval sees it)
         from rsq.cli.evalcmds import _load
@@ -199,9 +270,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loaded = _load(args.model, args.dtype)
     if _sources(ppl):
         with Progress() as progress:
-            results = run_eval(args.model, _sources(ppl), args.ppl_seqlen, args.max_windows or None,
-                               device=args.device or "auto", data_dir=args.data_dir, progress=progress.update,
-                               loaded=loaded)
+            results = run_eval(
+                args.model,
+                _sources(ppl),
+                args.ppl_seqlen,
+                args.max_windows or None,
+                device=args.device or "auto",
+                data_dir=args.data_dir,
+                progress=progress.update,
+                loaded=loaded,
+            )
         print(json.dumps(results["perplexity"], indent=2))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(results, indent=2))
@@ -215,7 +293,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def print_summary(runs: list[dict]) -> None:
     """One line per run: method, bits, perplexities, time."""
-    header = f"{'method':<10} {'bits':>4} {'seed':>4} " + " ".join(f"{'ppl ' + s:>16}" for s in _ppl_keys(runs)) + f" {'time s':>8}"
+    header = (
+        f"{'method':<10} {'bits':>4} {'seed':>4} "
+        + " ".join(f"{'ppl ' + s:>16}" for s in _ppl_keys(runs))
+        + f" {'time s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in runs:
@@ -234,31 +316,46 @@ def _ppl_keys(runs: list[dict]) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsq", description="RSQ: Rotate, Scale, then Quantize LLMs to 2-4-bit weights.")
+    parser = argparse.ArgumentParser(
+        prog="rsq", description="RSQ: Rotate, Scale, then Quantize LLMs to 2-4-bit weights."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint + results.json",
-                       description="Quantize MODEL layer by layer and write OUT/ (results.json, weights, tokenizer).")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and write a checkpoint + results.json",
+        description="Quantize MODEL layer by layer and write OUT/ (results.json, weights, tokenizer).",
+    )
     add_quantize_options(q)
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    q.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (torchrun; one per GPU, gloo on CPU); "
-                   "also works when started by torchrun directly (default: 1)")
+    q.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel ranks (torchrun; one per GPU, gloo on CPU); "
+        "also works when started by torchrun directly (default: 1)",
+    )
     add_ppl_options(q, "--ppl-seqlen")
     q.set_defaults(func=cmd_quantize)
 
     from rsq.cli.evalcmds import add_lm_eval_options
 
-    e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or quantized checkpoint",
-                       description="Evaluate MODEL_OR_DIR (hub id, directory, .gguf, or rsq checkpoint): "
-                       "perplexity, or with --tasks the lm-eval tasks as `rsq lm-eval` runs them.")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (and lm-eval tasks) of a model or quantized checkpoint",
+        description="Evaluate MODEL_OR_DIR (hub id, directory, .gguf, or rsq checkpoint): "
+        "perplexity, or with --tasks the lm-eval tasks as `rsq lm-eval` runs them.",
+    )
     e.add_argument("model", nargs="?", default=None, help="model or checkpoint (default: embedded SmolLM2)")
     add_ppl_options(e, "--seqlen")
     e.set_defaults(ppl=None)  # wikitext2, unless --tasks is given (see cmd_eval)
     e.add_argument("--device", default=None, help="auto, cpu, cuda (default: auto)")
-    e.add_argument("--data-dir", default=None, help="directory with wiki.test.raw and/or the c4 shards; also $RSQ_DATA_DIR")
+    e.add_argument(
+        "--data-dir", default=None, help="directory with wiki.test.raw and/or the c4 shards; also $RSQ_DATA_DIR"
+    )
     e.add_argument("--json-out", default=None, help="also write the results to this JSON file")
     add_lm_eval_options(e, tasks_required=False)
     e.set_defaults(func=cmd_eval)
@@ -282,8 +379,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     _quiet_transformers()
     try:
         return args.func(args)

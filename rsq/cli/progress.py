@@ -16,8 +16,9 @@ class Progress:
     def update(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=False,
-                                          file=sys.stderr, dynamic_ncols=True)
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=stage, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True
+            )
         bar.update(done - bar.n)
 
     def __enter__(self) -> "Progress":

@@ -203,8 +203,9 @@ def use_chat(tokenizer, chat: str | bool) -> bool:
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     """Token ids of ``text`` as one user turn (chat) or as raw text (with the tokenizer's specials)."""
     if chat:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
     return list(tokenizer(text).input_ids)
@@ -221,11 +222,18 @@ def greedy_answer(model: nn.Module, tokenizer, ids: list[int], max_new_tokens: i
     input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        temperature=None, top_p=None, top_k=None,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
     )
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def items_for_budget(task: str, tokenizer, budget: int, *, chat: bool, seed: int = 0) -> int:
@@ -233,6 +241,7 @@ def items_for_budget(task: str, tokenizer, budget: int, *, chat: bool, seed: int
 
     Other samples differ by a few tokens; they are checked against the model's context when run.
     """
+
     def n_tokens(n: int) -> int:
         return len(encode_prompt(tokenizer, make_example(task, n, "end", seed, 0).prompt, chat))
 
@@ -314,14 +323,29 @@ def run_retrieval(
                 ex = make_example(task, n, pos, seed, k)
                 ids = encode_prompt(tokenizer, ex.prompt, chat_on)
                 if context is not None and len(ids) + new_tokens > context:
-                    skipped.append({"items": n, "position": pos, "sample": k, "tokens": len(ids),
-                                    "reason": f"prompt + {new_tokens} new tokens exceeds the context {context}"})
+                    skipped.append(
+                        {
+                            "items": n,
+                            "position": pos,
+                            "sample": k,
+                            "tokens": len(ids),
+                            "reason": f"prompt + {new_tokens} new tokens exceeds the context {context}",
+                        }
+                    )
                 else:
                     t0 = time.perf_counter()
                     output = greedy_answer(model, tokenizer, ids, new_tokens)
-                    row = {"items": n, "budget": budget, "position": pos, "sample": k, "gold_index": ex.gold_index,
-                           "tokens": len(ids), "answer": ex.answer, "correct": score_retrieval(task, output, ex.answer),
-                           "seconds": time.perf_counter() - t0}
+                    row = {
+                        "items": n,
+                        "budget": budget,
+                        "position": pos,
+                        "sample": k,
+                        "gold_index": ex.gold_index,
+                        "tokens": len(ids),
+                        "answer": ex.answer,
+                        "correct": score_retrieval(task, output, ex.answer),
+                        "seconds": time.perf_counter() - t0,
+                    }
                     if keep_outputs:
                         row["output"] = output
                     rows.append(row)
@@ -332,7 +356,8 @@ def run_retrieval(
         log.warning("%s: skipped %d prompts longer than the model's context %s", task, len(skipped), context)
     return {
         "task": task,
-        "scoring": "first integer of the answer equals the line's number" if task == "lines"
+        "scoring": "first integer of the answer equals the line's number"
+        if task == "lines"
         else "gold value occurs in the answer (case-insensitive)",
         "decoding": f"greedy, max_new_tokens={new_tokens}, chat_template={chat_on}",
         "model_context": context,
@@ -355,13 +380,15 @@ def aggregate(rows: list[dict], positions: Sequence[str]) -> dict:
     lengths = []
     for n in sorted({r["items"] for r in rows}):
         sub = [r for r in rows if r["items"] == n]
-        lengths.append({
-            "items": n,
-            "tokens": sum(r["tokens"] for r in sub) / len(sub),
-            "n": len(sub),
-            "accuracy": _acc(sub),
-            "by_position": {p: _acc([r for r in sub if r["position"] == p]) for p in positions},
-        })
+        lengths.append(
+            {
+                "items": n,
+                "tokens": sum(r["tokens"] for r in sub) / len(sub),
+                "n": len(sub),
+                "accuracy": _acc(sub),
+                "by_position": {p: _acc([r for r in sub if r["position"] == p]) for p in positions},
+            }
+        )
     return {
         "accuracy": _acc(rows),
         "n": len(rows),
@@ -370,8 +397,7 @@ def aggregate(rows: list[dict], positions: Sequence[str]) -> dict:
     }
 
 
-def run_longctx(model: nn.Module, tokenizer, tasks: Sequence[str] = ("lines",), *, device: str = "auto",
-                **kw) -> dict:
+def run_longctx(model: nn.Module, tokenizer, tasks: Sequence[str] = ("lines",), *, device: str = "auto", **kw) -> dict:
     """:func:`run_retrieval` for each task; the dict that ``rsq longctx --json-out`` writes."""
     from rsq.pipeline import resolve_device
 
@@ -409,7 +435,9 @@ def _read_jsonl(path: str | Path, what: str, hint: str) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{p} line {i} is not JSON ({exc.msg}): pass a jsonl file, one object per line") from exc
+                raise ConfigError(
+                    f"{p} line {i} is not JSON ({exc.msg}): pass a jsonl file, one object per line"
+                ) from exc
     if not rows:
         raise ConfigError(f"{p} holds no examples: pass a non-empty jsonl file")
     return rows
@@ -426,8 +454,12 @@ def _require(row: dict, fields: dict[str, type | tuple], where: str) -> None:
 
 def load_leval(path: str | Path, limit: int | None = None) -> list[LongExample]:
     """L-Eval task file -> one example per (document, instruction). Fields: see the module doc."""
-    rows = _read_jsonl(path, "L-Eval", "download L-Eval (github.com/OpenLMLab/LEval, LEval-data/) and pass a "
-                       "task file such as LEval-data/Closed-ended-tasks/tpo.jsonl")
+    rows = _read_jsonl(
+        path,
+        "L-Eval",
+        "download L-Eval (github.com/OpenLMLab/LEval, LEval-data/) and pass a "
+        "task file such as LEval-data/Closed-ended-tasks/tpo.jsonl",
+    )
     out = []
     for i, row in enumerate(rows):
         where = f"{path} line {i + 1}"
@@ -435,17 +467,34 @@ def load_leval(path: str | Path, limit: int | None = None) -> list[LongExample]:
         if len(row["instructions"]) != len(row["outputs"]):
             raise ConfigError(f"{where}: {len(row['instructions'])} instructions but {len(row['outputs'])} outputs")
         for j, (q, a) in enumerate(zip(row["instructions"], row["outputs"])):
-            out.append(LongExample(f"{i}.{j}", row["input"], str(q), [str(a)], "leval_exam",
-                                   {"source": row.get("source"), "evaluation": row.get("evaluation")}))
+            out.append(
+                LongExample(
+                    f"{i}.{j}",
+                    row["input"],
+                    str(q),
+                    [str(a)],
+                    "leval_exam",
+                    {"source": row.get("source"), "evaluation": row.get("evaluation")},
+                )
+            )
     return out[:limit] if limit else out
 
 
-def load_longiclbench(train_path: str | Path, test_path: str | Path, *, rounds: int = 1,
-                      label_names: Sequence[str] | None = None, input_name: str = "query",
-                      label_name: str = "label", limit: int | None = None) -> list[LongExample]:
+def load_longiclbench(
+    train_path: str | Path,
+    test_path: str | Path,
+    *,
+    rounds: int = 1,
+    label_names: Sequence[str] | None = None,
+    input_name: str = "query",
+    label_name: str = "label",
+    limit: int | None = None,
+) -> list[LongExample]:
     """LongICLBench-style prompts: ``rounds`` rounds of per-label demonstrations, then each test text."""
-    hint = ("write the dataset's train/test splits as jsonl of {\"text\", \"label\"} (e.g. banking77 from "
-            "github.com/TIGER-AI-Lab/LongICLBench) and pass both paths")
+    hint = (
+        'write the dataset\'s train/test splits as jsonl of {"text", "label"} (e.g. banking77 from '
+        "github.com/TIGER-AI-Lab/LongICLBench) and pass both paths"
+    )
     train = _read_jsonl(train_path, "LongICLBench train", hint)
     test = _read_jsonl(test_path, "LongICLBench test", hint)
     if rounds < 1:
@@ -468,20 +517,33 @@ def load_longiclbench(train_path: str | Path, test_path: str | Path, *, rounds: 
         for lab, texts in by_label.items():
             if r < len(texts):
                 demos.append(f"{input_name}: {texts[r]}\n{label_name}: {lab}")
-    context = (f"Given a {input_name}, predict its {label_name}. The answer must be one of the {label_name}s "
-               f"used in the examples, written exactly the same way. The examples are:\n\n" + "\n\n".join(demos))
+    context = (
+        f"Given a {input_name}, predict its {label_name}. The answer must be one of the {label_name}s "
+        f"used in the examples, written exactly the same way. The examples are:\n\n" + "\n\n".join(demos)
+    )
     out = []
     for i, row in enumerate(test):
         gold = label(row, f"{test_path} line {i + 1}")
-        out.append(LongExample(str(i), context, f"{input_name}: {row['text']}\n{label_name}:", [gold], "label",
-                               {"rounds": rounds, "demonstrations": len(demos)}))
+        out.append(
+            LongExample(
+                str(i),
+                context,
+                f"{input_name}: {row['text']}\n{label_name}:",
+                [gold],
+                "label",
+                {"rounds": rounds, "demonstrations": len(demos)},
+            )
+        )
     return out[:limit] if limit else out
 
 
 def load_lca_library(path: str | Path, limit: int | None = None) -> list[LongExample]:
     """Long Code Arena library-based code generation file -> examples scored by API recall."""
-    rows = _read_jsonl(path, "Long Code Arena", "export JetBrains-Research/lca-library-based-code-generation "
-                       "(test split) to jsonl and pass its path")
+    rows = _read_jsonl(
+        path,
+        "Long Code Arena",
+        "export JetBrains-Research/lca-library-based-code-generation (test split) to jsonl and pass its path",
+    )
     out = []
     for i, row in enumerate(rows):
         where = f"{path} line {i + 1}"
@@ -489,8 +551,16 @@ def load_lca_library(path: str | Path, limit: int | None = None) -> list[LongExa
         ref = row.get("clean_reference", row.get("reference"))
         if not isinstance(ref, str):
             raise ConfigError(f"{where} lacks the field 'clean_reference' (or 'reference'): the gold code")
-        out.append(LongExample(str(row.get("repo_full_name", i)), str(row.get("context", "")), row["instruction"],
-                               [str(a) for a in row["unique_apis"]], "api_recall", {"reference": ref}))
+        out.append(
+            LongExample(
+                str(row.get("repo_full_name", i)),
+                str(row.get("context", "")),
+                row["instruction"],
+                [str(a) for a in row["unique_apis"]],
+                "api_recall",
+                {"reference": ref},
+            )
+        )
     return out[:limit] if limit else out
 
 
@@ -521,8 +591,15 @@ def score_long(metric: str, output: str, answers: list[str]) -> float:
     raise ConfigError(f"unknown long-context metric {metric!r}")
 
 
-def run_examples(model: nn.Module, tokenizer, examples: list[LongExample], *, max_new_tokens: int = 64,
-                 chat: str | bool = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
+def run_examples(
+    model: nn.Module,
+    tokenizer,
+    examples: list[LongExample],
+    *,
+    max_new_tokens: int = 64,
+    chat: str | bool = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Greedy answers to loaded benchmark examples; mean score, skipping prompts over the context."""
     chat_on = use_chat(tokenizer, chat)
     context = model_context(model)
@@ -533,16 +610,34 @@ def run_examples(model: nn.Module, tokenizer, examples: list[LongExample], *, ma
             skipped.append({"id": ex.id, "tokens": len(ids)})
         else:
             output = greedy_answer(model, tokenizer, ids, max_new_tokens)
-            rows.append({"id": ex.id, "tokens": len(ids), "score": score_long(ex.metric, output, ex.answers),
-                         "output": output})
+            rows.append(
+                {"id": ex.id, "tokens": len(ids), "score": score_long(ex.metric, output, ex.answers), "output": output}
+            )
         if progress is not None:
             progress("long examples", i + 1, len(examples))
-    return {"score": sum(r["score"] for r in rows) / len(rows) if rows else None, "n": len(rows),
-            "skipped": skipped, "examples": rows}
+    return {
+        "score": sum(r["score"] for r in rows) / len(rows) if rows else None,
+        "n": len(rows),
+        "skipped": skipped,
+        "examples": rows,
+    }
 
 
 __all__ = [
-    "RetrievalExample", "LongExample", "make_example", "make_lines_example", "make_kv_example", "gold_index",
-    "score_retrieval", "items_for_budget", "run_retrieval", "run_longctx", "aggregate", "load_leval",
-    "load_longiclbench", "load_lca_library", "score_long", "run_examples",
+    "RetrievalExample",
+    "LongExample",
+    "make_example",
+    "make_lines_example",
+    "make_kv_example",
+    "gold_index",
+    "score_retrieval",
+    "items_for_budget",
+    "run_retrieval",
+    "run_longctx",
+    "aggregate",
+    "load_leval",
+    "load_longiclbench",
+    "load_lca_library",
+    "score_long",
+    "run_examples",
 ]

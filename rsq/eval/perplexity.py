@@ -11,8 +11,13 @@ from torch import nn
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 4,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Mean next-token NLL of each window (K,), float64. The model is moved to ``device``."""
     model.to(device)
     out = []
@@ -26,8 +31,9 @@ def window_nll(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     return torch.cat(out)
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 4,
-               progress=None) -> float:
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 4, progress=None
+) -> float:
     nll = window_nll(model, windows, device, batch_size, progress)
     if not torch.isfinite(nll).all():
         return float("nan")

@@ -75,8 +75,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """
     tasks: dict[str, dict] = {}
     for name, res in raw["results"].items():
-        numeric = {k: float(v) for k, v in res.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in k}
+        numeric = {
+            k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in k
+        }
         chosen = choose_metric(res)
         tasks[name] = {
             "metric": chosen[0] if chosen else None,
@@ -121,9 +122,17 @@ def make_lm(model: nn.Module, tokenizer, *, batch_size: int = 8, max_length: int
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kw)
 
 
-def evaluate_raw(lm, tasks: list[str], *, limit: int | float | None = None, num_fewshot: int | None = None,
-                 include_path: str | Path | list | None = None, log_samples: bool = False,
-                 apply_chat_template: bool = False, seed: int = 0) -> dict[str, Any]:
+def evaluate_raw(
+    lm,
+    tasks: list[str],
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | Path | list | None = None,
+    log_samples: bool = False,
+    apply_chat_template: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on an LM object, with rsq's local tasks on the include path.
 
     Errors from lm-eval about unknown tasks or unreachable data become ConfigError with the fix.
@@ -146,10 +155,18 @@ def evaluate_raw(lm, tasks: list[str], *, limit: int | float | None = None, num_
         )
     try:
         raw = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=log_samples, apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     except (ConnectionError, OSError) as exc:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -194,17 +211,27 @@ def run_lm_eval(
 
     model.to(resolve_device(device))
     lm = make_lm(model, tokenizer, batch_size=batch_size)
-    raw = evaluate_raw(lm, tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
-                       log_samples=log_samples, apply_chat_template=apply_chat_template, seed=seed)
+    raw = evaluate_raw(
+        lm,
+        tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        include_path=include_path,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        seed=seed,
+    )
     out = summarize(raw)
-    out.update({
-        "kind": "lm_eval",
-        "requested": list(tasks),
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "n_samples": {k: v for k, v in (raw.get("n-samples") or {}).items()},
-        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
-    })
+    out.update(
+        {
+            "kind": "lm_eval",
+            "requested": list(tasks),
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "n_samples": {k: v for k, v in (raw.get("n-samples") or {}).items()},
+            "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        }
+    )
     if log_samples:
         out["samples"] = sample_records(raw)
     return out

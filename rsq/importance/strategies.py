@@ -335,12 +335,14 @@ _register_mask("firstn", "0_8", "First T/8 tokens (reference '0_8').")
 _register_mask("heuristic", "0_8", "Alias of firstn (the reference's heuristic default).")
 _register_mask("firstlastn", "0_31_32", "First and last T/32 tokens (reference '0_31_32').")
 _register_mask(
-    "first_half", "0_2",
+    "first_half",
+    "0_2",
     "The first T/2 tokens. The reference code's 'first_half' keeps the *second* half (its names "
     "are inverted); rsq uses the literal meaning.",
 )
 _register_mask(
-    "second_half", "1_2",
+    "second_half",
+    "1_2",
     "The last T/2 tokens. The reference code's 'second_half' keeps the *first* half (its names "
     "are inverted); rsq uses the literal meaning.",
 )
@@ -378,8 +380,9 @@ def to_weights(
             raise ValueError("reverse needs bounded=True: a reversed 0/1 mask is not a weight")
         mean = s.mean(dim=1, keepdim=True)
         if (s < 0).any() or (mean <= 0).any():
-            raise CalibrationError(f"importance {label!r}: unbounded scores must be >= 0 with a "
-                                   "positive mean in every sequence")
+            raise CalibrationError(
+                f"importance {label!r}: unbounded scores must be >= 0 with a positive mean in every sequence"
+            )
         return s / mean
     if cfg.power != 1.0:
         s = s.pow(cfg.power)
@@ -398,8 +401,7 @@ def to_weights(
     r = r.clamp(cfg.r_min, cfg.r_max)
     r = torch.where(flat, 1.0, r)
     if flat.any():
-        log.debug("importance %r: %d sequence(s) with constant scores get weight 1",
-                  label, int(flat.sum()))
+        log.debug("importance %r: %d sequence(s) with constant scores get weight 1", label, int(flat.sum()))
     return r / r.mean(dim=1, keepdim=True)
 
 
@@ -425,8 +427,7 @@ def compute_weights(name: str, ctx: ImportanceContext) -> torch.Tensor:
     raw = strategy.fn(ctx)
     if strategy.kind == "ones":
         return raw.float()
-    return to_weights(raw, ctx.cfg, reverse=strategy.reverse, bounded=strategy.kind == "score",
-                      name=name)
+    return to_weights(raw, ctx.cfg, reverse=strategy.reverse, bounded=strategy.kind == "score", name=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,26 +64,35 @@ class Backend:
 
 
 REFERENCE = Backend(
-    name="reference", function="rsq.kernels.reference:wq_matmul", bits=(2, 3, 4, 8),
-    dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64), device_types=("cpu", "cuda"),
-    m_min=0, priority=-100,
+    name="reference",
+    function="rsq.kernels.reference:wq_matmul",
+    bits=(2, 3, 4, 8),
+    dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    device_types=("cpu", "cuda"),
+    m_min=0,
+    priority=-100,
 )
 
-_TRITON = dict(bits=(2, 3, 4, 8), dtypes=_HALF, device_types=("cuda",), min_capability=(8, 0),
-               group_multiple=32, requires=("triton",))
+_TRITON = dict(
+    bits=(2, 3, 4, 8),
+    dtypes=_HALF,
+    device_types=("cuda",),
+    min_capability=(8, 0),
+    group_multiple=32,
+    requires=("triton",),
+)
 
 BACKENDS: list[Backend] = [
     # decode, M <= 4: CUDA-core kernel (codes -> floats with one LOP3), one program per 8 rows
     Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=4, priority=30, **_TRITON),
     # small batch: tensor-core tiles of 16 tokens, split-K for occupancy
-    Backend(name="triton_small", function="rsq.kernels.triton_wq:matmul_small", m_max=64, priority=20,
-            **_TRITON),
+    Backend(name="triton_small", function="rsq.kernels.triton_wq:matmul_small", m_max=64, priority=20, **_TRITON),
     # prefill: dequantize the whole weight to bf16/fp16 with Triton, then cuBLAS
-    Backend(name="triton_dequant_mm", function="rsq.kernels.triton_wq:dequant_matmul", m_min=65,
-            priority=15, **_TRITON),
+    Backend(
+        name="triton_dequant_mm", function="rsq.kernels.triton_wq:dequant_matmul", m_min=65, priority=15, **_TRITON
+    ),
     # prefill: fused dequant-in-registers + tl.dot GEMM
-    Backend(name="triton_gemm", function="rsq.kernels.triton_wq:matmul_large", m_min=65, priority=10,
-            **_TRITON),
+    Backend(name="triton_gemm", function="rsq.kernels.triton_wq:matmul_large", m_min=65, priority=10, **_TRITON),
     REFERENCE,
 ]
 
@@ -140,8 +149,16 @@ def dispatch(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tens
     x2d = x.reshape(-1, qlinear.in_features)
     if chosen is not REFERENCE:
         x2d = x2d.contiguous()
-    y = chosen.load()(x2d, qlinear.qweight, qlinear.scales, qlinear.qzeros, qlinear.bias,
-                      bits=qlinear.bits, in_features=qlinear.in_features, group_size=qlinear.group_size)
+    y = chosen.load()(
+        x2d,
+        qlinear.qweight,
+        qlinear.scales,
+        qlinear.qzeros,
+        qlinear.bias,
+        bits=qlinear.bits,
+        in_features=qlinear.in_features,
+        group_size=qlinear.group_size,
+    )
     return y.reshape(*x.shape[:-1], qlinear.out_features)
 
 

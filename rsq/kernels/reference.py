@@ -19,8 +19,9 @@ def group_width(in_features: int, group_size: int) -> int:
     return in_features if group_size == -1 else group_size
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, *, bits: int,
-               in_features: int, group_size: int) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, *, bits: int, in_features: int, group_size: int
+) -> torch.Tensor:
     """W_hat (out, in) float32 from packed codes (out, words), scales and zeros (out, n_groups)."""
     codes = unpack_codes(qweight, bits, in_features).float()  # (out, in)
     g = group_width(in_features, group_size)
@@ -29,8 +30,17 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor
     return s * (codes - z)
 
 
-def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-              bias: torch.Tensor | None, *, bits: int, in_features: int, group_size: int) -> torch.Tensor:
+def wq_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    bits: int,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
     """y (M, out) = x (M, in) @ W_hat^T + bias, in float32, returned in x.dtype."""
     w = dequantize(qweight, scales, qzeros, bits=bits, in_features=in_features, group_size=group_size)
     y = x.float() @ w.t()

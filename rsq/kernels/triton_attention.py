@@ -35,10 +35,26 @@ def _tile(base, rows, T, stride_t, D: tl.constexpr):
 
 
 @triton.jit
-def _lse_kernel(Q, K, LSE, T, HQ, GROUP, qk_scale,
-                sqb, sqh, sqt, skb, skh, skt,
-                CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _lse_kernel(
+    Q,
+    K,
+    LSE,
+    T,
+    HQ,
+    GROUP,
+    qk_scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    CAUSAL: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -64,10 +80,28 @@ def _lse_kernel(Q, K, LSE, T, HQ, GROUP, qk_scale,
 
 
 @triton.jit
-def _colsum_kernel(Q, K, LSE, OUT, T, HQ, HKV, GROUP, qk_scale,
-                   sqb, sqh, sqt, skb, skh, skt,
-                   CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _colsum_kernel(
+    Q,
+    K,
+    LSE,
+    OUT,
+    T,
+    HQ,
+    HKV,
+    GROUP,
+    qk_scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    CAUSAL: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // HKV
@@ -93,17 +127,31 @@ def _colsum_kernel(Q, K, LSE, OUT, T, HQ, HKV, GROUP, qk_scale,
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     d = q.shape[-1]
+
     # offsets are int32 in the kernels: tensors reaching element 2^31 take the torch path
     def reach(x):
         return sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
 
-    return (q.dtype in (torch.bfloat16, torch.float16, torch.float32) and k.dtype == q.dtype
-            and reach(q) < 2**31 and reach(k) < 2**31 and q.numel() < 2**31
-            and d in (16, 32, 64, 128, 256) and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return (
+        q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and k.dtype == q.dtype
+        and reach(q) < 2**31
+        and reach(k) < 2**31
+        and q.numel() < 2**31
+        and d in (16, 32, 64, 128, 256)
+        and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    )
 
 
-def attention_received_triton(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
-                              scale: float | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+def attention_received_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
     """(B, T) float32 attention received per key; q (B, Hq, T, d), k (B, Hkv, T, d), GQA as HF's
     repeat_kv (query head h reads kv head h // (Hq / Hkv)). See the module docstring."""
     b, hq, t, d = q.shape
@@ -118,10 +166,38 @@ def attention_received_triton(q: torch.Tensor, k: torch.Tensor, *, causal: bool 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     warps = 4 if d <= 64 else 8
     _lse_kernel[(triton.cdiv(t, block_m), b * hq)](
-        q, k, lse, t, hq, hq // hkv, qk_scale, *strides,
-        CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps)
+        q,
+        k,
+        lse,
+        t,
+        hq,
+        hq // hkv,
+        qk_scale,
+        *strides,
+        CAUSAL=causal,
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+        num_warps=warps,
+    )
     part = torch.empty(b * hkv, t, dtype=torch.float32, device=q.device)
     _colsum_kernel[(triton.cdiv(t, block_n), b * hkv)](
-        q, k, lse, part, t, hq, hkv, hq // hkv, qk_scale, *strides,
-        CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps)
+        q,
+        k,
+        lse,
+        part,
+        t,
+        hq,
+        hkv,
+        hq // hkv,
+        qk_scale,
+        *strides,
+        CAUSAL=causal,
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+        num_warps=warps,
+    )
     return part.view(b, hkv, t).sum(dim=1)

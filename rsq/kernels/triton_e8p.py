@@ -78,8 +78,20 @@ def _decode(c, tab_ptr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, N, K, C,
-                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _gemv_kernel(
+    x_ptr,
+    c_ptr,
+    tab_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """One token. Per weight: one LOP3 (the 3-bit field 2a_j of the pattern word, read as a float32
     subnormal 2a_j·2^(3j-149)), the sign applied to x by an xor of its sign bit, one FFMA with
     x_j·2^(85-3j); the ±1/4 shift enters once per code through the code's column sum of x."""
@@ -100,18 +112,35 @@ def _gemv_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, N, K, C,
             sx = (xs[None, :] ^ ((neg << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
             f = (p & (7 << (3 * j))).to(tl.float32, bitcast=True)
             acc += f * sx
-        xs8 = xsum * (2.0 ** -65)
+        xs8 = xsum * (2.0**-65)
         acc += tl.where((c & 0x80) != 0, xs8[None, :], -xs8[None, :])
-    out = tl.sum(acc, axis=1) * (2.0 ** 63) * tl.load(s_ptr).to(tl.float32)
+    out = tl.sum(acc, axis=1) * (2.0**63) * tl.load(s_ptr).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _small_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, M, N, K, C, stride_xm, stride_ym, SPLIT_K,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
+def _small_kernel(
+    x_ptr,
+    c_ptr,
+    tab_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    C,
+    stride_xm,
+    stride_ym,
+    SPLIT_K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     BLOCK_K: tl.constexpr = BLOCK_C * 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -125,8 +154,9 @@ def _small_kernel(x_ptr, c_ptr, tab_ptr, s_ptr, b_ptr, y_ptr, M, N, K, C, stride
         codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
         w = tl.reshape(_decode(codes, tab_ptr), (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
         cols = c0 * 8 + kk
-        xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=(cols < K)[:, None] & (ms < M)[None, :],
-                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        xt = tl.load(
+            x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=(cols < K)[:, None] & (ms < M)[None, :], other=0.0
+        )  # [BLOCK_K, BLOCK_M]
         acc = tl.dot(w, xt, acc)
     out = acc * tl.load(s_ptr).to(tl.float32)
     if HAS_BIAS:
@@ -147,8 +177,11 @@ def _dequant_kernel(c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr
     codes = tl.load(c_ptr + rows[:, None] * C + cc[None, :], mask=mask, other=0).to(tl.int32)
     w = tl.reshape(_decode(codes, tab_ptr) * tl.load(s_ptr).to(tl.float32), (BLOCK_N, BLOCK_C * 8))
     cols = tl.program_id(1) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
-    tl.store(w_ptr + rows[:, None] * K + cols[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=(rows < N)[:, None] & (cols < K)[None, :])
+    tl.store(
+        w_ptr + rows[:, None] * K + cols[None, :],
+        w.to(w_ptr.dtype.element_ty),
+        mask=(rows < N)[:, None] & (cols < K)[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- host
@@ -178,16 +211,34 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
     cfg = config or gemv_config(n, _sm_count(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, codes, gemv_table(str(x.device)), scales, bias if bias is not None else y, y, n, k, c,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
+        x,
+        codes,
+        gemv_table(str(x.device)),
+        scales,
+        bias if bias is not None else y,
+        y,
+        n,
+        k,
+        c,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_C=cfg["BLOCK_C"],
+        HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"],
+    )
     return y
 
 
 def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
     block_n, block_c = 64, 16
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(c, block_c), 16))
-    return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=split,
-                num_warps=4, num_stages=2)
+    return dict(
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        SPLIT_K=split,
+        num_warps=4,
+        num_stages=2,
+    )
 
 
 def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
@@ -195,13 +246,31 @@ def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
     m, n, k, c = _check(x, codes)
     cfg = config or small_config(m, n, c, _sm_count(x.device))
     split = cfg["SPLIT_K"]
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
-                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    y = (torch.zeros if split > 1 else torch.empty)(
+        m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype
+    )
     _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x, codes, pattern_table(str(x.device)), scales, bias if bias is not None else y, y, m, n, k, c,
-        x.stride(0), y.stride(0), split,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], ATOMIC=split > 1,
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        x,
+        codes,
+        pattern_table(str(x.device)),
+        scales,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        c,
+        x.stride(0),
+        y.stride(0),
+        split,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_C=cfg["BLOCK_C"],
+        ATOMIC=split > 1,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return y.to(x.dtype) if split > 1 else y
 
 
@@ -211,8 +280,8 @@ def dequantize(codes, scales, dtype=torch.bfloat16) -> torch.Tensor:
     w = torch.empty(n, 8 * c, device=codes.device, dtype=dtype)
     block_n, block_c = 16, 32
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
-        codes, pattern_table(str(codes.device)), scales, w, n, 8 * c, c,
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+        codes, pattern_table(str(codes.device)), scales, w, n, 8 * c, c, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4
+    )
     return w
 
 

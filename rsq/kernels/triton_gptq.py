@@ -24,9 +24,29 @@ MAX_WIDTH = 16
 
 
 @triton.jit
-def _sub_block_kernel(W_ptr, U_ptr, S_ptr, Z_ptr, C_ptr, Q_ptr, E_ptr, L_ptr,
-                      rows, width, maxq, stride_w, stride_ur, stride_uc, stride_sr, stride_sc, stride_zr, stride_zc, stride_o,
-                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _sub_block_kernel(
+    W_ptr,
+    U_ptr,
+    S_ptr,
+    Z_ptr,
+    C_ptr,
+    Q_ptr,
+    E_ptr,
+    L_ptr,
+    rows,
+    width,
+    maxq,
+    stride_w,
+    stride_ur,
+    stride_uc,
+    stride_sr,
+    stride_sc,
+    stride_zr,
+    stride_zc,
+    stride_o,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     c = tl.arange(0, BLOCK_W)
@@ -66,6 +86,26 @@ def sub_block(W1, U1, S1, Z1, C1, Q1, E1, L1, maxq: int) -> None:
         raise ValueError("sub_block takes at most 16 columns with unit column stride")
     block_r = 32
     _sub_block_kernel[(triton.cdiv(rows, block_r),)](
-        W1, U1, S1, Z1, C1, Q1, E1, L1, rows, width, float(maxq), W1.stride(0), U1.stride(0), U1.stride(1),
-        S1.stride(0), S1.stride(1), Z1.stride(0), Z1.stride(1), C1.stride(0),
-        BLOCK_R=block_r, BLOCK_W=MAX_WIDTH, num_warps=4)
+        W1,
+        U1,
+        S1,
+        Z1,
+        C1,
+        Q1,
+        E1,
+        L1,
+        rows,
+        width,
+        float(maxq),
+        W1.stride(0),
+        U1.stride(0),
+        U1.stride(1),
+        S1.stride(0),
+        S1.stride(1),
+        Z1.stride(0),
+        Z1.stride(1),
+        C1.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_W=MAX_WIDTH,
+        num_warps=4,
+    )

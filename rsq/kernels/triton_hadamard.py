@@ -33,8 +33,20 @@ MIN_DIM = 16  # tl.dot needs every dimension >= 16
 
 
 @triton.jit
-def _kron_kernel(x_ptr, y_ptr, l_ptr, r_ptr, P, scale, stride_x, stride_y,
-                 BP: tl.constexpr, Q: tl.constexpr, HAS_RIGHT: tl.constexpr, SPLIT: tl.constexpr):
+def _kron_kernel(
+    x_ptr,
+    y_ptr,
+    l_ptr,
+    r_ptr,
+    P,
+    scale,
+    stride_x,
+    stride_y,
+    BP: tl.constexpr,
+    Q: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     row = tl.program_id(0)
     i = tl.arange(0, BP)
     j = tl.arange(0, Q)
@@ -79,8 +91,7 @@ def factors(n: int, cross_head: bool = False, head_dim: int = 1) -> tuple[int, i
 
 
 def supports(x: torch.Tensor, n: int, cross_head: bool = False, head_dim: int = 1) -> bool:
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and factors(n, cross_head, head_dim) is not None)
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and factors(n, cross_head, head_dim) is not None
 
 
 @functools.lru_cache(maxsize=32)
@@ -109,7 +120,19 @@ def hadamard(x: torch.Tensor, n: int, cross_head: bool = False, head_dim: int = 
     y = torch.empty(x2d.shape, device=x.device, dtype=x.dtype)
     L, R = _factors_on(n, cross_head, str(x.device))
     if x2d.shape[0]:
-        _kron_kernel[(x2d.shape[0],)](x2d, y, L, R, P, 1.0 / math.sqrt(n), x2d.stride(0), y.stride(0),
-                                      BP=L.shape[0], Q=Q, HAS_RIGHT=not cross_head, SPLIT=x.is_cuda,
-                                      num_warps=8 if L.shape[0] * Q >= 8192 else 4)
+        _kron_kernel[(x2d.shape[0],)](
+            x2d,
+            y,
+            L,
+            R,
+            P,
+            1.0 / math.sqrt(n),
+            x2d.stride(0),
+            y.stride(0),
+            BP=L.shape[0],
+            Q=Q,
+            HAS_RIGHT=not cross_head,
+            SPLIT=x.is_cuda,
+            num_warps=8 if L.shape[0] * Q >= 8192 else 4,
+        )
     return y.reshape(x.shape)

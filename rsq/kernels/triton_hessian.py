@@ -47,5 +47,6 @@ def split_weighted(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     hi, lo = torch.empty_like(x), torch.empty_like(x)
     block_r, block_d = 16, 256
     _split_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
-        x, w, hi, lo, rows, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        x, w, hi, lo, rows, d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4
+    )
     return hi, lo

@@ -8,8 +8,8 @@ per candidate plus a host sync (80 candidates: ~0.6 s per Llama-3-8B layer on an
 program holds BLOCK_R rows and runs every candidate over them, reading the rows from L2.
 
 Same float32 operations as the torch loop (the candidates' p rounded to float32 as torch does,
-IEEE division, round half to even, libdevice pow; exp2/log2 in Triton's CPU interpreter), except that the compiler may fuse the
-dequantization's multiply with the subtraction of w (one FMA) and that the row sums add in another
+IEEE division, round half to even, libdevice pow; exp2/log2 in Triton's CPU interpreter), except that the
+compiler may fuse the dequantization's multiply with the subtraction of w (one FMA) and that the row sums add in another
 order: errors differ in the last bits, so at a near-tie another candidate (of practically equal
 error) can win. tests/kernels/test_triton_scales.py bounds both.
 """
@@ -46,8 +46,22 @@ def _scale_zero(lo, hi, maxq, half, SYM: tl.constexpr):
 
 
 @triton.jit
-def _clip_kernel(W, P, S, Z, rows, cols, n_cand, maxq, half, norm,
-                 SYM: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _clip_kernel(
+    W,
+    P,
+    S,
+    Z,
+    rows,
+    cols,
+    n_cand,
+    maxq,
+    half,
+    norm,
+    SYM: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     base = W + r[:, None].to(tl.int64) * cols
@@ -90,8 +104,9 @@ def _clip_kernel(W, P, S, Z, rows, cols, n_cand, maxq, half, norm,
     tl.store(Z + r, best_z, mask=rmask)
 
 
-def clip_search(w: torch.Tensor, bits: int, symmetric: bool, clip_grid: int, max_shrink: float,
-                clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_search(
+    w: torch.Tensor, bits: int, symmetric: bool, clip_grid: int, max_shrink: float, clip_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero (each (rows,), float32) of w (rows, cols) float32 on CUDA (or in
     Triton's interpreter), as find_params with mse_clip."""
     if w.dim() != 2 or w.dtype != torch.float32:
@@ -108,6 +123,20 @@ def clip_search(w: torch.Tensor, bits: int, symmetric: bool, clip_grid: int, max
     block_r = 4
     block_c = min(1024, triton.next_power_of_2(cols))
     _clip_kernel[(triton.cdiv(rows, block_r),)](
-        w, p, scale, zero, rows, cols, n, float((1 << bits) - 1), float(1 << (bits - 1)), float(clip_norm),
-        SYM=symmetric, LIBDEVICE=w.is_cuda, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        w,
+        p,
+        scale,
+        zero,
+        rows,
+        cols,
+        n,
+        float((1 << bits) - 1),
+        float(1 << (bits - 1)),
+        float(clip_norm),
+        SYM=symmetric,
+        LIBDEVICE=w.is_cuda,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
     return scale, zero

@@ -129,8 +129,9 @@ def _gemv_unit(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
     if BITS == 3:
         sh = ((tl.arange(0, NV) % 4) * 24) % 32
         hs = tl.where(sh == 0, 24, 32 - sh)
-        word = (word >> sh.to(tl.uint32)[:, None, None, None]) | \
-            (hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[:, None, None, None])
+        word = (word >> sh.to(tl.uint32)[:, None, None, None]) | (
+            hi.to(tl.uint32, bitcast=True) << hs.to(tl.uint32)[:, None, None, None]
+        )
         pos = j * 3
         src = word
     elif BITS == 2:
@@ -145,10 +146,29 @@ def _gemv_unit(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["KW"])
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
-                 BITS: tl.constexpr, CPV: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+def _gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    KW,
+    NG,
+    stride_xm,
+    stride_ym,
+    BITS: tl.constexpr,
+    CPV: tl.constexpr,
+    GS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """y[m, n] = sum_k s (q - z) x[m, k]  =  s (2^64 sum_k f_k X[m, k] - z sum_k x[m, k]),
     X = x 2^(85 - pos), for M <= BLOCK_M tokens (BLOCK_M small: every code costs BLOCK_M FMAs).
 
@@ -201,8 +221,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
         y = s * (y - z * tl.sum(accx, axis=0))
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-    tl.store(y_ptr + tok[None, :] * stride_ym + rows[:, None], y.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (tok < M)[None, :])
+    tl.store(
+        y_ptr + tok[None, :] * stride_ym + rows[:, None],
+        y.to(y_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (tok < M)[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +233,33 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, str
 
 
 @triton.jit(do_not_specialize=["magic"])
-def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K, magic,
-                BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
-                PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _dot_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    KW,
+    NG,
+    GS,
+    stride_xm,
+    stride_ym,
+    SPLIT_K,
+    magic,
+    BITS: tl.constexpr,
+    CPV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """y[M, N] (+)= x[M, K] @ W_hat[N, K]^T with 128-token tiles (prefill). GS % BLOCK_K == 0 (or per
     channel), so a K tile lies in one group: grouped tiles are scaled before the dot; per channel the
     dot takes exact (q - z) and the product is scaled once. ATOMIC: split-K, float32 atomics."""
@@ -244,8 +290,11 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
     for t in range(t0, t1):
         k0 = t * BLOCK_K
         lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
-        xk = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kt)[None, :],
-                     mask=m_mask[:, None] & ((k0 + kt) < K)[None, :], other=0.0)
+        xk = tl.load(
+            x_ptr + m[:, None] * stride_xm + (k0 + kt)[None, :],
+            mask=m_mask[:, None] & ((k0 + kt) < K)[None, :],
+            other=0.0,
+        )
         f = _unpack_float(lo, hi, magic, BITS, NV, CPV)
         if PER_CHANNEL:
             w = f - zf[:, None, None]
@@ -269,10 +318,34 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, 
 
 
 @triton.jit(do_not_specialize=["magic"])
-def _small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS, stride_xm, stride_ym, SPLIT_K, magic,
-                  BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, USE16: tl.constexpr, OFFSET: tl.constexpr):
+def _small_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    KW,
+    NG,
+    GS,
+    stride_xm,
+    stride_ym,
+    SPLIT_K,
+    magic,
+    BITS: tl.constexpr,
+    CPV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE16: tl.constexpr,
+    OFFSET: tl.constexpr,
+):
     """y^T[N, M] (+)= W_hat[N, K] @ x^T[K, M] for few tokens: the weight tile is the MMA's A operand
     (BLOCK_N rows = the MMA's M dimension, no transpose of the dequantized tile), the tokens its N
     dimension (BLOCK_M >= 16).
@@ -298,8 +371,11 @@ def _small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS
     for t in range(t0, t1):
         k0 = t * BLOCK_K
         lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
-        xk = tl.load(x_ptr + m[None, :] * stride_xm + (k0 + kt)[:, None],
-                     mask=m_mask[None, :] & ((k0 + kt) < K)[:, None], other=0.0)  # [BLOCK_K, BLOCK_M]
+        xk = tl.load(
+            x_ptr + m[None, :] * stride_xm + (k0 + kt)[:, None],
+            mask=m_mask[None, :] & ((k0 + kt) < K)[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_M]
         codes = _unpack_codes(lo, hi, BITS, NV, CPV)
         if USE16:
             w = (codes | magic).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
@@ -334,9 +410,23 @@ def _small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, GS
 
 
 @triton.jit(do_not_specialize=["magic"])
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS, magic,
-                    BITS: tl.constexpr, CPV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PER_CHANNEL: tl.constexpr):
+def _dequant_kernel(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    w_ptr,
+    N,
+    K,
+    KW,
+    NG,
+    GS,
+    magic,
+    BITS: tl.constexpr,
+    CPV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+):
     NV: tl.constexpr = BLOCK_K // CPV
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -349,8 +439,11 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, GS, magic,
     sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
     w = tl.reshape((f - zf[:, None, None]) * sg[:, None, None], (BLOCK_N, BLOCK_K))
     cols = k0 + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + rows[:, None] * K + cols[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols < K)[None, :])
+    tl.store(
+        w_ptr + rows[:, None] * K + cols[None, :],
+        w.to(w_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (cols < K)[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,10 +503,30 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
         raise ValueError(f"gemv got {m} tokens for BLOCK_M {cfg['BLOCK_M']}: use matmul_small")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, x.stride(0),
-        y.stride(0), BITS=bits, CPV=_gemv_cpv(bits), GS=gs if group_size != -1 else 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PER_CHANNEL=group_size == -1,
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
+        x,
+        qweight,
+        scales,
+        qzeros,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        kw,
+        ng,
+        x.stride(0),
+        y.stride(0),
+        BITS=bits,
+        CPV=_gemv_cpv(bits),
+        GS=gs if group_size != -1 else 0,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        PER_CHANNEL=group_size == -1,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 1),
+    )
     return y
 
 
@@ -423,14 +536,21 @@ def small_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 
     block_k = _pow2_block(group_size, 256)
     tiles_n = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(k, block_k), 16))
-    return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                num_warps=4, num_stages=3)
+    return dict(
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split,
+        num_warps=4,
+        num_stages=3,
+    )
 
 
 def large_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
     """Default launch configuration of :func:`matmul_large`."""
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=_pow2_block(group_size, 64), SPLIT_K=1, num_warps=8,
-                num_stages=3, GROUP_M=8)
+    return dict(
+        BLOCK_M=128, BLOCK_N=128, BLOCK_K=_pow2_block(group_size, 64), SPLIT_K=1, num_warps=8, num_stages=3, GROUP_M=8
+    )
 
 
 def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
@@ -442,17 +562,42 @@ def matmul_small(x, qweight, scales, qzeros, bias, *, bits, in_features, group_s
     if m > cfg["BLOCK_M"]:
         raise ValueError(f"matmul_small got {m} tokens for BLOCK_M {cfg['BLOCK_M']}")
     split = cfg["SPLIT_K"]
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
-                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    y = (torch.zeros if split > 1 else torch.empty)(
+        m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype
+    )
     use16 = bits < 8 or x.dtype == torch.float16
     magic = (0x6400 if x.dtype == torch.float16 else 0x4300) if use16 else _MAGIC
     offset = (1024.0 if x.dtype == torch.float16 else 128.0) if use16 else 0.0
     _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
-        x.stride(0), y.stride(0), split, magic, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ATOMIC=split > 1, PER_CHANNEL=group_size == -1,
-        HAS_BIAS=bias is not None, USE16=use16, OFFSET=offset, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        x,
+        qweight,
+        scales,
+        qzeros,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        kw,
+        ng,
+        gs,
+        x.stride(0),
+        y.stride(0),
+        split,
+        magic,
+        BITS=bits,
+        CPV=_cpv(bits),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        ATOMIC=split > 1,
+        PER_CHANNEL=group_size == -1,
+        HAS_BIAS=bias is not None,
+        USE16=use16,
+        OFFSET=offset,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return y.to(x.dtype) if split > 1 else y
 
 
@@ -463,34 +608,73 @@ def matmul_large(x, qweight, scales, qzeros, bias, *, bits, in_features, group_s
     if group_size != -1 and gs % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {gs}")
     split = cfg["SPLIT_K"]
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
-                                                   dtype=torch.float32 if split > 1 else x.dtype)
+    y = (torch.zeros if split > 1 else torch.empty)(
+        m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype
+    )
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _dot_kernel[grid](
-        x, qweight, scales, qzeros, bias if bias is not None else scales, y, m, n, k, kw, ng, gs,
-        x.stride(0), y.stride(0), split, _MAGIC, BITS=bits, CPV=_cpv(bits), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1), ATOMIC=split > 1,
-        PER_CHANNEL=group_size == -1, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        x,
+        qweight,
+        scales,
+        qzeros,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        kw,
+        ng,
+        gs,
+        x.stride(0),
+        y.stride(0),
+        split,
+        _MAGIC,
+        BITS=bits,
+        CPV=_cpv(bits),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg.get("GROUP_M", 1),
+        ATOMIC=split > 1,
+        PER_CHANNEL=group_size == -1,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return y.to(x.dtype) if split > 1 else y
 
 
-def dequantize(qweight, scales, qzeros, *, bits, in_features, group_size, dtype=torch.bfloat16,
-               config: dict | None = None) -> torch.Tensor:
+def dequantize(
+    qweight, scales, qzeros, *, bits, in_features, group_size, dtype=torch.bfloat16, config: dict | None = None
+) -> torch.Tensor:
     """W_hat (N, K) in ``dtype``, computed as float32 (q - z) * s then rounded."""
     n, kw = qweight.shape
     gs = in_features if group_size == -1 else group_size
     cfg = config or dict(BLOCK_N=16, BLOCK_K=_pow2_block(group_size, 256), num_warps=4)
     w = torch.empty(n, in_features, device=qweight.device, dtype=dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(in_features, cfg["BLOCK_K"]))
-    _dequant_kernel[grid](qweight, scales, qzeros, w, n, in_features, kw, scales.shape[1], gs, _MAGIC,
-                          BITS=bits, CPV=_cpv(bits), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                          PER_CHANNEL=group_size == -1, num_warps=cfg["num_warps"])
+    _dequant_kernel[grid](
+        qweight,
+        scales,
+        qzeros,
+        w,
+        n,
+        in_features,
+        kw,
+        scales.shape[1],
+        gs,
+        _MAGIC,
+        BITS=bits,
+        CPV=_cpv(bits),
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        PER_CHANNEL=group_size == -1,
+        num_warps=cfg["num_warps"],
+    )
     return w
 
 
 def dequant_matmul(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size):
     """Prefill: dequantize the whole weight (transient N x K buffer), then cuBLAS."""
-    w = dequantize(qweight, scales, qzeros, bits=bits, in_features=in_features, group_size=group_size,
-                   dtype=x.dtype)
+    w = dequantize(qweight, scales, qzeros, bits=bits, in_features=in_features, group_size=group_size, dtype=x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)

@@ -138,8 +138,12 @@ def param_count(config) -> int:
     Example: Qwen2.5-0.5B (H 896, I 4864, L 24, 14/2 heads of 64, V 151936, tied) gives
     24·14,912,384 + 896 + 136,134,656 = 494,032,768.
     """
-    H, I_, L, V = (int(config.hidden_size), int(config.intermediate_size),
-                   int(config.num_hidden_layers), int(config.vocab_size))
+    H, I_, L, V = (
+        int(config.hidden_size),
+        int(config.intermediate_size),
+        int(config.num_hidden_layers),
+        int(config.vocab_size),
+    )
     n_q, n_kv, d = int(config.num_attention_heads), _num_kv_heads(config), _head_dim(config)
     qkv_bias, o_bias, mlp_bias = _biases(config)
     attention = H * n_q * d + 2 * H * n_kv * d + n_q * d * H
@@ -151,8 +155,13 @@ def param_count(config) -> int:
 
 
 # ---------------------------------------------------------------------------- tiny models
-_DROP_FOR_TINY = ("_name_or_path", "transformers_version", "layer_types", "_commit_hash",
-                  "_attn_implementation_autoset")
+_DROP_FOR_TINY = (
+    "_name_or_path",
+    "transformers_version",
+    "layer_types",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+)
 
 
 def _odd_part(n: int) -> int:
@@ -161,8 +170,7 @@ def _odd_part(n: int) -> int:
     return n
 
 
-def tiny_config(config, *, layers: int = 2, scale: int | None = None, vocab_size: int = 512,
-                min_head_dim: int = 8):
+def tiny_config(config, *, layers: int = 2, scale: int | None = None, vocab_size: int = 512, min_head_dim: int = 8):
     """A CPU-sized config with the same structure as ``config``, for tests.
 
     The rule: every width -- hidden_size, intermediate_size and head_dim -- is divided by one
@@ -214,8 +222,14 @@ def tiny_config(config, *, layers: int = 2, scale: int | None = None, vocab_size
     assert _head_dim(tiny) == hd // scale, (_head_dim(tiny), hd, scale)
     assert _odd_part(tiny.hidden_size) == _odd_part(H)
     assert _odd_part(tiny.intermediate_size) == _odd_part(I_)
-    logger.debug("tiny %s: hidden %d, intermediate %d, head_dim %d (scale %d)", config.model_type,
-                 tiny.hidden_size, tiny.intermediate_size, hd // scale, scale)
+    logger.debug(
+        "tiny %s: hidden %d, intermediate %d, head_dim %d (scale %d)",
+        config.model_type,
+        tiny.hidden_size,
+        tiny.intermediate_size,
+        hd // scale,
+        scale,
+    )
     return tiny
 
 
@@ -228,6 +242,7 @@ def _move_special_ids(d: dict[str, Any], vocab: int) -> None:
     Distinct ids stay distinct and equal ids stay equal (Qwen2.5 has bos == eos): the largest
     out-of-range id goes to vocab-1, the next to vocab-2, and so on.
     """
+
     def ids(v):
         return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
@@ -252,8 +267,7 @@ def write_index(entries: dict[str, str]) -> dict[str, dict[str, Any]]:
         with open(CONFIG_DIR / file, encoding="utf-8") as f:
             cfg = config_from_dict(json.load(f))
         n = param_count(cfg)
-        index[name] = {"file": file, "hub_id": hub_id, "params": n,
-                       "params_b": round(n / 1e9, 2)}
+        index[name] = {"file": file, "hub_id": hub_id, "params": n, "params_b": round(n / 1e9, 2)}
     with open(INDEX_FILE, "w", encoding="utf-8") as f:
         f.write(json.dumps(index, indent=2) + "\n")
     _index.cache_clear()

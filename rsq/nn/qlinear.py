@@ -35,8 +35,16 @@ def _n_groups(in_features: int, group_size: int) -> int:
 class QuantLinear(nn.Module):
     """Inference-only linear layer with packed 2/3/4/8-bit weights (no autograd through forward)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
-                 bias: bool = False, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = -1,
+        bias: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         check_bits(bits)
         groups = _n_groups(in_features, group_size)
@@ -44,21 +52,37 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         self.backend: str | None = None  # force a kernel backend by name (rsq.kernels); None = fastest
         kw = dict(device=device)
-        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits),
-                                                    dtype=torch.int32, **kw))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32, **kw)
+        )
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, **kw))
         self.register_buffer("qzeros", torch.full((out_features, groups), 1 << (bits - 1), dtype=torch.uint8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-              dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> "QuantLinear":
         """A skeleton to be filled by load_state_dict (all codes zero, scales one)."""
         return cls(in_features, out_features, bits, group_size, bias, dtype)
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
-                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> "QuantLinear":
         """From solver output: codes (out, in) in [0, 2^bits - 1], scale and zero (out, n_groups)."""
         out_features, in_features = codes.shape
         groups = _n_groups(in_features, group_size)
@@ -77,12 +101,20 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat (out, in) from the stored buffers, computed in float32, returned in ``dtype``."""
-        return dequantize(self.qweight, self.scales, self.qzeros, bits=self.bits, in_features=self.in_features,
-                          group_size=self.group_size).to(dtype)
+        return dequantize(
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            bits=self.bits,
+            in_features=self.in_features,
+            group_size=self.group_size,
+        ).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch(x, self, self.backend)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -21,8 +21,15 @@ from rsq.quant.pack import packed_width, unpack_codes
 
 
 class NFQuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         groups = 1 if group_size == -1 else in_features // group_size
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size

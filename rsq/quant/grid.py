@@ -35,8 +35,9 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale * (codes - zero)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize then dequantize (what GPTQ writes back): dequantize_codes(quantize_codes(...)) op
     for op, computed in place in ``out`` (a buffer of w's shape, reused by the clip search: its
     80 candidates over every weight cost ~2x on CPU with a fresh tensor per op) or a new tensor."""

@@ -101,9 +101,7 @@ def nf_find_params(w: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
     return _row_params(wg, cfg, levels).reshape(rows, cols // g)
 
 
-def nf_rtn_quantize(
-    w: torch.Tensor, cfg: GridConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nf_rtn_quantize(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on the NF grid: codes uint8 (rows, cols), scale (rows, n_groups), w_hat."""
     scale = nf_find_params(w, cfg)
     levels = nf_levels(cfg.bits).to(w.device)

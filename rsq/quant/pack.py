@@ -70,7 +70,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     runs = -(-cols // RUN)
     out = torch.empty(rows, runs * bits, dtype=torch.int32, device=codes.device)
     for r0 in range(0, rows, _ROW_CHUNK):
-        chunk = c[r0:r0 + _ROW_CHUNK]
+        chunk = c[r0 : r0 + _ROW_CHUNK]
         padded = torch.nn.functional.pad(chunk, (0, runs * RUN - cols)).reshape(-1, runs, RUN)
         words = torch.zeros(padded.shape[0], runs, bits, dtype=torch.int64, device=codes.device)
         for i, word, shift, spill in _slots(bits):
@@ -78,7 +78,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             words[:, :, word] |= (code << shift) & 0xFFFFFFFF
             if spill:
                 words[:, :, word + 1] |= code >> (bits - spill)
-        out[r0:r0 + _ROW_CHUNK] = _to_int32(words).reshape(-1, runs * bits)
+        out[r0 : r0 + _ROW_CHUNK] = _to_int32(words).reshape(-1, runs * bits)
     return out
 
 

@@ -218,12 +218,14 @@ def goethals_seidel_matrix(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int8)
     A, B, C, D = (_circulant(r) for r in rows)
     R = np.eye(rows.shape[1], dtype=np.int8)[::-1]
-    return np.block([
-        [A, B @ R, C @ R, D @ R],
-        [-B @ R, A, D.T @ R, -C.T @ R],
-        [-C @ R, -D.T @ R, A, B.T @ R],
-        [-D @ R, C.T @ R, -B.T @ R, A],
-    ]).astype(np.int8)
+    return np.block(
+        [
+            [A, B @ R, C @ R, D @ R],
+            [-B @ R, A, D.T @ R, -C.T @ R],
+            [-C @ R, -D.T @ R, A, B.T @ R],
+            [-D @ R, C.T @ R, -B.T @ R, A],
+        ]
+    ).astype(np.int8)
 
 
 @functools.lru_cache(maxsize=1)
@@ -247,8 +249,9 @@ def _parse_gs_data(raw: bytes, expected_sha256: str) -> dict[int, np.ndarray]:
         m = int(key)
         paf = np.stack([(rows * np.roll(rows, -s, axis=1)).sum() for s in range(1, m)])
         if rows.shape != (4, m) or np.any(paf != 0):
-            raise RSQError(f"rsq/data/{GS_DATA_FILE}: the sequences for m={m} do not satisfy "
-                           "the PAF condition; reinstall rsq")
+            raise RSQError(
+                f"rsq/data/{GS_DATA_FILE}: the sequences for m={m} do not satisfy the PAF condition; reinstall rsq"
+            )
         out[m] = rows.astype(np.int8)
     return out
 

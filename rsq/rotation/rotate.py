@@ -128,7 +128,12 @@ def rotate_down_proj(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfi
     inter = adapter.get_layers(model)[0].get_submodule(adapter.down_proj).in_features
     kind = _site_kind(inter, "full", cfg)
     if kind is None:
-        return {"module": adapter.down_proj, "kind": "skipped", "size": inter, "reason": f"no Hadamard of order {inter}"}
+        return {
+            "module": adapter.down_proj,
+            "kind": "skipped",
+            "size": inter,
+            "reason": f"no Hadamard of order {inter}",
+        }
     spec = OnlineRotation(adapter.down_proj, kind, inter, seed=cfg.seed + 1)
     for layer in adapter.get_layers(model):
         lin = layer.get_submodule(adapter.down_proj)
@@ -162,10 +167,18 @@ def rotate_value_path(model: nn.Module, adapter: ModelAdapter, cfg: RotationConf
             attach_online_rotation(o, spec)
     records.append({"module": adapter.v_proj, "kind": "per_head", "size": hd, "recipe": hadamard_kind(hd)})
     if spec is None:
-        records.append({"module": adapter.o_proj, "kind": "skipped", "size": heads,
-                        "reason": f"no Hadamard of order {heads} (heads); cross-head part left out"})
+        records.append(
+            {
+                "module": adapter.o_proj,
+                "kind": "skipped",
+                "size": heads,
+                "reason": f"no Hadamard of order {heads} (heads); cross-head part left out",
+            }
+        )
     else:
-        records.append({**spec.to_dict(), "recipe": hadamard_kind(heads) if cross == "cross_head" else "random orthogonal"})
+        records.append(
+            {**spec.to_dict(), "recipe": hadamard_kind(heads) if cross == "cross_head" else "random orthogonal"}
+        )
     return records
 
 

@@ -41,7 +41,9 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, tor
     return W, H
 
 
-def damped_inverse_cholesky(H: torch.Tensor, damp_frac: float, retries: int, name: str = "") -> tuple[torch.Tensor, float]:
+def damped_inverse_cholesky(
+    H: torch.Tensor, damp_frac: float, retries: int, name: str = ""
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1, i.e. (H + damp I)^-1 = U^T U.
 
     damp = damp_frac * mean(diag H). If a factorisation fails, another damp is added to the
@@ -222,8 +224,17 @@ def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.
             from rsq.kernels.triton_gptq import sub_block
 
             sl = slice(j1, j2)
-            sub_block(W1[:, sl], U1[sl, sl], S1[:, sl], Z1[:, sl], C1[:, sl], Q1[:, sl], E1[:, sl], L1,
-                      max_code(ops.grid.bits))
+            sub_block(
+                W1[:, sl],
+                U1[sl, sl],
+                S1[:, sl],
+                Z1[:, sl],
+                C1[:, sl],
+                Q1[:, sl],
+                E1[:, sl],
+                L1,
+                max_code(ops.grid.bits),
+            )
         else:
             for i in range(j1, j2):
                 w = W1[:, i]
@@ -281,10 +292,21 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
     """Split a result of vertically stacked matrices (sharing one Hessian) back into per-matrix
     results; GPTQ treats rows independently, so each part is that matrix's own solution."""
     parts = []
-    for codes, scale, zero, weight, rl in zip(*(torch.split(t, sizes) for t in (res.codes, res.scale, res.zero,
-                                                                              res.weight, res.row_loss))):
-        parts.append(QuantResult(codes=codes, scale=scale, zero=zero, weight=weight, loss=rl.sum().item(),
-                                 damp=res.damp, meta=dict(res.meta), row_loss=rl))
+    for codes, scale, zero, weight, rl in zip(
+        *(torch.split(t, sizes) for t in (res.codes, res.scale, res.zero, res.weight, res.row_loss))
+    ):
+        parts.append(
+            QuantResult(
+                codes=codes,
+                scale=scale,
+                zero=zero,
+                weight=weight,
+                loss=rl.sum().item(),
+                damp=res.damp,
+                meta=dict(res.meta),
+                row_loss=rl,
+            )
+        )
     return parts
 
 

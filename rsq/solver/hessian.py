@@ -22,8 +22,13 @@ class HessianAccumulator:
     ones). With weights None or exactly one, the result is bit-identical to plain GPTQ's.
     """
 
-    def __init__(self, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 half_inputs: bool = False):
+    def __init__(
+        self,
+        width: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        half_inputs: bool = False,
+    ):
         self.width = width
         self.dtype = dtype
         self.sum = torch.zeros(width, width, device=device, dtype=dtype)

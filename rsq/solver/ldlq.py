@@ -68,8 +68,7 @@ def damped_block_ldl(
         if info.item() == 0 and torch.isfinite(C).all():
             L, D = _ldl_from_cholesky(C, block)
             if attempt:
-                log.warning("%s: Hessian needed %d extra dampings (damp %.3g)",
-                            name or "module", attempt, damp)
+                log.warning("%s: Hessian needed %d extra dampings (damp %.3g)", name or "module", attempt, damp)
             return L, D, Hd, damp, attempt
     raise SingularHessianError(
         f"the Hessian of {name or 'a module'} (width {n}) is not positive definite even after "
@@ -127,9 +126,7 @@ def ldlq_quantize(
     sigma = e8p_sigma(W, grid.e8p_scale)
     W0, H0 = W, H
     W, H = prepare_hessian(W, H)
-    L, _, Hd, damp, retries = damped_block_ldl(
-        H, solver.damp_frac, solver.damp_retries, CODE_DIM, name
-    )
+    L, _, Hd, damp, retries = damped_block_ldl(H, solver.damp_frac, solver.damp_retries, CODE_DIM, name)
     del H
 
     Wr = W / sigma if sigma > 0 else torch.zeros_like(W)  # all-zero W: σ = 0, W_hat = 0
@@ -146,14 +143,11 @@ def ldlq_quantize(
         weight=W_hat,
         loss=loss,
         damp=damp,
-        meta={"algorithm": "ldlq", "grid": "e8p", "sigma": sigma, "tune_sweeps": sweeps,
-              "damp_retries": retries},
+        meta={"algorithm": "ldlq", "grid": "e8p", "sigma": sigma, "tune_sweeps": sweeps, "damp_retries": retries},
     )
 
 
-def _ldlq_codes(
-    Wr: torch.Tensor, L: torch.Tensor, Hd: torch.Tensor, tune_iters: int
-) -> tuple[torch.Tensor, int]:
+def _ldlq_codes(Wr: torch.Tensor, L: torch.Tensor, Hd: torch.Tensor, tune_iters: int) -> tuple[torch.Tensor, int]:
     """LDLQ on the scaled weight Wr (out, n): codes (out, n/8) int32 and the sweeps run."""
     rows, n = Wr.shape
     m = n // CODE_DIM

@@ -26,9 +26,16 @@ def _run(family, reuse: bool, adapter_change=None, rotate=False, dtype=torch.flo
         rotate_model(model, adapter, RotationConfig(enabled=True))
     adapter = dataclasses.replace(adapter, prenorm_residual=reuse, **(adapter_change or {}))
     windows = torch.randint(0, 512, (5, 32), generator=torch.Generator().manual_seed(0))
-    cfg = RSQConfig(method="rsq", importance=ImportanceConfig(strategy="attncon"),
-                    calib=CalibConfig(nsamples=5, seqlen=32), batch_size=2, device="cpu")
-    state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=make_weight_fn(cfg, adapter, model.config, windows))
+    cfg = RSQConfig(
+        method="rsq",
+        importance=ImportanceConfig(strategy="attncon"),
+        calib=CalibConfig(nsamples=5, seqlen=32),
+        batch_size=2,
+        device="cpu",
+    )
+    state = quantize_layers(
+        model, cfg, windows, adapter=adapter, weight_fn=make_weight_fn(cfg, adapter, model.config, windows)
+    )
     return state, model
 
 

@@ -29,10 +29,17 @@ METHODS = {
 def _quantize(model_dir, out, method, grid=None, **kw):
     m = METHODS[method]
     grid = grid or GridConfig(bits=3)
-    cfg = RSQConfig(model=str(model_dir), method=method, grid=grid,
-                    solver=SolverConfig(algorithm="ldlq" if grid.kind == "e8p" else m["algorithm"]),
-                    rotation=RotationConfig(enabled=m["rotate"]), importance=ImportanceConfig(strategy=m["strategy"]),
-                    calib=CalibConfig(nsamples=4, seqlen=64), batch_size=4, **kw)
+    cfg = RSQConfig(
+        model=str(model_dir),
+        method=method,
+        grid=grid,
+        solver=SolverConfig(algorithm="ldlq" if grid.kind == "e8p" else m["algorithm"]),
+        rotation=RotationConfig(enabled=m["rotate"]),
+        importance=ImportanceConfig(strategy=m["strategy"]),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=4,
+        **kw,
+    )
     model, tok = load_model(str(model_dir))
     run_quantize(cfg, out, ppl_sources=(), preloaded=(model, tok))
     return model  # the in-memory fake-quantized (and rotated) model
@@ -43,8 +50,17 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family,method", [("llama", "rtn"), ("llama", "gptq"), ("llama", "quarot"),
-                                           ("llama", "rsq"), ("qwen2", "rsq"), ("mistral", "quarot")])
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("llama", "rtn"),
+        ("llama", "gptq"),
+        ("llama", "quarot"),
+        ("llama", "rsq"),
+        ("qwen2", "rsq"),
+        ("mistral", "quarot"),
+    ],
+)
 def test_save_load_logits_match(tiny_model_dir, tmp_path, family, method):
     out = tmp_path / "ckpt"
     ref_model = _quantize(tiny_model_dir(family), out, method)
@@ -60,8 +76,10 @@ def test_save_load_logits_match(tiny_model_dir, tmp_path, family, method):
         assert qc["rotation"]["seed"] == 0 and qc["rotation"]["online"]
 
 
-@pytest.mark.parametrize("grid", [GridConfig(kind="nf", bits=3), GridConfig(kind="e8p", bits=2),
-                                  GridConfig(bits=4, group_size=32, symmetric=False)])
+@pytest.mark.parametrize(
+    "grid",
+    [GridConfig(kind="nf", bits=3), GridConfig(kind="e8p", bits=2), GridConfig(bits=4, group_size=32, symmetric=False)],
+)
 def test_other_grids_round_trip(tiny_model_dir, tmp_path, grid):
     out = tmp_path / "ckpt"
     ref_model = _quantize(tiny_model_dir("llama"), out, "quarot", grid=grid)

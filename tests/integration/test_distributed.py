@@ -28,15 +28,23 @@ def _free_port() -> int:
 def _cfg(model_dir):
     # float64 Hessian accumulation: the 2-rank sum differs from the 1-rank sum only in the order of
     # float64 additions (~1e-16 relative), which vanishes when H is cast to float32 for the solve
-    return RSQConfig(model=str(model_dir), method="rsq", grid=GridConfig(bits=3),
-                     solver=SolverConfig(hessian_dtype="float64"), rotation=RotationConfig(enabled=False),
-                     importance=ImportanceConfig(strategy="attncon"), calib=CalibConfig(nsamples=6, seqlen=64),
-                     batch_size=2, device="cpu")
+    return RSQConfig(
+        model=str(model_dir),
+        method="rsq",
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(hessian_dtype="float64"),
+        rotation=RotationConfig(enabled=False),
+        importance=ImportanceConfig(strategy="attncon"),
+        calib=CalibConfig(nsamples=6, seqlen=64),
+        batch_size=2,
+        device="cpu",
+    )
 
 
 def _rank_main(rank, world, port, model_dir, out, kill_after):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from rsq.distributed import DistributedError, init_from_env, shutdown
     from rsq.run import _Interrupted, run_quantize
@@ -44,8 +52,9 @@ def _rank_main(rank, world, port, model_dir, out, kill_after):
     ctx = init_from_env("cpu", timeout_s=60)
     status = "done"
     try:
-        run_quantize(_cfg(model_dir), out, ppl_sources=(), dist_ctx=ctx,
-                     stop_after_layer=kill_after if rank == 1 else None)
+        run_quantize(
+            _cfg(model_dir), out, ppl_sources=(), dist_ctx=ctx, stop_after_layer=kill_after if rank == 1 else None
+        )
     except _Interrupted:
         os._exit(3)  # the killed rank vanishes without a goodbye
     except DistributedError as exc:
@@ -59,7 +68,10 @@ def _rank_main(rank, world, port, model_dir, out, kill_after):
 def _spawn(world, model_dir, out, kill_after=None):
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), str(out), kill_after)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), str(out), kill_after))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -30,10 +30,16 @@ from rsq.run import run_quantize
 
 
 def _quarot_checkpoint(model_dir, out):
-    cfg = RSQConfig(model=str(model_dir), method="quarot", grid=GridConfig(bits=3),
-                    solver=SolverConfig(), rotation=RotationConfig(enabled=True),
-                    importance=ImportanceConfig(strategy="uniform"),
-                    calib=CalibConfig(nsamples=4, seqlen=64), batch_size=4)
+    cfg = RSQConfig(
+        model=str(model_dir),
+        method="quarot",
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(),
+        rotation=RotationConfig(enabled=True),
+        importance=ImportanceConfig(strategy="uniform"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=4,
+    )
     run_quantize(cfg, out, ppl_sources=(), preloaded=load_model(str(model_dir)))
     return out
 
@@ -60,9 +66,25 @@ def test_cli_longctx_dense_gives_the_same_answers(tiny_model_dir, tmp_path):
     outputs = {}
     for flag in ([], ["--dense"]):
         out = tmp_path / f"longctx{len(flag)}.json"
-        args = parser.parse_args(["longctx", str(ckpt), "--lines", "3", "--positions", "start,end",
-                                  "--samples", "2", "--device", "cpu", "--max-new-tokens", "5",
-                                  "--json-out", str(out), *flag])
+        args = parser.parse_args(
+            [
+                "longctx",
+                str(ckpt),
+                "--lines",
+                "3",
+                "--positions",
+                "start,end",
+                "--samples",
+                "2",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "5",
+                "--json-out",
+                str(out),
+                *flag,
+            ]
+        )
         assert args.func(args) == 0
         examples = json.loads(out.read_text())["tasks"]["lines"]["examples"]
         outputs[len(flag)] = [e["output"] for e in examples]

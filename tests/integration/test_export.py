@@ -54,9 +54,7 @@ def pow2_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
     model = AutoModelForCausalLM.from_config(cfg).eval()
     for name, p in model.named_parameters():
         if "norm" in name:
-            p.data = 1 + 0.3 * torch.randn_like(
-                p
-            )  # non-trivial norms, as tests/conftest.py's tiny_model
+            p.data = 1 + 0.3 * torch.randn_like(p)  # non-trivial norms, as tests/conftest.py's tiny_model
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(out)
     return out
@@ -180,9 +178,7 @@ def test_refuses_3bit(tiny_model_dir, tmp_path):
         export_compressed_tensors(ckpt, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     config = json.loads((ckpt / "config.json").read_text())
-    config["quantization_config"].update(
-        method="fp16", modules=[]
-    )  # as `rsq quantize --method fp16`
+    config["quantization_config"].update(method="fp16", modules=[])  # as `rsq quantize --method fp16`
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="no quantized linears"):
         export_compressed_tensors(ckpt, tmp_path / "ct")
@@ -192,15 +188,10 @@ def test_refuses_online_hadamard_and_cli_exits_2(tiny_model_dir, tmp_path, capsy
     """Default QuaRot, tiny Llama: down_proj Hadamard of order 96 = paley1(q=11)⊗sylvester(8)."""
     ckpt = tmp_path / "ckpt"
     _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True))
-    with pytest.raises(
-        ExportError, match=r"online rotation at mlp\.down_proj input \(full, order 96\)"
-    ):
+    with pytest.raises(ExportError, match=r"online rotation at mlp\.down_proj input \(full, order 96\)"):
         export_compressed_tensors(ckpt, tmp_path / "ct")
     capsys.readouterr()
-    assert (
-        main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")])
-        == 2
-    )
+    assert main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rsq: error: online rotation at mlp.down_proj input") and "\n" not in err
     assert not (tmp_path / "ct").exists()
@@ -208,13 +199,9 @@ def test_refuses_online_hadamard_and_cli_exits_2(tiny_model_dir, tmp_path, capsy
 
 def test_refuses_cross_head_rotation(tiny_model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    rotation = RotationConfig(
-        enabled=True, online_down=False
-    )  # 4 heads: cross-head Hadamard before o_proj
+    rotation = RotationConfig(enabled=True, online_down=False)  # 4 heads: cross-head Hadamard before o_proj
     _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), rotation)
-    with pytest.raises(
-        ExportError, match=r"online rotation at self_attn\.o_proj input \(cross_head, order 4\)"
-    ):
+    with pytest.raises(ExportError, match=r"online rotation at self_attn\.o_proj input \(cross_head, order 4\)"):
         export_compressed_tensors(ckpt, tmp_path / "ct")
 
 
@@ -222,9 +209,7 @@ def test_generate_matches_in_memory_greedy(tiny_model_dir, tmp_path, capsys):
     from rsq.cli.generatecmd import generate
 
     ckpt = tmp_path / "ckpt"
-    model = _quantize(
-        tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True)
-    )
+    model = _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True))
     loaded, tok = rsq.load(ckpt)
     prompt, n = "The tower is", 12
     new_ids, text = generate(loaded, tok, prompt, max_new_tokens=n, ignore_eos=True)

@@ -64,9 +64,16 @@ def test_tiny_family_pipeline_and_checkpoint(name, tmp_path, tiny_tokenizer_dir)
     src = tmp_path / "src"
     model.save_pretrained(src)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(src)
-    cfg = RSQConfig(model=str(src), method="rsq", grid=GridConfig(bits=3), solver=SolverConfig(),
-                    rotation=RotationConfig(enabled=True), importance=ImportanceConfig(strategy="attncon"),
-                    calib=CalibConfig(nsamples=4, seqlen=64), batch_size=4)
+    cfg = RSQConfig(
+        model=str(src),
+        method="rsq",
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(),
+        rotation=RotationConfig(enabled=True),
+        importance=ImportanceConfig(strategy="attncon"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=4,
+    )
     work = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(src)
     out = tmp_path / "q"

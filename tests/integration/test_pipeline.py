@@ -12,9 +12,15 @@ from rsq.run import _Interrupted, partial_dir, run_quantize
 
 
 def _cfg(model_dir, method="gptq", **kw):
-    return RSQConfig(model=str(model_dir), method=method, grid=GridConfig(bits=3),
-                     solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
-                     calib=CalibConfig(nsamples=4, seqlen=64), batch_size=3, **kw)
+    return RSQConfig(
+        model=str(model_dir),
+        method=method,
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=3,
+        **kw,
+    )
 
 
 def test_gptq_run_writes_complete_output(tiny_model_dir, tmp_path):
@@ -53,8 +59,25 @@ def test_resume_with_other_options_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     with pytest.raises(_Interrupted):
         run_quantize(_cfg(model_dir), out, ppl_sources=(), stop_after_layer=0)
-    rc = main(["quantize", str(model_dir), "--method", "gptq", "--bits", "4", "--nsamples", "4", "--seqlen", "64",
-               "--out", str(out), "--resume", "--ppl", "none"])
+    rc = main(
+        [
+            "quantize",
+            str(model_dir),
+            "--method",
+            "gptq",
+            "--bits",
+            "4",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--out",
+            str(out),
+            "--resume",
+            "--ppl",
+            "none",
+        ]
+    )
     assert rc == 2
 
 
@@ -101,7 +124,9 @@ def test_nan_activations_are_reported(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "nan-model"
     model.save_pretrained(bad)
     AutoTokenizer.from_pretrained(src).save_pretrained(bad)
-    rc = _cli(str(bad), "--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"), "--ppl", "none")
+    rc = _cli(
+        str(bad), "--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o"), "--ppl", "none"
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "NaN/Inf" in err
 
@@ -119,8 +144,13 @@ def test_expansion_equals_explicit_rolled_copies():
     results = []
     for expand, wins in ((4, windows), (1, expand_rolls(windows, 4))):
         model = tiny_model("llama")
-        cfg = RSQConfig(method="rsq", importance=ImportanceConfig(strategy="attncon", expand=expand),
-                        calib=CalibConfig(nsamples=wins.shape[0], seqlen=32), batch_size=4, device="cpu")
+        cfg = RSQConfig(
+            method="rsq",
+            importance=ImportanceConfig(strategy="attncon", expand=expand),
+            calib=CalibConfig(nsamples=wins.shape[0], seqlen=32),
+            batch_size=4,
+            device="cpu",
+        )
         adapter = resolve(model)
         quantize_layers(model, cfg, wins, adapter=adapter, weight_fn=make_weight_fn(cfg, adapter, model.config, wins))
         results.append({k: v.clone() for k, v in model.state_dict().items()})

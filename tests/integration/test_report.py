@@ -17,7 +17,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _results(method: str, bits: int, ppl: float, strategy: str = "uniform") -> dict:
     # the keys rsq/run.py writes that the report reads
     return {
-        "model": "tiny", "method": method, "seed": 0,
+        "model": "tiny",
+        "method": method,
+        "seed": 0,
         "config": {"grid": {"bits": bits, "group_size": -1}, "importance": {"strategy": strategy}},
         "perplexity": {"seqlen": 512, "max_windows": 40, "wikitext2": ppl},
         "timings": {"total": 12.5},
@@ -27,36 +29,64 @@ def _results(method: str, bits: int, ppl: float, strategy: str = "uniform") -> d
 def _lm_eval(acc: float) -> dict:
     return {
         "kind": "lm_eval",
-        "tasks": {"rsq_facts": {"metric": "acc_norm,none", "value": acc, "stderr": 0.1, "metrics": {}},
-                  "piqa": {"metric": "acc_norm,none", "value": 0.6, "stderr": 0.01, "metrics": {}}},
-        "average": (acc + 0.6) / 2, "averaged": ["rsq_facts", "piqa"],
+        "tasks": {
+            "rsq_facts": {"metric": "acc_norm,none", "value": acc, "stderr": 0.1, "metrics": {}},
+            "piqa": {"metric": "acc_norm,none", "value": 0.6, "stderr": 0.01, "metrics": {}},
+        },
+        "average": (acc + 0.6) / 2,
+        "averaged": ["rsq_facts", "piqa"],
     }
 
 
 def _longctx(acc_end: float) -> dict:
-    lengths = [{"items": n, "tokens": 21.0 * n, "n": 3, "accuracy": (1 + acc_end) / 3,
-                "by_position": {"start": 1.0, "middle": 0.0, "end": acc_end}} for n in (100, 300)]
-    return {"kind": "longctx", "tasks": {"lines": {
-        "accuracy": (1 + acc_end) / 3, "positions": ["start", "middle", "end"],
-        "by_position": {"start": 1.0, "middle": 0.0, "end": acc_end}, "lengths": lengths, "skipped": []}}}
+    lengths = [
+        {
+            "items": n,
+            "tokens": 21.0 * n,
+            "n": 3,
+            "accuracy": (1 + acc_end) / 3,
+            "by_position": {"start": 1.0, "middle": 0.0, "end": acc_end},
+        }
+        for n in (100, 300)
+    ]
+    return {
+        "kind": "longctx",
+        "tasks": {
+            "lines": {
+                "accuracy": (1 + acc_end) / 3,
+                "positions": ["start", "middle", "end"],
+                "by_position": {"start": 1.0, "middle": 0.0, "end": acc_end},
+                "lengths": lengths,
+                "skipped": [],
+            }
+        },
+    }
 
 
 @pytest.fixture
 def runs(tmp_path):
-    specs = [("fp16", "fp16", 16, 20.0, 0.7, 1.0, 4000), ("gptq-w3", "gptq", 3, 30.0, 0.5, 0.0, 1000),
-             ("rsq-w3", "rsq", 3, 25.0, 0.6, 1.0, 1100), ("gptq-w4", "gptq", 4, 22.0, 0.65, 1.0, 1300)]
+    specs = [
+        ("fp16", "fp16", 16, 20.0, 0.7, 1.0, 4000),
+        ("gptq-w3", "gptq", 3, 30.0, 0.5, 0.0, 1000),
+        ("rsq-w3", "rsq", 3, 25.0, 0.6, 1.0, 1100),
+        ("gptq-w4", "gptq", 4, 22.0, 0.65, 1.0, 1300),
+    ]
     dirs = []
     for name, method, bits, ppl, acc, end, size in specs:
         d = tmp_path / name
         d.mkdir()
-        (d / "results.json").write_text(json.dumps(_results(method, bits, ppl, "attncon" if method == "rsq" else "uniform")))
+        (d / "results.json").write_text(
+            json.dumps(_results(method, bits, ppl, "attncon" if method == "rsq" else "uniform"))
+        )
         (d / "model.safetensors").write_bytes(b"\0" * size)
         (d / "importance.safetensors").write_bytes(b"\0" * 999)  # not part of the checkpoint size
         (d / "config.json").write_text("{}")
         (d / "tokenizer.json").write_text("{}")
         (d / "lm_eval.json").write_text(json.dumps(_lm_eval(acc)))
         (d / "longctx.json").write_text(json.dumps(_longctx(end)))
-        (d / "eval-2048.json").write_text(json.dumps({"model": "x", "perplexity": {"seqlen": 2048, "wikitext2": ppl - 1}}))
+        (d / "eval-2048.json").write_text(
+            json.dumps({"model": "x", "perplexity": {"seqlen": 2048, "wikitext2": ppl - 1}})
+        )
         dirs.append(d)
     return dirs
 
@@ -124,8 +154,9 @@ def _examples(counts: dict[tuple[int, str], tuple[int, int]]) -> list[dict]:
     """longctx example rows: (items, position) -> (correct, wrong)."""
     rows = []
     for (items, pos), (good, bad) in counts.items():
-        rows += [{"items": items, "position": pos, "correct": k < good, "tokens": 10 * items}
-                 for k in range(good + bad)]
+        rows += [
+            {"items": items, "position": pos, "correct": k < good, "tokens": 10 * items} for k in range(good + bad)
+        ]
     return rows
 
 
@@ -133,17 +164,34 @@ def test_retrieval_cell_counts_grid_and_position_n(runs, tmp_path):
     from rsq.report import _position_n
 
     # without examples: a length's n is shared equally among its positions
-    assert load_run(runs[0]).retrieval["lines"]["cell_n"] == {(n, p): 1 for n in (100, 300)
-                                                            for p in ("start", "middle", "end")}
+    assert load_run(runs[0]).retrieval["lines"]["cell_n"] == {
+        (n, p): 1 for n in (100, 300) for p in ("start", "middle", "end")
+    }
     # with examples (what rsq longctx writes): counted per cell, here unequal
     d = tmp_path / "kv-run"
     d.mkdir()
     rows = _examples({(3, "start"): (2, 1), (3, "end"): (0, 3), (6, "start"): (1, 1), (6, "end"): (1, 0)})
-    data = {"kind": "longctx", "tasks": {"kv": {
-        "accuracy": 4 / 9, "positions": ["start", "end"], "by_position": {"start": 0.6, "end": 0.25},
-        "lengths": [{"items": 3, "tokens": 30.0, "n": 6, "accuracy": 2 / 6, "by_position": {"start": 2 / 3, "end": 0.0}},
-                    {"items": 6, "tokens": 60.0, "n": 3, "accuracy": 2 / 3, "by_position": {"start": 0.5, "end": 1.0}}],
-        "examples": rows}}}
+    data = {
+        "kind": "longctx",
+        "tasks": {
+            "kv": {
+                "accuracy": 4 / 9,
+                "positions": ["start", "end"],
+                "by_position": {"start": 0.6, "end": 0.25},
+                "lengths": [
+                    {
+                        "items": 3,
+                        "tokens": 30.0,
+                        "n": 6,
+                        "accuracy": 2 / 6,
+                        "by_position": {"start": 2 / 3, "end": 0.0},
+                    },
+                    {"items": 6, "tokens": 60.0, "n": 3, "accuracy": 2 / 3, "by_position": {"start": 0.5, "end": 1.0}},
+                ],
+                "examples": rows,
+            }
+        },
+    }
     (d / "longctx-kv.json").write_text(json.dumps(data))
     kv = load_run(d)
     assert kv.retrieval["kv"]["cell_n"] == {(3, "start"): 3, (3, "end"): 3, (6, "start"): 2, (6, "end"): 1}

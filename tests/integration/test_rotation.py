@@ -21,8 +21,10 @@ def _exact_norms(model):
     check every norm runs in float64 instead (same formula), in both models alike."""
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
+
             def forward(x, m=module):
                 return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+
             module.forward = forward
     return model
 
@@ -42,7 +44,9 @@ def test_rotation_preserves_logits_float64(family, fallback):
     ref64, out64 = _logits(_exact_norms(model), ids), _logits(_exact_norms(rotated), ids)
     assert (out64 - ref64).abs().max() / ref64.abs().max() < 1e-12, record
     # the weights really changed
-    assert not torch.allclose(rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.allclose(
+        rotated.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -34,8 +34,13 @@ def _ppl(model, windows):
 def _quantized(smol, method):
     model, calib, _ = smol
     m = copy.deepcopy(model)
-    cfg = RSQConfig(method=method, grid=GridConfig(bits=3), calib=CalibConfig(nsamples=8, seqlen=256),
-                    solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"), device="cpu")
+    cfg = RSQConfig(
+        method=method,
+        grid=GridConfig(bits=3),
+        calib=CalibConfig(nsamples=8, seqlen=256),
+        solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
+        device="cpu",
+    )
     if method in ("quarot", "rsq"):
         from rsq.rotation import rotate_model
 

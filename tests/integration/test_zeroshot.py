@@ -57,8 +57,13 @@ def test_wrapper_matches_lm_eval_loading_the_model_itself(model_dir, ours):
     import lm_eval
 
     raw = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, device="cpu", tasks=[TASK],
-        task_manager=_task_manager([TASK], [LOCAL_TASKS]), batch_size=4, log_samples=True,
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        device="cpu",
+        tasks=[TASK],
+        task_manager=_task_manager([TASK], [LOCAL_TASKS]),
+        batch_size=4,
+        log_samples=True,
     )
     ref = summarize(raw)
     ref_samples = sample_records(raw)[TASK]
@@ -100,8 +105,14 @@ def test_quantized_checkpoint_runs_through_the_wrapper(model_dir, ours, tmp_path
     from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
     from rsq.run import run_quantize
 
-    cfg = RSQConfig(model=str(model_dir), method="gptq", grid=GridConfig(bits=3), solver=SolverConfig(algorithm="gptq"),
-                    calib=CalibConfig(nsamples=4, seqlen=64), batch_size=4)
+    cfg = RSQConfig(
+        model=str(model_dir),
+        method="gptq",
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(algorithm="gptq"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=4,
+    )
     run_quantize(cfg, tmp_path / "q", ppl_sources=())
     model, tok = load_any(str(tmp_path / "q"))
     q = run_lm_eval(model, tok, [TASK], batch_size=4, limit=LIMIT, device="cpu", log_samples=True)
@@ -146,8 +157,25 @@ def _cli(argv):
 
 def test_cli_lm_eval_writes_json_with_limit(model_dir, tmp_path, capsys):
     out = tmp_path / "run" / "lm_eval.json"
-    assert _cli(["lm-eval", str(model_dir), "--tasks", TASK, "--limit", "8", "--batch-size", "4",
-                 "--device", "cpu", "--json-out", str(out)]) == 0
+    assert (
+        _cli(
+            [
+                "lm-eval",
+                str(model_dir),
+                "--tasks",
+                TASK,
+                "--limit",
+                "8",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["kind"] == "lm_eval" and data["limit"] == 8
     assert data["n_samples"][TASK]["effective"] == 8
@@ -159,8 +187,25 @@ def test_cli_eval_with_tasks_runs_lm_eval(model_dir, tmp_path, capsys):
     from rsq.cli.main import main
 
     out = tmp_path / "run" / "lm_eval.json"
-    assert main(["eval", str(model_dir), "--tasks", TASK, "--limit", "8", "--batch-size", "4", "--device", "cpu",
-                 "--json-out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--tasks",
+                TASK,
+                "--limit",
+                "8",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["kind"] == "lm_eval" and data["n_samples"][TASK]["effective"] == 8 and "perplexity" not in data
     printed = capsys.readouterr().out
@@ -184,8 +229,29 @@ def test_cli_eval_tasks_and_ppl_load_the_model_once(model_dir, monkeypatch, caps
     calls = []
     real = rsq.evaluate.load_any
     monkeypatch.setattr(rsq.evaluate, "load_any", lambda m: calls.append(m) or real(m))
-    assert main(["eval", str(model_dir), "--tasks", TASK, "--limit", "4", "--batch-size", "4", "--device", "cpu",
-                 "--ppl", "wikitext2", "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--tasks",
+                TASK,
+                "--limit",
+                "4",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--ppl",
+                "wikitext2",
+                "--seqlen",
+                "64",
+                "--max-windows",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "wikitext2" in printed and TASK in printed
     assert len(calls) == 1

@@ -17,8 +17,9 @@ def _problem(rows, cols, seed=0):
     return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0]
 
 
-@pytest.mark.parametrize("grid", [GridConfig(bits=3), GridConfig(bits=4, group_size=128, symmetric=False),
-                                  GridConfig(kind="nf", bits=3)])
+@pytest.mark.parametrize(
+    "grid", [GridConfig(bits=3), GridConfig(bits=4, group_size=128, symmetric=False), GridConfig(kind="nf", bits=3)]
+)
 def test_graphed_gptq_equals_eager_on_gpu(grid):
     W, H = _problem(384, 512)
     W, H = W.cuda(), H.cuda()
@@ -97,8 +98,9 @@ def test_half_attention_scores_close_to_fp32(monkeypatch):
     assert ((fast - ref).abs() / ref).max() < 5e-2
 
 
-@pytest.mark.parametrize("grid", [GridConfig(bits=3), GridConfig(bits=4, group_size=128, symmetric=False),
-                                  GridConfig(bits=2, group_size=64)])
+@pytest.mark.parametrize(
+    "grid", [GridConfig(bits=3), GridConfig(bits=4, group_size=128, symmetric=False), GridConfig(bits=2, group_size=64)]
+)
 def test_fused_sub_block_kernel_matches_torch_loop(grid, monkeypatch):
     # rsq/kernels/triton_gptq.py runs each 16-column sub-block's column loop as one kernel; the torch
     # loop is the oracle. Only FMA contraction of the update may differ (last-bit), so codes agree
@@ -113,5 +115,8 @@ def test_fused_sub_block_kernel_matches_torch_loop(grid, monkeypatch):
     loop = gptq_quantize(W, H, grid, SolverConfig(cuda_graphs=False))
     assert (fused.codes == loop.codes).float().mean() > 0.999
     assert abs(fused.loss - loop.loss) <= 1e-3 * loop.loss
-    s, z = fused.scale.repeat_interleave(512 // fused.scale.shape[1], 1), fused.zero.repeat_interleave(512 // fused.zero.shape[1], 1)
+    s, z = (
+        fused.scale.repeat_interleave(512 // fused.scale.shape[1], 1),
+        fused.zero.repeat_interleave(512 // fused.zero.shape[1], 1),
+    )
     assert torch.equal(fused.weight, s * (fused.codes.float() - z))  # W_hat is exactly its codes

@@ -10,9 +10,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("hq,hkv,t,d,causal", [(8, 2, 1, 64, True), (8, 2, 7, 64, True), (4, 4, 200, 128, True),
-                                                (8, 2, 1000, 128, True), (8, 1, 333, 64, False),
-                                                (32, 8, 2048, 128, True)])
+@pytest.mark.parametrize(
+    "hq,hkv,t,d,causal",
+    [
+        (8, 2, 1, 64, True),
+        (8, 2, 7, 64, True),
+        (4, 4, 200, 128, True),
+        (8, 2, 1000, 128, True),
+        (8, 1, 333, 64, False),
+        (32, 8, 2048, 128, True),
+    ],
+)
 def test_triton_column_sums_match_naive(dtype, hq, hkv, t, d, causal):
     pytest.importorskip("triton")
     from rsq.kernels.triton_attention import attention_received_triton
@@ -27,7 +35,9 @@ def test_triton_column_sums_match_naive(dtype, hq, hkv, t, d, causal):
     # floor for keys that receive almost nothing
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-6 * hq), (got.double() - ref).abs().max()
     if causal:  # every query row sums to 1: Σ_j s_j = Hq·T exactly, to float32 rounding
-        assert torch.allclose(got.sum(1).double(), torch.full((2,), float(hq * t), dtype=torch.float64, device="cuda"), rtol=1e-5)
+        assert torch.allclose(
+            got.sum(1).double(), torch.full((2,), float(hq * t), dtype=torch.float64, device="cuda"), rtol=1e-5
+        )
 
 
 def test_dispatch_uses_the_kernel_for_half_inputs(monkeypatch):

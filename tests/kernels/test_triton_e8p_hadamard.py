@@ -30,8 +30,9 @@ def _e8p(n, k, seed):
     return codes, scale, w
 
 
-@pytest.mark.parametrize("n,k,dtype", [(n, k, torch.bfloat16) for n, k in LLAMA] + [(72, 136, torch.bfloat16),
-                                                                                   (72, 136, torch.float16)])
+@pytest.mark.parametrize(
+    "n,k,dtype", [(n, k, torch.bfloat16) for n, k in LLAMA] + [(72, 136, torch.bfloat16), (72, 136, torch.float16)]
+)
 @pytest.mark.parametrize("m", [1, 3, 16, 40, 300])
 def test_e8p_matmul_matches_reference(n, k, m, dtype):
     from rsq.kernels import triton_e8p as T

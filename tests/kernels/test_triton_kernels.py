@@ -71,10 +71,20 @@ def test_prefill(bits, group_size):
         check(name, 200, weight, bits, 4096, group_size)
 
 
-@pytest.mark.parametrize("n,k,bits,group_size", [
-    (40, 96, 3, -1), (33, 160, 3, 32), (100, 100, 4, -1), (7, 64, 2, 32), (65, 72, 8, -1), (48, 256, 8, 64),
-    (130, 384, 4, 64), (17, 1000, 2, -1), (24, 320, 4, 32),
-])
+@pytest.mark.parametrize(
+    "n,k,bits,group_size",
+    [
+        (40, 96, 3, -1),
+        (33, 160, 3, 32),
+        (100, 100, 4, -1),
+        (7, 64, 2, 32),
+        (65, 72, 8, -1),
+        (48, 256, 8, 64),
+        (130, 384, 4, 64),
+        (17, 1000, 2, -1),
+        (24, 320, 4, 32),
+    ],
+)
 def test_odd_shapes(n, k, bits, group_size):
     weight = make_weight(n, k, bits, group_size, seed=n * k)
     for m in (1, 3, 8):
@@ -106,8 +116,12 @@ def test_quantlinear_dispatch_on_gpu():
     zero = torch.full((384, 4), 4.0, device="cuda")
     layer = QuantLinear.from_codes(codes, scale, zero, 3, 128, bias=torch.randn(384, device="cuda"))
     w = layer.dequantize_weight()
-    for shape, expected in (((1, 512), "triton_gemv"), ((2, 2, 512), "triton_gemv"), ((2, 3, 512), "triton_small"),
-                            ((300, 512), "triton_dequant_mm")):
+    for shape, expected in (
+        ((1, 512), "triton_gemv"),
+        ((2, 2, 512), "triton_gemv"),
+        ((2, 3, 512), "triton_small"),
+        ((300, 512), "triton_dequant_mm"),
+    ):
         x = torch.randn(*shape, device="cuda").bfloat16()
         assert select_backend(x, layer).name == expected
         y = layer(x)

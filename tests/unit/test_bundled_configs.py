@@ -27,10 +27,20 @@ NAMES = list_bundled()
 # (Qwen2.5-0.5B: 0.494 vs 0.49). Tolerance 1 %: a wrong width, a missing or extra head, tied
 # vs untied embeddings, or two layers fewer/more on the deepest model all exceed it.
 PUBLISHED_B = {
-    "llama-3-8b": 8.03, "llama-3-70b": 70.6, "llama-3.1-8b": 8.03, "llama-3.2-1b": 1.24,
-    "llama-3.2-3b": 3.21, "mistral-7b-v0.3": 7.25, "mistral-nemo-12b": 12.2,
-    "qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09, "qwen2.5-7b": 7.62,
-    "qwen2.5-14b": 14.7, "qwen2.5-32b": 32.8, "qwen2.5-72b": 72.7,
+    "llama-3-8b": 8.03,
+    "llama-3-70b": 70.6,
+    "llama-3.1-8b": 8.03,
+    "llama-3.2-1b": 1.24,
+    "llama-3.2-3b": 3.21,
+    "mistral-7b-v0.3": 7.25,
+    "mistral-nemo-12b": 12.2,
+    "qwen2.5-0.5b": 0.49,
+    "qwen2.5-1.5b": 1.54,
+    "qwen2.5-3b": 3.09,
+    "qwen2.5-7b": 7.62,
+    "qwen2.5-14b": 14.7,
+    "qwen2.5-32b": 32.8,
+    "qwen2.5-72b": 72.7,
 }
 REL_TOL = 0.01
 
@@ -71,9 +81,19 @@ def test_loads_offline_with_published_values(name, monkeypatch):
     raw = load_bundled_dict(name)
     cfg = load_bundled_config(name)
     assert cfg.model_type == raw["model_type"]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
-                "max_position_embeddings", "bos_token_id", "eos_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert getattr(cfg, key) == raw[key], key
     assert _head_dim(cfg) == raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
     rope = _rope(cfg)
@@ -149,8 +169,7 @@ def test_tiny_config_is_structurally_identical_and_runs(name):
     Ht, It, hdt = tiny.hidden_size, tiny.intermediate_size, _head_dim(tiny)
     # kept exactly
     assert tiny.model_type == full.model_type
-    assert (tiny.num_attention_heads, tiny.num_key_value_heads) == (
-        full.num_attention_heads, full.num_key_value_heads)
+    assert (tiny.num_attention_heads, tiny.num_key_value_heads) == (full.num_attention_heads, full.num_key_value_heads)
     assert tiny.tie_word_embeddings == full.tie_word_embeddings
     assert _rope(tiny) == _rope(full)
     assert tiny.rms_norm_eps == full.rms_norm_eps

@@ -28,8 +28,7 @@ def _write_shard(path, texts: list[str]) -> None:
 def only_here(monkeypatch):
     """Look for data only in the directory passed to the loader, never on the hub."""
     monkeypatch.delenv("RSQ_DATA_DIR", raising=False)
-    monkeypatch.setattr(ds, "_candidate_dirs",
-                        lambda data_dir: [ds.Path(data_dir)] if data_dir else [])
+    monkeypatch.setattr(ds, "_candidate_dirs", lambda data_dir: [ds.Path(data_dir)] if data_dir else [])
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets
@@ -57,7 +56,7 @@ def test_c4_subdirectory_and_validation_only_calibration_is_disjoint(tmp_path, o
     val = _docs("val", n)
     _write_shard(tmp_path / "c4" / "en" / ds.C4_VALIDATION, val)
     split = ds.load_text("c4", str(tmp_path))
-    assert split.calib == "\n\n".join(val[ds.C4_EVAL_DOCS:])
+    assert split.calib == "\n\n".join(val[ds.C4_EVAL_DOCS :])
     assert split.eval == " ".join(val[: ds.C4_EVAL_DOCS])
     assert "validation documents 1100..1129" in split.description["calib"]
 
@@ -109,8 +108,7 @@ def wiki_test_text() -> str:
     return test.read_text(encoding="utf-8")[:60_000]
 
 
-def test_cli_eval_ppl_wikitext2_and_c4(tiny_model_dir, wiki_test_text, tmp_path, only_here,
-                                       capsys):
+def test_cli_eval_ppl_wikitext2_and_c4(tiny_model_dir, wiki_test_text, tmp_path, only_here, capsys):
     """`rsq eval MODEL --ppl wikitext2,c4`: both measured; c4 missing -> exit 2, one line."""
     from rsq.cli.main import main
 
@@ -120,8 +118,27 @@ def test_cli_eval_ppl_wikitext2_and_c4(tiny_model_dir, wiki_test_text, tmp_path,
     _write_shard(data / ds.C4_VALIDATION, [" ".join(_docs("val", 40))] * 30)
     out = tmp_path / "eval.json"
     model = str(tiny_model_dir("llama"))
-    assert main(["eval", model, "--ppl", "wikitext2,c4", "--seqlen", "64", "--max-windows", "4",
-                 "--device", "cpu", "--data-dir", str(data), "--json-out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                model,
+                "--ppl",
+                "wikitext2,c4",
+                "--seqlen",
+                "64",
+                "--max-windows",
+                "4",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data),
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ppl = json.loads(out.read_text())["perplexity"]
     assert set(ppl) == {"seqlen", "max_windows", "wikitext2", "c4"} and ppl["c4"] > 1
 

@@ -121,8 +121,7 @@ def test_round_special_inputs():
     back, vals = e8p_round(e8p_decode(idx))
     assert torch.equal(back.long(), idx)
     # exact zeros and integer grids (many ties): distances still minimal
-    x = torch.cat([torch.zeros(1, 8), torch.eye(8), torch.full((1, 8), 0.5),
-                   torch.full((1, 8), -0.25)])
+    x = torch.cat([torch.zeros(1, 8), torch.eye(8), torch.full((1, 8), 0.5), torch.full((1, 8), -0.25)])
     _, vals = e8p_round(x)
     got = ((x.double() - vals.double()) ** 2).sum(1)
     assert torch.allclose(got, _brute(x), atol=1e-6)

@@ -30,6 +30,7 @@ def naive_gptq(W, H, grid, damp_frac=0.01):
 
         def quant(col):
             return fake_quantize(col, scale, zero, grid.bits)
+
     Q = torch.zeros_like(W)
     for j in range(n):
         Hinv = torch.linalg.inv(H[j:, j:])

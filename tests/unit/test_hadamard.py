@@ -169,8 +169,9 @@ def test_unknown_order_message():
 # ----------------------------------------------------------------------------- Paley / GF(q)
 
 
-@pytest.mark.parametrize("q,order", [(3, 4), (11, 12), (27, 28), (243, 244), (5, 12), (9, 20),
-                                     (25, 52), (49, 100), (125, 252)])
+@pytest.mark.parametrize(
+    "q,order", [(3, 4), (11, 12), (27, 28), (243, 244), (5, 12), (9, 20), (25, 52), (49, 100), (125, 252)]
+)
 def test_paley_prime_powers(q, order):
     H = torch.from_numpy(paley_matrix(q))
     assert H.shape == (order, order)
@@ -262,9 +263,7 @@ def test_fast_transform_noncontiguous_and_input_untouched():
         assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize(
-    "dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-8), (torch.float16, 2**-11)]
-)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
 @pytest.mark.parametrize("n", [64, 576, 1536])
 def test_fast_transform_low_precision(dtype, rtol, n):
     """Half types are computed in float32 and rounded once on output, so the error vs the float64

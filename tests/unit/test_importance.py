@@ -80,14 +80,12 @@ def test_gqa_head_mapping_against_python_loop():
     for h in range(hq):
         kv = h // (hq // hkv)
         for i in range(t):
-            logits = [sum(a * c for a, c in zip(qd[0][h][i], kd[0][kv][j])) * scale
-                      for j in range(i + 1)]
+            logits = [sum(a * c for a, c in zip(qd[0][h][i], kd[0][kv][j])) * scale for j in range(i + 1)]
             m = max(logits)
             e = [math.exp(x - m) for x in logits]
             for j in range(i + 1):
                 want[j] += e[j] / sum(e)
-    torch.testing.assert_close(got[0].double(), torch.tensor(want, dtype=torch.float64),
-                               rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(got[0].double(), torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=1e-6)
 
 
 def test_rows_sum_to_one_and_last_token():
@@ -109,8 +107,7 @@ def test_zero_queries_give_harmonic_sums():
     q = torch.zeros(1, hq, t, 4)
     k = torch.randn(1, 1, t, 4)
     s = attention_received(q, k, query_chunk=5)[0].double()
-    want = torch.tensor([hq * sum(1 / (i + 1) for i in range(j, t)) for j in range(t)],
-                        dtype=torch.float64)
+    want = torch.tensor([hq * sum(1 / (i + 1) for i in range(j, t)) for j in range(t)], dtype=torch.float64)
     torch.testing.assert_close(s, want, rtol=RTOL, atol=0)
 
 
@@ -147,10 +144,11 @@ def test_actnorm_actdiff_tokensim_against_loops():
     xd, yd = x.double().tolist(), y.double().tolist()
     b, t = x.shape[:2]
     norm = [[math.sqrt(sum(v * v for v in xd[i][j])) for j in range(t)] for i in range(b)]
-    diff = [[math.sqrt(sum((p - r) ** 2 for p, r in zip(yd[i][j], xd[i][j])))
-             for j in range(t)] for i in range(b)]
-    sim = [[sum(sum((p - r) ** 2 for p, r in zip(xd[i][j], xd[i][m])) for m in range(t)) / t
-            for j in range(t)] for i in range(b)]
+    diff = [[math.sqrt(sum((p - r) ** 2 for p, r in zip(yd[i][j], xd[i][j]))) for j in range(t)] for i in range(b)]
+    sim = [
+        [sum(sum((p - r) ** 2 for p, r in zip(xd[i][j], xd[i][m])) for m in range(t)) / t for j in range(t)]
+        for i in range(b)
+    ]
     for name, want in [("actnorm", norm), ("actdiff", diff), ("tokensim", sim)]:
         got = STRATEGIES[name].fn(ctx).double()
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=0)
@@ -172,8 +170,7 @@ def test_reverse_flags():
     w = compute_weights("actdiff", ImportanceContext(x=x, y=y))
     d = (y - x).norm(dim=-1)
     assert torch.equal(w.argmax(dim=1), d.argmin(dim=1))  # least change = most important
-    torch.testing.assert_close(w, _oracle_weights(d.amax(1, keepdim=True) - d, 0.005, 1.0),
-                               rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(w, _oracle_weights(d.amax(1, keepdim=True) - d, 0.005, 1.0), rtol=RTOL, atol=1e-6)
 
 
 def test_tokenfreq_follows_its_sequence():
@@ -183,13 +180,11 @@ def test_tokenfreq_follows_its_sequence():
     cfg = ImportanceConfig(strategy="tokenfreq")
     w = compute_weights("tokenfreq", ImportanceContext(cfg=cfg, token_ids=ids, token_counts=counts))
     perm = torch.tensor([3, 0, 4, 1, 2])
-    wp = compute_weights("tokenfreq",
-                         ImportanceContext(cfg=cfg, token_ids=ids[perm], token_counts=counts))
+    wp = compute_weights("tokenfreq", ImportanceContext(cfg=cfg, token_ids=ids[perm], token_counts=counts))
     assert torch.equal(wp, w[perm])
     # oracle: per-token count by Python loop, reversed
     c = torch.tensor([[float(counts[i]) for i in row] for row in ids.tolist()])
-    torch.testing.assert_close(w, _oracle_weights(c.amax(1, keepdim=True) - c, 0.005, 1.0),
-                               rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(w, _oracle_weights(c.amax(1, keepdim=True) - c, 0.005, 1.0), rtol=RTOL, atol=1e-6)
 
 
 # ---------------------------------------------------------------- masks
@@ -267,18 +262,21 @@ def test_docstring_example():
 def test_reverse_equals_flipped_scores():
     s = torch.rand(3, 20, generator=torch.Generator().manual_seed(12))
     cfg = ImportanceConfig()
-    torch.testing.assert_close(to_weights(s, cfg, reverse=True),
-                               to_weights(s.amax(1, keepdim=True) - s, cfg, reverse=False),
-                               rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(
+        to_weights(s, cfg, reverse=True),
+        to_weights(s.amax(1, keepdim=True) - s, cfg, reverse=False),
+        rtol=RTOL,
+        atol=1e-6,
+    )
 
 
 def test_power_before_reverse():
     s = torch.rand(2, 30, generator=torch.Generator().manual_seed(13)) + 0.1
     cfg2 = ImportanceConfig(power=2.0)
     for rev in (False, True):
-        torch.testing.assert_close(to_weights(s, cfg2, reverse=rev),
-                                   to_weights(s**2, ImportanceConfig(), reverse=rev),
-                                   rtol=RTOL, atol=1e-6)
+        torch.testing.assert_close(
+            to_weights(s, cfg2, reverse=rev), to_weights(s**2, ImportanceConfig(), reverse=rev), rtol=RTOL, atol=1e-6
+        )
 
 
 def test_quantile_against_numpy():
@@ -288,8 +286,7 @@ def test_quantile_against_numpy():
     w = to_weights(s, ImportanceConfig(quantile=q), reverse=False)
     sd = s.double().numpy()
     lo, hi = np.quantile(sd, q, axis=1), np.quantile(sd, 1 - q, axis=1)  # linear interpolation
-    torch.testing.assert_close(w, _oracle_weights(s, 0.005, 1.0, lo.tolist(), hi.tolist()),
-                               rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(w, _oracle_weights(s, 0.005, 1.0, lo.tolist(), hi.tolist()), rtol=RTOL, atol=1e-6)
     r = w[0] / w[0].min()  # clamped: everything above the upper quantile sits at r_max
     assert math.isclose(float(r[5]), 200.0, rel_tol=RTOL)
 
@@ -335,8 +332,9 @@ def test_registry_lookup_and_needs():
 
 def test_expand_rolls_spec_example():
     ids = torch.arange(1, 9).unsqueeze(0)
-    want = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [7, 8, 1, 2, 3, 4, 5, 6],
-                         [5, 6, 7, 8, 1, 2, 3, 4], [3, 4, 5, 6, 7, 8, 1, 2]])
+    want = torch.tensor(
+        [[1, 2, 3, 4, 5, 6, 7, 8], [7, 8, 1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 1, 2, 3, 4], [3, 4, 5, 6, 7, 8, 1, 2]]
+    )
     assert torch.equal(expand_rolls(ids, 4), want)
 
 

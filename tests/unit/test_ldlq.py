@@ -174,8 +174,7 @@ def test_dead_columns_and_zero_matrix():
 
 def test_width_not_multiple_of_8():
     with pytest.raises(ConfigError, match="20"):
-        ldlq_quantize(torch.randn(4, 20), torch.eye(20), E8P, SolverConfig(),
-                      name="layers.0.mlp.down_proj")
+        ldlq_quantize(torch.randn(4, 20), torch.eye(20), E8P, SolverConfig(), name="layers.0.mlp.down_proj")
 
 
 def test_damping_retries_are_cumulative():

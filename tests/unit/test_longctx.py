@@ -25,7 +25,7 @@ def _parse_lines(prompt: str):
 
 
 def _parse_kv(prompt: str):
-    obj = prompt[prompt.index("{"): prompt.rindex("}") + 1]
+    obj = prompt[prompt.index("{") : prompt.rindex("}") + 1]
     data = json.loads(obj)  # dicts keep insertion order
     asked = json.loads(re.search(r'Key: ("[^"]+")', prompt).group(1))
     return list(data), list(data.values()), asked
@@ -86,8 +86,12 @@ def tok():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     t = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
     sample = lc.make_example("kv", 5, "end", 1, 1).prompt
     assert t.decode(t(sample).input_ids) == sample
@@ -129,10 +133,14 @@ class OracleLM(nn.Module):
 @pytest.mark.parametrize("task", ["lines", "kv"])
 def test_accuracy_by_position_against_oracle_models(tok, task):
     positions = ["start", "middle", "end"]
-    perfect = lc.run_retrieval(OracleLM(tok, "gold"), tok, task, items=[4, 12], positions=positions, samples=2, chat=False)
+    perfect = lc.run_retrieval(
+        OracleLM(tok, "gold"), tok, task, items=[4, 12], positions=positions, samples=2, chat=False
+    )
     assert perfect["accuracy"] == 1.0 and perfect["n"] == 2 * 3 * 2
     assert [x["items"] for x in perfect["lengths"]] == [4, 12]
-    first = lc.run_retrieval(OracleLM(tok, "first"), tok, task, items=[4, 12], positions=positions, samples=2, chat=False)
+    first = lc.run_retrieval(
+        OracleLM(tok, "first"), tok, task, items=[4, 12], positions=positions, samples=2, chat=False
+    )
     assert first["by_position"] == {"start": 1.0, "middle": 0.0, "end": 0.0}
     assert first["accuracy"] == pytest.approx(1 / 3)
     assert all(x["by_position"]["start"] == 1.0 for x in first["lengths"])
@@ -141,8 +149,9 @@ def test_accuracy_by_position_against_oracle_models(tok, task):
 def test_prompts_over_the_context_are_skipped_and_listed(tok):
     n_small = len(lc.encode_prompt(tok, lc.make_example("lines", 3, "end", 0, 0).prompt, False))
     model = OracleLM(tok, "gold", context=n_small + 60)
-    res = lc.run_retrieval(model, tok, "lines", items=[3, 200], positions=["start", "end"], samples=1, chat=False,
-                           max_new_tokens=8)
+    res = lc.run_retrieval(
+        model, tok, "lines", items=[3, 200], positions=["start", "end"], samples=1, chat=False, max_new_tokens=8
+    )
     assert [x["items"] for x in res["lengths"]] == [3] and res["accuracy"] == 1.0
     assert {s["items"] for s in res["skipped"]} == {200} and len(res["skipped"]) == 2
 
@@ -158,7 +167,7 @@ def test_greedy_answer_matches_a_hand_argmax_loop(tok):
         for _ in range(6):  # no cache, full recompute: independent of generate()'s KV cache
             nxt = model(input_ids=seq).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
-    assert text == tok.decode(seq[0, len(ids):], skip_special_tokens=True)
+    assert text == tok.decode(seq[0, len(ids) :], skip_special_tokens=True)
 
 
 def _jsonl(path, rows):
@@ -167,13 +176,19 @@ def _jsonl(path, rows):
 
 
 def test_leval_loader_and_exam_metric(tmp_path):
-    f = _jsonl(tmp_path / "tpo.jsonl", [
-        {"input": "doc one", "instructions": ["q1", "q2"], "outputs": ["(A)", "ACD"], "source": "tpo"},
-        {"input": "doc two", "instructions": ["q3"], "outputs": ["42"]},
-    ])
+    f = _jsonl(
+        tmp_path / "tpo.jsonl",
+        [
+            {"input": "doc one", "instructions": ["q1", "q2"], "outputs": ["(A)", "ACD"], "source": "tpo"},
+            {"input": "doc two", "instructions": ["q3"], "outputs": ["42"]},
+        ],
+    )
     ex = lc.load_leval(f)
     assert [(e.context, e.question, e.answers) for e in ex] == [
-        ("doc one", "q1", ["(A)"]), ("doc one", "q2", ["ACD"]), ("doc two", "q3", ["42"])]
+        ("doc one", "q1", ["(A)"]),
+        ("doc one", "q2", ["ACD"]),
+        ("doc two", "q3", ["42"]),
+    ]
     assert lc.score_long("leval_exam", "A. because", ["(A)"]) == 1.0
     assert lc.score_long("leval_exam", "B", ["(A)"]) == 0.0
     assert lc.score_long("leval_exam", "A, C and D", ["ACD"]) == 1.0
@@ -199,8 +214,17 @@ def test_longiclbench_loader_builds_rounds_of_demonstrations(tmp_path):
 
 
 def test_lca_loader_and_api_recall(tmp_path):
-    f = _jsonl(tmp_path / "lca.jsonl", [{"instruction": "plot it", "clean_reference": "import x",
-                                          "unique_apis": ["lib.Figure", "lib.save"], "repo_full_name": "o/r"}])
+    f = _jsonl(
+        tmp_path / "lca.jsonl",
+        [
+            {
+                "instruction": "plot it",
+                "clean_reference": "import x",
+                "unique_apis": ["lib.Figure", "lib.save"],
+                "repo_full_name": "o/r",
+            }
+        ],
+    )
     ex = lc.load_lca_library(f)
     assert ex[0].id == "o/r" and ex[0].answers == ["lib.Figure", "lib.save"]
     assert lc.score_long("api_recall", "f = Figure(); f.show()", ex[0].answers) == 0.5
@@ -219,11 +243,33 @@ def test_cli_longctx_json_feeds_the_report(tiny_model_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rsq")
     add_eval_parsers(parser.add_subparsers(dest="command", required=True))
     run = tmp_path / "run"
-    leval = _jsonl(tmp_path / "tpo.jsonl", [{"input": "short doc", "instructions": ["q1", "q2"], "outputs": ["A", "B"]}])
-    args = parser.parse_args(["longctx", str(tiny_model_dir("llama")), "--task", "lines,kv", "--lines", "3,60",
-                              "--positions", "start,end", "--samples", "1", "--device", "cpu",
-                              "--max-new-tokens", "4", "--leval", str(leval), "--bench-new-tokens", "3",
-                              "--json-out", str(run / "longctx.json")])
+    leval = _jsonl(
+        tmp_path / "tpo.jsonl", [{"input": "short doc", "instructions": ["q1", "q2"], "outputs": ["A", "B"]}]
+    )
+    args = parser.parse_args(
+        [
+            "longctx",
+            str(tiny_model_dir("llama")),
+            "--task",
+            "lines,kv",
+            "--lines",
+            "3,60",
+            "--positions",
+            "start,end",
+            "--samples",
+            "1",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--leval",
+            str(leval),
+            "--bench-new-tokens",
+            "3",
+            "--json-out",
+            str(run / "longctx.json"),
+        ]
+    )
     assert args.func(args) == 0
     data = json.loads((run / "longctx.json").read_text())
     assert data["benchmarks"]["leval:tpo"]["n"] == 2 and data["benchmarks"]["leval:tpo"]["metric"] == "leval_exam"

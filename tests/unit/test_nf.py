@@ -23,10 +23,22 @@ from rsq.solver.result import QuantResult
 
 # bitsandbytes / QLoRA NF4 (computed there in float32)
 NF4_QLORA = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -135,7 +147,6 @@ def test_matches_checkpoint_contract():
     cfg = GridConfig(kind="nf", bits=3, group_size=8)
     w = torch.randn(4, 32)
     codes, scale, w_hat = nf_rtn_quantize(w, cfg)
-    res = QuantResult(codes=codes, scale=scale, zero=torch.zeros_like(scale), weight=w_hat,
-                      loss=0.0)
+    res = QuantResult(codes=codes, scale=scale, zero=torch.zeros_like(scale), weight=w_hat, loss=0.0)
     assert torch.equal(dequantize_result(res, cfg), w_hat)
     assert torch.equal(w_hat, nf_dequantize(codes, expand_groups(scale, 32), nf_levels(3)))

@@ -115,8 +115,16 @@ def fake_backend(x, qweight, scales, qzeros, bias, *, bits, in_features, group_s
 
 
 def test_dispatch_picks_highest_priority_match(monkeypatch):
-    fast = Backend(name="fake", function=f"{__name__}:fake_backend", bits=(4,), dtypes=(torch.float32,),
-                   device_types=("cpu",), group_multiple=32, m_max=2, priority=50)
+    fast = Backend(
+        name="fake",
+        function=f"{__name__}:fake_backend",
+        bits=(4,),
+        dtypes=(torch.float32,),
+        device_types=("cpu",),
+        group_multiple=32,
+        m_max=2,
+        priority=50,
+    )
     monkeypatch.setattr(kernels, "BACKENDS", [fast, kernels.REFERENCE])
     layer = QuantLinear(64, 8, 4, 32, dtype=torch.float32)
     assert (dispatch(torch.randn(2, 64), layer) == 7).all()
