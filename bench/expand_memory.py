@@ -25,7 +25,7 @@ def child(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from rsq.config import CalibConfig, ImportanceConfig, RSQConfig
+    from rsq.config import RSQConfig
     from rsq.importance.layer import make_weight_fn
     from rsq.models.registry import resolve
     from rsq.pipeline import quantize_layers
@@ -41,10 +41,11 @@ def child(args) -> None:
     )
     model = LlamaForCausalLM(cfg_m).eval().requires_grad_(False)
     windows = torch.randint(0, 1024, (args.nsamples, args.seqlen))
-    cfg = RSQConfig(
-        method="rsq",
-        importance=ImportanceConfig(strategy="attncon", expand=args.expand),
-        calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen),
+    cfg = RSQConfig.for_method(
+        "rsq",
+        rotation={"enabled": False},  # the model is not rotated here: memory only
+        importance={"expand": args.expand},
+        calib={"nsamples": args.nsamples, "seqlen": args.seqlen},
         device="cpu",
         batch_size=4,
     )

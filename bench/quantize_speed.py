@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rsq.calib.capture import ActivationStore, capture_layer0_inputs, layer_forward  # noqa: E402
-from rsq.config import CalibConfig, GridConfig, ImportanceConfig, RotationConfig, RSQConfig  # noqa: E402
+from rsq.config import RSQConfig  # noqa: E402
 from rsq.importance import attention_received_naive, to_weights  # noqa: E402
 from rsq.importance.layer import make_weight_fn  # noqa: E402
 from rsq.models.bundled import load_bundled_config  # noqa: E402
@@ -63,15 +63,7 @@ def host_peak_gib() -> float:
 def _plain_gptq(W, H, cfg: RSQConfig, name: str):
     """Textbook GPTQ: per-column torch loop in 128-column blocks (no CUDA graphs, no fused Triton
     kernels) and the torch loop for the MSE clip search; the same arithmetic as the fast path."""
-    import rsq.quant.grid as grid_module
-    import rsq.solver.gptq as gptq_module
-
-    saved = gptq_module.FUSED, grid_module.FUSED_CLIP
-    gptq_module.FUSED = grid_module.FUSED_CLIP = False
-    try:
-        return gptq_quantize(W, H, cfg.grid, dataclasses.replace(cfg.solver, cuda_graphs=False), name)
-    finally:
-        gptq_module.FUSED, grid_module.FUSED_CLIP = saved
+    return gptq_quantize(W, H, cfg.grid, dataclasses.replace(cfg.solver, cuda_graphs=False), name, kernels="reference")
 
 
 @torch.no_grad()
@@ -178,7 +170,7 @@ def main() -> None:
         "--gptq-inner",
         type=int,
         default=None,
-        help="columns per inner sub-block of the GPTQ block (rsq.solver.gptq.INNER; a huge value "
+        help="columns per inner sub-block of the GPTQ block (SolverConfig.inner_block; a huge value "
         "gives the one-level block of the earlier version, for comparison)",
     )
     ap.add_argument(
@@ -212,18 +204,13 @@ def main() -> None:
         "self device time) to this file",
     )
     ap.add_argument(
-        "--gptq-fused",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="1: each 16-column sub-block's column loop as one Triton kernel on CUDA (default); 0: torch loop",
+        "--kernels",
+        default="auto",
+        choices=("auto", "reference"),
+        help="RSQConfig.kernels of the rsq run: auto = the Triton kernels on CUDA (clip search, GPTQ "
+        "sub-blocks, Hessian split, attention sums); reference = the torch code everywhere",
     )
     args = ap.parse_args()
-    import rsq.solver.gptq as gptq_module
-
-    gptq_module.FUSED = bool(args.gptq_fused)
-    if args.gptq_inner:
-        gptq_module.INNER = args.gptq_inner
     layers = args.layers or (4 if args.quick else 32)
     nsamples = args.nsamples or (32 if args.quick else 256)
     seqlen = args.seqlen or (2048 if args.quick else 4096)
@@ -241,16 +228,17 @@ def main() -> None:
     sync()
     t_build = time.perf_counter() - t0
     adapter = resolve(model)
-    cfg = RSQConfig(
-        method="rsq",
-        grid=GridConfig(bits=3),
-        rotation=RotationConfig(enabled=True),
-        importance=ImportanceConfig(strategy="attncon", expand=args.expand),
-        calib=CalibConfig(nsamples=nsamples, seqlen=seqlen),
+    cfg = RSQConfig.for_method(
+        "rsq",
+        grid={"bits": 3},
+        solver={"inner_block": args.gptq_inner} if args.gptq_inner else {},
+        importance={"expand": args.expand},
+        calib={"nsamples": nsamples, "seqlen": seqlen},
         dtype="bfloat16",
         device=device,
         batch_size=args.batch_size,
         offload=args.offload,
+        kernels=args.kernels,
     )
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)

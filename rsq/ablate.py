@@ -37,6 +37,7 @@ def grid_cells(
             preset = method_preset(method)
             rotate = preset["rotate"] and not entry.endswith("-norot")
             names = strategies if method == "rsq" else [preset["importance"]]
+            algorithm = "rtn" if preset["algorithm"] == "rtn" else base.grid.format.solver
             for strategy in names:
                 cfg = replace(
                     base,
@@ -44,7 +45,7 @@ def grid_cells(
                     seed=seed,
                     rotation=replace(base.rotation, enabled=rotate, seed=seed),
                     importance=replace(base.importance, strategy=strategy),
-                    solver=replace(base.solver, algorithm="ldlq" if base.grid.kind == "e8p" else preset["algorithm"]),
+                    solver=replace(base.solver, algorithm=algorithm),
                 )
                 label = entry if method != "rsq" else entry.replace("rsq", f"rsq-{strategy}", 1)
                 cells.append((f"{label}-s{seed}", cfg))

@@ -18,7 +18,6 @@ from rsq.errors import ConfigError
 CONFIG_VERSION = 1
 
 METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
-GRIDS = ("uniform", "nf", "e8p")
 TORCH_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -26,13 +25,15 @@ TORCH_DTYPES = {
     "float64": torch.float64,
 }
 DTYPES = tuple(TORCH_DTYPES)
+KERNELS = ("auto", "reference")
 
 
 @dataclass(frozen=True)
 class GridConfig:
     """The number format of one weight matrix.
 
-    bits: 2..8 for the scalar grids; 2 for e8p (8 weights per 16-bit code).
+    kind: the number format, a name registered in rsq/formats/ (uniform, nf, e8p).
+    bits: what the format stores: 2, 3, 4 or 8 for the scalar grids; 2 for e8p (8 weights per 16-bit code).
     group_size: -1 for one scale per output channel, else columns per group (must divide in_features).
     symmetric: levels {-2^(b-1) .. 2^(b-1)-1} with scale = clip*max|w|/(2^(b-1)-1); asymmetric uses
         min/max with an integer zero point.
@@ -51,19 +52,20 @@ class GridConfig:
     e8p_scale: float = 0.9  # sigma = RMS(W) / e8p_scale (spec §6)
 
     def __post_init__(self) -> None:
-        if self.kind not in GRIDS:
-            raise ConfigError(f"unknown grid {self.kind!r}: choose one of {', '.join(GRIDS)}")
-        if self.kind == "e8p":
-            if self.bits != 2:
-                raise ConfigError(f"the e8p grid is 2 bits per weight, got --bits {self.bits}: use --bits 2")
-        elif not 2 <= self.bits <= 8:
-            raise ConfigError(f"--bits {self.bits} is outside 2..8: pick a bit width from 2 to 8")
+        self.format.validate(self)  # the format registry knows the names and the widths each stores
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"--group-size {self.group_size} is invalid: use -1 (per channel) or a positive size")
         if not 0 < self.max_shrink < 1:
             raise ConfigError(f"max_shrink {self.max_shrink} must be in (0, 1)")
         if self.clip_grid < 1:
             raise ConfigError("clip_grid must be >= 1")
+
+    @property
+    def format(self):
+        """The registered number format of this grid (rsq/formats/): ConfigError for unknown names."""
+        from rsq.formats import get_format
+
+        return get_format(self.kind)
 
     def check_width(self, in_features: int, name: str = "") -> None:
         """Raise if the group size does not divide a layer's input width."""
@@ -79,8 +81,10 @@ class GridConfig:
 class SolverConfig:
     """GPTQ solve (spec §4): block 128, damp 1% of mean diag(H), natural column order."""
 
-    algorithm: str = "gptq"  # gptq | rtn | ldlq (ldlq is chosen automatically for the e8p grid)
+    # rtn, or the solver of the grid's format (gptq for uniform/nf, ldlq for e8p): for_method picks it
+    algorithm: str = "gptq"
     block_size: int = 128
+    inner_block: int = 16  # GPTQ columns per sub-block inside a block (rsq/solver/gptq.py::_gptq_block)
     damp_frac: float = 0.01
     act_order: bool = False
     damp_retries: int = 10  # bounded: raise SingularHessianError after this many extra dampings
@@ -93,9 +97,11 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("gptq", "rtn", "ldlq"):
-            raise ConfigError(f"unknown solver {self.algorithm!r}: use gptq, rtn or ldlq")
+            raise ConfigError(f"unknown solver {self.algorithm!r}: use gptq, rtn or ldlq (the e8p grid's)")
         if self.block_size < 1:
             raise ConfigError("block_size must be >= 1")
+        if self.inner_block < 1:
+            raise ConfigError("inner_block must be >= 1")
         if not 0 <= self.damp_frac < 1:
             raise ConfigError(f"damp_frac {self.damp_frac} must be in [0, 1)")
         if self.damp_retries < 0:
@@ -171,10 +177,17 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class RSQConfig:
-    """Everything a quantization run needs. ``method`` fixes rotation and importance presets."""
+    """Everything a quantization run needs.
+
+    Build one with :meth:`for_method`, the only place the methods' presets live (rotation,
+    importance strategy, solver): ``RSQConfig.for_method("rsq", grid={"bits": 4})``. The plain
+    constructor takes every field as given and refuses fields that contradict ``method`` (say
+    ``method="rsq"`` with uniform importance, which would run QuaRot and record "rsq"); its
+    defaults are a consistent plain-GPTQ run.
+    """
 
     model: str = ""
-    method: str = "rsq"
+    method: str = "gptq"
     grid: GridConfig = field(default_factory=GridConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
@@ -186,6 +199,9 @@ class RSQConfig:
     batch_size: int = 8  # calibration sequences per forward pass
     offload: str = "auto"  # where calibration activations live: auto | device | cpu | disk
     save_dtype: str = "auto"  # unquantized tensors in the checkpoint: auto (= dtype) or a dtype name
+    # auto: the Triton kernels on CUDA where they apply (clip search, GPTQ sub-blocks, Hessian split,
+    # attention column sums); reference: the torch code everywhere (the kernels' oracle)
+    kernels: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -199,6 +215,49 @@ class RSQConfig:
             raise ConfigError(f"unknown offload {self.offload!r}: use auto, device, cpu or disk")
         if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
             raise ConfigError(f"unknown save_dtype {self.save_dtype!r}: use auto or one of {', '.join(DTYPES)}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"unknown kernels {self.kernels!r}: use {' or '.join(KERNELS)}")
+        problem = _contradiction(self)
+        if problem:
+            raise ConfigError(
+                f"method {self.method!r} contradicts the config: {problem}; build the config with "
+                f"RSQConfig.for_method({self.method!r}, ...) (rsq quantize does), "
+                "or name the method the fields describe"
+            )
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> RSQConfig:
+        """The config of ``method`` with its preset (see :data:`PRESETS`) under ``overrides``.
+
+        overrides: top-level fields (seed, device, dtype, ...) and the sub-configs ``grid``,
+        ``solver``, ``rotation``, ``importance``, ``calib``, each either a dict of the fields to set
+        (the preset and the dataclass defaults fill the rest) or a finished dataclass (taken as is).
+        The preset sets rotation.enabled, importance.strategy and solver.algorithm (rtn, or the
+        solver of the grid's format, e.g. ldlq for e8p); grid.bits defaults to the format's default.
+        Fields that contradict the method (rotation on for gptq, uniform importance for rsq) are
+        refused by the constructor.
+        """
+        preset = method_preset(method)
+        sub: dict[str, Any] = {}
+        for name, klass in _SUBCONFIGS.items():
+            value = overrides.pop(name, None)
+            sub[name] = value if is_dataclass(value) else dict(value or {})
+        grid = sub["grid"]
+        if isinstance(grid, dict):
+            from rsq.formats import get_format
+
+            grid.setdefault("bits", get_format(grid.get("kind", "uniform")).default_bits)
+            sub["grid"] = grid = GridConfig(**grid)
+        defaults = {
+            "solver": {"algorithm": "rtn" if preset["algorithm"] == "rtn" else grid.format.solver},
+            "rotation": {"enabled": preset["rotate"]},
+            "importance": {"strategy": preset["importance"]},
+            "calib": {},
+        }
+        for name, fill in defaults.items():
+            if isinstance(sub[name], dict):
+                sub[name] = _SUBCONFIGS[name](**{**fill, **sub[name]})
+        return cls(method=method, **sub, **overrides)
 
     @property
     def quantizes(self) -> bool:
@@ -241,18 +300,48 @@ def _dataclass_type(cls: type, key: str) -> type | None:
     return None
 
 
+# What a --method means: rotation on/off, importance strategy and solver ("solve" = the solver of
+# the grid's format). The only home of the presets: RSQConfig.for_method applies them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fp16": dict(rotate=False, importance="uniform", algorithm="solve"),
+    "rtn": dict(rotate=False, importance="uniform", algorithm="rtn"),
+    "gptq": dict(rotate=False, importance="uniform", algorithm="solve"),
+    "quarot": dict(rotate=True, importance="uniform", algorithm="solve"),
+    "rsq": dict(rotate=True, importance="attncon", algorithm="solve"),
+}
+
+
 def method_preset(method: str) -> dict[str, Any]:
-    """What a --method means: rotation on/off, importance strategy and solver."""
-    presets = {
-        "fp16": dict(rotate=False, importance="uniform", algorithm="gptq"),
-        "rtn": dict(rotate=False, importance="uniform", algorithm="rtn"),
-        "gptq": dict(rotate=False, importance="uniform", algorithm="gptq"),
-        "quarot": dict(rotate=True, importance="uniform", algorithm="gptq"),
-        "rsq": dict(rotate=True, importance="attncon", algorithm="gptq"),
-    }
-    if method not in presets:
+    """The preset of ``method`` (a copy of its :data:`PRESETS` entry)."""
+    if method not in PRESETS:
         raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    return presets[method]
+    return dict(PRESETS[method])
+
+
+def _contradiction(cfg: RSQConfig) -> str | None:
+    """Why ``cfg``'s fields are not a run of ``cfg.method`` (None when they are).
+
+    Ablations stay expressible: rsq without rotation (the paper's), rtn with or without rotation
+    (QuaRot-RTN), any importance strategy under rsq."""
+    m, rotate, strategy = cfg.method, cfg.rotation.enabled, cfg.importance.strategy
+    algorithm, solver = cfg.solver.algorithm, cfg.grid.format.solver
+    if m == "fp16":
+        return None
+    if m == "rtn":
+        return None if algorithm == "rtn" else f"solver.algorithm is {algorithm!r}, rtn rounds to nearest"
+    if algorithm == "rtn":
+        return "solver.algorithm is 'rtn' (that is --method rtn)"
+    if algorithm != solver:
+        return f"solver.algorithm is {algorithm!r}, but the {cfg.grid.kind} grid is solved by {solver}"
+    if m == "rsq" and strategy == "uniform":
+        return "importance.strategy is 'uniform' (that is quarot with rotation, gptq without)"
+    if m in ("gptq", "quarot") and strategy != "uniform":
+        return f"importance.strategy is {strategy!r} (token importance is --method rsq)"
+    if m == "gptq" and rotate:
+        return "rotation.enabled is True (that is --method quarot)"
+    if m == "quarot" and not rotate:
+        return "rotation.enabled is False (that is --method gptq)"
+    return None
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

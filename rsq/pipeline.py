@@ -245,7 +245,11 @@ def _quantize_one_layer(
         H = None
         if cfg.solver.algorithm != "rtn":
             acc = HessianAccumulator(
-                width, device=store.device, dtype=hdtype, half_inputs=cfg.solver.hessian_matmul == "auto"
+                width,
+                device=store.device,
+                dtype=hdtype,
+                half_inputs=cfg.solver.hessian_matmul == "auto",
+                kernels=cfg.kernels,
             )
             with _timed(state, "hessian"):
                 for k, x in passes.group_inputs(group):
@@ -258,13 +262,13 @@ def _quantize_one_layer(
             # members share H and GPTQ treats rows independently: one solve on the stacked rows. Done
             # the same way with one rank or several (one owner per stacked group), so that GPU matmul
             # shapes, and with them the rounding, are identical and the weights bit-equal.
-            stack = H is not None and cfg.grid.kind in ("uniform", "nf") and len(group) > 1
+            stack = H is not None and cfg.grid.format.stackable and len(group) > 1
             if stack:
                 owners = [ctx.owner(position)] * len(group)
                 if owners[0] == ctx.rank:
                     names = [f"{adapter.layers}.{index}.{name}" for name in group]
                     W = torch.cat([m.weight.data.to(store.device) for m in modules])
-                    stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names))
+                    stacked = gptq_quantize(W, H, cfg.grid, cfg.solver, "+".join(names), cfg.kernels)
                     for name, part in zip(group, split_rows(stacked, [m.out_features for m in modules])):
                         mine[name] = part
             else:
@@ -303,11 +307,12 @@ def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> Quant
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> QuantResult:
-    if cfg.grid.kind == "e8p":
+    """The grid's format names its solver (rsq/formats/): GPTQ for scalar grids, LDLQ for E8P."""
+    if cfg.grid.format.solver == "ldlq":
         from rsq.solver.ldlq import ldlq_quantize
 
         return ldlq_quantize(W, H, cfg.grid, cfg.solver, name)
-    return gptq_quantize(W, H, cfg.grid, cfg.solver, name)
+    return gptq_quantize(W, H, cfg.grid, cfg.solver, name, cfg.kernels)
 
 
 def _to_cpu(res: QuantResult) -> QuantResult:

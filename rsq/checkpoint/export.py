@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 
 from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
-from rsq.errors import CheckpointFormatError, ExportError
+from rsq.errors import CheckpointFormatError, ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors",)
-EXPORT_BITS = (4, 8)
 MAX_SHARD = "2GB"
 RUNTIME_KINDS = ("full", "cross_head", "random_full", "random_cross_head")  # kinds applied online
 # compressed-tensors transform scheme name; also the middle of the transform weight's tensor key
@@ -72,19 +71,15 @@ class ExportPlan:
     transform_modules: list[str]  # module suffixes inside a layer that get an input transform
 
 
-def _refuse_grid(qc: dict) -> None:
-    kind, bits = qc.get("grid", "uniform"), qc["bits"]
-    if kind != "uniform":
-        raise ExportError(
-            f"grid {kind!r} cannot be exported to compressed-tensors: its integer grids are "
-            "uniform (w = scale * (q - zero)) and have no NormalFloat levels or E8P lattice "
-            "codebook; re-quantize with --grid uniform --bits 4 (or 8)"
-        )
-    if bits not in EXPORT_BITS:
-        raise ExportError(
-            f"{bits}-bit weights cannot be exported to compressed-tensors for vLLM: its integer "
-            "weight kernels (WNA16) take 4 or 8 bits only; re-quantize with --bits 4 or 8"
-        )
+def _refuse_grid(qc: dict, target: str = "compressed-tensors") -> None:
+    """ExportError unless the checkpoint's number format (rsq/formats/) can be written as ``target``."""
+    from rsq.formats import get_format
+
+    try:
+        fmt = get_format(qc.get("grid", "uniform"))
+    except ConfigError as exc:
+        raise ExportError(f"{exc}: the checkpoint's format is unknown to this rsq") from None
+    fmt.check_export(target, qc["bits"])
 
 
 def _sylvester_site(site: dict) -> bool:
@@ -174,7 +169,7 @@ def convert_linear(
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from rsq.quant.grid import expand_groups
+    from rsq.formats import get_format
     from rsq.quant.pack import unpack_codes
 
     bits = qc["bits"]
@@ -187,7 +182,7 @@ def convert_linear(
         raise CheckpointFormatError(
             f"{prefix}: a symmetric grid has zero points other than {offset}: corrupt checkpoint"
         )
-    w_hat = expand_groups(scales.float(), in_features) * (codes - expand_groups(zeros, in_features)).float()
+    w_hat = get_format("uniform").dequantize(codes, scales, zeros, bits)
     state = {"weight": w_hat, "weight_scale": scales}
     if not qc["symmetric"]:
         state["weight_zero_point"] = (zeros - offset).to(torch.int8)

@@ -64,28 +64,22 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear, dtype: torch.dtype):
-    """A quantized module of the checkpoint's grid kind, filled from its stored tensors."""
+    """A skeleton module of the checkpoint's number format, to be filled from its stored tensors."""
+    from rsq.config import GridConfig
+    from rsq.errors import ConfigError
+
     kind = qc.get("grid", "uniform")
+    try:
+        fmt = GridConfig(kind=kind, bits=qc["bits"], group_size=qc["group_size"]).format
+    except ConfigError as exc:
+        raise CheckpointFormatError(
+            f"{prefix}: the checkpoint's quantization_config cannot be loaded ({exc}); it was written by another "
+            "rsq version or edited by hand: re-quantize with this rsq"
+        ) from None
     bias = tensors.get(f"{prefix}.bias")
-    if kind == "uniform":
-        from rsq.nn.qlinear import QuantLinear
-
-        module = QuantLinear.empty(
-            linear.in_features, linear.out_features, qc["bits"], qc["group_size"], bias is not None, dtype
-        )
-    elif kind == "nf":
-        from rsq.nn.vqlinear import NFQuantLinear
-
-        module = NFQuantLinear.empty(
-            linear.in_features, linear.out_features, qc["bits"], qc["group_size"], bias is not None, dtype
-        )
-    elif kind == "e8p":
-        from rsq.nn.vqlinear import E8PLinear
-
-        module = E8PLinear.empty(linear.in_features, linear.out_features, bias is not None, dtype)
-    else:
-        raise CheckpointFormatError(f"unknown grid {kind!r} in quantization_config: upgrade rsq")
-    return module
+    return fmt.empty_module(
+        linear.in_features, linear.out_features, qc["bits"], qc["group_size"], bias is not None, dtype
+    )
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -16,13 +16,13 @@ from pathlib import Path
 from rsq.cli.progress import Progress
 from rsq.config import (
     DTYPES,
+    KERNELS,
     CalibConfig,
     GridConfig,
     ImportanceConfig,
     RotationConfig,
     RSQConfig,
     SolverConfig,
-    method_preset,
 )
 from rsq.errors import RSQError
 
@@ -61,7 +61,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
         "rsq: rotate + attention-concentration scaling + gptq (default: rsq)",
     )
-    _opt(p, "--bits", GridConfig, "bits", "weight bits, 2..8", type=int)
+    _opt(p, "--bits", GridConfig, "bits", "weight bits: 2, 3, 4 or 8 (e8p: 2)", type=int)
     _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
     p.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points (default: symmetric)")
     p.add_argument("--no-clip", action="store_true", help="disable the MSE clipping search (spec §1)")
@@ -122,6 +122,12 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16, float16 (default: float32)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default: 8)")
+    p.add_argument(
+        "--kernels",
+        default=None,
+        choices=KERNELS,
+        help="auto: Triton kernels on CUDA where they apply; reference: the torch code everywhere (default: auto)",
+    )
     p.add_argument("--offload", default=None, help="calibration activations: auto, device, cpu or disk (default: auto)")
     p.add_argument(
         "--save-dtype",
@@ -146,8 +152,7 @@ def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RSQConfig:
-    """Namespace -> RSQConfig; only options the user set override the dataclass defaults."""
-    preset = method_preset(args.method)
+    """Namespace -> RSQConfig.for_method; only options the user set override the preset and the defaults."""
     groups: dict[str, dict] = {
         c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)
     }
@@ -161,30 +166,26 @@ def build_config(args: argparse.Namespace) -> RSQConfig:
     if args.no_clip:
         grid["mse_clip"] = False
     solver = groups["SolverConfig"]
-    solver.setdefault("algorithm", "ldlq" if grid.get("kind") == "e8p" else preset["algorithm"])
-    if grid.get("kind") == "e8p":
-        grid.setdefault("bits", 2)
     if args.act_order:
         solver["act_order"] = True
     rotation = groups["RotationConfig"]
-    rotation["enabled"] = preset["rotate"] if args.rotate is None else args.rotate
+    if args.rotate is not None:
+        rotation["enabled"] = args.rotate
     if args.center_embeddings:
         rotation["center_embeddings"] = True
-    importance = groups["ImportanceConfig"]
-    importance.setdefault("strategy", preset["importance"])
     top = {
         k: getattr(args, k)
-        for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype")
+        for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype", "kernels")
         if getattr(args, k) is not None
     }
-    return RSQConfig(
+    return RSQConfig.for_method(
+        args.method,
         model=args.model or "",
-        method=args.method,
-        grid=GridConfig(**grid),
-        solver=SolverConfig(**solver),
-        rotation=RotationConfig(**rotation),
-        importance=ImportanceConfig(**importance),
-        calib=CalibConfig(**groups["CalibConfig"]),
+        grid=grid,
+        solver=solver,
+        rotation=rotation,
+        importance=groups["ImportanceConfig"],
+        calib=groups["CalibConfig"],
         **top,
     )
 

@@ -25,7 +25,7 @@ def make_weight_fn(cfg: RSQConfig, adapter: ModelAdapter, config, windows: torch
 
     @torch.no_grad()
     def weight_fn(index: int, layer, x: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> torch.Tensor:
-        ctx = ImportanceContext(cfg=cfg.importance)
+        ctx = ImportanceContext(cfg=cfg.importance, kernels=cfg.kernels)
         if "x" in needs:
             ctx.x = x
         if "y" in needs:

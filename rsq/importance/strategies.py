@@ -50,6 +50,7 @@ class ImportanceContext:
     token_ids: (B, T) long, the ids of these sequences.
     token_counts: (V,) counts of every token id over the whole (expanded) calibration set.
     cfg: the importance options (r_min, r_max, normalize, power, quantile, query_chunk).
+    kernels: "auto" (Triton kernels on CUDA where they apply) or "reference" (RSQConfig.kernels).
     Fields a strategy does not declare in its ``needs`` may stay None.
     """
 
@@ -60,6 +61,7 @@ class ImportanceContext:
     k: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
     token_counts: torch.Tensor | None = None
+    kernels: str = "auto"
 
     def batch_shape(self) -> tuple[tuple[int, int], torch.device]:
         """(B, T) and the device, read from whichever tensor field is set."""
@@ -125,9 +127,6 @@ def strategy_needs(name: str) -> set[str]:
 # attention received (AttnCon)
 
 
-FUSED_ATTNCON = True  # half inputs on CUDA: the Triton column-sum kernels (rsq/kernels/triton_attention.py)
-
-
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> int:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (B, H, T, d), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -160,6 +159,7 @@ def attention_received(
     causal: bool = True,
     query_chunk: int = 512,
     scale: float | None = None,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Total attention each key token receives, summed over heads and queries (spec §3.2).
 
@@ -172,7 +172,8 @@ def attention_received(
     float32 on the CPU and, for bf16/fp16 inputs on CUDA, in that dtype on the tensor cores (as the
     reference's eager attention). On CUDA with Triton, half inputs go to
     rsq.kernels.triton_attention instead: the same sums from two QKᵀ passes (row log-sum-exp, then
-    column sums of exp(logit - lse)) with float32 logits, no probability tensor.
+    column sums of exp(logit - lse)) with float32 logits, no probability tensor
+    (``kernels="reference"`` keeps the torch path everywhere).
 
     Memory: one sequence and ``query_chunk`` queries at a time, O(Hq · chunk · T); the (Hq, T, T)
     probability tensor is never built. With causal masking a chunk only scores the keys it can see.
@@ -181,7 +182,7 @@ def attention_received(
     group = _check_qk(q, k)
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
-    if FUSED_ATTNCON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
+    if kernels == "auto" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
         from rsq.kernels import has_triton
 
         if has_triton():
@@ -242,7 +243,7 @@ def _need(ctx: ImportanceContext, name: str) -> torch.Tensor:
 def attncon(ctx: ImportanceContext) -> torch.Tensor:
     """Attention received; normalize 'linear'/'sqrt' divides s_j by (T - j) or sqrt(T - j),
     the number of queries that see token j under causal masking."""
-    s = attention_received(_need(ctx, "q"), _need(ctx, "k"), query_chunk=ctx.cfg.query_chunk)
+    s = attention_received(_need(ctx, "q"), _need(ctx, "k"), query_chunk=ctx.cfg.query_chunk, kernels=ctx.kernels)
     if ctx.cfg.normalize != "none":
         t = s.shape[-1]
         seen = torch.arange(t, 0, -1, dtype=s.dtype, device=s.device)  # T - j

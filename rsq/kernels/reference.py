@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rsq.quant.grid import dequantize_grouped
 from rsq.quant.pack import unpack_codes
 
 
@@ -23,11 +24,7 @@ def dequantize(
     qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, *, bits: int, in_features: int, group_size: int
 ) -> torch.Tensor:
     """W_hat (out, in) float32 from packed codes (out, words), scales and zeros (out, n_groups)."""
-    codes = unpack_codes(qweight, bits, in_features).float()  # (out, in)
-    g = group_width(in_features, group_size)
-    s = scales.float().repeat_interleave(g, dim=1)[:, :in_features]
-    z = qzeros.float().repeat_interleave(g, dim=1)[:, :in_features]
-    return s * (codes - z)
+    return dequantize_grouped(unpack_codes(qweight, bits, in_features), scales, qzeros)
 
 
 def wq_matmul(

@@ -42,11 +42,10 @@ class NFQuantLinear(nn.Module):
         return cls(in_features, out_features, bits, group_size, bias, dtype)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from rsq.quant.nf import nf_levels
+        from rsq.quant.nf import nf_dequantize_grouped
 
-        codes = unpack_codes(self.qweight, self.bits, self.in_features).long()
-        scale = self.scales.float().repeat_interleave(self.in_features // self.scales.shape[1], dim=1)
-        return (scale * nf_levels(self.bits).to(codes.device)[codes]).to(dtype)
+        codes = unpack_codes(self.qweight, self.bits, self.in_features)
+        return nf_dequantize_grouped(codes, self.scales, self.bits).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight(x.dtype)
@@ -66,10 +65,9 @@ class E8PLinear(nn.Module):
         return cls(in_features, out_features, bias, dtype)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from rsq.quant.e8p import e8p_decode
+        from rsq.quant.e8p import e8p_dequantize
 
-        w = e8p_decode(self.codes.reshape(-1)).reshape(self.out_features, self.in_features)
-        return (w * self.scales.reshape(())).to(dtype)
+        return e8p_dequantize(self.codes, self.scales).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_triton():

@@ -145,6 +145,12 @@ def e8p_decode(idx: torch.Tensor) -> torch.Tensor:
     return e8p_codebook(idx.device)[idx]
 
 
+def e8p_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W_hat (out, in) float32 = scale · codebook[codes] for codes (out, in / 8), scale (1, 1)."""
+    rows = codes.shape[0]
+    return (e8p_decode(codes.reshape(-1)).reshape(rows, -1) * scale.reshape(())).float()
+
+
 def codes_to_int16(idx: torch.Tensor) -> torch.Tensor:
     """The int16 bit pattern of unsigned 16-bit indices (values 0..65535, any integer dtype): the
     storage dtype, 2 bits per weight; :func:`e8p_decode` reads it back as unsigned."""

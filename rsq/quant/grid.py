@@ -19,8 +19,6 @@ import torch
 
 from rsq.config import GridConfig
 
-FUSED_CLIP = True  # on CUDA, the MSE clip search as one Triton kernel (rsq/kernels/triton_scales.py)
-
 
 def max_code(bits: int) -> int:
     return (1 << bits) - 1
@@ -32,7 +30,14 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w_hat = scale * (code - zero), the uniform grid's one formula (scale/zero broadcast)."""
     return scale * (codes - zero)
+
+
+def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """W_hat (out, in) float32 from codes (out, in) and per-group scale/zero (out, n_groups)."""
+    cols = codes.shape[1]
+    return dequantize_codes(codes.float(), expand_groups(scale.float(), cols), expand_groups(zero.float(), cols))
 
 
 def fake_quantize(
@@ -60,16 +65,17 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bo
     return scale, zero
 
 
-def find_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, cfg: GridConfig, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for ``w`` (rows, cols), all columns forming one group.
 
     With ``cfg.mse_clip`` the range is shrunk by p in {1, 1 - 1/grid, ..., } (grid*max_shrink
     candidates) and, per row, the p minimising sum |fake_quantize(w) - w|^clip_norm is kept (spec §1);
-    on CUDA one Triton kernel does the search (the loop below is its reference).
+    on CUDA with ``kernels="auto"`` one Triton kernel does the search (the loop below is its
+    reference, and what ``kernels="reference"`` runs everywhere).
     Returns scale, zero of shape (rows, 1), float32.
     """
     w = w.float()
-    if cfg.mse_clip and w.is_cuda and FUSED_CLIP:
+    if cfg.mse_clip and w.is_cuda and kernels == "auto":
         from rsq.kernels import has_triton
 
         if has_triton():
@@ -97,14 +103,14 @@ def find_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.T
     return scale[:, None], zero[:, None]
 
 
-def find_group_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def find_group_params(w: torch.Tensor, cfg: GridConfig, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale/zero for every group of ``w``: (rows, n_groups) each."""
     rows, cols = w.shape
     g = cols if cfg.group_size == -1 else cfg.group_size
     cfg.check_width(cols)
     # (rows, cols) -> (rows * n_groups, g): each group of a row is one row of the search
     wg = w.float().reshape(rows, cols // g, g).reshape(-1, g)
-    scale, zero = find_params(wg, cfg)
+    scale, zero = find_params(wg, cfg, kernels)
     return scale.reshape(rows, cols // g), zero.reshape(rows, cols // g)
 
 

@@ -65,6 +65,11 @@ def nf_dequantize(codes: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor
     return scale * levels.to(device=codes.device, dtype=torch.float32)[codes.long()]
 
 
+def nf_dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """W_hat (out, in) float32 from level indices (out, in) and per-group scales (out, n_groups)."""
+    return nf_dequantize(codes, expand_groups(scale.float(), codes.shape[1]), nf_levels(bits))
+
+
 def nf_fake_quantize(w: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Quantize then dequantize — what a GPTQ loop writes back for one column:
     ``q = nf_fake_quantize(W1[:, i], scale[:, g], levels)`` with scale (rows, n_groups)."""

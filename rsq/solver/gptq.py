@@ -8,21 +8,14 @@ columns not yet quantized through the upper Cholesky factor of H^-1.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
 from rsq.config import GridConfig, SolverConfig
 from rsq.errors import SingularHessianError
+from rsq.formats import ScalarOps
 from rsq.kernels import has_triton
-from rsq.quant.grid import (
-    dequantize_codes,
-    find_group_params,
-    find_params,
-    max_code,
-    quantize_codes,
-    rtn_quantize,
-)
+from rsq.quant.grid import max_code
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
@@ -78,50 +71,13 @@ def damped_inverse_cholesky(
     )
 
 
-class _ScalarGrid:
-    """The two operations GPTQ needs from a per-element grid: row parameters for a block of columns,
-    and rounding one column. Uniform: codes with zero points; nf: NormalFloat level indices."""
-
-    def __init__(self, grid: GridConfig, device: torch.device):
-        self.grid = grid
-        if grid.kind == "nf":
-            from rsq.quant.nf import nf_levels
-
-            self.levels = nf_levels(grid.bits).to(device)
-
-    def params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, 1) scale and zero for the columns of W taken as one group."""
-        if self.grid.kind == "nf":
-            from rsq.quant.nf import nf_find_params
-
-            scale = nf_find_params(W, replace(self.grid, group_size=-1))
-            return scale, torch.zeros_like(scale)
-        return find_params(W, self.grid)
-
-    def group_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.grid.kind == "nf":
-            from rsq.quant.nf import nf_find_params
-
-            scale = nf_find_params(W, self.grid)
-            return scale, torch.zeros_like(scale)
-        return find_group_params(W, self.grid)
-
-    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.grid.kind == "nf":
-            from rsq.quant.nf import nf_dequantize, nf_quantize_codes
-
-            c = nf_quantize_codes(w, s, self.levels)
-            return c.float(), nf_dequantize(c, s, self.levels)
-        c = quantize_codes(w, s, z, self.grid.bits)
-        return c, dequantize_codes(c, s, z)
-
-
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     grid: GridConfig,
     solver: SolverConfig,
     name: str = "",
+    kernels: str = "auto",
 ) -> QuantResult:
     """Quantize W (out, in) against Hessian H (in, in) with GPTQ.
 
@@ -130,8 +86,11 @@ def gptq_quantize(
         the error-updated W, as GPTQ does). With act_order, columns are visited by decreasing
         diag(H) and group parameters are computed up front from the original W in natural order
         ("static groups"), so codes, scales and zeros stay in natural column order.
-    solver: block_size, damp_frac, act_order, damp_retries.
-    Grids: uniform (codes with zero points) and nf (NormalFloat level indices, zero unused).
+    solver: block_size, damp_frac, act_order, damp_retries, inner_block, cuda_graphs.
+    Grids: any format whose solver is GPTQ (rsq/formats/: uniform codes with zero points, nf
+    NormalFloat level indices with zero unused); its ScalarOps give parameters and rounding.
+    kernels: "auto" runs the CUDA Triton kernels where they apply (clip search, sub-block loop);
+    "reference" the torch code everywhere (the kernels' oracle).
     Returns codes in natural column order, scale/zero (out, n_groups), W_hat and the GPTQ loss
     sum_j (w_j - q_j)^2 / U_jj^2 / 2 (which equals half the layer-output error increase).
     """
@@ -139,7 +98,7 @@ def gptq_quantize(
     rows, cols = W.shape
     W, H = prepare_hessian(W, H)
     group = cols if grid.group_size == -1 else grid.group_size
-    ops = _ScalarGrid(grid, W.device)
+    ops = grid.format.ops(grid, W.device, kernels)
     static = grid.group_size == -1 or solver.act_order
     if static:
         scale_g, zero_g = ops.group_params(W) if grid.group_size != -1 else ops.params(W)
@@ -176,8 +135,9 @@ def gptq_quantize(
             S1, Z1 = scale_g.expand(rows, i2 - i1), zero_g.expand(rows, i2 - i1)
         else:
             S1, Z1 = scale_g[:, idx], zero_g[:, idx]
-        block = _block_runner(ops, rows, i2 - i1, W.device) if W.is_cuda and solver.cuda_graphs else _gptq_block
-        C1, Q1, E1, L1 = block(ops, W[:, i1:i2], U[i1:i2, i1:i2], S1, Z1)
+        inner = solver.inner_block
+        block = _block_runner(ops, inner, rows, i2 - i1, W.device) if W.is_cuda and solver.cuda_graphs else _gptq_block
+        C1, Q1, E1, L1 = block(ops, inner, W[:, i1:i2], U[i1:i2, i1:i2], S1, Z1)
         codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
         losses += L1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -197,29 +157,27 @@ def gptq_quantize(
     )
 
 
-INNER = 16  # columns per inner sub-block of _gptq_block
-FUSED = True  # on CUDA, run each sub-block's column loop as one Triton kernel (uniform grid)
-
-
-def _gptq_block(ops: _ScalarGrid, W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
+def _gptq_block(ops: ScalarOps, inner: int, W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
     """One GPTQ block, column by column: quantize, then push the error onto the block's later
     columns through the Cholesky row. W1, S1, Z1: (rows, B); U1: (B, B). Returns codes, W_hat,
     scaled errors (for the lazy update of later blocks) and per-row losses.
 
     The same lazy-batch identity GPTQ uses between blocks is applied inside the block: a column's
-    error goes at once only to the rest of its INNER-column sub-block, and each finished sub-block
-    reaches the block's later columns in one (rows, INNER) x (INNER, rest) product. Exact
+    error goes at once only to the rest of its ``inner``-column sub-block (SolverConfig.inner_block),
+    and each finished sub-block
+    reaches the block's later columns in one (rows, inner) x (inner, rest) product. Exact
     arithmetic gives the same W_hat; the per-column traffic drops from rows x (B - i) to
-    rows x INNER (~20% faster on CPU; no change measured on the H100, bench/NOTES-speed.md). On
-    CUDA the sub-block's column loop is one Triton kernel (rsq/kernels/triton_gptq.py)."""
+    rows x inner (~20% faster on CPU; no change measured on the H100, bench/NOTES-speed.md). On
+    CUDA, for a format whose ops declare it and ops.kernels == "auto", the sub-block's column loop
+    is one Triton kernel (rsq/kernels/triton_gptq.py)."""
     W1 = W1.clone()
     U1 = U1.contiguous()  # the same operand layout as the graphed copy, so cuBLAS rounds the same way
     B = W1.shape[1]
     C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     L1 = torch.zeros(W1.shape[0], device=W1.device, dtype=W1.dtype)
-    fused = FUSED and W1.is_cuda and ops.grid.kind == "uniform" and INNER <= 16 and has_triton()
-    for j1 in range(0, B, INNER):
-        j2 = min(j1 + INNER, B)
+    fused = ops.fused_gptq and ops.kernels == "auto" and W1.is_cuda and inner <= 16 and has_triton()
+    for j1 in range(0, B, inner):
+        j2 = min(j1 + inner, B)
         if fused:
             from rsq.kernels.triton_gptq import sub_block
 
@@ -254,7 +212,7 @@ class _GraphedBlock:
     block of every matrix of that shape: ~12 kernels x B columns become one launch, which removes
     the launch/dispatch overhead that dominates GPTQ on a GPU."""
 
-    def __init__(self, ops: _ScalarGrid, rows: int, width: int, device: torch.device):
+    def __init__(self, ops: ScalarOps, inner: int, rows: int, width: int, device: torch.device):
         self.ops = ops  # the graph reads ops' tensors (NF levels): keep them alive
         self.W1 = torch.zeros(rows, width, device=device)
         self.U1 = torch.eye(width, device=device)
@@ -263,13 +221,13 @@ class _GraphedBlock:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-            _gptq_block(ops, self.W1, self.U1, self.S1, self.Z1)
+            _gptq_block(ops, inner, self.W1, self.U1, self.S1, self.Z1)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = _gptq_block(ops, self.W1, self.U1, self.S1, self.Z1)
+            self.out = _gptq_block(ops, inner, self.W1, self.U1, self.S1, self.Z1)
 
-    def __call__(self, ops, W1, U1, S1, Z1):
+    def __call__(self, ops, inner, W1, U1, S1, Z1):
         self.W1.copy_(W1)
         self.U1.copy_(U1)
         self.S1.copy_(S1)
@@ -278,14 +236,16 @@ class _GraphedBlock:
         return tuple(t.clone() for t in self.out)
 
 
-_GRAPHS: dict = {}  # (device, rows, width, grid kind, bits) -> _GraphedBlock; shapes repeat per layer
+# A cache, not a switch: captured graphs keyed by everything the capture depends on (shapes repeat
+# for every layer of a model, so each is captured once per process).
+_GRAPH_CACHE: dict = {}
 
 
-def _block_runner(ops: _ScalarGrid, rows: int, width: int, device: torch.device):
-    key = (str(device), rows, width, ops.grid.kind, ops.grid.bits)
-    if key not in _GRAPHS:
-        _GRAPHS[key] = _GraphedBlock(ops, rows, width, device)
-    return _GRAPHS[key]
+def _block_runner(ops: ScalarOps, inner: int, rows: int, width: int, device: torch.device):
+    key = (str(device), rows, width, ops.grid.kind, ops.grid.bits, ops.kernels, inner)
+    if key not in _GRAPH_CACHE:
+        _GRAPH_CACHE[key] = _GraphedBlock(ops, inner, rows, width, device)
+    return _GRAPH_CACHE[key]
 
 
 def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
@@ -311,17 +271,14 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
 
 
 def rtn_result(W: torch.Tensor, grid: GridConfig, name: str = "") -> QuantResult:
-    """Round-to-nearest as a QuantResult (loss = plain squared weight error)."""
-    grid.check_width(W.shape[1], name)
-    if grid.kind == "nf":
-        from rsq.quant.nf import nf_rtn_quantize
-
-        codes, scale, w_hat = nf_rtn_quantize(W.float(), grid)
-        zero = torch.zeros_like(scale)
-    else:
-        codes, scale, zero, w_hat = rtn_quantize(W.float(), grid)
+    """Round-to-nearest on the grid's format as a QuantResult (loss = plain squared weight error)."""
+    fmt = grid.format
+    fmt.check_width(grid, W.shape[1], name)
+    codes, scale, zero, w_hat = fmt.rtn(W.float(), grid)
+    if codes.is_floating_point():
+        codes = codes.to(torch.uint8)  # scalar grids: integral float codes -> the solvers' uint8
     return QuantResult(
-        codes=codes.to(torch.uint8),
+        codes=codes,
         scale=scale,
         zero=zero,
         weight=w_hat,

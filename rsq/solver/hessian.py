@@ -11,8 +11,9 @@ import torch
 
 from rsq.kernels import has_triton
 
-FUSED_SPLIT = True  # hi/lo split of the weighted activations by one Triton kernel on CUDA
-_ADDMM_INTO = True  # torch.addmm(..., out_dtype=float32, out=sum) works here (set False on first failure)
+# A capability probe, not a switch: whether torch.addmm(..., out_dtype=float32, out=sum) works in
+# this torch (set False on its first failure; the fallback adds a temporary product).
+_addmm_into_works = True
 
 
 class HessianAccumulator:
@@ -28,8 +29,12 @@ class HessianAccumulator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         half_inputs: bool = False,
+        kernels: str = "auto",
     ):
+        """kernels: "auto" splits the weighted half activations with a Triton kernel on CUDA
+        (rsq/kernels/triton_hessian.py); "reference" with torch (the kernel's oracle)."""
         self.width = width
+        self.kernels = kernels
         self.dtype = dtype
         self.sum = torch.zeros(width, width, device=device, dtype=dtype)
         self.nseq = 0
@@ -62,7 +67,7 @@ class HessianAccumulator:
             self._accumulate(xt, flat)
             return
         w = weights.reshape(-1).to(flat.device, torch.float32)
-        if FUSED_SPLIT and has_triton() and flat.is_contiguous():
+        if self.kernels == "auto" and has_triton() and flat.is_contiguous():
             from rsq.kernels.triton_hessian import split_weighted
 
             hi, lo = split_weighted(flat, w)
@@ -83,13 +88,13 @@ class HessianAccumulator:
             self._addmm(self.sum[r0:r1, r0:], a[r0:r1], b[:, r0:])
 
     def _addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        global _ADDMM_INTO
-        if _ADDMM_INTO:
+        global _addmm_into_works
+        if _addmm_into_works:
             try:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
                 return
             except (RuntimeError, TypeError):
-                _ADDMM_INTO = False
+                _addmm_into_works = False
         out += torch.mm(a, b, out_dtype=torch.float32)
 
     def merge(self, other: "HessianAccumulator") -> None:

@@ -25,7 +25,7 @@ import torch
 
 from rsq.config import GridConfig, SolverConfig
 from rsq.errors import ConfigError, SingularHessianError
-from rsq.quant.e8p import CODE_DIM, e8p_decode, e8p_round
+from rsq.quant.e8p import CODE_DIM, e8p_dequantize, e8p_round
 from rsq.solver.gptq import prepare_hessian
 from rsq.solver.result import QuantResult
 
@@ -132,8 +132,8 @@ def ldlq_quantize(
     Wr = W / sigma if sigma > 0 else torch.zeros_like(W)  # all-zero W: σ = 0, W_hat = 0
     codes, sweeps = _ldlq_codes(Wr, L.to(W.dtype), Hd.to(W.dtype), solver.ldlq_tune_iters)
     scale = torch.tensor([[sigma]], dtype=torch.float32, device=W.device)
-    # exactly rsq.checkpoint.schema.dequantize_result, so the model and a reload agree bitwise
-    W_hat = (e8p_decode(codes.reshape(-1)).reshape(rows, -1) * scale.reshape(())).float()
+    # the format's own formula (rsq/formats/e8p.py), so the model and a reload agree bitwise
+    W_hat = e8p_dequantize(codes, scale)
     D = (W_hat - W0.float()).double()
     loss = torch.einsum("ij,jk,ik->", D, H0.double(), D).item()
     return QuantResult(

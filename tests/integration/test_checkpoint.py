@@ -7,36 +7,21 @@ import torch
 
 import rsq
 from rsq.config import (
-    CalibConfig,
     GridConfig,
-    ImportanceConfig,
-    RotationConfig,
     RSQConfig,
-    SolverConfig,
 )
 from rsq.errors import CheckpointFormatError
 from rsq.loading import load_model
 from rsq.run import run_quantize
 
-METHODS = {
-    "rtn": dict(algorithm="rtn", rotate=False, strategy="uniform"),
-    "gptq": dict(algorithm="gptq", rotate=False, strategy="uniform"),
-    "quarot": dict(algorithm="gptq", rotate=True, strategy="uniform"),
-    "rsq": dict(algorithm="gptq", rotate=True, strategy="attncon"),
-}
-
 
 def _quantize(model_dir, out, method, grid=None, **kw):
-    m = METHODS[method]
     grid = grid or GridConfig(bits=3)
-    cfg = RSQConfig(
+    cfg = RSQConfig.for_method(
+        method,
         model=str(model_dir),
-        method=method,
         grid=grid,
-        solver=SolverConfig(algorithm="ldlq" if grid.kind == "e8p" else m["algorithm"]),
-        rotation=RotationConfig(enabled=m["rotate"]),
-        importance=ImportanceConfig(strategy=m["strategy"]),
-        calib=CalibConfig(nsamples=4, seqlen=64),
+        calib={"nsamples": 4, "seqlen": 64},
         batch_size=4,
         **kw,
     )

@@ -7,17 +7,16 @@ import torch
 from safetensors.torch import load_file
 
 from rsq.cli.main import main
-from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
+from rsq.config import CalibConfig, RSQConfig
 from rsq.run import _Interrupted, partial_dir, run_quantize
 
 
 def _cfg(model_dir, method="gptq", **kw):
-    return RSQConfig(
+    return RSQConfig.for_method(
+        method,
         model=str(model_dir),
-        method=method,
-        grid=GridConfig(bits=3),
-        solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
-        calib=CalibConfig(nsamples=4, seqlen=64),
+        grid={"bits": 3},
+        calib={"nsamples": 4, "seqlen": 64},
         batch_size=3,
         **kw,
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
-from rsq.config import CalibConfig, GridConfig, RotationConfig, RSQConfig, SolverConfig
+from rsq.config import RotationConfig, RSQConfig
 from rsq.eval.perplexity import perplexity
 from rsq.loading import load_model
 from rsq.models.registry import resolve
@@ -34,13 +34,7 @@ def _ppl(model, windows):
 def _quantized(smol, method):
     model, calib, _ = smol
     m = copy.deepcopy(model)
-    cfg = RSQConfig(
-        method=method,
-        grid=GridConfig(bits=3),
-        calib=CalibConfig(nsamples=8, seqlen=256),
-        solver=SolverConfig(algorithm="rtn" if method == "rtn" else "gptq"),
-        device="cpu",
-    )
+    cfg = RSQConfig.for_method(method, grid={"bits": 3}, calib={"nsamples": 8, "seqlen": 256}, device="cpu")
     if method in ("quarot", "rsq"):
         from rsq.rotation import rotate_model
 

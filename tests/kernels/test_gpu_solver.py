@@ -58,7 +58,6 @@ def test_fused_hi_lo_split_against_the_torch_split(dtype, monkeypatch):
     # which FMA contraction may compute exactly before rounding, so elementwise hi + lo is at least
     # as close to the float64 x·w as the torch split
     pytest.importorskip("triton")
-    import rsq.solver.hessian as Hm
     from rsq.kernels.triton_hessian import split_weighted
 
     torch.manual_seed(1)
@@ -74,23 +73,20 @@ def test_fused_hi_lo_split_against_the_torch_split(dtype, monkeypatch):
     err_torch = (t_hi.double() + t_lo.double() - exact).abs()
     assert (err_fused <= err_torch).all(), (err_fused - err_torch).max()
     sums = []
-    for fused in (True, False):
-        monkeypatch.setattr(Hm, "FUSED_SPLIT", fused)
-        acc = HessianAccumulator(300, device="cuda", half_inputs=True)
+    for kernels in ("auto", "reference"):
+        acc = HessianAccumulator(300, device="cuda", half_inputs=True, kernels=kernels)
         acc.add(x.reshape(1, -1, 300), w.reshape(1, -1))
         sums.append(acc.sum.double())
     # lo is ~2^-9 of hi and differs in its last bit: ~2^-17 relative on H at most
     assert ((sums[0] - sums[1]).norm() / sums[1].norm()).item() < 1e-5
 
 
-def test_half_attention_scores_close_to_fp32(monkeypatch):
-    import rsq.importance.strategies as S
-
-    monkeypatch.setattr(S, "FUSED_ATTNCON", False)  # the chunked torch path (Triton's: test_triton_attention)
+def test_half_attention_scores_close_to_fp32():
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1024, 64, device="cuda").bfloat16()
     k = torch.randn(2, 2, 1024, 64, device="cuda").bfloat16()
-    fast = attention_received(q, k, query_chunk=256)
+    # the chunked torch path (Triton's: test_triton_attention)
+    fast = attention_received(q, k, query_chunk=256, kernels="reference")
     naive = attention_received_naive(q, k)
     ref = attention_received_naive(q.float(), k.float())
     assert torch.allclose(fast, naive, rtol=1e-3)
@@ -106,13 +102,10 @@ def test_fused_sub_block_kernel_matches_torch_loop(grid, monkeypatch):
     # loop is the oracle. Only FMA contraction of the update may differ (last-bit), so codes agree
     # except at rare rounding ties and the GPTQ losses agree closely.
     pytest.importorskip("triton")
-    import rsq.solver.gptq as G
-
     W, H = _problem(384, 512, seed=1)
     W, H = W.cuda(), H.cuda()
     fused = gptq_quantize(W, H, grid, SolverConfig(cuda_graphs=False))
-    monkeypatch.setattr(G, "FUSED", False)
-    loop = gptq_quantize(W, H, grid, SolverConfig(cuda_graphs=False))
+    loop = gptq_quantize(W, H, grid, SolverConfig(cuda_graphs=False), kernels="reference")
     assert (fused.codes == loop.codes).float().mean() > 0.999
     assert abs(fused.loss - loop.loss) <= 1e-3 * loop.loss
     s, z = (

@@ -1,0 +1,77 @@
+"""The uniform integer grid: codes c in [0, 2^bits - 1] with a per-(row, group) scale and zero point,
+
+    W_hat = scales * (c - qzeros)
+
+stored as ``qweight`` (int32, codes packed densely along the input dim, rsq/quant/pack.py),
+``scales`` (out, n_groups, the model dtype) and ``qzeros`` (uint8, out × n_groups), run by
+:class:`rsq.nn.qlinear.QuantLinear` through the kernel backends of rsq/kernels/__init__.py, solved
+by GPTQ, exported to compressed-tensors (4/8 bits) and GPTQ.
+"""
+
+from __future__ import annotations
+
+from rsq.formats.base import NumberFormat, ScalarOps, register_format
+from rsq.quant import grid as G
+from rsq.quant.pack import SUPPORTED_BITS, pack_codes, pack_scales, pack_zeros
+
+
+class UniformOps(ScalarOps):
+    fused_gptq = True
+
+    def params(self, W):
+        return G.find_params(W, self.grid, kernels=self.kernels)
+
+    def group_params(self, W):
+        return G.find_group_params(W, self.grid, kernels=self.kernels)
+
+    def round(self, w, s, z):
+        c = G.quantize_codes(w, s, z, self.grid.bits)
+        return c, G.dequantize_codes(c, s, z)
+
+
+class Uniform(NumberFormat):
+    name = "uniform"
+    bits = SUPPORTED_BITS
+    solver = "gptq"
+    stackable = True
+    tensor_keys = ("qweight", "scales", "qzeros")
+    exports = {"compressed-tensors": None, "gptq": None}
+
+    def ops(self, grid, device, kernels="auto"):
+        return UniformOps(grid, device, kernels)
+
+    def rtn(self, W, grid):
+        return G.rtn_quantize(W.float(), grid)
+
+    def dequantize(self, codes, scale, zero, bits):
+        return G.dequantize_grouped(codes, scale, zero)
+
+    def stored_tensors(self, res, grid, dtype):
+        return {
+            "qweight": pack_codes(res.codes, grid.bits),
+            "scales": pack_scales(res.scale, dtype),
+            "qzeros": pack_zeros(res.zero, grid.bits),
+        }
+
+    def empty_module(self, in_features, out_features, bits, group_size, bias, dtype):
+        from rsq.nn.qlinear import QuantLinear
+
+        return QuantLinear.empty(in_features, out_features, bits, group_size, bias, dtype)
+
+    def backends(self):
+        from rsq.kernels import BACKENDS
+
+        return tuple(b.name for b in BACKENDS)
+
+    def check_export(self, target, bits):
+        super().check_export(target, bits)
+        if target == "compressed-tensors" and bits not in (4, 8):
+            from rsq.errors import ExportError
+
+            raise ExportError(
+                f"{bits}-bit weights cannot be exported to compressed-tensors for vLLM: its integer weight kernels "
+                "(WNA16) take 4 or 8 bits only; re-quantize with --bits 4 or 8, or export --format gptq"
+            )
+
+
+register_format(Uniform())
