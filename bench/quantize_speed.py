@@ -32,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rsq.calib.capture import ActivationStore, capture_layer0_inputs, layer_forward  # noqa: E402
 from rsq.config import RSQConfig  # noqa: E402
 from rsq.importance import attention_received_naive, to_weights  # noqa: E402
-from rsq.importance.layer import make_weight_fn  # noqa: E402
+from rsq.importance.layer import (
+    attention_qk,  # noqa: E402
+    make_weight_fn,  # noqa: E402
+)
 from rsq.models.bundled import load_bundled_config  # noqa: E402
 from rsq.models.registry import resolve  # noqa: E402
-from rsq.pipeline import attention_qk, quantize_layers  # noqa: E402
+from rsq.pipeline import quantize_layers  # noqa: E402
 from rsq.rotation import rotate_model  # noqa: E402
 from rsq.solver.gptq import gptq_quantize, layer_error  # noqa: E402
 

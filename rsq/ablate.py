@@ -66,11 +66,11 @@ def run_grid(
     if gpus > 1 and todo:
         _run_parallel(todo, out, gpus, ppl_max_windows, ppl_seqlen)
     elif todo:
+        from rsq.config import TORCH_DTYPES
         from rsq.loading import load_model
-        from rsq.pipeline import DTYPES
         from rsq.run import can_resume, run_quantize
 
-        base = load_model(todo[0][1].model or None, DTYPES[todo[0][1].dtype])
+        base = load_model(todo[0][1].model or None, TORCH_DTYPES[todo[0][1].dtype])
         for k, (name, cfg) in enumerate(todo):
             if progress:
                 progress("grid", k, len(todo))

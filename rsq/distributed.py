@@ -56,14 +56,6 @@ class DistContext:
     def _host(self, t: torch.Tensor) -> bool:
         return self.backend == "gloo" and t.device.type != "cpu"
 
-    def reduce_sum(self, t: torch.Tensor, dst: int) -> None:
-        if not self.enabled:
-            return
-        work = t.cpu() if self._host(t) else t
-        _guard(lambda: dist.reduce(work, dst=dst, op=dist.ReduceOp.SUM))
-        if work is not t and self.rank == dst:
-            t.copy_(work)
-
     def all_reduce_sum(self, t: torch.Tensor) -> None:
         if not self.enabled:
             return

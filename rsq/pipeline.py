@@ -21,21 +21,18 @@ from rsq.calib.capture import (
     ActivationStore,
     capture_layer0_inputs,
     choose_location,
-    rope_from_kwargs,
 )
 from rsq.checkpoint.schema import dequantize_result
-from rsq.config import TORCH_DTYPES, RSQConfig
+from rsq.config import RSQConfig
 from rsq.distributed import DistContext
 from rsq.errors import CalibrationError
-from rsq.models.adapter import ModelAdapter, apply_rope
+from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
 from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
 from rsq.solver.hessian import HessianAccumulator
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
-
-DTYPES = TORCH_DTYPES  # name -> torch dtype (rsq.config holds the one table)
 
 
 @dataclass
@@ -324,18 +321,3 @@ def _to_cpu(res: QuantResult) -> QuantResult:
     res.codes, res.scale, res.zero = (t.to("cpu", non_blocking=True) for t in (res.codes, res.scale, res.zero))
     res.weight = None
     return res
-
-
-def attention_qk(layer: nn.Module, adapter: ModelAdapter, config, x: torch.Tensor, kwargs: dict):
-    """Post-RoPE queries and keys of one layer from its input x (B, T, D), computed from the
-    projections alone (independent of transformers' attention internals). Returns
-    q (B, Hq, T, d), k (B, Hkv, T, d)."""
-    h = layer.get_submodule(adapter.attn_norm)(x)
-    q = layer.get_submodule(adapter.q_proj)(h)
-    k = layer.get_submodule(adapter.k_proj)(h)
-    b, t, _ = x.shape
-    hd = adapter.head_dim(config)
-    q = q.view(b, t, -1, hd).transpose(1, 2)
-    k = k.view(b, t, -1, hd).transpose(1, 2)
-    cos, sin = rope_from_kwargs(kwargs)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -61,8 +61,9 @@ def layer_linear_shapes(config) -> dict[str, tuple[int, int]]:
 def param_counts(config) -> dict[str, int]:
     shapes = layer_linear_shapes(config)
     per_layer = sum(o * i for o, i in shapes.values()) + 2 * config.hidden_size
-    if getattr(config, "model_type", "") == "qwen2":
-        per_layer += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj"))
+    qkv, o, mlp = resolve(config).biases(config)
+    biased = ("q_proj", "k_proj", "v_proj") * qkv + ("o_proj",) * o + ("gate_proj", "up_proj", "down_proj") * mlp
+    per_layer += sum(shapes[k][0] for k in biased)
     embed = config.vocab_size * config.hidden_size
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
     return {

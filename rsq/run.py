@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 import rsq
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
 from rsq.checkpoint.schema import dequantize_result
-from rsq.config import RSQConfig
+from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_model
 from rsq.models.registry import resolve
-from rsq.pipeline import DTYPES, LayerReport, RunState, quantize_layers, resolve_device
+from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def _run(
     if preloaded is not None:
         model, tokenizer = preloaded
     else:
-        model, tokenizer = load_model(cfg.model or None, DTYPES[cfg.dtype])
+        model, tokenizer = load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype])
     timings["load"] = time.perf_counter() - t0
     adapter = resolve(model)
     first = adapter.get_layers(model)[0]

@@ -7,7 +7,6 @@ forward with a private exception — the one place rsq uses an exception for con
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -211,7 +210,3 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch
 def rope_from_kwargs(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = kwargs["position_embeddings"]
     return cos, sin
-
-
-def memory_bytes(n: int, t: int, d: int, dtype: torch.dtype) -> int:
-    return n * t * d * math.ceil(torch.finfo(dtype).bits / 8)

@@ -30,15 +30,15 @@ def _pct(v: float | None) -> str:
 def _load(model: str | None, dtype: str | None, dense: bool = False):
     """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards;
     ``dense`` replaces the packed linears by dense ones (:func:`rsq.evaluate.dense_linears`)."""
+    from rsq.config import DTYPES, TORCH_DTYPES
     from rsq.errors import ConfigError
     from rsq.evaluate import load_any
-    from rsq.pipeline import DTYPES
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     net, tok = load_any(model)
     if dtype is not None:
-        net.to(DTYPES[dtype])
+        net.to(TORCH_DTYPES[dtype])
     if dense:
         from rsq.evaluate import dense_linears
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from rsq.calib.capture import layer_forward
+from rsq.calib.capture import layer_forward, rope_from_kwargs
 from rsq.config import RSQConfig
 from rsq.importance.strategies import ImportanceContext, compute_weights, strategy_needs
-from rsq.models.adapter import ModelAdapter
+from rsq.models.adapter import ModelAdapter, apply_rope
 
 
 def make_weight_fn(cfg: RSQConfig, adapter: ModelAdapter, config, windows: torch.Tensor):
     """A ``weight_fn(layer_index, layer, x, kwargs, ids) -> (B, T)`` for the pipeline."""
-    from rsq.pipeline import attention_qk
-
     name = cfg.importance.strategy
     needs = strategy_needs(name)
     counts = None
@@ -39,3 +37,18 @@ def make_weight_fn(cfg: RSQConfig, adapter: ModelAdapter, config, windows: torch
         return compute_weights(name, ctx)
 
     return weight_fn
+
+
+def attention_qk(layer: torch.nn.Module, adapter: ModelAdapter, config, x: torch.Tensor, kwargs: dict):
+    """Post-RoPE queries and keys of one layer from its input x (B, T, D), computed from the
+    projections alone (independent of transformers' attention internals). Returns
+    q (B, Hq, T, d), k (B, Hkv, T, d)."""
+    h = layer.get_submodule(adapter.attn_norm)(x)
+    q = layer.get_submodule(adapter.q_proj)(h)
+    k = layer.get_submodule(adapter.k_proj)(h)
+    b, t, _ = x.shape
+    hd = adapter.head_dim(config)
+    q = q.view(b, t, -1, hd).transpose(1, 2)
+    k = k.view(b, t, -1, hd).transpose(1, 2)
+    cos, sin = rope_from_kwargs(kwargs)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -32,23 +32,51 @@ class ModelAdapter:
     gate_proj: str = "mlp.gate_proj"
     up_proj: str = "mlp.up_proj"
     down_proj: str = "mlp.down_proj"
-    # rotary convention: "half" = HF rotate_half (x1, x2 = halves; out = x*cos + cat(-x2, x1)*sin)
-    rope: str = "half"
+    # --- family facts (None: derived from the paths above, the Llama layout) ---
+    # sequential quantization groups (spec §1); members of a group read the same input
+    groups: tuple[tuple[str, ...], ...] | None = None
+    # norm -> the linears that read it: rotation folds the norm's scale into them
+    norm_fusions: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    # residual-stream rotation sites: linears that read the stream (W <- W Q) and write it (W <- Qᵀ W)
+    residual_readers: tuple[str, ...] | None = None
+    residual_writers: tuple[str, ...] | None = None
+    # biases of q/k/v, o_proj and the MLP as the HF modeling code builds them: True (always), False
+    # (never) or the name of the config flag that switches them
+    qkv_bias: bool | str = "attention_bias"
+    o_bias: bool | str = "attention_bias"
+    mlp_bias: bool | str = "mlp_bias"
     # the block is h = x + self_attn(attn_norm(x)); out = h + mlp(mlp_norm(h)) with o_proj the
     # attention's last op and down_proj the MLP's: calibration passes may then reuse the attention
     # output between groups (rsq.calib.blockpass; checked against the layer's own forward at run time)
     prenorm_residual: bool = True
     notes: str = ""
 
-    @property
-    def groups(self) -> tuple[tuple[str, ...], ...]:
-        """Sequential quantization groups (spec §1). Members of a group read the same input."""
-        return (
-            (self.k_proj, self.v_proj, self.q_proj),
-            (self.o_proj,),
-            (self.up_proj, self.gate_proj),
-            (self.down_proj,),
-        )
+    def __post_init__(self) -> None:
+        derived = {
+            "groups": (
+                (self.k_proj, self.v_proj, self.q_proj),
+                (self.o_proj,),
+                (self.up_proj, self.gate_proj),
+                (self.down_proj,),
+            ),
+            "norm_fusions": (
+                (self.attn_norm, (self.q_proj, self.k_proj, self.v_proj)),
+                (self.mlp_norm, (self.gate_proj, self.up_proj)),
+            ),
+            "residual_readers": (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj),
+            "residual_writers": (self.o_proj, self.down_proj),
+        }
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    def biases(self, config) -> tuple[bool, bool, bool]:
+        """(q/k/v bias, o_proj bias, MLP bias) of a model of this family with ``config``."""
+
+        def rule(r: bool | str) -> bool:
+            return bool(getattr(config, r, False)) if isinstance(r, str) else r
+
+        return rule(self.qkv_bias), rule(self.o_bias), rule(self.mlp_bias)
 
     @property
     def linears(self) -> tuple[str, ...]:

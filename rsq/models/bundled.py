@@ -21,7 +21,6 @@ them into ``rope_parameters``).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from functools import lru_cache
@@ -109,19 +108,10 @@ def _num_kv_heads(config) -> int:
 
 
 def _biases(config) -> tuple[bool, bool, bool]:
-    """(q/k/v bias, o_proj bias, MLP bias) as the HF modeling code of each family builds them."""
-    model_type = config.model_type
-    if model_type == "qwen2":  # Qwen2Attention: q/k/v always biased, o_proj never
-        return True, False, False
-    if model_type == "llama":  # attention_bias covers q/k/v/o; mlp_bias gate/up/down
-        attn = bool(getattr(config, "attention_bias", False))
-        return attn, attn, bool(getattr(config, "mlp_bias", False))
-    if model_type == "mistral":  # no biases anywhere
-        return False, False, False
-    raise UnsupportedModelError(
-        f"param_count knows llama, mistral and qwen2, not {model_type!r}; add its bias rule "
-        "to rsq.models.bundled._biases"
-    )
+    """(q/k/v bias, o_proj bias, MLP bias) as the family's adapter declares them."""
+    from rsq.models.registry import resolve
+
+    return resolve(config).biases(config)
 
 
 def param_count(config) -> int:
@@ -254,21 +244,3 @@ def _move_special_ids(d: dict[str, Any], vocab: int) -> None:
             d[key] = [moved.get(t, t) for t in v]
         elif v is not None:
             d[key] = moved.get(v, v)
-
-
-def write_index(entries: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Regenerate ``configs/index.json`` from {short name: hub id} (maintainers only).
-
-    The parameter counts come from :func:`param_count` on each bundled file.
-    """
-    index: dict[str, dict[str, Any]] = {}
-    for name, hub_id in entries.items():
-        file = hub_id.replace("/", "--") + ".json"
-        with open(CONFIG_DIR / file, encoding="utf-8") as f:
-            cfg = config_from_dict(json.load(f))
-        n = param_count(cfg)
-        index[name] = {"file": file, "hub_id": hub_id, "params": n, "params_b": round(n / 1e9, 2)}
-    with open(INDEX_FILE, "w", encoding="utf-8") as f:
-        f.write(json.dumps(index, indent=2) + "\n")
-    _index.cache_clear()
-    return copy.deepcopy(index)

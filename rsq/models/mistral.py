@@ -8,5 +8,8 @@ MISTRAL = dataclasses.replace(
     LLAMA,
     name="mistral",
     model_types=("mistral",),
+    qkv_bias=False,  # no biases anywhere
+    o_bias=False,
+    mlp_bias=False,
     notes="Llama layout; sliding-window attention (if configured) is ignored during calibration",
 )

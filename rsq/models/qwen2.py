@@ -8,5 +8,8 @@ QWEN2 = dataclasses.replace(
     LLAMA,
     name="qwen2",
     model_types=("qwen2",),
+    qkv_bias=True,  # Qwen2Attention: q/k/v always biased, o_proj never
+    o_bias=False,
+    mlp_bias=False,
     notes="q/k/v biases (kept through fusion and rotation); tied embeddings at <= 3B",
 )

@@ -71,10 +71,7 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter, center_embeddings: bool 
         w = _w64(emb)
         _set(emb, w - w.mean(dim=1, keepdim=True))
     for layer in adapter.get_layers(model):
-        for norm_name, readers in (
-            (adapter.attn_norm, (adapter.q_proj, adapter.k_proj, adapter.v_proj)),
-            (adapter.mlp_norm, (adapter.gate_proj, adapter.up_proj)),
-        ):
+        for norm_name, readers in adapter.norm_fusions:
             norm = layer.get_submodule(norm_name)
             gamma = norm.weight.data.double()
             for name in readers:
@@ -107,10 +104,10 @@ def rotate_residual(model: nn.Module, adapter: ModelAdapter, Q: torch.Tensor) ->
     head = model.get_submodule(adapter.lm_head)
     _set(head, _w64(head) @ _like(Q, head))
     for layer in adapter.get_layers(model):
-        for name in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.gate_proj, adapter.up_proj):
+        for name in adapter.residual_readers:
             lin = layer.get_submodule(name)
             _set(lin, _w64(lin) @ _like(Q, lin))
-        for name in (adapter.o_proj, adapter.down_proj):
+        for name in adapter.residual_writers:
             lin = layer.get_submodule(name)
             q = _like(Q, lin)
             bias = None if lin.bias is None else q.T @ lin.bias.data.double()

@@ -97,10 +97,6 @@ class HessianAccumulator:
                 _addmm_into_works = False
         out += torch.mm(a, b, out_dtype=torch.float32)
 
-    def merge(self, other: "HessianAccumulator") -> None:
-        self.sum += other.sum.to(self.sum.device)
-        self.nseq += other.nseq
-
     def finalize(self) -> torch.Tensor:
         """(2/N) * sum, float32."""
         if self.nseq == 0:
