@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from rsq.config import RSQConfig
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, RSQConfig
 
 
 def grid_cells(
@@ -57,8 +57,8 @@ def run_grid(
     out: Path,
     *,
     gpus: int = 0,
-    ppl_max_windows: int = 40,
-    ppl_seqlen: int = 512,
+    ppl_max_windows: int = EVAL_WINDOWS,
+    ppl_seqlen: int = EVAL_SEQLEN,
     progress: Callable | None = None,
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)

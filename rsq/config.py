@@ -26,6 +26,9 @@ TORCH_DTYPES = {
 }
 DTYPES = tuple(TORCH_DTYPES)
 KERNELS = ("auto", "reference")
+# the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
+EVAL_SEQLEN = 512  # tokens per perplexity window
+EVAL_WINDOWS = 40  # at most this many windows (0 = all)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 import rsq
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
 from rsq.checkpoint.schema import dequantize_result
-from rsq.config import TORCH_DTYPES, RSQConfig
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, RSQError
 from rsq.eval.perplexity import perplexity
@@ -156,8 +156,8 @@ def run_quantize(
     resume: bool = False,
     overwrite: bool = False,
     ppl_sources: tuple[str, ...] = ("wikitext2",),
-    ppl_seqlen: int = 512,
-    ppl_max_windows: int | None = 40,
+    ppl_seqlen: int = EVAL_SEQLEN,
+    ppl_max_windows: int | None = EVAL_WINDOWS,
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_layer: int | None = None,
     preloaded: tuple | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
+
 
 def add_ablate_parsers(sub) -> None:
     from rsq.cli.main import add_quantize_options
@@ -22,8 +24,12 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument(
         "--gpus", type=int, default=None, help="run cells in parallel, one per GPU (default: all visible GPUs)"
     )
-    p.add_argument("--max-windows", type=int, default=40, help="perplexity windows (default: 40)")
-    p.add_argument("--ppl-seqlen", type=int, default=512, help="perplexity window length (default: 512)")
+    p.add_argument(
+        "--max-windows", type=int, default=EVAL_WINDOWS, help=f"perplexity windows (default: {EVAL_WINDOWS})"
+    )
+    p.add_argument(
+        "--ppl-seqlen", type=int, default=EVAL_SEQLEN, help=f"perplexity window length (default: {EVAL_SEQLEN})"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_ablate)
 

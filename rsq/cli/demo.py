@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
+
 DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 
 
@@ -21,7 +23,12 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--bits", type=int, default=3, help="weight bits (default: 3)")
     d.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
     d.add_argument("--seqlen", type=int, default=512, help="calibration window length (default: 512)")
-    d.add_argument("--max-windows", type=int, default=40, help="perplexity windows of 512 tokens (default: 40)")
+    d.add_argument(
+        "--max-windows",
+        type=int,
+        default=EVAL_WINDOWS,
+        help=f"perplexity windows of {EVAL_SEQLEN} tokens (default: {EVAL_WINDOWS})",
+    )
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     d.add_argument("--out", default="runs/demo", help="directory for the runs (default: runs/demo)")
     d.set_defaults(func=cmd_demo)

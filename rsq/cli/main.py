@@ -16,6 +16,8 @@ from pathlib import Path
 from rsq.cli.progress import Progress
 from rsq.config import (
     DTYPES,
+    EVAL_SEQLEN,
+    EVAL_WINDOWS,
     KERNELS,
     CalibConfig,
     GridConfig,
@@ -146,9 +148,18 @@ def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
         help="perplexity sources, comma separated (wikitext2, c4 or text files); 'none' to skip (default: wikitext2)",
     )
     p.add_argument(
-        flag_seqlen, dest="ppl_seqlen", type=int, default=512, help="perplexity window length (default: 512)"
+        flag_seqlen,
+        dest="ppl_seqlen",
+        type=int,
+        default=EVAL_SEQLEN,
+        help=f"perplexity window length (default: {EVAL_SEQLEN})",
     )
-    p.add_argument("--max-windows", type=int, default=40, help="at most this many windows; 0 = all (default: 40)")
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        default=EVAL_WINDOWS,
+        help=f"at most this many windows; 0 = all (default: {EVAL_WINDOWS})",
+    )
 
 
 def build_config(args: argparse.Namespace) -> RSQConfig:
