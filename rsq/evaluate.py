@@ -31,7 +31,7 @@ def dense_linears(model) -> int:
     import torch
     from torch import nn
 
-    from rsq.nn.hadamard import attach_online_rotation
+    from rsq.rotation.online import attach_online_rotation
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     count = 0

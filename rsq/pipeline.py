@@ -274,7 +274,9 @@ def _quantize_one_layer(
                     if owner == ctx.rank:
                         full = f"{adapter.layers}.{index}.{name}"
                         W = module.weight.data.to(store.device)
-                        mine[name] = rtn_result(W, cfg.grid, full) if H is None else _solve(W, H, cfg, full)
+                        mine[name] = (
+                            rtn_result(W, cfg.grid, full, cfg.kernels) if H is None else _solve(W, H, cfg, full)
+                        )
             position += 1 if stack else len(group)
             for name, module, owner in zip(group, modules, owners):
                 res = share_result(ctx, mine.get(name), owner)

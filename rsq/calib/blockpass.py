@@ -29,7 +29,7 @@ from torch import nn
 
 from rsq.calib.capture import ActivationStore, forward_until, layer_forward
 from rsq.models.adapter import ModelAdapter
-from rsq.nn.hadamard import module_input
+from rsq.rotation.online import module_input
 
 log = logging.getLogger(__name__)
 

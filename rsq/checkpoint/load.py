@@ -13,7 +13,7 @@ from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
 from rsq.config import TORCH_DTYPES
 from rsq.errors import CheckpointFormatError
 from rsq.models.registry import resolve
-from rsq.nn.hadamard import OnlineRotation, attach_online_rotation
+from rsq.rotation.online import OnlineRotation, attach_online_rotation
 
 
 def read_quant_config(path: Path) -> tuple[dict, dict]:

@@ -92,7 +92,9 @@ class NumberFormat:
         """The scalar operations of a GPTQ format (LDLQ formats raise)."""
         raise NotImplementedError(f"the {self.name} grid is solved by {self.solver}, not GPTQ")
 
-    def rtn(self, W: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rtn(
+        self, W: torch.Tensor, grid: GridConfig, kernels: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Round to nearest: codes, scale, zero, W_hat (float32)."""
         raise NotImplementedError
 

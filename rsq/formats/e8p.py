@@ -41,7 +41,7 @@ class E8P(NumberFormat):
                 f"width {in_features}, not a multiple of 8: use a scalar grid (--grid uniform/nf) for it"
             )
 
-    def rtn(self, W, grid):
+    def rtn(self, W, grid, kernels="auto"):
         from rsq.solver.ldlq import e8p_sigma
 
         rows, cols = W.shape

@@ -52,7 +52,7 @@ class NormalFloat(NumberFormat):
     def ops(self, grid, device, kernels="auto"):
         return NFOps(grid, device, kernels)
 
-    def rtn(self, W, grid):
+    def rtn(self, W, grid, kernels="auto"):
         codes, scale, w_hat = N.nf_rtn_quantize(W.float(), grid)
         return codes, scale, torch.zeros_like(scale), w_hat
 

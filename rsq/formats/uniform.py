@@ -10,19 +10,39 @@ by GPTQ, exported to compressed-tensors (4/8 bits) and GPTQ.
 
 from __future__ import annotations
 
+import torch
+
 from rsq.formats.base import NumberFormat, ScalarOps, register_format
+from rsq.kernels import has_triton
 from rsq.quant import grid as G
 from rsq.quant.pack import SUPPORTED_BITS, pack_codes, pack_scales, pack_zeros
+
+
+def find_params(w: torch.Tensor, grid, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale/zero (rows, 1) of :func:`rsq.quant.grid.find_params`; with ``kernels="auto"``
+    the MSE clip search of a CUDA tensor runs as one Triton kernel (rsq/kernels/triton_scales.py,
+    tested against the torch loop)."""
+    if grid.mse_clip and w.is_cuda and kernels == "auto" and has_triton():
+        from rsq.kernels.triton_scales import clip_search
+
+        scale, zero = clip_search(w.float(), grid.bits, grid.symmetric, grid.clip_grid, grid.max_shrink, grid.clip_norm)
+        return scale[:, None], zero[:, None]
+    return G.find_params(w, grid)
+
+
+def find_group_params(w: torch.Tensor, grid, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero (rows, n_groups) for every group, the search as :func:`find_params`."""
+    return G.find_group_params(w, grid, find=lambda wg, g: find_params(wg, g, kernels))
 
 
 class UniformOps(ScalarOps):
     fused_gptq = True
 
     def params(self, W):
-        return G.find_params(W, self.grid, kernels=self.kernels)
+        return find_params(W, self.grid, self.kernels)
 
     def group_params(self, W):
-        return G.find_group_params(W, self.grid, kernels=self.kernels)
+        return find_group_params(W, self.grid, self.kernels)
 
     def round(self, w, s, z):
         c = G.quantize_codes(w, s, z, self.grid.bits)
@@ -40,8 +60,8 @@ class Uniform(NumberFormat):
     def ops(self, grid, device, kernels="auto"):
         return UniformOps(grid, device, kernels)
 
-    def rtn(self, W, grid):
-        return G.rtn_quantize(W.float(), grid)
+    def rtn(self, W, grid, kernels="auto"):
+        return G.rtn_quantize(W.float(), grid, find=lambda wg, g: find_params(wg, g, kernels))
 
     def dequantize(self, codes, scale, zero, bits):
         return G.dequantize_grouped(codes, scale, zero)

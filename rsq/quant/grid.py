@@ -65,24 +65,16 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bo
     return scale, zero
 
 
-def find_params(w: torch.Tensor, cfg: GridConfig, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero for ``w`` (rows, cols), all columns forming one group.
 
     With ``cfg.mse_clip`` the range is shrunk by p in {1, 1 - 1/grid, ..., } (grid*max_shrink
     candidates) and, per row, the p minimising sum |fake_quantize(w) - w|^clip_norm is kept (spec §1);
-    on CUDA with ``kernels="auto"`` one Triton kernel does the search (the loop below is its
-    reference, and what ``kernels="reference"`` runs everywhere).
+    this torch loop is the reference of the Triton kernel that rsq/formats/uniform.py runs instead
+    on CUDA (rsq/kernels/triton_scales.py).
     Returns scale, zero of shape (rows, 1), float32.
     """
     w = w.float()
-    if cfg.mse_clip and w.is_cuda and kernels == "auto":
-        from rsq.kernels import has_triton
-
-        if has_triton():
-            from rsq.kernels.triton_scales import clip_search
-
-            scale, zero = clip_search(w, cfg.bits, cfg.symmetric, cfg.clip_grid, cfg.max_shrink, cfg.clip_norm)
-            return scale[:, None], zero[:, None]
     zeros = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros)
     xmax = torch.maximum(w.max(dim=1).values, zeros)
@@ -103,14 +95,15 @@ def find_params(w: torch.Tensor, cfg: GridConfig, kernels: str = "auto") -> tupl
     return scale[:, None], zero[:, None]
 
 
-def find_group_params(w: torch.Tensor, cfg: GridConfig, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale/zero for every group of ``w``: (rows, n_groups) each."""
+def find_group_params(w: torch.Tensor, cfg: GridConfig, find=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero for every group of ``w``: (rows, n_groups) each. ``find``: the per-row search
+    (default :func:`find_params`; the uniform format passes the CUDA kernel's)."""
     rows, cols = w.shape
     g = cols if cfg.group_size == -1 else cfg.group_size
     cfg.check_width(cols)
     # (rows, cols) -> (rows * n_groups, g): each group of a row is one row of the search
     wg = w.float().reshape(rows, cols // g, g).reshape(-1, g)
-    scale, zero = find_params(wg, cfg, kernels)
+    scale, zero = (find or find_params)(wg, cfg)
     return scale.reshape(rows, cols // g), zero.reshape(rows, cols // g)
 
 
@@ -119,9 +112,9 @@ def expand_groups(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t.repeat_interleave(cols // t.shape[1], dim=1)
 
 
-def rtn_quantize(w: torch.Tensor, cfg: GridConfig):
+def rtn_quantize(w: torch.Tensor, cfg: GridConfig, find=None):
     """Round-to-nearest with the grid's (clipped) scales. Returns codes, scale, zero, w_hat."""
-    scale, zero = find_group_params(w, cfg)
+    scale, zero = find_group_params(w, cfg, find)
     s, z = expand_groups(scale, w.shape[1]), expand_groups(zero, w.shape[1])
     codes = quantize_codes(w.float(), s, z, cfg.bits)
     return codes, scale, zero, dequantize_codes(codes, s, z)

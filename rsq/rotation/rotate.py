@@ -25,7 +25,6 @@ from torch import nn
 
 from rsq.config import RotationConfig
 from rsq.models.adapter import ModelAdapter
-from rsq.nn.hadamard import OnlineRotation, attach_online_rotation
 from rsq.rotation.hadamard import (
     hadamard_kind,
     hadamard_transform,
@@ -33,6 +32,7 @@ from rsq.rotation.hadamard import (
     random_hadamard,
     random_orthogonal,
 )
+from rsq.rotation.online import OnlineRotation, attach_online_rotation
 
 log = logging.getLogger(__name__)
 

@@ -270,11 +270,11 @@ def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
     return parts
 
 
-def rtn_result(W: torch.Tensor, grid: GridConfig, name: str = "") -> QuantResult:
+def rtn_result(W: torch.Tensor, grid: GridConfig, name: str = "", kernels: str = "auto") -> QuantResult:
     """Round-to-nearest on the grid's format as a QuantResult (loss = plain squared weight error)."""
     fmt = grid.format
     fmt.check_width(grid, W.shape[1], name)
-    codes, scale, zero, w_hat = fmt.rtn(W.float(), grid)
+    codes, scale, zero, w_hat = fmt.rtn(W.float(), grid, kernels)
     if codes.is_floating_point():
         codes = codes.to(torch.uint8)  # scalar grids: integral float codes -> the solvers' uint8
     return QuantResult(

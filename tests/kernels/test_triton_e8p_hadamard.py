@@ -110,7 +110,7 @@ def test_hadamard_cross_head_matches_reference(heads, hd):
 
 
 def test_online_rotation_module_uses_the_kernel():
-    from rsq.nn.hadamard import OnlineRotation, OnlineRotationModule
+    from rsq.rotation.online import OnlineRotation, OnlineRotationModule
 
     mod = OnlineRotationModule(OnlineRotation("mlp.down_proj", "full", 14336))
     x = torch.randn(3, 14336, device="cuda", dtype=torch.bfloat16)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rsq.config import GridConfig
+from rsq.formats import uniform as U
 from rsq.quant.grid import fake_quantize, find_group_params, find_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,8 +32,8 @@ def test_fused_clip_search_matches_torch_loop(symmetric, bits, shape, monkeypatc
     pytest.importorskip("triton")
     grid = GridConfig(bits=bits, symmetric=symmetric)
     w = _rows(*shape, seed=bits)
-    fused = find_params(w, grid)
-    loop = find_params(w, grid, kernels="reference")
+    fused = U.find_params(w, grid)  # kernels="auto": the Triton search on CUDA
+    loop = find_params(w, grid)
     for a, b in zip(fused, loop):
         assert a.shape == b.shape == (shape[0], 1) and a.dtype == torch.float32
     # Not bit-equal: torch's CUDA kernels divide by a scalar as a multiply by its reciprocal (the
@@ -53,8 +54,8 @@ def test_fused_clip_search_per_group(symmetric, monkeypatch):
     pytest.importorskip("triton")
     grid = GridConfig(bits=4, group_size=128, symmetric=symmetric)
     w = _rows(256, 1024, seed=7)
-    fused = find_group_params(w, grid)
-    loop = find_group_params(w, grid, kernels="reference")
+    fused = U.find_group_params(w, grid)
+    loop = find_group_params(w, grid)
     assert fused[0].shape == loop[0].shape == (256, 8)
     assert ((fused[0] - loop[0]).abs() <= 1e-5 * loop[0]).float().mean() >= 0.99  # see above
     assert (fused[1] == loop[1]).float().mean() >= 0.99  # zero points: integers

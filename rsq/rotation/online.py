@@ -1,4 +1,5 @@
-"""Online rotations: transforms applied to a linear layer's input at run time.
+"""Online rotations: transforms applied to a linear layer's input at run time (the runtime half of
+rsq/rotation: rotate.py fuses the offline half into the weights, this module attaches the rest).
 
 A rotation site is described as data (:class:`OnlineRotation`), recorded in the checkpoint, and
 attached to a linear (``nn.Linear`` or ``QuantLinear``) as a child module plus a forward pre-hook,
