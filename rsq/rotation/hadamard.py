@@ -52,6 +52,8 @@ __all__ = [
     "random_hadamard",
     "random_orthogonal",
     "hadamard_transform",
+    "sylvester_block",
+    "block_hadamard_transform",
     "paley_matrix",
     "goethals_seidel_matrix",
     "GaloisField",
@@ -498,3 +500,28 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     else:
         y = y * (1.0 / math.sqrt(n))
     return y.reshape(*lead, n).to(x.dtype)
+
+
+def sylvester_block(n: int) -> int:
+    """The largest power of two dividing n: the block of the block-diagonal Sylvester Hadamard
+    I_{n/b} ⊗ H_b/√b of order n (e.g. 14336 -> 2048, 18944 -> 512, 1536 -> 512)."""
+    if n < 1:
+        raise ValueError(f"sylvester_block needs n >= 1, got {n}")
+    return n & -n
+
+
+def block_hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
+    """y = x @ (I ⊗ H_b/√b)ᵀ along the last dim: Sylvester's H_b on every contiguous block of
+    ``block`` features (a power of two dividing the last dim). This is the matrix
+    compressed-tensors' ``hadamard`` transform builds with ``head_dim=block``, which serving
+    engines apply online. Precision as :func:`hadamard_transform`."""
+    n = x.shape[-1]
+    if not _is_pow2(block) or n % block:
+        raise ValueError(f"block_hadamard_transform: block {block} must be a power of two dividing {n}")
+    if not x.is_floating_point():
+        raise TypeError(f"block_hadamard_transform needs a floating-point tensor; got {x.dtype}")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n // block, block).to(compute).contiguous()
+    y = _fwht(y, writable=y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    return (y * (1.0 / math.sqrt(block))).reshape(*lead, n).to(x.dtype)

@@ -8,6 +8,7 @@ H[i, j] = (−1)^popcount(i & j); the dense matrix for the fast transform.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -372,3 +373,23 @@ def test_two_factors_kronecker_is_the_hadamard_matrix(n):
     L, R = two_factors(n)
     assert R.shape[0] == min(hadamard_spec(n).power, 128)
     assert torch.equal(torch.kron(L, R), hadamard_matrix(n))
+
+
+@pytest.mark.parametrize("n", [96, 1536, 14336, 18944, 64])
+def test_block_hadamard_is_compressed_tensors_block_diagonal_sylvester(n):
+    # oracle: compressed-tensors' own Sylvester matrix, block-diagonal (what its `hadamard`
+    # transform with head_dim=block builds), applied densely in float64
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    from rsq.rotation.hadamard import block_hadamard_transform, sylvester_block
+
+    b = sylvester_block(n)
+    assert n % b == 0 and (n // b) % 2 == 1  # the largest power of two
+    Hb = deterministic_hadamard_matrix(b, torch.float64) / math.sqrt(b)
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    dense = torch.block_diag(*[Hb] * (n // b)) if n <= 2048 else None
+    got = block_hadamard_transform(x, b)
+    ref = x @ dense.T if dense is not None else (x.reshape(3, n // b, b) @ Hb.T).reshape(3, n)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    # orthogonal: norms kept (float64 rounding only)
+    assert torch.allclose(got.norm(dim=1), x.norm(dim=1), rtol=1e-12)
