@@ -26,6 +26,7 @@ TORCH_DTYPES = {
 }
 DTYPES = tuple(TORCH_DTYPES)
 KERNELS = ("auto", "reference")
+ONLINE_SETTINGS = ("exact", "export", "none")
 # the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
 EVAL_SEQLEN = 512  # tokens per perplexity window
 EVAL_WINDOWS = 40  # at most this many windows (0 = all)
@@ -126,8 +127,14 @@ class RotationConfig:
     online_value: bool = True  # per-head Hadamard in v_proj + cross-head part before o_proj
     center_embeddings: bool = False  # reference-code quirk (not function-preserving for RMSNorm)
     fallback: str = "skip"  # where no Hadamard of an order exists: skip | random
+    # run-time rotations: exact (down_proj Hadamard + cross-head before o_proj), export (down_proj as
+    # the block-diagonal Sylvester Hadamard a compressed-tensors transform reproduces, no cross-head)
+    # or none (only rotations that fold into the weights: the original architecture)
+    online: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.online not in ONLINE_SETTINGS:
+            raise ConfigError(f"unknown --online-rotations {self.online!r}: use {', '.join(ONLINE_SETTINGS)}")
         if self.mode not in ("hadamard", "random"):
             raise ConfigError(f"unknown rotation mode {self.mode!r}: use hadamard or random")
         if self.fallback not in ("skip", "random"):

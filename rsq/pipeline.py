@@ -98,6 +98,7 @@ def quantize_layers(
     progress: Callable[[int, int, str], None] | None = None,
     weight_fn: Callable | None = None,
     dist_ctx: DistContext | None = None,
+    rotation=None,
 ) -> RunState:
     """Quantize every decoder layer of ``model`` in place (fake quantization: W <- W_hat).
 
@@ -107,6 +108,10 @@ def quantize_layers(
     ``on_layer_done`` is called after each finished layer (used for resume state).
     ``dist_ctx``: with several ranks, this rank handles windows rank, rank+K, ... and Hessians are
     summed over ranks before the solves (rsq.distributed).
+    ``rotation``: a :class:`rsq.rotation.rotate.RotationPlan` to apply on the way — the model's
+    ends before the capture, each layer on the device at its turn — instead of a whole-model pass
+    on the host first. Finished layers (resume) are rotated too, then get their W_hat from
+    ``state.results``.
     """
     adapter = adapter or resolve(model)
     state = state or RunState()
@@ -133,6 +138,11 @@ def quantize_layers(
     bs = cfg.batch_size
     cache = None
     try:
+        if rotation is not None:
+            from rsq.rotation.rotate import rotate_ends
+
+            with _timed(state, "rotate"):
+                rotate_ends(model, adapter, rotation, device)
         with _timed(state, "capture"):
             kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
         cache = _reuse_cache(adapter, layers, cfg, store)
@@ -141,6 +151,13 @@ def quantize_layers(
             t0 = time.perf_counter()
             home = next(layer.parameters()).device  # where the layer lives between its turns
             layer.to(device)
+            if rotation is not None:
+                from rsq.rotation.rotate import rotate_layer
+
+                with _timed(state, "rotate"):
+                    rotate_layer(layer, adapter, rotation)
+            if i < start_layer:
+                _restore_layer(i, layer, adapter, cfg, state)
             passes.begin(layer)
             if i >= start_layer and cfg.quantizes:
                 report = _quantize_one_layer(
@@ -166,6 +183,15 @@ def quantize_layers(
         if cache is not None:
             cache.close()
     return state
+
+
+def _restore_layer(index: int, layer: nn.Module, adapter: ModelAdapter, cfg: RSQConfig, state: RunState) -> None:
+    """A finished layer of a resumed run: its linears get the W_hat of their saved results."""
+    for name in adapter.linears:
+        res = state.results.get(f"{adapter.layers}.{index}.{name}")
+        if res is not None:
+            module = layer.get_submodule(name)
+            module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)
 
 
 def _reuse_cache(adapter: ModelAdapter, layers, cfg: RSQConfig, store: ActivationStore) -> ActivationStore | None:

@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 import rsq
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
-from rsq.checkpoint.schema import dequantize_result
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, RSQError
@@ -119,7 +118,6 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
             "or without --resume"
         )
     adapter = resolve(model)
-    layers = adapter.get_layers(model)
     state = RunState(timings=dict(saved.get("timings", {})))
     for rec in saved["layers"]:
         state.layers.append(LayerReport(**rec))
@@ -143,9 +141,7 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
                 damp=meta["damp"],
                 meta=meta["meta"],
             )
-            module = layers[index].get_submodule(name)
-            module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.dtype)
-            state.results[full] = res
+            state.results[full] = res  # the pipeline writes W_hat when the layer's turn comes
     return state
 
 
@@ -222,12 +218,15 @@ def _run(
     for name in adapter.linears:
         cfg.grid.check_width(first.get_submodule(name).in_features, name)
 
-    rotation_record = None
+    plan = None
     if cfg.rotation.enabled:
-        from rsq.rotation import rotate_model
+        from rsq.rotation.rotate import plan_rotation, rotate_model
 
         t0 = time.perf_counter()
-        rotation_record = rotate_model(model, adapter, cfg.rotation)
+        if cfg.quantizes:  # applied layer by layer on the device as the pipeline reaches them
+            plan = plan_rotation(model, adapter, cfg.rotation)
+        else:
+            rotate_model(model, adapter, cfg.rotation)
         timings["rotate"] = time.perf_counter() - t0
 
     texts = load_text(cfg.calib.source, cfg.calib.data_dir)
@@ -269,8 +268,16 @@ def _run(
             progress=(lambda i, n, msg: progress("quantize", i, n)) if progress and ctx.is_main else None,
             weight_fn=weight_fn,
             dist_ctx=ctx,
+            rotation=plan,
         )
     timings["quantize"] = time.perf_counter() - t0
+    rotation_record = None
+    if cfg.rotation.enabled:
+        rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
+        # the rotation ran inside the pipeline: report it as its own stage
+        inner = state.timings.get("rotate", 0.0)
+        timings["rotate"] = timings.get("rotate", 0.0) + inner
+        timings["quantize"] -= inner
 
     if not ctx.is_main:
         ctx.barrier()  # rank 0 evaluates and writes the checkpoint

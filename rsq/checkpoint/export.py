@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors",)
 MAX_SHARD = "2GB"
-RUNTIME_KINDS = ("full", "cross_head", "random_full", "random_cross_head")  # kinds applied online
+RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")  # kinds applied online
 # compressed-tensors transform scheme name; also the middle of the transform weight's tensor key
 TRANSFORM_GROUP = "rsq_online_hadamard"
 # files copied unchanged: tokenizer, chat template, generation defaults
@@ -113,8 +113,8 @@ def _refuse_site(site: dict) -> ExportError:
         why = "a seeded random orthogonal matrix has no compressed-tensors transform equivalent"
     return ExportError(
         f"online rotation at {where} ({kind}, order {n}) cannot be exported to "
-        f"compressed-tensors: {why}; export a checkpoint without online rotations "
-        "(e.g. --method gptq or --no-rotate)"
+        f"compressed-tensors: {why}; re-quantize with --online-rotations export (a down_proj Hadamard "
+        "compressed-tensors reproduces) or --online-rotations none (rotations folded into the weights only)"
     )
 
 
@@ -124,13 +124,21 @@ def _transform_config(qc: dict):
 
     sites = [s for s in (qc.get("rotation") or {}).get("online", []) if s["kind"] in RUNTIME_KINDS]
     for site in sites:
-        if not _sylvester_site(site):
+        if site["kind"] != "block" and not _sylvester_site(site):
             raise _refuse_site(site)
     if not sites:
         return None, []
-    modules = [s["module"] for s in sites]
-    args = TransformArgs(targets=[rf"re:.*\.{re.escape(m)}$" for m in modules], location="input")
-    return TransformConfig(config_groups={TRANSFORM_GROUP: TransformScheme(type="hadamard", apply=[args])}), modules
+    groups = {}
+    for i, site in enumerate(sites):
+        args = TransformArgs(targets=[rf"re:.*\.{re.escape(site['module'])}$"], location="input")
+        # a block site (--online-rotations export) is Sylvester's H_b on contiguous blocks of b
+        block = site.get("head_dim") if site["kind"] == "block" else None
+        groups[_group_name(i)] = TransformScheme(type="hadamard", apply=[args], head_dim=block)
+    return TransformConfig(config_groups=groups), [s["module"] for s in sites]
+
+
+def _group_name(i: int) -> str:
+    return TRANSFORM_GROUP if i == 0 else f"{TRANSFORM_GROUP}_{i}"
 
 
 def plan_export(qc: dict, linear_names: list[str]) -> ExportPlan:
@@ -222,10 +230,10 @@ def compressed_state_dict(
     if plan.transform is not None:
         from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
 
-        for module in plan.transform_modules:
+        for i, (module, scheme) in enumerate(zip(plan.transform_modules, plan.transform.config_groups.values())):
             first = next(m for m in qc["modules"] if m.endswith(f".{module}"))
-            key = f"{first}.{TRANSFORM_GROUP}_input.weight"
-            out[key] = deterministic_hadamard_matrix(in_features[first], torch.float32)
+            key = f"{first}.{_group_name(i)}_input.weight"
+            out[key] = deterministic_hadamard_matrix(scheme.head_dim or in_features[first], torch.float32)
     return out
 
 

@@ -19,6 +19,7 @@ from rsq.config import (
     EVAL_SEQLEN,
     EVAL_WINDOWS,
     KERNELS,
+    ONLINE_SETTINGS,
     CalibConfig,
     GridConfig,
     ImportanceConfig,
@@ -97,6 +98,16 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     )
     _opt(p, "--rotate-seed", RotationConfig, "seed", "seed of the random Hadamard signs", type=int)
     _opt(p, "--rotate-mode", RotationConfig, "mode", "hadamard or random (orthogonal)")
+    _opt(
+        p,
+        "--online-rotations",
+        RotationConfig,
+        "online",
+        "run-time rotations: exact (down_proj Hadamard + cross-head before o_proj), export (down_proj as a "
+        "block-diagonal Sylvester Hadamard that compressed-tensors/vLLM reproduce; no cross-head) or none (only "
+        "rotations folded into the weights: the original architecture, any engine runs it)",
+        choices=ONLINE_SETTINGS,
+    )
     p.add_argument(
         "--center-embeddings",
         action="store_true",

@@ -8,6 +8,9 @@ so parameter names are unchanged and forward hooks (Hessian collection) see the 
 kinds:
 * ``full``: x <- H_n x over the whole last dim (n = in_features; down_proj input).
 * ``cross_head``: x viewed as (heads, head_dim) <- (H_heads ⊗ I_head_dim) x (before o_proj).
+* ``block``: x <- (I ⊗ H_b/√b) x, Sylvester's H_b on each contiguous block of b = ``head_dim``
+  features (the ``--online-rotations export`` down_proj site: what compressed-tensors' ``hadamard``
+  transform with ``head_dim=b`` applies, so serving engines reproduce it).
 * ``random_full`` / ``random_cross_head``: the same with a seeded random orthogonal matrix, the
   explicit fallback where no Hadamard of the order exists.
 
@@ -23,15 +26,15 @@ import torch
 from torch import nn
 
 from rsq.kernels import has_triton
-from rsq.rotation.hadamard import hadamard_transform, random_orthogonal
+from rsq.rotation.hadamard import block_hadamard_transform, hadamard_transform, random_orthogonal
 
 
 @dataclass(frozen=True)
 class OnlineRotation:
     module: str  # path inside a decoder layer, e.g. "mlp.down_proj"
-    kind: str  # full | cross_head | random_full | random_cross_head
+    kind: str  # full | cross_head | block | random_full | random_cross_head
     size: int  # order of the orthogonal matrix
-    head_dim: int = 1  # cross_head: width of each head block
+    head_dim: int = 1  # cross_head: width of each head block; block: the Sylvester block size
     seed: int = 0  # random_* kinds: seed of the matrix
 
     def to_dict(self) -> dict:
@@ -59,6 +62,8 @@ class OnlineRotationModule(nn.Module):
         return (x.to(work) @ m.T).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind == "block":
+            return block_hadamard_transform(x, self.spec.head_dim)
         if self.matrix is None and x.is_cuda and has_triton():
             from rsq.kernels import triton_hadamard as TH
 

@@ -14,11 +14,22 @@ All weight arithmetic runs in float64 and is cast back to the model dtype. Steps
 6. a per-head Hadamard on v_proj's output rows (and bias), with W_o ← W_o·(H_heads ⊗ H_hd)ᵀ and an
    online cross-head Hadamard before o_proj. Where no Hadamard of an order exists, the fallback
    (skip, or a seeded random orthogonal matrix) is applied explicitly and recorded.
+
+``RotationConfig.online`` chooses the run-time sites: ``exact`` (5 and 6 as above), ``export`` (5
+as the block-diagonal Sylvester Hadamard I ⊗ H_b/√b, b the largest power of two dividing the width,
+which compressed-tensors' ``hadamard`` transform reproduces; no cross-head part) or ``none`` (no
+run-time rotation at all: only what folds into the weights, so the model keeps its architecture).
+
+Steps 1-2, the final norm and the embedding / lm_head sides of 4 touch the model's ends
+(:func:`rotate_ends`); 3-6 act on one decoder layer at a time (:func:`rotate_layer`), so the
+pipeline rotates each layer on the device just before it is calibrated. :func:`plan_rotation`
+builds the matrices (float64) once; :func:`rotate_model` does all of it at once.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,11 +37,13 @@ from torch import nn
 from rsq.config import RotationConfig
 from rsq.models.adapter import ModelAdapter
 from rsq.rotation.hadamard import (
+    block_hadamard_transform,
     hadamard_kind,
     hadamard_transform,
     has_hadamard,
     random_hadamard,
     random_orthogonal,
+    sylvester_block,
 )
 from rsq.rotation.online import OnlineRotation, attach_online_rotation
 
@@ -64,26 +77,6 @@ def untie_lm_head(model: nn.Module, adapter: ModelAdapter) -> bool:
     return True
 
 
-def fuse_norms(model: nn.Module, adapter: ModelAdapter, center_embeddings: bool = False) -> None:
-    """Fold RMSNorm scales into the following linears (float64); norms become weightless."""
-    if center_embeddings:
-        emb = model.get_submodule(adapter.embed)
-        w = _w64(emb)
-        _set(emb, w - w.mean(dim=1, keepdim=True))
-    for layer in adapter.get_layers(model):
-        for norm_name, readers in adapter.norm_fusions:
-            norm = layer.get_submodule(norm_name)
-            gamma = norm.weight.data.double()
-            for name in readers:
-                lin = layer.get_submodule(name)
-                _set(lin, _w64(lin) * gamma[None, :])
-            norm.weight.data.fill_(1.0)
-    norm = model.get_submodule(adapter.final_norm)
-    head = model.get_submodule(adapter.lm_head)
-    _set(head, _w64(head) * norm.weight.data.double()[None, :])
-    norm.weight.data.fill_(1.0)
-
-
 def residual_rotation(n: int, cfg: RotationConfig) -> tuple[torch.Tensor, str]:
     """The float64 orthogonal Q (n, n) for the residual stream and a description of it."""
     if cfg.mode == "hadamard" and has_hadamard(n):
@@ -93,90 +86,88 @@ def residual_rotation(n: int, cfg: RotationConfig) -> tuple[torch.Tensor, str]:
     return random_orthogonal(n, cfg.seed), "random orthogonal (QR of a Gaussian)"
 
 
-def _like(Q: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Q on the module's device (modules of a large model may live on different devices)."""
-    return Q.to(module.weight.device)
+@dataclass
+class RotationPlan:
+    """Everything the rotation of one model needs, built once (float64 matrices on the host):
+    the residual Q, the online sites to attach and the record stored with the checkpoint."""
+
+    cfg: RotationConfig
+    Q: torch.Tensor
+    description: str
+    hidden: int
+    down: OnlineRotation | None = None
+    value: bool = False  # per-head Hadamard of the value path
+    cross: OnlineRotation | None = None
+    head_dim: int = 1
+    heads: int = 1
+    online_records: list[dict] = field(default_factory=list)
+    untied: bool = False
+    _Q_on: dict = field(default_factory=dict)
+
+    def Q_on(self, device: torch.device) -> torch.Tensor:
+        """Q on ``device`` (float64), copied once per device."""
+        key = str(device)
+        if key not in self._Q_on:
+            self._Q_on[key] = self.Q.to(device)
+        return self._Q_on[key]
+
+    @property
+    def record(self) -> dict:
+        return {
+            "seed": self.cfg.seed,
+            "mode": self.cfg.mode,
+            "online_setting": self.cfg.online,
+            "residual": {"size": self.hidden, "matrix": self.description},
+            "untied_embeddings": self.untied,
+            "center_embeddings": self.cfg.center_embeddings,
+            "online": self.online_records,
+        }
 
 
-def rotate_residual(model: nn.Module, adapter: ModelAdapter, Q: torch.Tensor) -> None:
-    emb = model.get_submodule(adapter.embed)
-    _set(emb, _w64(emb) @ _like(Q, emb))
-    head = model.get_submodule(adapter.lm_head)
-    _set(head, _w64(head) @ _like(Q, head))
-    for layer in adapter.get_layers(model):
-        for name in adapter.residual_readers:
-            lin = layer.get_submodule(name)
-            _set(lin, _w64(lin) @ _like(Q, lin))
-        for name in adapter.residual_writers:
-            lin = layer.get_submodule(name)
-            q = _like(Q, lin)
-            bias = None if lin.bias is None else q.T @ lin.bias.data.double()
-            _set(lin, q.T @ _w64(lin), bias)
-
-
-def _rotate_in(W: torch.Tensor, n: int, kind: str, seed: int) -> torch.Tensor:
-    """W·Mᵀ along the last dim for the site's orthogonal M (float64)."""
-    if kind.startswith("random"):
-        return W @ random_orthogonal(n, seed).to(W.device).T
-    return hadamard_transform(W, n)
-
-
-def rotate_down_proj(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> dict:
+def plan_rotation(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> RotationPlan:
+    """The matrices and sites of ``model``'s rotation; changes no weight."""
+    config = model.config
+    Q, description = residual_rotation(config.hidden_size, cfg)
+    plan = RotationPlan(cfg, Q, description, config.hidden_size)
     inter = adapter.get_layers(model)[0].get_submodule(adapter.down_proj).in_features
+    if cfg.online_down:
+        plan.online_records.append(_plan_down(plan, adapter, inter, cfg))
+    if cfg.online_value:
+        plan.online_records.extend(_plan_value(plan, adapter, config, cfg))
+    return plan
+
+
+def _plan_down(plan: RotationPlan, adapter: ModelAdapter, inter: int, cfg: RotationConfig) -> dict:
+    site = {"module": adapter.down_proj, "size": inter}
+    if cfg.online == "none":
+        return {**site, "kind": "skipped", "reason": "--online-rotations none"}
+    if cfg.online == "export":
+        block = sylvester_block(inter)
+        plan.down = OnlineRotation(adapter.down_proj, "block", inter, head_dim=block)
+        return {**plan.down.to_dict(), "recipe": f"block-diagonal sylvester({block}) x {inter // block}"}
     kind = _site_kind(inter, "full", cfg)
     if kind is None:
-        return {
-            "module": adapter.down_proj,
-            "kind": "skipped",
-            "size": inter,
-            "reason": f"no Hadamard of order {inter}",
-        }
-    spec = OnlineRotation(adapter.down_proj, kind, inter, seed=cfg.seed + 1)
-    for layer in adapter.get_layers(model):
-        lin = layer.get_submodule(adapter.down_proj)
-        _set(lin, _rotate_in(_w64(lin), inter, kind, spec.seed))
-        attach_online_rotation(lin, spec)
-    return {**spec.to_dict(), "recipe": hadamard_kind(inter) if kind == "full" else "random orthogonal"}
+        return {**site, "kind": "skipped", "reason": f"no Hadamard of order {inter}"}
+    plan.down = OnlineRotation(adapter.down_proj, kind, inter, seed=cfg.seed + 1)
+    return {**plan.down.to_dict(), "recipe": hadamard_kind(inter) if kind == "full" else "random orthogonal"}
 
 
-def rotate_value_path(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> list[dict]:
-    config = model.config
+def _plan_value(plan: RotationPlan, adapter: ModelAdapter, config, cfg: RotationConfig) -> list[dict]:
     hd, heads = adapter.head_dim(config), adapter.num_heads(config)
-    records = []
+    plan.head_dim, plan.heads = hd, heads
     if not has_hadamard(hd):
         return [{"module": adapter.v_proj, "kind": "skipped", "size": hd, "reason": f"no Hadamard of order {hd}"}]
+    plan.value = True
+    records = [{"module": adapter.v_proj, "kind": "per_head", "size": hd, "recipe": hadamard_kind(hd)}]
+    skipped = {"module": adapter.o_proj, "kind": "skipped", "size": heads}
+    if cfg.online != "exact":
+        return records + [{**skipped, "reason": f"--online-rotations {cfg.online}: no cross-head part"}]
     cross = _site_kind(heads, "cross_head", cfg)
-    spec = None if cross is None else OnlineRotation(adapter.o_proj, cross, heads, head_dim=hd, seed=cfg.seed + 2)
-    for layer in adapter.get_layers(model):
-        v = layer.get_submodule(adapter.v_proj)
-        # rows of W_v are (kv_heads, hd): apply H_hd to each head's block of rows
-        W = _w64(v)
-        Wv = hadamard_transform(W.reshape(-1, hd, W.shape[1]).transpose(1, 2), hd).transpose(1, 2).reshape(W.shape)
-        bias = None if v.bias is None else hadamard_transform(v.bias.data.double().reshape(-1, hd), hd).reshape(-1)
-        _set(v, Wv, bias)
-        o = layer.get_submodule(adapter.o_proj)
-        Wo = _w64(o)  # (hidden, heads * hd)
-        Wo = hadamard_transform(Wo.reshape(Wo.shape[0], heads, hd), hd)
-        if spec is not None:
-            Wo = _rotate_in(Wo.transpose(1, 2), heads, cross, spec.seed).transpose(1, 2)
-        _set(o, Wo.reshape(Wo.shape[0], heads * hd))
-        if spec is not None:
-            attach_online_rotation(o, spec)
-    records.append({"module": adapter.v_proj, "kind": "per_head", "size": hd, "recipe": hadamard_kind(hd)})
-    if spec is None:
-        records.append(
-            {
-                "module": adapter.o_proj,
-                "kind": "skipped",
-                "size": heads,
-                "reason": f"no Hadamard of order {heads} (heads); cross-head part left out",
-            }
-        )
-    else:
-        records.append(
-            {**spec.to_dict(), "recipe": hadamard_kind(heads) if cross == "cross_head" else "random orthogonal"}
-        )
-    return records
+    if cross is None:
+        return records + [{**skipped, "reason": f"no Hadamard of order {heads} (heads); cross-head part left out"}]
+    plan.cross = OnlineRotation(adapter.o_proj, cross, heads, head_dim=hd, seed=cfg.seed + 2)
+    recipe = hadamard_kind(heads) if cross == "cross_head" else "random orthogonal"
+    return records + [{**plan.cross.to_dict(), "recipe": recipe}]
 
 
 def _site_kind(n: int, base: str, cfg: RotationConfig) -> str | None:
@@ -187,25 +178,92 @@ def _site_kind(n: int, base: str, cfg: RotationConfig) -> str | None:
     return None
 
 
+def _rotate_in(W: torch.Tensor, spec: OnlineRotation) -> torch.Tensor:
+    """W·Mᵀ along the last dim for the site's orthogonal M (float64)."""
+    if spec.kind.startswith("random"):
+        return W @ random_orthogonal(spec.size, spec.seed).to(W.device).T
+    if spec.kind == "block":
+        return block_hadamard_transform(W, spec.head_dim)
+    return hadamard_transform(W, spec.size)
+
+
+@torch.no_grad()
+def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, device=None) -> None:
+    """Untie the lm_head, centre the embeddings if asked, fold the final norm into the lm_head and
+    rotate the embedding and lm_head by Q — on ``device`` (default: where they live), in float64."""
+    plan.untied = untie_lm_head(model, adapter)
+    if plan.untied:
+        log.warning("embedding and lm_head were tied: untied them (the rotated lm_head differs)")
+    emb = model.get_submodule(adapter.embed)
+    head = model.get_submodule(adapter.lm_head)
+    norm = model.get_submodule(adapter.final_norm)
+    for module in (emb, head):
+        home = module.weight.device
+        where = torch.device(device) if device is not None else home
+        dtype = module.weight.dtype
+        W = module.weight.data.to(where).double()
+        # each step rounds to the model dtype, as the whole-model rotation always has
+        if module is emb and plan.cfg.center_embeddings:
+            W = (W - W.mean(dim=1, keepdim=True)).to(dtype).double()
+        if module is head:
+            W = (W * norm.weight.data.to(where).double()[None, :]).to(dtype).double()
+        module.weight.data = (W @ plan.Q_on(where)).to(home, dtype)
+        del W
+    norm.weight.data.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, adapter: ModelAdapter, plan: RotationPlan) -> None:
+    """Rotate one decoder layer in place, where it lives (float64 arithmetic, cast back): fold its
+    norms, apply Q on the residual sides, and the down_proj / value-path rotations with their
+    online modules attached."""
+    for norm_name, readers in adapter.norm_fusions:
+        norm = layer.get_submodule(norm_name)
+        gamma = norm.weight.data.double()
+        for name in readers:
+            lin = layer.get_submodule(name)
+            _set(lin, _w64(lin) * gamma[None, :])
+        norm.weight.data.fill_(1.0)
+    Q = plan.Q_on(next(layer.parameters()).device)
+    for name in adapter.residual_readers:
+        lin = layer.get_submodule(name)
+        _set(lin, _w64(lin) @ Q)
+    for name in adapter.residual_writers:
+        lin = layer.get_submodule(name)
+        bias = None if lin.bias is None else Q.T @ lin.bias.data.double()
+        _set(lin, Q.T @ _w64(lin), bias)
+    if plan.down is not None:
+        lin = layer.get_submodule(plan.down.module)
+        _set(lin, _rotate_in(_w64(lin), plan.down))
+        attach_online_rotation(lin, plan.down)
+    if plan.value:
+        _rotate_value(layer, adapter, plan)
+
+
+def _rotate_value(layer: nn.Module, adapter: ModelAdapter, plan: RotationPlan) -> None:
+    hd, heads, cross = plan.head_dim, plan.heads, plan.cross
+    v = layer.get_submodule(adapter.v_proj)
+    # rows of W_v are (kv_heads, hd): apply H_hd to each head's block of rows
+    W = _w64(v)
+    Wv = hadamard_transform(W.reshape(-1, hd, W.shape[1]).transpose(1, 2), hd).transpose(1, 2).reshape(W.shape)
+    bias = None if v.bias is None else hadamard_transform(v.bias.data.double().reshape(-1, hd), hd).reshape(-1)
+    _set(v, Wv, bias)
+    o = layer.get_submodule(adapter.o_proj)
+    Wo = _w64(o)  # (hidden, heads * hd)
+    Wo = hadamard_transform(Wo.reshape(Wo.shape[0], heads, hd), hd)
+    if cross is not None:
+        Wo = _rotate_in(Wo.transpose(1, 2), cross).transpose(1, 2)
+    _set(o, Wo.reshape(Wo.shape[0], heads * hd))
+    if cross is not None:
+        attach_online_rotation(o, cross)
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> dict:
-    """Rotate ``model`` in place; return a record of every site (stored in results/checkpoints)."""
-    untied = untie_lm_head(model, adapter)
-    if untied:
-        log.warning("embedding and lm_head were tied: untied them (the rotated lm_head differs)")
-    fuse_norms(model, adapter, cfg.center_embeddings)
-    Q, description = residual_rotation(model.config.hidden_size, cfg)
-    rotate_residual(model, adapter, Q)
-    online = []
-    if cfg.online_down:
-        online.append(rotate_down_proj(model, adapter, cfg))
-    if cfg.online_value:
-        online.extend(rotate_value_path(model, adapter, cfg))
-    return {
-        "seed": cfg.seed,
-        "mode": cfg.mode,
-        "residual": {"size": model.config.hidden_size, "matrix": description},
-        "untied_embeddings": untied,
-        "center_embeddings": cfg.center_embeddings,
-        "online": online,
-    }
+    """Rotate ``model`` in place, all at once where it lives; return a record of every site (stored
+    in results and checkpoints)."""
+    plan = plan_rotation(model, adapter, cfg)
+    rotate_ends(model, adapter, plan)
+    for layer in adapter.get_layers(model):
+        rotate_layer(layer, adapter, plan)
+    return plan.record

@@ -231,3 +231,40 @@ def test_generate_matches_in_memory_greedy(tiny_model_dir, tmp_path, capsys):
         argv = ["generate", str(ckpt), prompt, "--max-new-tokens", str(n), "--ignore-eos", *dense]
         assert main(argv) == 0
         assert capsys.readouterr().out == text + "\n" == expected
+
+
+@pytest.mark.parametrize("setting", ["export", "none"])
+def test_rsq_checkpoint_with_exportable_rotations_exports(tiny_model_dir, tmp_path, setting):
+    """--online-rotations export / none: a rotated RSQ checkpoint of the tiny Llama (down_proj
+    width 96 = 3·32, no Sylvester Hadamard of that order) exports to compressed-tensors, and the
+    exported model with compressed-tensors' own transform API computes rsq.load's logits."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "ct"
+    cfg = RSQConfig.for_method(
+        "rsq",
+        model=str(tiny_model_dir("llama")),
+        grid={"bits": 4},
+        rotation={"online": setting},
+        calib={"nsamples": 4, "seqlen": 64},
+        batch_size=4,
+    )
+    model, tok = load_model(cfg.model)
+    run_quantize(cfg, ckpt, ppl_sources=(), preloaded=(model, tok))
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["rotation"]["online_setting"] == setting
+    summary = export_compressed_tensors(ckpt, out)
+    loaded, _ = rsq.load(ckpt)
+    exported = _from_pretrained(out)
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(3))
+    ref = _logits(loaded, ids)
+    tc = json.loads((out / "config.json").read_text())["quantization_config"].get("transform_config")
+    if setting == "none":
+        assert summary["transforms"] == [] and not tc
+        assert not any(hasattr(m, "online_rotation") for m in loaded.modules())
+    else:
+        assert summary["transforms"] == ["mlp.down_proj"]
+        assert tc["config_groups"]["rsq_online_hadamard"]["head_dim"] == 32
+        assert _rel_err(_logits(exported, ids), ref) > 1e-2  # transformers alone ignores the transform
+        apply_transform_config(exported, TransformConfig.model_validate(tc))
+    assert _rel_err(_logits(exported, ids), ref) < TOL

@@ -87,3 +87,31 @@ def test_seed_changes_rotation_and_is_reproducible():
         rotate_model(m, resolve(m), RotationConfig(enabled=True, seed=seed))
     wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.parametrize("setting", ["exact", "export", "none"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_every_online_setting_keeps_the_function(family, setting):
+    import copy
+
+    from rsq.config import RotationConfig
+    from rsq.models.registry import resolve
+    from rsq.rotation import rotate_model
+    from tests.conftest import tiny_model
+
+    ref = tiny_model(family, dtype=torch.float64)
+    rot = copy.deepcopy(ref)
+    _exact_norms(ref), _exact_norms(rot)
+    record = rotate_model(rot, resolve(rot), RotationConfig(enabled=True, online=setting))
+    assert record["online_setting"] == setting
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, rot(input_ids=ids).logits
+    # float64 rounding of a few products of width <= 152 only
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10
+    attached = {type(m).__name__ for m in rot.modules() if hasattr(m, "online_rotation")}
+    kinds = {m.online_rotation.spec.kind for m in rot.modules() if hasattr(m, "online_rotation")}
+    if setting == "none":
+        assert not attached
+    elif setting == "export":
+        assert kinds == {"block"}
