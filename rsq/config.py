@@ -28,6 +28,28 @@ TORCH_DTYPES = {
 DTYPES = tuple(TORCH_DTYPES)
 
 
+def storable_bits(kind: str) -> tuple[int, ...]:
+    """Bit widths a checkpoint of grid ``kind`` can store (packing: rsq.quant.pack; e8p: 2)."""
+    if kind == "e8p":
+        return (2,)
+    from rsq.quant.pack import SUPPORTED_BITS
+
+    return SUPPORTED_BITS
+
+
+def check_storable_bits(kind: str, bits: int) -> None:
+    """ConfigError naming the nearest storable widths when ``bits`` cannot be packed for ``kind``."""
+    allowed = storable_bits(kind)
+    if bits not in allowed:
+        lower = max((b for b in allowed if b < bits), default=None)
+        upper = min((b for b in allowed if b > bits), default=None)
+        near = " or ".join(f"--bits {b}" for b in (lower, upper) if b is not None)
+        raise ConfigError(
+            f"--bits {bits} cannot be stored by the {kind} grid (checkpoints pack "
+            f"{', '.join(map(str, allowed))} bits): use {near}"
+        )
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """The number format of one weight matrix.
@@ -58,6 +80,8 @@ class GridConfig:
                 raise ConfigError(f"the e8p grid is 2 bits per weight, got --bits {self.bits}: use --bits 2")
         elif not 2 <= self.bits <= 8:
             raise ConfigError(f"--bits {self.bits} is outside 2..8: pick a bit width from 2 to 8")
+        else:
+            check_storable_bits(self.kind, self.bits)
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"--group-size {self.group_size} is invalid: use -1 (per channel) or a positive size")
         if not 0 < self.max_shrink < 1:

@@ -8,6 +8,7 @@ rsq.quant, rsq.importance and rsq.rotation; architecture knowledge in rsq.models
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from rsq.calib.capture import (
 from rsq.checkpoint.schema import dequantize_result
 from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext
-from rsq.errors import CalibrationError
+from rsq.errors import CalibrationError, ConfigError
 from rsq.models.adapter import ModelAdapter, apply_rope
 from rsq.models.registry import resolve
 from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
@@ -59,11 +60,21 @@ class RunState:
     importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def resolve_device(name: str) -> torch.device:
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CalibrationError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: use cuda:0.."
+            f"{torch.cuda.device_count() - 1}"
+        )
     return torch.device(name)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
-from rsq.config import TORCH_DTYPES
+from rsq.config import TORCH_DTYPES, storable_bits
 from rsq.errors import CheckpointFormatError
 from rsq.models.registry import resolve
 from rsq.nn.hadamard import OnlineRotation, attach_online_rotation
@@ -31,6 +31,13 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
         raise CheckpointFormatError(
             f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads "
             f"({FORMAT_VERSION}): upgrade rsq"
+        )
+    kind, bits = qc.get("grid", "uniform"), qc.get("bits")
+    if kind in ("uniform", "nf", "e8p") and bits not in storable_bits(kind):
+        raise CheckpointFormatError(
+            f"{cfg_file}: quantization_config says {bits!r} bits on the {kind} grid, which rsq checkpoints cannot "
+            f"hold (only {', '.join(map(str, storable_bits(kind)))}): the file is corrupt or not from rsq; "
+            "re-run rsq quantize"
         )
     return config, qc
 
