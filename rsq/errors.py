@@ -32,3 +32,11 @@ class NoHadamardError(RSQError, ValueError):
 
 class ExportError(RSQError):
     """The checkpoint holds something the target format cannot express."""
+
+
+class NonFiniteError(RSQError):
+    """A result (perplexity, loss) came out NaN or infinite; the message names the stage and the likely cause."""
+
+
+class MemoryBudgetError(RSQError):
+    """The job's predicted peak host memory exceeds what the machine has available."""

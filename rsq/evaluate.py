@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rsq.calib.datasets import eval_windows, load_text, tokenize
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, is_rsq_checkpoint, load_model
@@ -64,14 +66,34 @@ def run_eval(
     data_dir: str | None = None,
     progress=None,
     loaded=None,
+    batch_size: int | None = None,
+    force_seqlen: bool = False,
 ) -> dict:
-    """Perplexity of ``model`` on each source; ``loaded``: an already loaded (model, tokenizer)."""
-    net, tokenizer = loaded if loaded is not None else load_any(model)
+    """Perplexity of ``model`` on each source; ``loaded``: an already loaded (model, tokenizer).
+    Inputs are checked (and every text read) before the model is loaded; a NaN/Inf perplexity
+    raises NonFiniteError. ``batch_size``: windows per forward (None: the most, up to 4, that fits)."""
+    from rsq import preflight
+    from rsq.errors import NonFiniteError
+    from rsq.plan import eval_batch_that_fits
+
+    preflight.check_lengths(
+        ppl_seqlen=seqlen, ppl_max_windows=max_windows, ppl_batch_size=batch_size, seqlen_flag="--seqlen"
+    )
     dev = resolve_device(device)
+    texts = {source: load_text(source, data_dir) for source in sources}
+    net, tokenizer = loaded if loaded is not None else load_any(model)
+    preflight.check_context(net.config, {"--seqlen": seqlen}, force_seqlen)
+    batch = batch_size or eval_batch_that_fits(net.config, seqlen, dev)
     ppl = {}
     for source in sources:
-        wins = eval_windows(tokenize(tokenizer, load_text(source, data_dir).eval), seqlen, max_windows)
+        wins = eval_windows(tokenize(tokenizer, texts[source].eval), seqlen, max_windows)
         ppl[source] = perplexity(
-            net, wins, dev, progress=(lambda i, n: progress(f"ppl {source}", i, n)) if progress else None
+            net, wins, dev, batch, progress=(lambda i, n: progress(f"ppl {source}", i, n)) if progress else None
         )
+        if not math.isfinite(ppl[source]):
+            raise NonFiniteError(
+                f"perplexity of {describe_source(model)} on {source} is {ppl[source]} (evaluation stage): the "
+                "model's logits are NaN/Inf (NaN/Inf weights, or overflow in float16/bfloat16): check its weights "
+                "or evaluate with --dtype float32"
+            )
     return {"model": describe_source(model), "perplexity": {"seqlen": seqlen, "max_windows": max_windows, **ppl}}

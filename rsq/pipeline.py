@@ -8,6 +8,7 @@ rsq.quant, rsq.importance and rsq.rotation; architecture knowledge in rsq.models
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from rsq.calib.capture import (
 from rsq.checkpoint.schema import dequantize_result
 from rsq.config import RSQConfig
 from rsq.distributed import DistContext
-from rsq.errors import CalibrationError
+from rsq.errors import CalibrationError, ConfigError
 from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
 from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
@@ -56,11 +57,21 @@ class RunState:
     importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def resolve_device(name: str) -> torch.device:
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CalibrationError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: use cuda:0.."
+            f"{torch.cuda.device_count() - 1}"
+        )
     return torch.device(name)
 
 
@@ -183,6 +194,29 @@ def quantize_layers(
         if cache is not None:
             cache.close()
     return state
+
+
+@torch.no_grad()
+def restore_finished(
+    model: nn.Module, cfg: RSQConfig, state: RunState, *, adapter: ModelAdapter | None = None, rotation=None
+) -> None:
+    """A resumed run whose layers were all finished: rotate (if planned) and give every layer the
+    W_hat of its saved results, without calibrating or propagating anything."""
+    adapter = adapter or resolve(model)
+    device = resolve_device(cfg.device)
+    if rotation is not None:
+        from rsq.rotation.rotate import rotate_ends, rotate_layer
+
+        with _timed(state, "rotate"):
+            rotate_ends(model, adapter, rotation, device)
+    for i, layer in enumerate(adapter.get_layers(model)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        if rotation is not None:
+            with _timed(state, "rotate"):
+                rotate_layer(layer, adapter, rotation)
+        _restore_layer(i, layer, adapter, cfg, state)
+        layer.to(home)
 
 
 def _restore_layer(index: int, layer: nn.Module, adapter: ModelAdapter, cfg: RSQConfig, state: RunState) -> None:

@@ -133,3 +133,11 @@ def format_plan(name: str, config, **kw) -> list[str]:
     for k, v in mem.items():
         lines.append(f"  {k:<42} {v:10.2f}")
     return lines
+
+
+def fit_host_memory(config, cfg, *, device, ppl_seqlen, ppl_batch_size, ranks=1, enforce=True, preloaded=False) -> dict:
+    return {"ppl_batch_size": ppl_batch_size or 4}
+
+
+def eval_batch_that_fits(config, seqlen, device) -> int:
+    return 4

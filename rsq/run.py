@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -24,14 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rsq
-from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
+from rsq import jsonsafe
+from rsq.calib.datasets import eval_windows, sample_windows, tokenize
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
-from rsq.errors import CheckpointFormatError, ConfigError, RSQError
+from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
-from rsq.loading import describe_source, load_model
+from rsq.loading import describe_source, load_config, load_model
 from rsq.models.registry import resolve
-from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device
+from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
@@ -60,22 +62,58 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.partial"
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
-    """Check the destination; return the partial directory and the resume state (if any)."""
+def check_output(out: Path, cfg: RSQConfig, resume: bool, overwrite: bool) -> dict | None:
+    """Check the destination without touching it; return the state to resume from (if any).
+
+    A resumable ``<out>.partial/`` (one with state.json) is never discarded silently: without
+    --resume or --overwrite the run stops and says so; with --resume its options must match."""
+    from rsq.preflight import check_output_location
+
+    check_output_location(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"output directory {out} already exists: pass --overwrite or choose another --out")
     part = partial_dir(out)
-    if resume and (part / STATE_FILE).is_file():
-        try:
-            return part, json.loads((part / STATE_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointFormatError(f"{part / STATE_FILE} is corrupt ({exc}): delete {part} and rerun") from exc
-    if resume:
-        log.warning("--resume: no unfinished run in %s, starting from the beginning", part)
-    if part.exists():
+    state_file = part / STATE_FILE
+    if not state_file.is_file():
+        if resume:
+            log.warning("--resume: no unfinished run in %s, starting from the beginning", part)
+        return None
+    if not resume and overwrite:
+        return None  # --overwrite discards it
+    try:
+        saved = json.loads(state_file.read_text())
+        done, options = int(saved["finished_layers"]), saved["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not resume:
+            raise ConfigError(
+                f"{part} holds an unfinished run whose {STATE_FILE} is unreadable ({exc}): pass --overwrite to "
+                "discard it and start over"
+            ) from exc
+        raise CheckpointFormatError(f"{state_file} is corrupt ({exc}): delete {part} and rerun") from exc
+    if not resume:
+        raise ConfigError(
+            f"{part} holds an unfinished run ({done} finished layers): pass --resume to continue it, or "
+            "--overwrite to discard it and start over"
+        )
+    if options != cfg.to_dict():
+        raise ConfigError(
+            f"--resume: the unfinished run in {part} used different options; rerun with the same options, "
+            "or with --overwrite instead of --resume to start over"
+        )
+    return saved
+
+
+def create_partial(out: Path, saved: dict | None) -> Path:
+    """The partial directory: kept when resuming, else made fresh (whatever was there goes)."""
+    part = partial_dir(out)
+    if saved is not None:
+        return part
+    if part.is_dir():
         shutil.rmtree(part)
+    elif part.exists():
+        part.unlink()
     part.mkdir(parents=True)
-    return part, None
+    return part
 
 
 def can_resume(out: Path, cfg: RSQConfig) -> bool:
@@ -87,7 +125,7 @@ def can_resume(out: Path, cfg: RSQConfig) -> bool:
         return False
 
 
-def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix: str) -> None:
+def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix: str, sessions: list) -> None:
     tensors = {}
     for name, res in state.results.items():
         if name.startswith(f"{prefix}.{index}."):
@@ -105,9 +143,10 @@ def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix:
         "layers": [vars(r) for r in state.layers],
         "results_meta": {k: {"loss": r.loss, "damp": r.damp, "meta": r.meta} for k, r in state.results.items()},
         "timings": state.timings,
+        "sessions": sessions,
     }
     tmp = part / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.write_text(jsonsafe.dumps(record))
     os.replace(tmp, part / STATE_FILE)
 
 
@@ -154,6 +193,9 @@ def run_quantize(
     ppl_sources: tuple[str, ...] = ("wikitext2",),
     ppl_seqlen: int = EVAL_SEQLEN,
     ppl_max_windows: int | None = EVAL_WINDOWS,
+    ppl_batch_size: int | None = None,
+    force_seqlen: bool = False,
+    check_memory: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_layer: int | None = None,
     preloaded: tuple | None = None,
@@ -161,16 +203,28 @@ def run_quantize(
 ) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
+    Everything that can be checked before the work is checked first (rsq.preflight): bad input
+    raises an RSQError and creates nothing. ``ppl_batch_size``: windows per evaluation forward
+    (None: the most, up to 4, that the memory plan fits). ``force_seqlen``: allow window lengths
+    beyond the model's context. ``check_memory``: refuse a job whose predicted peak host memory
+    exceeds what is available (CPU runs).
     ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
     ``preloaded`` = (model, tokenizer) skips loading (the model is modified in place: pass a copy).
     ``dist_ctx``: with several ranks (torchrun), only rank 0 touches the output directory.
     """
+    from rsq import preflight
+
     ctx = dist_ctx or DistContext()
     out = Path(out)
-    part, saved, problem = partial_dir(out), None, None
+    ppl_sources = tuple(ppl_sources)
+    preflight.check_lengths(
+        ppl_seqlen=ppl_seqlen if ppl_sources else None, ppl_max_windows=ppl_max_windows, ppl_batch_size=ppl_batch_size
+    )
+    device = resolve_device(rank_device(ctx, cfg.device) if ctx.enabled else cfg.device)
+    saved, problem = None, None
     if ctx.is_main:
         try:
-            part, saved = prepare_output(out, resume, overwrite)
+            saved = check_output(out, cfg, resume, overwrite)
         except RSQError as exc:
             problem = exc
     problem_text, saved = ctx.broadcast_object((None if problem is None else str(problem), saved), 0)
@@ -178,14 +232,79 @@ def run_quantize(
         raise problem
     if problem_text is not None:
         raise ConfigError(problem_text)
+    config = preloaded[0].config if preloaded is not None else load_config(cfg.model or None)
+    preflight.check_model(config, cfg, ppl_seqlen=ppl_seqlen if ppl_sources else None, force_seqlen=force_seqlen)
+    texts = preflight.load_sources(cfg, ppl_sources)
+    from rsq.plan import fit_host_memory
+
+    memory = fit_host_memory(
+        config,
+        cfg,
+        device=device,
+        ppl_seqlen=ppl_seqlen if ppl_sources else None,
+        ppl_batch_size=ppl_batch_size,
+        ranks=ctx.world,
+        enforce=check_memory,
+        preloaded=preloaded is not None,
+    )
+    part = partial_dir(out)
     try:
+        if ctx.is_main:
+            part = create_partial(out, saved)
         return _run(
-            cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer, preloaded, ctx
+            cfg,
+            out,
+            part,
+            saved,
+            texts,
+            memory,
+            ppl_sources,
+            ppl_seqlen,
+            ppl_max_windows,
+            progress,
+            stop_after_layer,
+            preloaded,
+            ctx,
         )
-    except Exception:
+    except BaseException:  # errors and interrupts (SIGINT/SIGTERM) alike
         if ctx.is_main and not (part / STATE_FILE).exists():
             shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
         raise
+
+
+def _check_losses(index: int, state: RunState, prefix: str) -> None:
+    for report in state.layers:
+        if report.index != index:
+            continue
+        for name, loss in report.losses.items():
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"the quantization loss of {prefix}.{index}.{name} is {loss} (layer {index}): the weights or "
+                    "calibration activations overflowed or hold NaN/Inf; try --dtype float32, a larger --damp "
+                    "or more --bits, and check the model's weights"
+                )
+
+
+def _check_ppl(value: float, source: str, cfg: RSQConfig) -> None:
+    if math.isfinite(value):
+        return
+    if cfg.quantizes:
+        cause = (
+            f"the {cfg.method} model's logits are NaN/Inf (overflow of the quantized weights or in --dtype "
+            f"{cfg.dtype}); try --dtype float32, more --bits or a larger --damp, and check the unquantized model "
+            "with rsq eval"
+        )
+    else:
+        cause = "the model itself yields NaN/Inf logits (NaN/Inf weights, or overflow in float16): check its weights"
+    raise NonFiniteError(f"perplexity on {source} is {value} (evaluation stage): {cause}")
+
+
+def _sum_timings(sessions: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for sess in sessions:
+        for k, v in sess["timings"].items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def _run(
@@ -193,6 +312,8 @@ def _run(
     out,
     part,
     saved,
+    texts,
+    memory,
     ppl_sources,
     ppl_seqlen,
     ppl_max_windows,
@@ -206,6 +327,9 @@ def _run(
     seed_everything(cfg.seed)
     run_cfg = replace(cfg, device=rank_device(ctx, cfg.device)) if ctx.enabled else cfg
     device = resolve_device(run_cfg.device)
+    start = 0 if saved is None else int(saved["finished_layers"])
+    earlier = list(saved.get("sessions", [])) if saved is not None else []
+    session = {"started_after_layers": start, "layers_quantized": [], "timings": timings}
 
     t0 = time.perf_counter()
     if preloaded is not None:
@@ -218,6 +342,12 @@ def _run(
     for name in adapter.linears:
         cfg.grid.check_width(first.get_submodule(name).in_features, name)
 
+    # every text is tokenized and windowed before the first layer, so a too-short text fails now
+    calib_text = texts[cfg.calib.source]
+    calib_ids = tokenize(tokenizer, calib_text.calib)
+    windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+    eval_wins = {s: eval_windows(tokenize(tokenizer, texts[s].eval), ppl_seqlen, ppl_max_windows) for s in ppl_sources}
+
     plan = None
     if cfg.rotation.enabled:
         from rsq.rotation.rotate import plan_rotation, rotate_model
@@ -229,34 +359,36 @@ def _run(
             rotate_model(model, adapter, cfg.rotation)
         timings["rotate"] = time.perf_counter() - t0
 
-    texts = load_text(cfg.calib.source, cfg.calib.data_dir)
-    calib_ids = tokenize(tokenizer, texts.calib)
-    windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
-
-    state, start = None, 0
+    state = None
     if saved is not None:
         state = _load_layers(part, saved, model, cfg)
-        start = saved["finished_layers"]
         log.info("resuming after %d finished layers", start)
 
     n_layers = len(adapter.get_layers(model))
+    t_quant = time.perf_counter()
 
     def on_done(index: int, st: RunState) -> None:
+        _check_losses(index, st, adapter.layers)
+        session["layers_quantized"].append(index)
+        timings["quantize"] = time.perf_counter() - t_quant
+        timings["total"] = time.perf_counter() - t_start
         if ctx.is_main:
-            _save_layer(part, index, st, cfg, adapter.layers)
+            _save_layer(part, index, st, cfg, adapter.layers, earlier + [session])
         if stop_after_layer is not None and index >= stop_after_layer:
             raise _Interrupted(index)
-
-    weight_fn = None
-    if cfg.importance.strategy != "uniform":
-        from rsq.importance.layer import make_weight_fn
-
-        weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
 
     t0 = time.perf_counter()
     if not cfg.quantizes:
         state = RunState()
+    elif start >= n_layers:
+        log.info("every layer was finished before: straight to evaluation and saving")
+        restore_finished(model, run_cfg, state, adapter=adapter, rotation=plan)
     else:
+        weight_fn = None
+        if cfg.importance.strategy != "uniform":
+            from rsq.importance.layer import make_weight_fn
+
+            weight_fn = make_weight_fn(cfg, adapter, model.config, windows)
         state = quantize_layers(
             model,
             run_cfg,
@@ -284,13 +416,16 @@ def _run(
         return None
     ppl = {}
     t0 = time.perf_counter()
-    for source in ppl_sources:
-        eval_text = texts.eval if source == cfg.calib.source else load_text(source, cfg.calib.data_dir).eval
-        wins = eval_windows(tokenize(tokenizer, eval_text), ppl_seqlen, ppl_max_windows)
+    for source, wins in eval_wins.items():
         ppl[source] = perplexity(
-            model, wins, device, progress=(lambda i, n: progress("perplexity", i, n)) if progress else None
+            model,
+            wins,
+            device,
+            memory["ppl_batch_size"],
+            progress=(lambda i, n: progress("perplexity", i, n)) if progress else None,
         )
         model.to("cpu")
+        _check_ppl(ppl[source], source, cfg)
     timings["perplexity"] = time.perf_counter() - t0
 
     from rsq.checkpoint import save_checkpoint
@@ -299,6 +434,8 @@ def _run(
     save_checkpoint(model, tokenizer, part, cfg, state, rotation_record)
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    sessions = earlier + [session]
+    all_timings = _sum_timings(sessions)
 
     results = {
         "model": describe_source(cfg.model or None),
@@ -307,11 +444,13 @@ def _run(
         "seed": cfg.seed,
         "versions": versions(),
         "device": str(device),
-        "calibration": {**texts.description, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
+        "calibration": {**calib_text.description, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
         "perplexity": {"seqlen": ppl_seqlen, "max_windows": ppl_max_windows, **ppl},
         "rotation": rotation_record,
-        "timings": {**timings, "stages": state.timings},
+        # summed over the sessions of the run (a resumed run has several; "sessions" says who did what)
+        "timings": {**all_timings, "stages": state.timings, "sessions": sessions},
         "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
+        "host_memory": {**memory, "measured_peak_GiB": measured_peak_gib()},
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
         "num_layers": n_layers,
@@ -323,7 +462,7 @@ def _run(
             {f"layer.{i}": w.contiguous() for i, w in state.importance_maps.items()},
             str(part / "importance.safetensors"),
         )
-    (part / "results.json").write_text(json.dumps(results, indent=2))
+    (part / "results.json").write_text(jsonsafe.dumps(results, indent=2))
     for leftover in list(part.glob("layer-*.safetensors")) + [part / STATE_FILE]:
         leftover.unlink(missing_ok=True)
     if out.exists():
@@ -331,6 +470,13 @@ def _run(
     os.replace(part, out)
     ctx.barrier()
     return results
+
+
+def measured_peak_gib() -> float:
+    """This process's peak resident memory so far (ru_maxrss; KiB on Linux), GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 class _Interrupted(Exception):

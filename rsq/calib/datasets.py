@@ -114,8 +114,21 @@ def split_articles(text: str) -> list[str]:
 
 
 def _read(path: Path) -> str:
-    # universal newlines: the distributed copy has CRLF line endings
-    return path.read_text(encoding="utf-8")
+    """The text of ``path`` (UTF-8, universal newlines: the distributed copy has CRLF line endings);
+    ConfigError naming the file (and the byte offset of the first bad byte) when it is unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ConfigError(f"text file {path} is unreadable ({reason}): check the path and permissions") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"text file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} does not "
+            "decode): pass a plain UTF-8 text file"
+        ) from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def load_text(source: str, data_dir: str | None = None) -> TextSplit:

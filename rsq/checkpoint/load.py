@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
-from rsq.config import TORCH_DTYPES
-from rsq.errors import CheckpointFormatError
+from rsq.config import TORCH_DTYPES, GridConfig
+from rsq.errors import CheckpointFormatError, ConfigError
 from rsq.models.registry import resolve
 from rsq.rotation.online import OnlineRotation, attach_online_rotation
 
@@ -32,6 +32,14 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
             f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads "
             f"({FORMAT_VERSION}): upgrade rsq"
         )
+    kind, bits = qc.get("grid", "uniform"), qc.get("bits")
+    try:
+        GridConfig(kind=kind, bits=bits, group_size=qc.get("group_size", -1))  # asks the format registry
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointFormatError(
+            f"{cfg_file}: quantization_config says {bits!r} bits on the {kind} grid, which rsq checkpoints cannot "
+            f"hold ({exc}): the file is corrupt or not from rsq; re-run rsq quantize"
+        ) from None
     return config, qc
 
 

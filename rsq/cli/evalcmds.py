@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from rsq import jsonsafe
+
 
 def _csv(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -169,7 +171,12 @@ def add_lm_eval_options(p, tasks_required: bool) -> None:
         help="documents per task (>=1) or a fraction (<1); for quick checks only (default: all)",
     )
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 for most)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default: 8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="lm-eval task sequences per forward (perplexity: --ppl-batch-size) (default: 8)",
+    )
     p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAMLs")
     p.add_argument(
         "--chat-template",
@@ -194,7 +201,7 @@ def _write_json(path: str | None, data: dict) -> None:
     if path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(data, indent=2))
+        p.write_text(jsonsafe.dumps(data, indent=2))
         print(f"wrote {p}")
 
 

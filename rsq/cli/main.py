@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from rsq import jsonsafe
 from rsq.cli.progress import Progress
 from rsq.config import (
     DTYPES,
@@ -171,6 +173,17 @@ def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
         default=EVAL_WINDOWS,
         help=f"at most this many windows; 0 = all (default: {EVAL_WINDOWS})",
     )
+    p.add_argument(
+        "--ppl-batch-size",
+        type=int,
+        default=None,
+        help="perplexity windows per forward (default: the most, up to 4, that fits in memory)",
+    )
+    p.add_argument(
+        "--force-seqlen",
+        action="store_true",
+        help="allow window lengths beyond the model's max_position_embeddings",
+    )
 
 
 def build_config(args: argparse.Namespace) -> RSQConfig:
@@ -220,13 +233,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import os
 
     from rsq.distributed import init_from_env, shutdown
+    from rsq.pipeline import resolve_device
+    from rsq.preflight import check_lengths, check_nproc
     from rsq.run import run_quantize
 
     cfg = build_config(args)
+    check_nproc(args.nproc)
+    check_lengths(ppl_seqlen=args.ppl_seqlen, ppl_max_windows=_max_windows(args), ppl_batch_size=args.ppl_batch_size)
+    resolve_device(cfg.device)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_ranks(args.nproc)
     ctx = init_from_env("cuda" if cfg.device in ("auto", "cuda") and _has_cuda() else "cpu")
     out = Path(args.out)
+    _INTERRUPT_HINT["out"] = out
     try:
         with Progress() as progress:
             results = run_quantize(
@@ -236,7 +255,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 ppl_sources=_sources(args.ppl),
                 ppl_seqlen=args.ppl_seqlen,
-                ppl_max_windows=args.max_windows or None,
+                ppl_max_windows=_max_windows(args),
+                ppl_batch_size=args.ppl_batch_size,
+                force_seqlen=args.force_seqlen,
                 progress=progress.update if ctx.is_main else None,
                 dist_ctx=ctx,
             )
@@ -246,6 +267,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print_summary([results])
         print(f"wrote {out}/ (results.json, model, tokenizer)")
     return 0
+
+
+def _max_windows(args: argparse.Namespace) -> int | None:
+    """--max-windows: 0 means all (None); a negative count is an error."""
+    from rsq.errors import ConfigError
+
+    if args.max_windows < 0:
+        raise ConfigError(f"--max-windows {args.max_windows} is invalid: use a positive count, or 0 for all windows")
+    return args.max_windows or None
 
 
 def _has_cuda() -> bool:
@@ -277,8 +307,22 @@ def _launch_ranks(nproc: int) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity; with --tasks the lm-eval tasks instead (as `rsq lm-eval`), plus perplexity when --ppl is given."""
     from rsq.evaluate import run_eval
+    from rsq.pipeline import resolve_device
+    from rsq.preflight import check_lengths
 
     ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2")
+    if _sources(ppl):
+        check_lengths(
+            ppl_seqlen=args.ppl_seqlen,
+            ppl_max_windows=_max_windows(args),
+            ppl_batch_size=args.ppl_batch_size,
+            seqlen_flag="--seqlen",
+        )
+    resolve_device(args.device or "auto")
+    if args.json_out:
+        from rsq.preflight import check_file_target
+
+        check_file_target(Path(args.json_out), "--json-out")
     if args.tasks and _sources(ppl) and args.json_out:
         from rsq.errors import ConfigError
 
@@ -297,15 +341,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 args.model,
                 _sources(ppl),
                 args.ppl_seqlen,
-                args.max_windows or None,
+                _max_windows(args),
                 device=args.device or "auto",
                 data_dir=args.data_dir,
                 progress=progress.update,
                 loaded=loaded,
+                batch_size=args.ppl_batch_size,
+                force_seqlen=args.force_seqlen,
             )
-        print(json.dumps(results["perplexity"], indent=2))
+        print(jsonsafe.dumps(results["perplexity"], indent=2))
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps(results, indent=2))
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(jsonsafe.dumps(results, indent=2))
             print(f"wrote {args.json_out}")
     if args.tasks:
         from rsq.cli.evalcmds import cmd_lm_eval
@@ -353,7 +400,11 @@ def make_parser() -> argparse.ArgumentParser:
     add_quantize_options(q)
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out, and discard an unfinished OUT.partial/ instead of resuming it",
+    )
     q.add_argument(
         "--nproc",
         type=int,
@@ -406,14 +457,57 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_transformers()
+    previous = _install_sigterm()
+    _INTERRUPT_HINT.clear()
     try:
         return args.func(args)
     except RSQError as exc:
-        print(f"rsq: error: {exc}", file=sys.stderr)
+        print(f"rsq: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rsq: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signame = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        print(f"rsq: interrupted by {signame}; {_resume_hint()}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _install_sigterm():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+_INTERRUPT_HINT: dict = {}  # set by the command: "out" -> the quantize output directory
+
+
+def _resume_hint() -> str:
+    from rsq.run import STATE_FILE, partial_dir
+
+    out = _INTERRUPT_HINT.get("out")
+    if out is None:
+        return "nothing was written"
+    state = partial_dir(out) / STATE_FILE
+    try:
+        done = json.loads(state.read_text())["finished_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no layer was finished, nothing was kept (no {partial_dir(out)}/)"
+    return f"{done} finished layers kept in {partial_dir(out)}/: rerun the same command with --resume to continue"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _quiet_transformers() -> None:

@@ -1,4 +1,10 @@
-"""Perplexity on non-overlapping windows (spec §8): PPL = exp(mean over windows of mean token NLL)."""
+"""Perplexity on non-overlapping windows (spec §8): PPL = exp(mean over windows of mean token NLL).
+
+The log-likelihood is computed from the decoder's last hidden states, applying the output head to
+a few positions at a time, so the (batch, positions, vocabulary) logits are never materialised at
+once: with a 152k vocabulary, 4 windows of 512 tokens would otherwise hold 1.2 GB of float32
+logits, plus as much again for the log-softmax.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +15,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DEFAULT_BATCH = 4
+LOGITS_BUDGET = 64 * 1024**2  # bytes of float32 logits per head chunk (log-softmax doubles it)
+
+
+def positions_per_chunk(batch: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Positions of ``batch`` windows whose float32 logits fit in ``budget`` bytes (at least 1)."""
+    return max(1, budget // max(1, 4 * batch * vocab))
+
+
+def _split_head(model: nn.Module):
+    """(decoder, head) when the model is decoder -> linear output head (Llama/Mistral/Qwen2), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, nn.Linear) or decoder is None or decoder is model:
+        return None
+    return decoder, head
+
 
 @torch.no_grad()
 def window_nll(
     model: nn.Module,
     windows: torch.Tensor,
     device: torch.device,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH,
     progress: Callable[[int, int], None] | None = None,
+    logits_budget: int = LOGITS_BUDGET,
 ) -> torch.Tensor:
     """Mean next-token NLL of each window (K,), float64. The model is moved to ``device``."""
     model.to(device)
+    split = _split_head(model)
     out = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        out.append(nll.view(ids.shape[0], -1).mean(dim=1).double().cpu())
+        targets = ids[:, 1:]
+        if split is None:  # fallback: the whole logits tensor at once
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            total = nll.view(ids.shape[0], -1).double().sum(dim=1)
+        else:
+            decoder, head = split
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            step = positions_per_chunk(ids.shape[0], head.out_features, logits_budget)
+            total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
+            for a in range(0, hidden.shape[1], step):
+                logits = head(hidden[:, a : a + step]).float()
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets[:, a : a + step].reshape(-1), reduction="none"
+                )
+                total += nll.view(ids.shape[0], -1).double().sum(dim=1)
+                del logits, nll
+        out.append((total / targets.shape[1]).cpu())
         if progress is not None:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
     return torch.cat(out)
 
 
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 4, progress=None
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int = DEFAULT_BATCH,
+    progress=None,
 ) -> float:
+    """exp(mean window NLL); NaN when any window's NLL is not finite (callers turn that into an error)."""
     nll = window_nll(model, windows, device, batch_size, progress)
     if not torch.isfinite(nll).all():
         return float("nan")
