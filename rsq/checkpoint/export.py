@@ -43,7 +43,7 @@ from rsq.errors import CheckpointFormatError, ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gptq")
 MAX_SHARD = "2GB"
 RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")  # kinds applied online
 # compressed-tensors transform scheme name; also the middle of the transform weight's tensor key

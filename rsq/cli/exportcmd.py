@@ -8,11 +8,11 @@ def add_export_parser(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="convert an rsq checkpoint to compressed-tensors (vLLM's format)",
-        description="Write OUT/ with DIR's quantized linears in compressed-tensors' "
-        "pack-quantized int4/int8 layout, the other tensors unchanged, and DIR's tokenizer files. "
-        "Refuses, with the reason, what the format cannot express: 2/3-bit widths, nf/e8p grids "
-        "and online rotations other than a power-of-2 (Sylvester) Hadamard on a linear's input.",
+        help="convert an rsq checkpoint to compressed-tensors or GPTQ (formats vLLM, SGLang and transformers load)",
+        description="Write OUT/ with DIR's quantized linears in another runtime's layout, DIR's tokenizer files and a "
+        "model card. compressed-tensors: pack-quantized int4/int8, online down_proj Hadamards of "
+        "--online-rotations export as its hadamard transform. gptq: 2/3/4/8-bit GPTQ (checkpoint_format gptq), "
+        "plain linears only (--online-rotations none). Refuses, with the reason, what a format cannot express.",
     )
     p.add_argument("ckpt", metavar="DIR", help="rsq checkpoint directory (rsq quantize --out ...)")
     p.add_argument("--format", required=True, choices=FORMATS, help="target format")
@@ -26,6 +26,17 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gptq":
+        from rsq.checkpoint.export_gptq import export_gptq
+
+        s = export_gptq(args.ckpt, args.out, overwrite=args.overwrite)
+        group = "per channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+        sym = "symmetric" if s["symmetric"] else "asymmetric"
+        print(
+            f"wrote {args.out}/ (GPTQ, {s['bits']}-bit {sym} {group}, {s['modules']} linears, "
+            f"{s['bytes'] / 2**20:.1f} MiB of weights)"
+        )
+        return 0
     from rsq.checkpoint.export import export_compressed_tensors
 
     s = export_compressed_tensors(args.ckpt, args.out, overwrite=args.overwrite)

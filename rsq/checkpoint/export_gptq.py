@@ -1,0 +1,165 @@
+"""Export an rsq checkpoint directory to the GPTQ layout (AutoGPTQ / GPTQModel ``checkpoint_format:
+gptq``, "v1"), which transformers (through gptqmodel / optimum), vLLM (``gptq``, ``gptq_marlin``) and
+SGLang load at 2, 3, 4 and 8 bits.
+
+Per quantized linear ``P`` (in -> out features, G groups of ``group_size`` inputs; per channel: G = 1):
+
+    P.qweight  int32 (in * bits / 32, out)   codes packed along the input dim: the 32 codes of
+                                             inputs 32r..32r+31 of column o form a little-endian
+                                             string of 32*bits bits in words bits*r.. (code k at
+                                             bits [k*bits, (k+1)*bits)); 3-bit codes straddle words
+    P.qzeros   int32 (G, out * bits / 32)    zero points minus one, packed the same way along out
+    P.scales   float16 (G, out)
+    P.g_idx    int32 (in,)                   group of each input (k // group_size; no act-order)
+    P.bias     float16 (out,)                when the linear has one
+
+    w[o, k] = scales[g, o] * (q[k, o] - (qzeros[g, o] + 1)),   g = g_idx[k]
+
+rsq stores codes c in [0, 2^bits - 1] and zeros z with w = scales * (c - z), packed along the input
+dim of each output row in the same little-endian run layout (rsq/quant/pack.py), so GPTQ's qweight
+is rsq's transposed and its qzeros are z - 1 packed along the output dim. Scales and the float
+tensors are written in float16 (GPTQ's dtype; the only change to the function, ~2^-11 relative per
+scale). "v1" cannot hold a zero point of 0 (z - 1 wraps; loaders add one back unmasked): such a
+checkpoint is refused, naming the symmetric grid (z = 2^(bits-1)) that always exports.
+
+Refused, with the reason: grids other than uniform (NormalFloat, E8P), widths other than 2/3/4/8,
+and online rotations (the GPTQ layout runs plain linears: quantize with --online-rotations none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from rsq.checkpoint.export import COPY_PATTERNS, _meta_model, _refuse_grid, _swap_in, _write_weights
+from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
+from rsq.errors import CheckpointFormatError, ExportError
+from rsq.quant.pack import pack_codes, unpack_codes
+
+RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")
+
+
+def check_gptq_exportable(qc: dict) -> None:
+    """ExportError unless the checkpoint's grid and rotations fit the GPTQ layout."""
+    if not qc.get("modules"):
+        raise ExportError(
+            f"the checkpoint has no quantized linears (method {qc.get('method')}): there is nothing to pack; "
+            "quantize with --bits 2, 3, 4 or 8 first"
+        )
+    _refuse_grid(qc, "gptq")
+    rotation = qc.get("rotation") or {}
+    online = [s for s in rotation.get("online", []) if s["kind"] in RUNTIME_KINDS]
+    if online:
+        sites = ", ".join(f"{s['module']} ({s['kind']})" for s in online)
+        setting = rotation.get("online_setting", "exact")
+        raise ExportError(
+            f"the checkpoint applies online rotations at {sites} (--online-rotations {setting}); the GPTQ layout "
+            "runs plain linears: re-quantize with --online-rotations none (rotations folded into the weights "
+            "only), or export --format compressed-tensors for --online-rotations export"
+        )
+
+
+def convert_linear_gptq(prefix: str, tensors: dict[str, torch.Tensor], in_features: int, qc: dict) -> dict:
+    """The GPTQ tensors of one rsq uniform-grid linear."""
+    bits, group = qc["bits"], qc["group_size"]
+    qweight = tensors[f"{prefix}.qweight"]
+    zeros = tensors[f"{prefix}.qzeros"].to(torch.int64)  # (out, G)
+    out_features = qweight.shape[0]
+    if in_features % 32 or out_features % 32:
+        raise ExportError(
+            f"{prefix} is {out_features}x{in_features}: the GPTQ layout packs 32 inputs and 32 outputs per "
+            f"run of {bits} words, so both widths must be multiples of 32"
+        )
+    if bool((zeros == 0).any()):
+        raise ExportError(
+            f"{prefix} has zero points equal to 0, which GPTQ's checkpoint_format 'gptq' stores as zero - 1 and "
+            "cannot hold; re-quantize with a symmetric grid (drop --asym), whose zero points are 2^(bits-1)"
+        )
+    codes = unpack_codes(qweight, bits, in_features)  # (out, in): checks the packed width
+    out = {
+        "qweight": pack_codes(codes, bits).T.contiguous(),  # (in * bits / 32, out)
+        "qzeros": pack_codes(zeros.T - 1, bits).contiguous(),  # (G, out * bits / 32)
+        "scales": tensors[f"{prefix}.scales"].T.to(torch.float16).contiguous(),  # (G, out)
+        "g_idx": torch.arange(in_features, dtype=torch.int32) // (in_features if group == -1 else group),
+    }
+    if not torch.isfinite(out["scales"]).all():
+        raise ExportError(f"{prefix}: scales overflow float16; GPTQ stores float16 scales")
+    if f"{prefix}.bias" in tensors:
+        out["bias"] = tensors[f"{prefix}.bias"].to(torch.float16)
+    return out
+
+
+def gptq_quantization_config(qc: dict) -> dict:
+    return {
+        "quant_method": "gptq",
+        "bits": qc["bits"],
+        "group_size": qc["group_size"],
+        "desc_act": False,  # codes and groups are in natural column order (rsq's act-order is static)
+        "sym": bool(qc["symmetric"]),
+        "checkpoint_format": "gptq",
+        "static_groups": False,
+        "true_sequential": True,
+        "lm_head": False,
+        "damp_percent": (qc.get("rsq_config") or {}).get("solver", {}).get("damp_frac", 0.01),
+        "quantizer": [f"rsq:{qc.get('rsq_version', '')}"],
+    }
+
+
+def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write ``out``: the rsq checkpoint ``src`` in the GPTQ layout (temporary sibling, then renamed)."""
+    src, out = Path(src), Path(out)
+    config, qc = read_quant_config(src)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists: pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ExportError(f"--out {out} is the source checkpoint: choose another directory")
+    check_gptq_exportable(qc)
+    model = _meta_model(src)
+    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [m for m in qc["modules"] if m not in linears]
+    if missing:
+        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
+    tensors = _read_tensors(_weight_files(src))
+    quantized = set(qc["modules"])
+    result = {
+        n: (t.to(torch.float16) if t.is_floating_point() else t)
+        for n, t in tensors.items()
+        if n.rsplit(".", 1)[0] not in quantized
+    }
+    for prefix in qc["modules"]:
+        for key, t in convert_linear_gptq(prefix, tensors, linears[prefix], qc).items():
+            result[f"{prefix}.{key}"] = t
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config["quantization_config"] = gptq_quantization_config(qc)
+    config["dtype"] = "float16"
+    config.pop("torch_dtype", None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_weights(result, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        provenance = {k: v for k, v in qc.items() if k not in ("modules", "rsq_config")}
+        (tmp / "rsq_export.json").write_text(json.dumps({"format": "gptq", "source": provenance}, indent=2))
+        for pattern in COPY_PATTERNS:
+            for f in src.glob(pattern):
+                shutil.copy2(f, tmp / f.name)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "format": "gptq",
+        "bits": qc["bits"],
+        "group_size": qc["group_size"],
+        "symmetric": bool(qc["symmetric"]),
+        "modules": len(qc["modules"]),
+        "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+    }
