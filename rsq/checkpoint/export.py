@@ -317,6 +317,9 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
         for pattern in COPY_PATTERNS:
             for f in src.glob(pattern):
                 shutil.copy2(f, tmp / f.name)
+        from rsq.checkpoint.card import write_model_card
+
+        write_model_card(src, tmp, qc, "compressed-tensors", plan.transform_modules)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

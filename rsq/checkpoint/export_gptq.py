@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from rsq.checkpoint.card import write_model_card
 from rsq.checkpoint.export import COPY_PATTERNS, _meta_model, _refuse_grid, _swap_in, _write_weights
 from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
 from rsq.errors import CheckpointFormatError, ExportError
@@ -151,6 +152,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> di
         for pattern in COPY_PATTERNS:
             for f in src.glob(pattern):
                 shutil.copy2(f, tmp / f.name)
+        write_model_card(src, tmp, qc, "gptq")
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

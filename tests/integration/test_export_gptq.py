@@ -102,6 +102,10 @@ def test_gptq_export_unpacks_to_rsqs_model(tiny_model_dir, tmp_path, method, bit
     assert (qc["quant_method"], qc["bits"], qc["checkpoint_format"], qc["desc_act"]) == ("gptq", bits, "gptq", False)
     assert qc["group_size"] == grid.get("group_size", -1) and qc["sym"] == grid.get("symmetric", True)
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    card = (out / "README.md").read_text()
+    head = card.split("---")[1]
+    assert "quantized_by: rsq" in head and "library_name: transformers" in head and "base_model:" in head
+    assert f"{bits} bits" in card and "vllm serve" in card
 
     loaded, _ = rsq.load(ckpt)
     src = load_file(str(ckpt / "model.safetensors"))
