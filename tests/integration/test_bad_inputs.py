@@ -376,3 +376,76 @@ def test_interrupt_after_a_layer_is_resumable(llama, tmp_path, capsys, monkeypat
     a = load_file(str(next((tmp_path / "ref").glob("*.safetensors"))))
     b = load_file(str(next(out.glob("*.safetensors"))))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- item 2 / row 8: memory predicted and bounded
+
+
+def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path, capsys, monkeypatch):
+    import re
+    from dataclasses import replace
+
+    import rsq.plan
+    from rsq.loading import load_config
+    from rsq.plan import host_memory_plan
+
+    cfg = replace(_cfg(llama), batch_size=8, calib=CalibConfig(nsamples=512, seqlen=512))
+    stages = host_memory_plan(load_config(llama), cfg, ppl_seqlen=32, ppl_batch=4)  # baseline 0: increments
+    avail = rsq.plan._rss_bytes() + rsq.plan.LIBRARIES + stages["quantize"] // 2
+    monkeypatch.setattr(rsq.plan, "available_bytes", lambda: avail)
+    argv = ["quantize", llama, "--method", "gptq", "--nsamples", "512", "--seqlen", "512", "--batch-size", "8",
+            "--ppl-seqlen", "32", "--max-windows", "2", "--out", str(tmp_path / "o")]  # fmt: skip
+    line = _one_error(capsys, main(argv), "GiB of host memory", "available", "--nsamples")
+    _nothing_created(tmp_path)
+    n = int(re.search(r"--nsamples (\d+)", line).group(1))
+    assert 1 <= n < 512
+    argv[argv.index("512")] = str(n)  # the advice fits: the same command with it runs
+    assert main(argv) == 0
+
+
+def test_results_record_predicted_and_measured_peak(llama, tmp_path):
+    res = run_quantize(_cfg(llama), tmp_path / "o", ppl_seqlen=64, ppl_max_windows=2)
+    mem = json.loads((tmp_path / "o" / "results.json").read_text())["host_memory"]
+    assert mem == json.loads(json.dumps(res["host_memory"]))
+    assert mem["predicted_peak_GiB"] > 0 and mem["measured_peak_GiB"] > 0 and mem["ppl_batch_size"] == 4
+    assert set(mem["stages_GiB"]) == {"load", "quantize", "perplexity", "save"}
+
+
+def test_large_vocabulary_evaluation_is_chunked():
+    """Qwen2.5-0.5B (152k vocabulary): the evaluation's working memory no longer scales with batch x
+    positions x vocabulary (4 x 511 x 151936 float32 logits were 1.2 GB, times the copies)."""
+    from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
+    from rsq.models.bundled import load_bundled_config
+    from rsq.plan import LOGITS_COPIES, eval_bytes
+
+    config = load_bundled_config("qwen2.5-0.5b")
+    assert config.vocab_size > 150_000
+    step = positions_per_chunk(4, config.vocab_size)
+    assert 4 * step * config.vocab_size * 4 <= LOGITS_BUDGET < 4 * (step + 1) * config.vocab_size * 4
+    whole = 4 * 511 * config.vocab_size * 4 * LOGITS_COPIES
+    assert eval_bytes(config, 512, 4) < whole / 4
+
+
+def test_chunked_nll_equals_whole_logits():
+    import torch.nn.functional as F
+
+    from rsq.eval.perplexity import window_nll
+    from tests.conftest import tiny_model
+
+    for family in ("llama", "qwen2", "mistral"):
+        model = tiny_model(family, vocab_size=1000)
+        windows = torch.randint(0, 1000, (5, 33), generator=torch.Generator().manual_seed(0))
+        got = window_nll(model, windows, torch.device("cpu"), 2, logits_budget=4 * 2 * 1000 * 3)  # 3 positions
+        logits = model(input_ids=windows).logits[:, :-1].double()
+        ref = F.cross_entropy(logits.reshape(-1, 1000), windows[:, 1:].reshape(-1), reduction="none")
+        torch.testing.assert_close(got, ref.view(5, -1).mean(dim=1), rtol=1e-6, atol=1e-6)
+
+
+def test_eval_batch_follows_the_option(llama, monkeypatch):
+    import rsq.evaluate
+
+    seen = []
+    real = rsq.evaluate.perplexity
+    monkeypatch.setattr(rsq.evaluate, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
+    rsq.evaluate.run_eval(llama, ("wikitext2",), 32, 3, batch_size=2)
+    assert seen == [2]
