@@ -135,9 +135,200 @@ def format_plan(name: str, config, **kw) -> list[str]:
     return lines
 
 
-def fit_host_memory(config, cfg, *, device, ppl_seqlen, ppl_batch_size, ranks=1, enforce=True, preloaded=False) -> dict:
-    return {"ppl_batch_size": ppl_batch_size or 4}
+# ----------------------------------------------------------------------------- host memory (CPU jobs)
+
+LOGITS_COPIES = 3  # a head chunk's logits, their log-softmax and the gathered loss terms
+LIBRARIES = 80 * 1024**2  # resident code and tables of the model and tokenizer libraries, imported at load
+TOKENIZE_PER_CHAR = 140  # transient bytes of a fast tokenizer's encoding per character of text (measured:
+# 86 MiB for 646k characters with a 512-token BPE); the allocator keeps them resident afterwards
 
 
-def eval_batch_that_fits(config, seqlen, device) -> int:
-    return 4
+def _rss_bytes() -> int:
+    """This process's resident set now (VmRSS), bytes; 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_bytes() -> int | None:
+    """Memory available to a new job: MemAvailable of /proc/meminfo (psutil where installed)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def eval_bytes(config, seqlen: int, batch: int, act_bytes: int = 4) -> int:
+    """Working memory of one perplexity forward of ``batch`` windows beyond the weights: the
+    residual stream and MLP intermediates of a layer, the attention scores, and the chunked
+    log-likelihood (rsq.eval.perplexity bounds a head chunk's logits to LOGITS_BUDGET)."""
+    from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
+
+    d, inter = config.hidden_size, config.intermediate_size
+    heads = resolve(config).num_heads(config)
+    tokens = batch * seqlen
+    layer = tokens * (6 * d + 3 * inter) * act_bytes + batch * heads * seqlen * seqlen * 4
+    chunk = min(seqlen, positions_per_chunk(batch, config.vocab_size, LOGITS_BUDGET))
+    logits = batch * chunk * config.vocab_size * 4 * LOGITS_COPIES
+    return layer + logits + tokens * d * 4  # + the kept last hidden states
+
+
+def host_memory_plan(
+    config,
+    cfg,
+    *,
+    ppl_seqlen: int | None,
+    ppl_batch: int,
+    baseline: int = 0,
+    from_gguf: bool = False,
+    text_chars: int = 0,
+) -> dict[str, int]:
+    """Predicted peak resident bytes of a CPU job per stage (each includes ``baseline``, the
+    process's resident set before loading): load, quantize, perplexity, save. ``text_chars``: the
+    longest text the job tokenizes."""
+    from rsq.config import TORCH_DTYPES
+
+    p = param_counts(config)
+    wb = TORCH_DTYPES[cfg.dtype].itemsize
+    model = p["total"] * wb
+    d, inter = config.hidden_size, config.intermediate_size
+    heads = resolve(config).num_heads(config)
+    # loading: transformers holds the checkpoint's tensors (a GGUF file dequantized to float32)
+    # beside the model it fills
+    load = model + (p["total"] * 4 if from_gguf else model)
+    stages = {"load": load}
+    codes = 0
+    if cfg.quantizes:
+        n, t = cfg.calib.nsamples * cfg.importance.expand, cfg.calib.seqlen
+        store = n * t * d * wb
+        reuse = cfg.solver.algorithm != "rtn" and cfg.importance.expand == 1 and cfg.offload in ("auto", "cpu")
+        acts = store * (2 if reuse else 1) if cfg.offload != "disk" and cfg.importance.expand == 1 else 0
+        bs = min(cfg.batch_size, n)
+        width = max(d, inter)
+        hess = 0 if cfg.solver.algorithm == "rtn" else 3 * 4 * width * width
+        inflight = bs * t * (3 * inter + 6 * d) * 4 + bs * heads * t * t * 4
+        if cfg.importance.strategy == "attncon":
+            inflight += 3 * heads * min(cfg.importance.query_chunk, t) * t * 4
+        codes = p["linear_per_layer"] * config.num_hidden_layers  # uint8 codes kept for the checkpoint
+        stages["quantize"] = model + acts + hess + inflight + codes
+    if ppl_seqlen is not None:
+        stages["perplexity"] = model + codes + eval_bytes(config, ppl_seqlen, ppl_batch)
+    # saving: the checkpoint's tensors, then safetensors' serialised copy of them
+    rest = (p["embed"] + p["lm_head"]) * wb
+    packed = memory_plan(config, bits=cfg.grid.bits, group_size=cfg.grid.group_size)["checkpoint_GiB"] * GiB
+    stages["save"] = model + codes + int(packed - (p["embed"] + p["lm_head"]) * 2 + rest) * 2
+    after_tokenizing = baseline + LIBRARIES + TOKENIZE_PER_CHAR * text_chars
+    return {k: int(v + (baseline + LIBRARIES if k == "load" else after_tokenizing)) for k, v in stages.items()}
+
+
+def _gib(n: float) -> float:
+    return round(n / GiB, 3)
+
+
+def fit_host_memory(
+    config,
+    cfg,
+    *,
+    device,
+    ppl_seqlen: int | None,
+    ppl_batch_size: int | None,
+    ranks: int = 1,
+    enforce: bool = True,
+    preloaded: bool = False,
+    text_chars: int = 0,
+) -> dict:
+    """The evaluation batch and the predicted peak host memory of a job; on a CPU job whose
+    prediction exceeds the available memory, MemoryBudgetError naming options that fit."""
+    from functools import partial
+
+    from rsq.errors import MemoryBudgetError
+
+    baseline = _rss_bytes()
+    from_gguf = not preloaded and (not cfg.model or str(cfg.model).endswith(".gguf"))
+    plan_of = partial(host_memory_plan, config, baseline=baseline, from_gguf=from_gguf, text_chars=text_chars)
+    avail = available_bytes()
+    batch = ppl_batch_size
+    if batch is None:  # the most, up to 4, that fits
+        batch = 4
+        if ppl_seqlen is not None and avail is not None:
+            while batch > 1 and plan_of(cfg, ppl_seqlen=ppl_seqlen, ppl_batch=batch)["perplexity"] > avail:
+                batch //= 2
+    stages = plan_of(cfg, ppl_seqlen=ppl_seqlen, ppl_batch=batch)
+    if preloaded:
+        stages.pop("load")
+    peak = max(stages.values())
+    plan = {
+        "predicted_peak_GiB": _gib(peak),
+        "stages_GiB": {k: _gib(v) for k, v in stages.items()},
+        "baseline_GiB": _gib(baseline),
+        "available_GiB": None if avail is None else _gib(avail),
+        "ppl_batch_size": batch,
+        "applies": str(device) == "cpu" and ranks == 1,
+    }
+    if enforce and plan["applies"] and avail is not None and peak > avail:
+        raise MemoryBudgetError(
+            f"this job needs about {_gib(peak):.1f} GiB of host memory (largest stage: "
+            f"{max(stages, key=stages.get)}), but only {_gib(avail):.1f} GiB is available: "
+            + _advice(plan_of, cfg, stages, avail, ppl_seqlen, batch)
+        )
+    return plan
+
+
+def _advice(plan_of, cfg, stages, avail, ppl_seqlen, batch) -> str:
+    """Options that bring the prediction under ``avail`` (the first value that works per knob)."""
+    from dataclasses import replace
+
+    tips = []
+    if "quantize" in stages and stages["quantize"] > avail:
+        for n in (cfg.calib.nsamples // 2, cfg.calib.nsamples // 4, cfg.calib.nsamples // 8, 1):
+            if 1 <= n < cfg.calib.nsamples:
+                trial = replace(cfg, calib=replace(cfg.calib, nsamples=n))
+                if plan_of(trial, ppl_seqlen=None, ppl_batch=1)["quantize"] <= avail:
+                    tips.append(f"--nsamples {n}")
+                    break
+        for t in (cfg.calib.seqlen // 2, cfg.calib.seqlen // 4, 128):
+            if 2 <= t < cfg.calib.seqlen:
+                trial = replace(cfg, calib=replace(cfg.calib, seqlen=t))
+                if plan_of(trial, ppl_seqlen=None, ppl_batch=1)["quantize"] <= avail:
+                    tips.append(f"--seqlen {t}")
+                    break
+        if cfg.offload != "disk":
+            tips.append("--offload disk")
+    if "perplexity" in stages and stages["perplexity"] > avail and ppl_seqlen:
+        if batch > 1:
+            tips.append("--ppl-batch-size 1")
+        for t in (ppl_seqlen // 2, ppl_seqlen // 4, 128):
+            if 2 <= t < ppl_seqlen and plan_of(cfg, ppl_seqlen=t, ppl_batch=1)["perplexity"] <= avail:
+                tips.append(f"--ppl-seqlen {t}")
+                break
+    fit = ", ".join(tips) if tips else "a machine with more memory"
+    return f"try {fit} (or --device cuda on a GPU)"
+
+
+def eval_batch_that_fits(config, seqlen: int, device) -> int:
+    """Perplexity windows per forward for rsq eval: the most, up to 4, whose working memory fits."""
+    if str(device) != "cpu":
+        return 4
+    avail = available_bytes()
+    batch = 4
+    if avail is None:
+        return batch
+    model = param_counts(config)["total"] * 4
+    while batch > 1 and _rss_bytes() + model + eval_bytes(config, seqlen, batch) > avail:
+        batch //= 2
+    return batch

@@ -246,6 +246,7 @@ def run_quantize(
         ranks=ctx.world,
         enforce=check_memory,
         preloaded=preloaded is not None,
+        text_chars=_longest_text(texts, cfg.calib.source, ppl_sources),
     )
     part = partial_dir(out)
     try:
@@ -270,6 +271,13 @@ def run_quantize(
         if ctx.is_main and not (part / STATE_FILE).exists():
             shutil.rmtree(part, ignore_errors=True)  # nothing resumable: leave no half-written output
         raise
+
+
+def _longest_text(texts: dict, calib_source: str, ppl_sources) -> int:
+    """Characters of the longest text the job tokenizes (lazily read c4 shards count as 0)."""
+    sizes = [len(t._calib) for s, t in texts.items() if s == calib_source and isinstance(t._calib, str)]
+    sizes += [len(t._eval) for s, t in texts.items() if s in ppl_sources and isinstance(t._eval, str)]
+    return max(sizes, default=0)
 
 
 def _check_losses(index: int, state: RunState, prefix: str) -> None:

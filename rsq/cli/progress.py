@@ -17,7 +17,13 @@ class Progress:
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(
-                total=total, desc=stage, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True
+                total=total,
+                desc=stage,
+                unit="step",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=None,  # no bars when stderr is not a terminal (logs, pipes): errors stay one line
             )
         bar.update(done - bar.n)
 

@@ -40,9 +40,11 @@ def window_nll(
     device: torch.device,
     batch_size: int = DEFAULT_BATCH,
     progress: Callable[[int, int], None] | None = None,
-    logits_budget: int = LOGITS_BUDGET,
+    logits_budget: int | None = None,
 ) -> torch.Tensor:
-    """Mean next-token NLL of each window (K,), float64. The model is moved to ``device``."""
+    """Mean next-token NLL of each window (K,), float64. The model is moved to ``device``.
+    ``logits_budget``: bytes of float32 logits per head chunk (default LOGITS_BUDGET)."""
+    budget = LOGITS_BUDGET if logits_budget is None else logits_budget
     model.to(device)
     split = _split_head(model)
     out = []
@@ -56,7 +58,7 @@ def window_nll(
         else:
             decoder, head = split
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-            step = positions_per_chunk(ids.shape[0], head.out_features, logits_budget)
+            step = positions_per_chunk(ids.shape[0], head.out_features, budget)
             total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
             for a in range(0, hidden.shape[1], step):
                 logits = head(hidden[:, a : a + step]).float()

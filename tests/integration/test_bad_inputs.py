@@ -1,0 +1,451 @@
+"""Issue 22: every bad input fails before the work with one line on stderr and exit 2, creating
+nothing; interrupts and resumes keep finished work; results are finite and valid JSON."""
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsq.cli.main import main
+from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
+from rsq.run import STATE_FILE, _Interrupted, partial_dir, run_quantize
+
+FAST = ("--nsamples", "2", "--seqlen", "32", "--ppl-seqlen", "32", "--max-windows", "2")
+
+
+def _lines(err: str) -> list[str]:
+    """stderr lines as a terminal shows them (tqdm redraws with carriage returns)."""
+    return [seg for line in err.splitlines() if (seg := line.split("\r")[-1].strip())]
+
+
+def _one_error(capsys, rc: int, *needles: str) -> str:
+    err = _lines(capsys.readouterr().err)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("rsq: error:"), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    return err[0]
+
+
+def _nothing_created(tmp_path: Path, name: str = "o") -> None:
+    assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+@pytest.fixture
+def llama(tiny_model_dir, capsys):
+    d = str(tiny_model_dir("llama"))
+    capsys.readouterr()  # the fixture's own save output
+    return d
+
+
+def _cfg(model_dir, method="gptq", **kw):
+    return RSQConfig(
+        model=str(model_dir),
+        method=method,
+        grid=GridConfig(bits=3),
+        solver=SolverConfig(algorithm="gptq"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=3,
+        **kw,
+    )
+
+
+# -- row 1: --bits 5/6/7; rsq eval on a checkpoint saying bits 5
+
+
+@pytest.mark.parametrize("bits", ["5", "6", "7"])
+def test_unstorable_bits_fail_at_parse_time(llama, tmp_path, capsys, monkeypatch, bits):
+    import rsq.run
+
+    def no_model(*a, **k):  # the check must come before any weight is read
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(rsq.run, "load_model", no_model)
+    rc = main(["quantize", llama, "--bits", bits, "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, f"--bits {bits}", "--bits 4", "--bits 8")
+    _nothing_created(tmp_path)
+
+
+def test_nf_and_e8p_bits(capsys, tmp_path, llama):
+    rc = main(["quantize", llama, "--grid", "nf", "--bits", "6", "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, "nf grid")
+    rc = main(["quantize", llama, "--grid", "e8p", "--bits", "3", "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, "--bits 2")
+
+
+def test_eval_of_checkpoint_with_unstorable_bits(llama, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    run_quantize(_cfg(llama), out, ppl_sources=())
+    cfg_file = out / "config.json"
+    config = json.loads(cfg_file.read_text())
+    config["quantization_config"]["bits"] = 5
+    cfg_file.write_text(json.dumps(config))
+    rc = main(["eval", str(out), "--seqlen", "32", "--max-windows", "2"])
+    _one_error(capsys, rc, str(cfg_file), "5")
+
+
+# -- row 2: --calib a binary file (and an unreadable --ppl file)
+
+
+def test_binary_calibration_file(llama, tmp_path, capsys):
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"plain start " + bytes([0xFF, 0xFE, 0x00, 0x81]) * 64)
+    rc = main(["quantize", llama, "--calib", str(blob), "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, str(blob), "offset 12", "UTF-8")
+    _nothing_created(tmp_path)
+    rc = main(["quantize", llama, "--ppl", str(blob), "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, str(blob), "offset 12")
+    _nothing_created(tmp_path)
+    rc = main(["eval", llama, "--ppl", str(blob), "--seqlen", "32"])
+    _one_error(capsys, rc, str(blob))
+
+
+# -- rows 3, 4: --max-windows -1, --ppl-seqlen 0, rsq eval --seqlen 0 / 1, --ppl-batch-size 0
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--max-windows", "-1"), "--max-windows -1"),
+        (("--ppl-seqlen", "0"), "--ppl-seqlen 0"),
+        (("--ppl-seqlen", "1"), "--ppl-seqlen 1"),
+        (("--ppl-batch-size", "0"), "--ppl-batch-size 0"),
+        (("--nproc", "0"), "--nproc 0"),
+    ],
+)
+def test_bad_counts_quantize(llama, tmp_path, capsys, args, needle):
+    rc = main(["quantize", llama, "--out", str(tmp_path / "o"), *FAST, *args])
+    _one_error(capsys, rc, needle)
+    _nothing_created(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--max-windows", "-1"), "--max-windows -1"),
+        (("--seqlen", "0"), "--seqlen 0"),
+        (("--seqlen", "1"), "--seqlen 1"),
+        (("--ppl-batch-size", "-3"), "--ppl-batch-size -3"),
+    ],
+)
+def test_bad_counts_eval(llama, capsys, args, needle):
+    rc = main(["eval", llama, *args])
+    _one_error(capsys, rc, needle)
+
+
+# -- row 5: --out below a regular file, under /proc or /sys
+
+
+def test_unwritable_outputs(llama, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, needle in (
+        (afile / "run", "which is a file"),
+        (afile / "deeper" / "run", "which is a file"),
+        (afile, "existing file"),
+        (Path("/proc/rsq-test/run"), "cannot create"),
+        (Path("/sys/rsq-test"), "cannot create"),
+    ):
+        rc = main(["quantize", llama, "--out", str(out), *FAST, "--overwrite"])
+        _one_error(capsys, rc, str(out))
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    rc = main(["eval", llama, "--seqlen", "32", "--max-windows", "1", "--json-out", str(afile / "r.json")])
+    _one_error(capsys, rc, "--json-out", "which is a file")
+
+
+# -- row 6: --seqlen beyond the model's context (100000 was killed for memory)
+
+
+def test_seqlen_beyond_context(llama, tmp_path, capsys):
+    rc = main(["quantize", llama, "--out", str(tmp_path / "o"), *FAST, "--seqlen", "100000"])
+    _one_error(capsys, rc, "--seqlen 100000", "512 tokens", "--force-seqlen")
+    rc = main(["quantize", llama, "--out", str(tmp_path / "o"), *FAST, "--ppl-seqlen", "513"])
+    _one_error(capsys, rc, "--ppl-seqlen 513", "--force-seqlen")
+    _nothing_created(tmp_path)
+    rc = main(["eval", llama, "--seqlen", "4096"])
+    _one_error(capsys, rc, "--seqlen 4096")
+
+
+# -- row 7 (+ row 10): NaN evaluation is an error; results JSON has no bare NaN
+
+
+@pytest.fixture
+def nan_head_model(tiny_model_dir, tmp_path_factory):
+    """Mistral (untied head) with a NaN output head: calibration is finite, evaluation NaN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model_dir("mistral")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.lm_head.weight.data[:] = float("nan")
+    bad = tmp_path_factory.mktemp("nan-head")
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(src).save_pretrained(bad)
+    return str(bad)
+
+
+def test_nan_perplexity_is_an_error(nan_head_model, tmp_path, capsys):
+    capsys.readouterr()
+    rc = main(["quantize", nan_head_model, "--method", "fp16", "--out", str(tmp_path / "o"), *FAST])
+    _one_error(capsys, rc, "perplexity on wikitext2 is nan", "evaluation stage", "model itself")
+    _nothing_created(tmp_path)
+    rc = main(["quantize", nan_head_model, "--method", "gptq", "--out", str(tmp_path / "q"), *FAST])
+    _one_error(capsys, rc, "is nan", "--dtype float32")
+    assert not (tmp_path / "q").exists()  # the finished layers stay resumable in q.partial
+    assert (partial_dir(tmp_path / "q") / STATE_FILE).is_file()
+    rc = main(["eval", nan_head_model, "--seqlen", "32", "--max-windows", "2", "--json-out", str(tmp_path / "e.json")])
+    _one_error(capsys, rc, "is nan", "evaluation stage")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    from rsq import jsonsafe
+
+    data = {"perplexity": {"wikitext2": float("nan"), "c4": 12.5}, "losses": [1.0, float("inf")], "average": -math.inf}
+    text = jsonsafe.dumps(data, indent=2)
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert parsed["perplexity"] == {"wikitext2": None, "c4": 12.5}
+    assert parsed["losses"] == [1.0, None] and parsed["average"] is None
+    assert parsed["non_finite"]["perplexity.wikitext2"] == "nan"
+    assert parsed["non_finite"]["losses[1]"] == "inf" and parsed["non_finite"]["average"] == "-inf"
+    assert "note" in parsed["non_finite"]
+
+
+def test_lm_eval_json_with_nan_average_is_valid(tmp_path):
+    from rsq.cli.evalcmds import _write_json
+
+    _write_json(str(tmp_path / "lm.json"), {"tasks": {}, "average": float("nan")})
+    parsed = json.loads((tmp_path / "lm.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert parsed["average"] is None and parsed["non_finite"]["average"] == "nan"
+
+
+# -- row 9: --device tpu
+
+
+def test_unknown_device(llama, tmp_path, capsys):
+    for cmd in (["quantize", llama, "--out", str(tmp_path / "o"), *FAST], ["eval", llama]):
+        rc = main([*cmd, "--device", "tpu"])
+        _one_error(capsys, rc, "--device 'tpu'", "cuda:N")
+    _nothing_created(tmp_path)
+
+
+# -- row 11: rerunning a killed run's command without --resume
+
+
+def _argv(model, out, *extra):
+    return ["quantize", model, "--method", "gptq", "--bits", "3", "--nsamples", "4", "--seqlen", "64",
+            "--batch-size", "3", "--out", str(out), "--ppl", "none", *extra]  # fmt: skip
+
+
+def test_unfinished_run_is_not_discarded(llama, tmp_path, capsys):
+    out = tmp_path / "o"
+    with pytest.raises(_Interrupted):
+        run_quantize(_cfg(llama), out, ppl_sources=(), stop_after_layer=0)
+    part = partial_dir(out)
+    before = {p.name: p.read_bytes() for p in part.iterdir()}
+    capsys.readouterr()
+    rc = main(_argv(llama, out))
+    _one_error(capsys, rc, str(part), "1 finished layers", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == before  # untouched
+    rc = main(_argv(llama, out, "--bits", "4", "--resume"))  # other options: refused before any work
+    _one_error(capsys, rc, "different options", "--overwrite")
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == before
+    assert main(_argv(llama, out, "--overwrite")) == 0  # explicitly discarded: starts over
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["resumed_after_layers"] == 0 and not part.exists()
+
+
+# -- row 12: --group-size advice satisfies every width
+
+
+def test_group_size_advice_divides_every_width(llama, tmp_path, capsys):
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    rc = main(["quantize", llama, "--group-size", "12", "--out", str(tmp_path / "o"), *FAST])
+    line = _one_error(capsys, rc, "64", "96")  # names both failing widths (q..up: 64, down: 96)
+    fix = int(re.search(r"use --group-size (\d+)", line).group(1))
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    widths = {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    assert widths == {64, 96} and all(w % fix == 0 for w in widths)
+    assert main(["quantize", llama, "--group-size", str(fix), "--out", str(tmp_path / "o"), *FAST]) == 0
+
+
+def test_group_size_advice_on_the_default_models_widths():
+    """SmolLM2-135M's widths (576 and 1536, from its embedded config) with --group-size 9."""
+    from rsq.errors import ConfigError
+    from rsq.loading import load_config
+    from rsq.plan import layer_linear_shapes
+    from rsq.preflight import check_group_size
+
+    widths = {name: shape[1] for name, shape in layer_linear_shapes(load_config(None)).items()}
+    assert set(widths.values()) == {576, 1536}
+    import re
+
+    # 9 divides 576 but not 1536; 512 (a divisor of 1536, as the old advice suggested) not 576
+    for size, failing in ((9, "1536 (down_proj)"), (512, "576 (q_proj"), (100, "576 (q_proj")):
+        with pytest.raises(ConfigError) as info:
+            check_group_size(size, widths)
+        text = str(info.value)
+        assert failing in text and "576, 1536" in text, text  # every width of the model is named
+        fix = int(re.search(r"use --group-size (\d+)", text).group(1))
+        assert all(w % fix == 0 for w in widths.values())
+        check_group_size(fix, widths)  # following the advice passes
+    with pytest.raises(ConfigError, match="1536 \\(down_proj\\)"):
+        check_group_size(100, widths)  # fails both widths: both are listed
+
+
+# -- row 13: --resume of a run whose layers were all finished
+
+
+def test_resume_of_finished_layers_skips_propagation(llama, tmp_path):
+    cfg = _cfg(llama)
+    full = run_quantize(cfg, tmp_path / "full", ppl_sources=("wikitext2",), ppl_seqlen=64, ppl_max_windows=2)
+    out = tmp_path / "killed"
+    with pytest.raises(_Interrupted):
+        run_quantize(cfg, out, ppl_sources=(), stop_after_layer=1)  # the last layer: all finished
+    state = json.loads((partial_dir(out) / STATE_FILE).read_text())
+    assert state["finished_layers"] == 2
+    res = run_quantize(cfg, out, resume=True, ppl_sources=("wikitext2",), ppl_seqlen=64, ppl_max_windows=2)
+    assert res["resumed_after_layers"] == 2
+    # no capture or propagation ran again: the stage times are exactly the first session's
+    assert res["timings"]["stages"] == state["timings"]
+    sessions = res["timings"]["sessions"]
+    assert [s["layers_quantized"] for s in sessions] == [[0, 1], []]
+    assert sessions[0]["timings"]["quantize"] > 0
+    for key in ("load", "quantize", "total"):
+        assert res["timings"][key] == pytest.approx(sum(s["timings"].get(key, 0.0) for s in sessions))
+    assert res["timings"]["quantize"] >= sessions[0]["timings"]["quantize"]
+    assert res["perplexity"]["wikitext2"] == full["perplexity"]["wikitext2"]
+    a = load_file(str(next((tmp_path / "full").glob("*.safetensors"))))
+    b = load_file(str(next(out.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- item 5: SIGINT / SIGTERM
+
+
+def _signal_after(monkeypatch, sig, after_layer: int | None):
+    """Make the run deliver ``sig`` to this process before the first layer (None) or after one."""
+    import rsq.run
+
+    real = rsq.run.quantize_layers
+
+    def wrapped(*args, on_layer_done=None, **kw):
+        if after_layer is None:
+            os.kill(os.getpid(), sig)
+
+        def done(i, st):
+            on_layer_done(i, st)
+            if i == after_layer:
+                os.kill(os.getpid(), sig)
+
+        return real(*args, on_layer_done=done, **kw)
+
+    monkeypatch.setattr(rsq.run, "quantize_layers", wrapped)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_before_first_layer_leaves_nothing(llama, tmp_path, capsys, monkeypatch, sig, code):
+    _signal_after(monkeypatch, sig, None)
+    rc = main(_argv(llama, tmp_path / "o"))
+    err = _lines(capsys.readouterr().err)
+    assert rc == code and len(err) == 1 and err[0].startswith("rsq: interrupted by"), err
+    assert "nothing was kept" in err[0]
+    _nothing_created(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_after_a_layer_is_resumable(llama, tmp_path, capsys, monkeypatch, sig, code):
+    out = tmp_path / "o"
+    run_quantize(_cfg(llama), tmp_path / "ref", ppl_sources=())
+    _signal_after(monkeypatch, sig, 0)
+    rc = main(_argv(llama, out))
+    err = _lines(capsys.readouterr().err)
+    assert rc == code and len(err) == 1 and "1 finished layers kept" in err[0] and "--resume" in err[0], err
+    assert not out.exists() and json.loads((partial_dir(out) / STATE_FILE).read_text())["finished_layers"] == 1
+    monkeypatch.undo()
+    assert main(_argv(llama, out, "--resume")) == 0
+    assert json.loads((out / "results.json").read_text())["resumed_after_layers"] == 1
+    a = load_file(str(next((tmp_path / "ref").glob("*.safetensors"))))
+    b = load_file(str(next(out.glob("*.safetensors"))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- item 2 / row 8: memory predicted and bounded
+
+
+def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path, capsys, monkeypatch):
+    import re
+    from dataclasses import replace
+
+    import rsq.plan
+    from rsq.loading import load_config
+    from rsq.plan import host_memory_plan
+
+    cfg = replace(_cfg(llama), batch_size=8, calib=CalibConfig(nsamples=512, seqlen=512))
+    stages = host_memory_plan(load_config(llama), cfg, ppl_seqlen=32, ppl_batch=4)  # baseline 0: increments
+    avail = rsq.plan._rss_bytes() + rsq.plan.LIBRARIES + stages["quantize"] // 2
+    monkeypatch.setattr(rsq.plan, "available_bytes", lambda: avail)
+    argv = ["quantize", llama, "--method", "gptq", "--nsamples", "512", "--seqlen", "512", "--batch-size", "8",
+            "--ppl-seqlen", "32", "--max-windows", "2", "--out", str(tmp_path / "o")]  # fmt: skip
+    line = _one_error(capsys, main(argv), "GiB of host memory", "available", "--nsamples")
+    _nothing_created(tmp_path)
+    n = int(re.search(r"--nsamples (\d+)", line).group(1))
+    assert 1 <= n < 512
+    argv[argv.index("512")] = str(n)  # the advice fits: the same command with it runs
+    assert main(argv) == 0
+
+
+def test_results_record_predicted_and_measured_peak(llama, tmp_path):
+    res = run_quantize(_cfg(llama), tmp_path / "o", ppl_seqlen=64, ppl_max_windows=2)
+    mem = json.loads((tmp_path / "o" / "results.json").read_text())["host_memory"]
+    assert mem == json.loads(json.dumps(res["host_memory"]))
+    assert mem["predicted_peak_GiB"] > 0 and mem["measured_peak_GiB"] > 0 and mem["ppl_batch_size"] == 4
+    assert set(mem["stages_GiB"]) == {"load", "quantize", "perplexity", "save"}
+
+
+def test_large_vocabulary_evaluation_is_chunked():
+    """Qwen2.5-0.5B (152k vocabulary): the evaluation's working memory no longer scales with batch x
+    positions x vocabulary (4 x 511 x 151936 float32 logits were 1.2 GB, times the copies)."""
+    from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
+    from rsq.models.bundled import load_bundled_config
+    from rsq.plan import LOGITS_COPIES, eval_bytes
+
+    config = load_bundled_config("qwen2.5-0.5b")
+    assert config.vocab_size > 150_000
+    step = positions_per_chunk(4, config.vocab_size)
+    assert 4 * step * config.vocab_size * 4 <= LOGITS_BUDGET < 4 * (step + 1) * config.vocab_size * 4
+    whole = 4 * 511 * config.vocab_size * 4 * LOGITS_COPIES
+    assert eval_bytes(config, 512, 4) < whole / 4
+
+
+def test_chunked_nll_equals_whole_logits():
+    import torch.nn.functional as F
+
+    from rsq.eval.perplexity import window_nll
+    from tests.conftest import tiny_model
+
+    for family in ("llama", "qwen2", "mistral"):
+        model = tiny_model(family, vocab_size=1000)
+        windows = torch.randint(0, 1000, (5, 33), generator=torch.Generator().manual_seed(0))
+        got = window_nll(model, windows, torch.device("cpu"), 2, logits_budget=4 * 2 * 1000 * 3)  # 3 positions
+        logits = model(input_ids=windows).logits[:, :-1].double()
+        ref = F.cross_entropy(logits.reshape(-1, 1000), windows[:, 1:].reshape(-1), reduction="none")
+        torch.testing.assert_close(got, ref.view(5, -1).mean(dim=1), rtol=1e-6, atol=1e-6)
+
+
+def test_eval_batch_follows_the_option(llama, monkeypatch):
+    import rsq.evaluate
+
+    seen = []
+    real = rsq.evaluate.perplexity
+    monkeypatch.setattr(rsq.evaluate, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
+    rsq.evaluate.run_eval(llama, ("wikitext2",), 32, 3, batch_size=2)
+    assert seen == [2]
