@@ -78,9 +78,11 @@ class NumberFormat:
             raise ConfigError(
                 f"--bits {grid.bits} is outside {lo}..{hi}: pick one of {widths} for the {self.name} grid"
             )
+        lower = max(b for b in self.bits if b < grid.bits)
+        upper = min(b for b in self.bits if b > grid.bits)
         raise ConfigError(
             f"--bits {grid.bits} cannot be stored by the {self.name} grid, which packs {widths} bits per weight "
-            f"(no packed layout for {grid.bits}): pick one of {widths}"
+            f"(no packed layout for {grid.bits}): use --bits {lower} or --bits {upper}"
         )
 
     def check_width(self, grid: GridConfig, in_features: int, name: str = "") -> None:
