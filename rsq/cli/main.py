@@ -127,9 +127,11 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "--save-dtype",
         default=None,
         choices=["auto", *DTYPES],
-        help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = "
-        "--dtype. bfloat16 halves them for a float32 run; the checkpoint then differs from the "
-        "in-memory model (whose perplexity results.json reports) by that rounding (default: auto)",
+        help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = the "
+        "source's own 16-bit dtype for a float32 run (config.json's dtype; float16 for GGUF sources, "
+        "whose blocks hold float16 values), else --dtype. A 16-bit choice halves them; the checkpoint "
+        "then differs from the in-memory model (whose perplexity results.json reports) by that "
+        "rounding; quantization scales keep --dtype (default: auto)",
     )
 
 
