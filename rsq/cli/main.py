@@ -269,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks and _sources(ppl):  # one load for both (with --dtype applied, as lm-eval sees it)
         from rsq.cli.evalcmds import _load
 
-        loaded = _load(args.model, args.dtype)
+        loaded = _load(args.model, args.dtype, packed=getattr(args, "packed", False))
     if _sources(ppl):
         with Progress() as progress:
             results = run_eval(
