@@ -162,12 +162,15 @@ def run_quantize(
     stop_after_layer: int | None = None,
     preloaded: tuple | None = None,
     dist_ctx: DistContext | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
     ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
     ``preloaded`` = (model, tokenizer) skips loading (the model is modified in place: pass a copy).
     ``dist_ctx``: with several ranks (torchrun), only rank 0 touches the output directory.
+    ``calibration``: token ids instead of ``cfg.calib.source``'s text: (N, T) windows used as they
+    are, or a 1-D token stream sampled into ``cfg.calib`` windows.
     """
     ctx = dist_ctx or DistContext()
     out = Path(out)
@@ -184,7 +187,18 @@ def run_quantize(
         raise ConfigError(problem_text)
     try:
         return _run(
-            cfg, out, part, saved, ppl_sources, ppl_seqlen, ppl_max_windows, progress, stop_after_layer, preloaded, ctx
+            cfg,
+            out,
+            part,
+            saved,
+            ppl_sources,
+            ppl_seqlen,
+            ppl_max_windows,
+            progress,
+            stop_after_layer,
+            preloaded,
+            ctx,
+            calibration,
         )
     except Exception:
         if ctx.is_main and not (part / STATE_FILE).exists():
@@ -204,6 +218,7 @@ def _run(
     stop_after_layer,
     preloaded,
     ctx: DistContext,
+    calibration: torch.Tensor | None = None,
 ) -> dict | None:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -230,9 +245,17 @@ def _run(
         rotation_record = rotate_model(model, adapter, cfg.rotation)
         timings["rotate"] = time.perf_counter() - t0
 
-    texts = load_text(cfg.calib.source, cfg.calib.data_dir)
-    calib_ids = tokenize(tokenizer, texts.calib)
-    windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+    if calibration is None:
+        texts = load_text(cfg.calib.source, cfg.calib.data_dir)
+        calib_ids = tokenize(tokenizer, texts.calib)
+        windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+        calib_record = texts.description
+    else:
+        texts, calib_ids = None, calibration.long()
+        windows = calib_ids
+        if calib_ids.dim() == 1:
+            windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+        calib_record = {"source": "tokens passed to rsq.quantize", "shape": list(calib_ids.shape)}
 
     state, start = None, 0
     if saved is not None:
@@ -278,7 +301,8 @@ def _run(
     ppl = {}
     t0 = time.perf_counter()
     for source in ppl_sources:
-        eval_text = texts.eval if source == cfg.calib.source else load_text(source, cfg.calib.data_dir).eval
+        same = texts is not None and source == cfg.calib.source
+        eval_text = texts.eval if same else load_text(source, cfg.calib.data_dir).eval
         wins = eval_windows(tokenize(tokenizer, eval_text), ppl_seqlen, ppl_max_windows)
         ppl[source] = perplexity(
             model, wins, device, progress=(lambda i, n: progress("perplexity", i, n)) if progress else None
@@ -300,7 +324,7 @@ def _run(
         "seed": cfg.seed,
         "versions": versions(),
         "device": str(device),
-        "calibration": {**texts.description, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
+        "calibration": {**calib_record, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
         "perplexity": {"seqlen": ppl_seqlen, "max_windows": ppl_max_windows, **ppl},
         "rotation": rotation_record,
         "timings": {**timings, "stages": state.timings},

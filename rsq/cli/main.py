@@ -22,7 +22,6 @@ from rsq.config import (
     RotationConfig,
     RSQConfig,
     SolverConfig,
-    method_preset,
 )
 from rsq.errors import RSQError
 
@@ -55,11 +54,18 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         help="hub id, local Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a YAML or JSON recipe (RSQConfig fields, e.g. `method: rsq` and `grid: {bits: 3}`); "
+        "options given on the command line override it",
+    )
+    p.add_argument(
         "--method",
-        default="rsq",
+        default=None,
         choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
         help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
-        "rsq: rotate + attention-concentration scaling + gptq (default: rsq)",
+        "rsq: rotate + attention-concentration scaling + gptq (default: rsq, or the --config recipe's)",
     )
     _opt(p, "--bits", GridConfig, "bits", "weight bits, 2..8", type=int)
     _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
@@ -147,48 +153,42 @@ def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
     p.add_argument("--max-windows", type=int, default=40, help="at most this many windows; 0 = all (default: 40)")
 
 
+_SECTION = {
+    GridConfig.__name__: "grid",
+    SolverConfig.__name__: "solver",
+    RotationConfig.__name__: "rotation",
+    ImportanceConfig.__name__: "importance",
+    CalibConfig.__name__: "calib",
+}
+
+
 def build_config(args: argparse.Namespace) -> RSQConfig:
-    """Namespace -> RSQConfig; only options the user set override the dataclass defaults."""
-    preset = method_preset(args.method)
-    groups: dict[str, dict] = {
-        c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)
-    }
+    """Namespace -> RSQConfig: the --config recipe (if any), then every option the user set on top;
+    the rest keeps the dataclass defaults and the method's presets (rsq/recipe.py)."""
+    from rsq.recipe import config_from_recipe, read_recipe
+
+    data = read_recipe(args.config) if getattr(args, "config", None) else {}
+    sections = {name: dict(data.get(name) or {}) for name in _SECTION.values()}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             cls, field = key.split(".")
-            groups[cls][field] = value
-    grid = groups["GridConfig"]
+            sections[_SECTION[cls]][field] = value
     if args.asym:
-        grid["symmetric"] = False
+        sections["grid"]["symmetric"] = False
     if args.no_clip:
-        grid["mse_clip"] = False
-    solver = groups["SolverConfig"]
-    solver.setdefault("algorithm", "ldlq" if grid.get("kind") == "e8p" else preset["algorithm"])
-    if grid.get("kind") == "e8p":
-        grid.setdefault("bits", 2)
+        sections["grid"]["mse_clip"] = False
     if args.act_order:
-        solver["act_order"] = True
-    rotation = groups["RotationConfig"]
-    rotation["enabled"] = preset["rotate"] if args.rotate is None else args.rotate
+        sections["solver"]["act_order"] = True
+    if args.rotate is not None:
+        sections["rotation"]["enabled"] = args.rotate
     if args.center_embeddings:
-        rotation["center_embeddings"] = True
-    importance = groups["ImportanceConfig"]
-    importance.setdefault("strategy", preset["importance"])
-    top = {
-        k: getattr(args, k)
-        for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype")
-        if getattr(args, k) is not None
-    }
-    return RSQConfig(
-        model=args.model or "",
-        method=args.method,
-        grid=GridConfig(**grid),
-        solver=SolverConfig(**solver),
-        rotation=RotationConfig(**rotation),
-        importance=ImportanceConfig(**importance),
-        calib=CalibConfig(**groups["CalibConfig"]),
-        **top,
-    )
+        sections["rotation"]["center_embeddings"] = True
+    for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype", "method"):
+        if getattr(args, k, None) is not None:
+            data[k] = getattr(args, k)
+    if args.model is not None or "model" not in data:
+        data["model"] = args.model or ""
+    return config_from_recipe({**data, **sections})
 
 
 def _sources(text: str) -> tuple[str, ...]:
