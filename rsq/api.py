@@ -118,6 +118,12 @@ def quantize(
         if tokenizer is None:
             raise ConfigError("a loaded model needs its tokenizer: rsq.quantize(model=model, tokenizer=tokenizer)")
         options["model"] = str(getattr(model.config, "_name_or_path", "") or "")
+        qc = getattr(model.config, "quantization_config", None)
+        gguf = getattr(qc, "gguf_file", None) or (qc.get("gguf_file") if isinstance(qc, dict) else None)
+        if gguf:  # loaded from a GGUF file: weights dequantized, a plain float model (as rsq.loading does)
+            options["model"] = str(Path(options["model"]) / gguf)
+            del model.config.quantization_config
+            model.hf_quantizer = None
         preloaded = (model.eval().requires_grad_(False), tokenizer)
     elif model is not None:
         options["model"] = str(model)

@@ -32,3 +32,11 @@ class NoHadamardError(RSQError, ValueError):
 
 class ExportError(RSQError):
     """The checkpoint holds something the target format cannot express."""
+
+
+class HubError(RSQError):
+    """The Hugging Face hub could not be reached or refused an upload."""
+
+
+class MissingDependencyError(RSQError, ImportError):
+    """An optional package a command needs is missing or too old."""

@@ -368,9 +368,11 @@ def make_parser() -> argparse.ArgumentParser:
     from rsq.cli.exportcmd import add_export_parser
     from rsq.cli.generatecmd import add_generate_parser
     from rsq.cli.inspectcmd import add_inspect_parser
+    from rsq.cli.pushcmd import add_push_parser
 
     add_demo_parser(sub)
     add_inspect_parser(sub)
+    add_push_parser(sub)
     add_ablate_parsers(sub)
     add_eval_parsers(sub)
     add_export_parser(sub)
