@@ -197,6 +197,12 @@ RSQQuantizationConfig = None  # defined by _define() (needs transformers)
 RSQHfQuantizer = None
 
 
+def _drop_guard(config):
+    if getattr(config, GUARD_KEY, None) == GUARD:
+        delattr(config, GUARD_KEY)
+    return config
+
+
 def _define() -> None:
     global RSQQuantizationConfig, RSQHfQuantizer
     from transformers.quantizers import HfQuantizer
@@ -237,11 +243,17 @@ def _define() -> None:
 
             check_format_version(self.quantization_config.to_dict(), "quantization_config")
 
+        # Hooks that see the model config before transformers resolves the weights file, where the
+        # plain-transformers guard is dropped: update_attn_implementation (5.2x), update_tp_plan /
+        # update_ep_plan (5.0-5.1x). transformers 4.x checks the guard before any quantizer hook.
         def update_attn_implementation(self, config):
-            # runs before transformers resolves the weights file: drop the plain-transformers guard
-            if getattr(config, GUARD_KEY, None) == GUARD:
-                delattr(config, GUARD_KEY)
-            return config
+            return _drop_guard(config)
+
+        def update_tp_plan(self, config):
+            return _drop_guard(config)
+
+        def update_ep_plan(self, config):
+            return _drop_guard(config)
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             from rsq.checkpoint.load import replace_quantized_modules
