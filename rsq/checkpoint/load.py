@@ -28,6 +28,10 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
     check_format_version(qc, cfg_file)
+    from rsq.hf import GUARD, GUARD_KEY
+
+    if config.get(GUARD_KEY) == GUARD:  # the on-disk guard against plain transformers (rsq/hf.py), not
+        del config[GUARD_KEY]  # part of the model config that readers (rsq export) carry on
     return config, qc
 
 

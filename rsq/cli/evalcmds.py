@@ -341,6 +341,9 @@ def cmd_longctx(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from rsq.plotting import require_matplotlib
+
+    require_matplotlib()  # before any work: the plots are part of the output
     from rsq.report import write_report
 
     summary = write_report(args.runs, args.out, title=args.title)
