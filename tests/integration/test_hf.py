@@ -125,3 +125,37 @@ def test_dense_cache_same_function_as_packed_path(ckpts, kind):
     _same_tensors(model, packed)  # the cache is no state
     disable_dense_cache(model)
     assert cached_weights(model) == 0 and torch.equal(_logits(model, ids), ref)
+
+
+def test_source_dtype(tmp_path):
+    from rsq.hf import source_dtype
+
+    for declared, want in [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", None)]:
+        (tmp_path / "config.json").write_text(json.dumps({"dtype": declared}))
+        assert source_dtype(str(tmp_path)) == want
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # transformers 4.x name
+    assert source_dtype(str(tmp_path)) == torch.bfloat16
+    assert source_dtype("") == source_dtype("/m/x.gguf") == torch.float16  # GGUF: float16 blocks
+
+
+def test_save_dtype_auto_keeps_a_bf16_source_bf16(tiny_tokenizer_dir, tmp_path):
+    """A bfloat16 source quantized in float32: embeddings/norms stored in bfloat16 (lossless: they are
+    bfloat16 values), scales in float32; the checkpoint computes exactly what the run's model did."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "bf16-src"
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = _quantize(src, tmp_path / "ckpt", "gptq")  # no rotation: embeddings and norms unchanged
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["model.norm.weight"] == "BF16"
+    assert {v for k, v in dtypes.items() if k.endswith(".scales")} == {"F32"}
+    loaded, _ = rsq.load(tmp_path / "ckpt")
+    ids = torch.randint(0, 512, (1, 20))
+    got, want = _logits(loaded, ids), _logits(ref, ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
