@@ -224,6 +224,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if ctx.is_main:
         print_summary([results])
         print(f"wrote {out}/ (results.json, model, tokenizer)")
+        if args.push_to_hub:
+            from rsq.hub import push_folder
+
+            print(f"pushed to {push_folder(out, args.push_to_hub)}")
     return 0
 
 
@@ -333,6 +337,12 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="after writing --out, upload it to this hub repository (as `rsq push OUT REPO`)",
+    )
     q.add_argument(
         "--nproc",
         type=int,
