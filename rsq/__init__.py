@@ -3,25 +3,19 @@
 Public API (everything else is import-by-path and may change):
 
 * ``RSQConfig`` — the config tree (rsq.config);
-* ``quantize(cfg, out_dir)`` — run a quantization job and write a checkpoint (rsq.run);
-* ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.checkpoint.load);
+* ``quantize(config, out, model=..., tokenizer=..., calibration=...)`` — quantize and write a
+  checkpoint; returns its directory (rsq.api);
+* ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.api);
 """
 
 __version__ = "0.1.0"
 
 from rsq.config import RSQConfig  # noqa: E402
+from rsq.hf import install_hook as _install_hook  # noqa: E402
+
+_install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works after `import rsq`
 
 
-def quantize(cfg, out, **kwargs):
-    from rsq.run import run_quantize
-
-    return run_quantize(cfg, out, **kwargs)
-
-
-def load(path, device="cpu", dtype=None):
-    from rsq.checkpoint.load import load_quantized
-
-    return load_quantized(path, device=device, dtype=dtype)
-
+from rsq.api import load, quantize  # noqa: E402
 
 __all__ = ["RSQConfig", "quantize", "load", "__version__"]

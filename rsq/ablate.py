@@ -155,10 +155,9 @@ def markdown_table(rows: list[dict], source: str = "wikitext2") -> str:
 
 
 def plot_ppl(rows: list[dict], path: Path, source: str = "wikitext2") -> None:
-    import matplotlib
+    from rsq.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from rsq.plotting import plain_log_yaxis
 
@@ -198,11 +197,10 @@ def plot_importance(run_dir: Path, path: Path) -> bool:
     maps = load_file(str(f))
     layers = sorted(maps, key=lambda k: int(k.split(".")[1]))
     data = torch.stack([maps[k] for k in layers]).numpy()
-    import matplotlib
+    from rsq.plotting import pyplot
 
-    matplotlib.use("Agg")
+    plt = pyplot()
     import matplotlib.colors as colors
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4))
     im = ax.imshow(data, aspect="auto", norm=colors.LogNorm(vmin=max(data.min(), 1e-3), vmax=data.max()), cmap="magma")

@@ -40,3 +40,11 @@ class NonFiniteError(RSQError):
 
 class MemoryBudgetError(RSQError):
     """The job's predicted peak host memory exceeds what the machine has available."""
+
+
+class HubError(RSQError):
+    """The Hugging Face hub could not be reached or refused an upload."""
+
+
+class MissingDependencyError(RSQError, ImportError):
+    """An optional package a command needs is missing or too old."""

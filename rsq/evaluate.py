@@ -11,12 +11,13 @@ from rsq.loading import describe_source, is_rsq_checkpoint, load_model
 from rsq.pipeline import resolve_device
 
 
-def load_any(model: str | None):
-    """(model, tokenizer) for a plain model or an rsq checkpoint directory."""
+def load_any(model: str | None, packed: bool = False):
+    """(model, tokenizer) for a plain model or an rsq checkpoint directory (``packed``: keep the
+    packed reference path on CPU instead of the once-dequantized weights; rsq/checkpoint/dense.py)."""
     if is_rsq_checkpoint(model):
         from rsq.checkpoint.load import load_quantized
 
-        return load_quantized(model)
+        return load_quantized(model, packed=packed)
     return load_model(model)
 
 

@@ -82,10 +82,9 @@ def compare_rotation(model: nn.Module, windows: torch.Tensor, device: torch.devi
 
 
 def plot_stats(stats: dict, path: Path) -> None:
-    import matplotlib
+    from rsq.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from rsq.plotting import plain_log_yaxis
 

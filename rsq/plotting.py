@@ -2,6 +2,37 @@
 
 from __future__ import annotations
 
+MATPLOTLIB_MIN = "3.7"
+
+
+def require_matplotlib() -> None:
+    """MissingDependencyError (one line: what to install) when matplotlib is missing or too old."""
+    from rsq.errors import MissingDependencyError
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(
+            f"plots need matplotlib>={MATPLOTLIB_MIN}, which is not installed: pip install 'rsq[plot]'"
+        ) from None
+    from packaging.version import Version
+
+    if Version(matplotlib.__version__) < Version(MATPLOTLIB_MIN):
+        raise MissingDependencyError(
+            f"plots need matplotlib>={MATPLOTLIB_MIN}, found {matplotlib.__version__}: pip install -U 'rsq[plot]'"
+        )
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), after :func:`require_matplotlib`."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 def plain_log_yaxis(ax) -> None:
     """Log-scale y axis whose ticks read as plain numbers (1, 2, 3, 5, 10, 20, ...), not 2x10^1.

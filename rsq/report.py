@@ -259,10 +259,9 @@ def _metric_name(runs: list[Run], task: str) -> str:
 
 
 def _plt():
-    import matplotlib
+    from rsq.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     return plt
 

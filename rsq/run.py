@@ -200,6 +200,7 @@ def run_quantize(
     stop_after_layer: int | None = None,
     preloaded: tuple | None = None,
     dist_ctx: DistContext | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
@@ -211,6 +212,8 @@ def run_quantize(
     ``stop_after_layer`` (testing aid) ends the run after that layer as if it had been killed.
     ``preloaded`` = (model, tokenizer) skips loading (the model is modified in place: pass a copy).
     ``dist_ctx``: with several ranks (torchrun), only rank 0 touches the output directory.
+    ``calibration``: token ids instead of ``cfg.calib.source``'s text: (N, T) windows used as they
+    are, or a 1-D token stream sampled into ``cfg.calib`` windows.
     """
     from rsq import preflight
 
@@ -266,6 +269,7 @@ def run_quantize(
             stop_after_layer,
             preloaded,
             ctx,
+            calibration,
         )
     except BaseException:  # errors and interrupts (SIGINT/SIGTERM) alike
         if ctx.is_main and not (part / STATE_FILE).exists():
@@ -329,6 +333,7 @@ def _run(
     stop_after_layer,
     preloaded,
     ctx: DistContext,
+    calibration: torch.Tensor | None = None,
 ) -> dict | None:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -351,9 +356,16 @@ def _run(
         cfg.grid.check_width(first.get_submodule(name).in_features, name)
 
     # every text is tokenized and windowed before the first layer, so a too-short text fails now
-    calib_text = texts[cfg.calib.source]
-    calib_ids = tokenize(tokenizer, calib_text.calib)
-    windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+    if calibration is None:
+        calib_text = texts[cfg.calib.source]
+        calib_ids = tokenize(tokenizer, calib_text.calib)
+        windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+        calib_record = calib_text.description
+    else:
+        calib_ids = windows = calibration.long()
+        if calib_ids.dim() == 1:
+            windows = sample_windows(calib_ids, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+        calib_record = {"source": "tokens passed to rsq.quantize", "shape": list(calib_ids.shape)}
     eval_wins = {s: eval_windows(tokenize(tokenizer, texts[s].eval), ppl_seqlen, ppl_max_windows) for s in ppl_sources}
 
     plan = None
@@ -452,7 +464,7 @@ def _run(
         "seed": cfg.seed,
         "versions": versions(),
         "device": str(device),
-        "calibration": {**calib_text.description, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
+        "calibration": {**calib_record, "windows": list(windows.shape), "tokens": int(calib_ids.numel())},
         "perplexity": {"seqlen": ppl_seqlen, "max_windows": ppl_max_windows, **ppl},
         "rotation": rotation_record,
         # summed over the sessions of the run (a resumed run has several; "sessions" says who did what)

@@ -278,6 +278,26 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+COMPRESSED_TENSORS_MIN = "0.15.0"  # first with compressors/pack_quantized/helpers.py (unpack_from_int32)
+
+
+def check_compressed_tensors() -> None:
+    """One-line MissingDependencyError when compressed-tensors is missing or older than the floor."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    from rsq.errors import MissingDependencyError
+
+    need = f"rsq export needs compressed-tensors>={COMPRESSED_TENSORS_MIN}"
+    try:
+        found = version("compressed-tensors")
+    except PackageNotFoundError:
+        raise MissingDependencyError(f"{need}, which is not installed: pip install 'rsq[export]'") from None
+    if Version(found) < Version(COMPRESSED_TENSORS_MIN):
+        raise MissingDependencyError(f"{need}, found {found}: pip install -U 'rsq[export]'")
+
+
 def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write ``out``: the rsq checkpoint ``src`` in compressed-tensors' pack-quantized format.
 
@@ -285,6 +305,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     end, so ``out`` is either absent, the old export, or the complete new one. Returns a summary
     (format, bits, strategy, modules, transforms, bytes written).
     """
+    check_compressed_tensors()
     src, out = Path(src), Path(out)
     config, qc = read_quant_config(src)
     if out.exists() and not overwrite:

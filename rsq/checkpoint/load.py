@@ -27,9 +27,18 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
+    check_format_version(qc, cfg_file)
+    from rsq.hf import GUARD, GUARD_KEY
+
+    if config.get(GUARD_KEY) == GUARD:  # the on-disk guard against plain transformers (rsq/hf.py), not
+        del config[GUARD_KEY]  # part of the model config that readers (rsq export) carry on
+    return config, qc
+
+
+def check_format_version(qc: dict, where) -> None:
     if qc.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointFormatError(
-            f"{cfg_file}: format_version {qc['format_version']} is newer than this rsq reads "
+            f"{where}: format_version {qc['format_version']} is newer than this rsq reads "
             f"({FORMAT_VERSION}): upgrade rsq"
         )
     kind, bits = qc.get("grid", "uniform"), qc.get("bits")
@@ -90,9 +99,36 @@ def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear,
     )
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def replace_quantized_modules(model: torch.nn.Module, qc: dict, tensors: dict, dtype: torch.dtype) -> None:
+    """Swap every linear named in ``qc["modules"]`` for an empty quantized module of the checkpoint's
+    grid (``tensors`` tells which have a bias: ``P.bias`` present)."""
+    for full in qc["modules"]:
+        parent_name, child = full.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _quant_module(qc, full, tensors, getattr(parent, child), dtype))
+
+
+def attach_online_rotations(model: torch.nn.Module, qc: dict) -> None:
+    """Attach the checkpoint's recorded online rotations to every decoder layer."""
+    layers = resolve(model.config).get_layers(model)
+    rotation = qc.get("rotation") or {}
+    for site in rotation.get("online", []):
+        if site["kind"] in ("skipped", "per_head"):
+            continue
+        spec = OnlineRotation(site["module"], site["kind"], site["size"], site.get("head_dim", 1), site.get("seed", 0))
+        for layer in layers:
+            attach_online_rotation(layer.get_submodule(spec.module), spec)
+
+
+def load_quantized(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, packed: bool = False
+):
     """(model, tokenizer) from an rsq checkpoint directory. Raises CheckpointFormatError naming the
-    file and the problem for missing, corrupt, truncated or mismatched files."""
+    file and the problem for missing, corrupt, truncated or mismatched files.
+
+    ``packed=False`` (default): off the GPU kernels (CPU, or no Triton) the quantized linears compute
+    with W_hat dequantized once (rsq/checkpoint/dense.py); ``packed=True`` keeps the packed reference
+    path on every call."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -108,11 +144,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     adapter = resolve(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = adapter.get_layers(model)
-    for full in qc["modules"]:
-        parent_name, child = full.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, _quant_module(qc, full, tensors, getattr(parent, child), dtype))
+    replace_quantized_modules(model, qc, tensors, dtype)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = set(model.state_dict().keys())
@@ -126,7 +158,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
             "the checkpoint is corrupt or from another model"
         )
     # a checkpoint saved with --save-dtype holds its unquantized tensors in another dtype
-    tensors = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in tensors.items()}
+    # (each to its module's dtype: E8P scales stay float32, as from_pretrained keeps them)
+    want = {k: v.dtype for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.to(want.get(k, dtype)) if v.is_floating_point() and v.dtype != want.get(k, dtype) else v
+        for k, v in tensors.items()
+    }
     try:
         model.load_state_dict(tensors, strict=not tied, assign=True)
     except RuntimeError as exc:
@@ -136,13 +173,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
     if tied:
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
-    rotation = qc.get("rotation") or {}
-    for site in rotation.get("online", []):
-        if site["kind"] in ("skipped", "per_head"):
-            continue
-        spec = OnlineRotation(site["module"], site["kind"], site["size"], site.get("head_dim", 1), site.get("seed", 0))
-        for layer in layers:
-            attach_online_rotation(layer.get_submodule(spec.module), spec)
+    attach_online_rotations(model, qc)
+    from rsq.hf import adopt
+
+    adopt(model, qc)  # save_pretrained / from_pretrained round trips
+    if not packed:
+        from rsq.checkpoint.dense import enable_dense_cache
+
+        enable_dense_cache(model)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

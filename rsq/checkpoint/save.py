@@ -78,9 +78,14 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation
     """Write the checkpoint into ``out`` (a fresh directory). Returns {file: bytes}."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    from rsq.hf import finish_config_dict, source_dtype
+
     out = Path(out)
     dtype = next(model.parameters()).dtype
-    rest = None if cfg.save_dtype == "auto" else TORCH_DTYPES[cfg.save_dtype]
+    if cfg.save_dtype == "auto":  # the source's own 16-bit dtype (GGUF: float16) for a float32 run
+        rest = source_dtype(cfg.model or None) if dtype == torch.float32 else None
+    else:
+        rest = TORCH_DTYPES[cfg.save_dtype]
     tensors = checkpoint_state_dict(model, state.results, cfg, dtype, rest)
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
     sizes = {}
@@ -96,6 +101,7 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation
     config["quantization_config"] = quantization_config(cfg, rotation_record, sorted(state.results))
     config["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
     config["dtype"] = str(dtype).replace("torch.", "")
+    finish_config_dict(config, model)  # architectures, neutral _name_or_path, plain-transformers guard
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -49,6 +49,9 @@ def add_ablate_parsers(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
+    from rsq.plotting import require_matplotlib
+
+    require_matplotlib()  # before any work: the plots are part of the output
     import torch
 
     from rsq.ablate import (

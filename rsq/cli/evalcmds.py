@@ -29,7 +29,7 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.0f}"
 
 
-def _load(model: str | None, dtype: str | None, dense: bool = False):
+def _load(model: str | None, dtype: str | None, dense: bool = False, packed: bool = False):
     """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards;
     ``dense`` replaces the packed linears by dense ones (:func:`rsq.evaluate.dense_linears`)."""
     from rsq.config import DTYPES, TORCH_DTYPES
@@ -38,7 +38,7 @@ def _load(model: str | None, dtype: str | None, dense: bool = False):
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    net, tok = load_any(model)
+    net, tok = load_any(model, packed=packed)
     if dtype is not None:
         net.to(TORCH_DTYPES[dtype])
     if dense:
@@ -101,6 +101,9 @@ def add_eval_parsers(sub) -> None:
         default=None,
         help="cast weights after loading: float16, bfloat16, float32 (default: as loaded, float32)",
     )
+    from rsq.cli.generatecmd import add_packed_option
+
+    add_packed_option(lc)
     lc.add_argument(
         "--dense",
         action="store_true",
@@ -155,6 +158,9 @@ TASKS_HELP = (
 
 
 def add_lm_eval_options(p, tasks_required: bool) -> None:
+    from rsq.cli.generatecmd import add_packed_option
+
+    add_packed_option(p)
     """The lm-eval options, shared by `rsq lm-eval` and `rsq eval` (where --tasks is optional)."""
     if tasks_required:
         p.add_argument("--tasks", required=True, help=TASKS_HELP)
@@ -214,7 +220,9 @@ def cmd_lm_eval(args, loaded=None) -> int:
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    model, tokenizer = loaded if loaded is not None else _load(args.model, args.dtype)
+    model, tokenizer = (
+        loaded if loaded is not None else _load(args.model, args.dtype, packed=getattr(args, "packed", False))
+    )
     res = run_lm_eval(
         model,
         tokenizer,
@@ -284,7 +292,7 @@ def cmd_longctx(args) -> int:
         from rsq.errors import ConfigError
 
         raise ConfigError("--task none and no --leval/--lca/--icl data: nothing to evaluate")
-    model, tokenizer = _load(args.model, args.dtype, dense=args.dense)
+    model, tokenizer = _load(args.model, args.dtype, dense=args.dense, packed=getattr(args, "packed", False))
     chat = False if args.no_chat else "auto"
     with Progress() as progress:
         res = run_longctx(
@@ -340,6 +348,9 @@ def cmd_longctx(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from rsq.plotting import require_matplotlib
+
+    require_matplotlib()  # before any work: the plots are part of the output
     from rsq.report import write_report
 
     summary = write_report(args.runs, args.out, title=args.title)

@@ -27,11 +27,22 @@ def add_generate_parser(sub) -> None:
     p.add_argument(
         "--dense",
         action="store_true",
-        help="dequantize packed weights once after loading (same function; much faster decoding "
-        "on CPU, where every step otherwise dequantizes every layer; more memory)",
+        help="replace the packed linears by nn.Linear modules holding W_hat (same function; plain "
+        "torch modules, e.g. for torch.compile); off the GPU kernels the default already "
+        "dequantizes once",
     )
+    add_packed_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
+
+
+def add_packed_option(p) -> None:
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="off the GPU kernels (CPU, or no Triton), dequantize packed weights on every call (the "
+        "reference path) instead of once at the first forward (the default; same function, more memory)",
+    )
 
 
 def generate(
@@ -86,7 +97,7 @@ def cmd_generate(args) -> int:
     from rsq.evaluate import load_any
     from rsq.pipeline import resolve_device
 
-    model, tokenizer = load_any(args.ckpt)
+    model, tokenizer = load_any(args.ckpt, packed=args.packed)
     if tokenizer is None:
         raise CheckpointFormatError(f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it")
     if args.dense:

@@ -23,6 +23,9 @@ def add_inspect_parser(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
+    from rsq.plotting import require_matplotlib
+
+    require_matplotlib()  # before any work: the plots are part of the output
     from rsq.calib.datasets import load_text, sample_windows, tokenize
     from rsq.config import RotationConfig
     from rsq.inspect import activation_stats, compare_rotation, plot_stats, summary_table

@@ -60,11 +60,18 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         help="hub id, local Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a YAML or JSON recipe (RSQConfig fields, e.g. `method: rsq` and `grid: {bits: 3}`); "
+        "options given on the command line override it",
+    )
+    p.add_argument(
         "--method",
-        default="rsq",
+        default=None,
         choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
         help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
-        "rsq: rotate + attention-concentration scaling + gptq (default: rsq)",
+        "rsq: rotate + attention-concentration scaling + gptq (default: rsq, or the --config recipe's)",
     )
     _opt(p, "--bits", GridConfig, "bits", "weight bits: 2, 3, 4 or 8 (e8p: 2)", type=int)
     _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
@@ -148,9 +155,11 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "--save-dtype",
         default=None,
         choices=["auto", *DTYPES],
-        help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = "
-        "--dtype. bfloat16 halves them for a float32 run; the checkpoint then differs from the "
-        "in-memory model (whose perplexity results.json reports) by that rounding (default: auto)",
+        help="dtype of the checkpoint's unquantized tensors (embeddings, lm_head, norms); auto = the "
+        "source's own 16-bit dtype for a float32 run (config.json's dtype; float16 for GGUF sources, "
+        "whose blocks hold float16 values), else --dtype. A 16-bit choice halves them; the checkpoint "
+        "then differs from the in-memory model (whose perplexity results.json reports) by that "
+        "rounding; quantization scales keep --dtype (default: auto)",
     )
 
 
@@ -186,43 +195,42 @@ def add_ppl_options(p: argparse.ArgumentParser, flag_seqlen: str) -> None:
     )
 
 
+_SECTION = {
+    GridConfig.__name__: "grid",
+    SolverConfig.__name__: "solver",
+    RotationConfig.__name__: "rotation",
+    ImportanceConfig.__name__: "importance",
+    CalibConfig.__name__: "calib",
+}
+
+
 def build_config(args: argparse.Namespace) -> RSQConfig:
-    """Namespace -> RSQConfig.for_method; only options the user set override the preset and the defaults."""
-    groups: dict[str, dict] = {
-        c.__name__: {} for c in (GridConfig, SolverConfig, RotationConfig, ImportanceConfig, CalibConfig)
-    }
+    """Namespace -> RSQConfig: the --config recipe (if any), then every option the user set on top;
+    the rest keeps the dataclass defaults and the method's presets (rsq/recipe.py)."""
+    from rsq.recipe import config_from_recipe, read_recipe
+
+    data = read_recipe(args.config) if getattr(args, "config", None) else {}
+    sections = {name: dict(data.get(name) or {}) for name in _SECTION.values()}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             cls, field = key.split(".")
-            groups[cls][field] = value
-    grid = groups["GridConfig"]
+            sections[_SECTION[cls]][field] = value
     if args.asym:
-        grid["symmetric"] = False
+        sections["grid"]["symmetric"] = False
     if args.no_clip:
-        grid["mse_clip"] = False
-    solver = groups["SolverConfig"]
+        sections["grid"]["mse_clip"] = False
     if args.act_order:
-        solver["act_order"] = True
-    rotation = groups["RotationConfig"]
+        sections["solver"]["act_order"] = True
     if args.rotate is not None:
-        rotation["enabled"] = args.rotate
+        sections["rotation"]["enabled"] = args.rotate
     if args.center_embeddings:
-        rotation["center_embeddings"] = True
-    top = {
-        k: getattr(args, k)
-        for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype", "kernels")
-        if getattr(args, k) is not None
-    }
-    return RSQConfig.for_method(
-        args.method,
-        model=args.model or "",
-        grid=grid,
-        solver=solver,
-        rotation=rotation,
-        importance=groups["ImportanceConfig"],
-        calib=groups["CalibConfig"],
-        **top,
-    )
+        sections["rotation"]["center_embeddings"] = True
+    for k in ("seed", "device", "dtype", "batch_size", "offload", "save_dtype", "kernels", "method"):
+        if getattr(args, k, None) is not None:
+            data[k] = getattr(args, k)
+    if args.model is not None or "model" not in data:
+        data["model"] = args.model or ""
+    return config_from_recipe({**data, **sections})
 
 
 def _sources(text: str) -> tuple[str, ...]:
@@ -266,6 +274,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if ctx.is_main:
         print_summary([results])
         print(f"wrote {out}/ (results.json, model, tokenizer)")
+        if args.push_to_hub:
+            from rsq.hub import push_folder
+
+            print(f"pushed to {push_folder(out, args.push_to_hub)}")
     return 0
 
 
@@ -334,7 +346,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks and _sources(ppl):  # one load for both (with --dtype applied, as lm-eval sees it)
         from rsq.cli.evalcmds import _load
 
-        loaded = _load(args.model, args.dtype)
+        loaded = _load(args.model, args.dtype, packed=getattr(args, "packed", False))
     if _sources(ppl):
         with Progress() as progress:
             results = run_eval(
@@ -406,6 +418,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="replace an existing --out, and discard an unfinished OUT.partial/ instead of resuming it",
     )
     q.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="after writing --out, upload it to this hub repository (as `rsq push OUT REPO`)",
+    )
+    q.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -440,9 +458,11 @@ def make_parser() -> argparse.ArgumentParser:
     from rsq.cli.exportcmd import add_export_parser
     from rsq.cli.generatecmd import add_generate_parser
     from rsq.cli.inspectcmd import add_inspect_parser
+    from rsq.cli.pushcmd import add_push_parser
 
     add_demo_parser(sub)
     add_inspect_parser(sub)
+    add_push_parser(sub)
     add_ablate_parsers(sub)
     add_eval_parsers(sub)
     add_export_parser(sub)

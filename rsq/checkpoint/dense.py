@@ -1,0 +1,75 @@
+"""Dense-weight cache for loaded checkpoints where no GPU kernel runs.
+
+On a CPU (or on CUDA without Triton) a packed linear goes through the pure-torch reference, which
+unpacks and dequantizes W_hat on every call: a decoding step re-dequantizes every layer. With the
+cache, the first call on a device dequantizes W_hat once (float32, exactly the reference's W_hat)
+and keeps it; later calls are one matmul. Same function as the reference (x in float32 @ W_hat^T +
+bias, cast back to x's dtype), up to the matmul's summation order.
+
+The cache is a plain attribute (no buffer): state_dict, save_pretrained and the packed buffers are
+unchanged. Calls on CUDA with Triton, and QuantLinears with a forced ``backend``, keep the packed
+kernels. :func:`disable_dense_cache` restores the packed reference path (kernel tests use it).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsq.kernels import has_triton
+
+_ATTR = "_rsq_dense"
+
+
+def _packed_key(module: nn.Module, x: torch.Tensor) -> tuple:
+    packed = getattr(module, "qweight", None)
+    if packed is None:
+        packed = module.codes
+    return (x.device, packed.data_ptr(), module.scales.data_ptr(), module.scales._version, packed._version)
+
+
+def _cached_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if (x.is_cuda and has_triton()) or getattr(self, "backend", None) is not None:
+        return type(self).forward(self, x)
+    key = _packed_key(self, x)
+    cached = self.__dict__.get(_ATTR)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            weight = self.dequantize_weight(torch.float32).to(x.device)
+        cached = (key, weight)
+        self.__dict__[_ATTR] = cached
+    bias = None if self.bias is None else self.bias.float()
+    return F.linear(x.float(), cached[1], bias).to(x.dtype)
+
+
+def _packed(model: nn.Module):
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) and hasattr(module, "dequantize_weight"):
+            yield module
+
+
+def enable_dense_cache(model: nn.Module) -> int:
+    """Route the model's packed linears through the dense cache off the GPU kernels; returns how many."""
+    count = 0
+    for module in _packed(model):
+        module.forward = types.MethodType(_cached_forward, module)
+        count += 1
+    return count
+
+
+def disable_dense_cache(model: nn.Module) -> int:
+    """Back to the packed path on every call (drops cached weights); returns how many modules."""
+    count = 0
+    for module in _packed(model):
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop(_ATTR, None)
+        count += 1
+    return count
+
+
+def cached_weights(model: nn.Module) -> int:
+    """How many packed linears currently hold a dense W_hat."""
+    return sum(_ATTR in m.__dict__ for m in _packed(model))

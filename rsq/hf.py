@@ -1,0 +1,290 @@
+"""rsq checkpoints as Hugging Face citizens.
+
+* ``import rsq`` registers ``quant_method: "rsq"`` with transformers (its quantizer registration
+  API), so ``AutoModelForCausalLM.from_pretrained(DIR)`` on an rsq checkpoint builds rsq's quantized
+  modules before the weights load and attaches the online rotations after: the same model as
+  :func:`rsq.load`.
+* Without ``import rsq``, transformers does not know the method; it would warn, skip the
+  quantization and initialise every quantized linear at random. To make that fail instead, an rsq
+  checkpoint's config.json carries ``transformers_weights`` (the config key naming the weights file
+  that transformers reads first) set to :data:`GUARD`, which is no safetensors name: plain
+  transformers raises a ValueError quoting it, which names rsq and the command to use. rsq's
+  quantizer drops the key before transformers resolves the weights file.
+* Models built by either loader carry an ``hf_quantizer`` and an instance ``save_pretrained`` that
+  writes a checkpoint both loaders read back (quantization_config, the guard, a neutral
+  ``_name_or_path``).
+
+The module swap itself is :func:`rsq.checkpoint.load.replace_quantized_modules`; this file only
+adapts it to transformers' interface (so it follows the number-format registry when that lands).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from rsq.checkpoint.schema import QUANT_METHOD
+
+log = logging.getLogger(__name__)
+
+GUARD_KEY = "transformers_weights"
+GUARD = (
+    "rsq checkpoint: plain transformers cannot read its packed weights. Run `import rsq` before "
+    "from_pretrained (pip install rsq), or use rsq.load(DIR) / `rsq generate DIR PROMPT`"
+)
+
+_REGISTERED = False
+
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def neutral_name(source: str | None) -> str:
+    """A ``_name_or_path`` naming where the model came from, never a local install path: the hub id
+    or directory given, a GGUF file's name, the embedded default's hub id."""
+    if not source:
+        return EMBEDDED_HUB_ID
+    if "site-packages" in source or "dist-packages" in source:
+        from rsq.loading import DEFAULT_MODEL_PACKAGE
+
+        return EMBEDDED_HUB_ID if DEFAULT_MODEL_PACKAGE in source else Path(source).name
+    if source.endswith(".gguf"):
+        return Path(source).name
+    return source
+
+
+def source_dtype(source: str | None) -> torch.dtype | None:
+    """The 16-bit dtype a source model declares (config.json ``dtype``/``torch_dtype``), None for
+    float32 or undeclared. GGUF sources (the embedded default too) load dequantized in float32;
+    their tensors come from float16 blocks, so they count as float16."""
+    from rsq.config import TORCH_DTYPES
+
+    if not source or source.endswith(".gguf"):
+        return torch.float16
+    cfg_file = Path(source).expanduser() / "config.json"
+    try:
+        declared = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        try:
+            from rsq.loading import load_config
+
+            declared = load_config(source).to_dict()
+        except Exception:  # hub unreachable: keep the compute dtype
+            return None
+    name = str(declared.get("dtype") or declared.get("torch_dtype") or "").replace("torch.", "")
+    dtype = TORCH_DTYPES.get(name)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def finish_config_dict(config: dict, model) -> dict:
+    """config.json fields every rsq checkpoint writes: the architecture (from the model class when
+    the source lacks it, as GGUF sources do), a neutral ``_name_or_path`` (from the recorded source)
+    and the plain-transformers guard."""
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    qc = config.get("quantization_config") or {}
+    config["_name_or_path"] = neutral_name((qc.get("rsq_config") or {}).get("model"))
+    config[GUARD_KEY] = GUARD
+    return config
+
+
+def _patch_config_file(path: Path, model) -> None:
+    cfg_file = path / "config.json"
+    config = json.loads(cfg_file.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        return
+    cfg_file.write_text(json.dumps(finish_config_dict(config, model), indent=2, default=str))
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """PreTrainedModel.save_pretrained, then config.json completed as an rsq checkpoint
+    (transformers drops ``transformers_weights`` on save; without it plain transformers would load
+    the packed checkpoint as random weights)."""
+    push = kwargs.pop("push_to_hub", False)
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    _patch_config_file(Path(save_directory), self)
+    if push:
+        from rsq.hub import push_folder
+
+        push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
+
+
+def _push_to_hub(self, repo_id: str, *args, **kwargs):
+    import tempfile
+
+    from rsq.hub import push_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        self.save_pretrained(tmp)
+        return push_folder(Path(tmp), repo_id, private=kwargs.get("private"))
+
+
+def adopt(model, qc: dict) -> None:
+    """Make a model with rsq modules save and report itself as an rsq checkpoint."""
+    register()
+    model.config.quantization_config = RSQQuantizationConfig.from_dict(dict(qc))
+    if getattr(model, "hf_quantizer", None) is None:
+        model.hf_quantizer = RSQHfQuantizer(model.config.quantization_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.push_to_hub = types.MethodType(_push_to_hub, model)
+
+
+def register() -> bool:
+    """Register ``quant_method: "rsq"`` with transformers (idempotent). False where this
+    transformers has no quantizer registration API."""
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        _define()
+    except ImportError as exc:  # a transformers without the registration API: rsq.load still works
+        log.debug("transformers quantizer registration unavailable: %s", exc)
+        return False
+    _REGISTERED = True
+    return True
+
+
+class _RegisterOnImport:
+    """A meta-path finder that registers rsq right after ``transformers.quantizers`` is imported, so
+    ``import rsq`` does not import transformers (seconds) yet from_pretrained always sees rsq."""
+
+    TARGET = "transformers.quantizers"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.TARGET:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            uninstall_hook()
+            register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_HOOK = _RegisterOnImport()
+
+
+def install_hook() -> None:
+    """Register now if transformers' quantizers are imported, else as soon as they are."""
+    if _RegisterOnImport.TARGET in sys.modules:
+        register()
+    elif _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall_hook() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
+RSQQuantizationConfig = None  # defined by _define() (needs transformers)
+RSQHfQuantizer = None
+
+
+def _drop_guard(config):
+    if getattr(config, GUARD_KEY, None) == GUARD:
+        delattr(config, GUARD_KEY)
+    return config
+
+
+def _define() -> None:
+    global RSQQuantizationConfig, RSQHfQuantizer
+    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:  # registered by an earlier import of this module
+        RSQQuantizationConfig = AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
+        RSQHfQuantizer = AUTO_QUANTIZER_MAPPING[QUANT_METHOD]
+        return
+
+    class _Config(QuantizationConfigMixin):
+        """rsq's quantization_config (rsq/checkpoint/save.py writes it), kept key for key."""
+
+        def __init__(self, **kwargs):
+            kwargs["quant_method"] = QUANT_METHOD
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+
+        def to_dict(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+        def to_diff_dict(self) -> dict:
+            return self.to_dict()
+
+    class _Quantizer(HfQuantizer):
+        """Loads rsq checkpoints in from_pretrained: rsq modules before the weights, rotations after."""
+
+        requires_calibration = True
+
+        def validate_environment(self, *args, **kwargs):
+            from rsq.checkpoint.load import check_format_version
+
+            check_format_version(self.quantization_config.to_dict(), "quantization_config")
+
+        # Hooks that see the model config before transformers resolves the weights file, where the
+        # plain-transformers guard is dropped: update_attn_implementation (5.2x), update_tp_plan /
+        # update_ep_plan (5.0-5.1x). transformers 4.x checks the guard before any quantizer hook.
+        def update_attn_implementation(self, config):
+            return _drop_guard(config)
+
+        def update_tp_plan(self, config):
+            return _drop_guard(config)
+
+        def update_ep_plan(self, config):
+            return _drop_guard(config)
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from rsq.checkpoint.load import replace_quantized_modules
+
+            qc = self.quantization_config.to_dict()
+            dtype = kwargs.get("dtype") or model.dtype
+            has_bias = {}
+            for full in qc["modules"]:
+                if getattr(model.get_submodule(full), "bias", None) is not None:
+                    has_bias[f"{full}.bias"] = True
+            replace_quantized_modules(model, qc, has_bias, dtype)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            from rsq.checkpoint.load import attach_online_rotations
+
+            qc = self.quantization_config.to_dict()
+            attach_online_rotations(model, qc)
+            model.requires_grad_(False)
+            adopt(model, qc)
+            from rsq.checkpoint.dense import enable_dense_cache
+
+            enable_dense_cache(model)
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_Config)
+    RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_Quantizer)

