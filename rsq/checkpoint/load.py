@@ -46,10 +46,9 @@ def check_format_version(qc: dict, where) -> None:
         GridConfig(kind=kind, bits=bits, group_size=qc.get("group_size", -1))  # asks the format registry
     except (ConfigError, TypeError) as exc:
         raise CheckpointFormatError(
-            f"{cfg_file}: quantization_config says {bits!r} bits on the {kind} grid, which rsq checkpoints cannot "
+            f"{where}: quantization_config says {bits!r} bits on the {kind} grid, which rsq checkpoints cannot "
             f"hold ({exc}): the file is corrupt or not from rsq; re-run rsq quantize"
         ) from None
-    return config, qc
 
 
 def _weight_files(path: Path) -> list[Path]:
