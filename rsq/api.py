@@ -134,10 +134,10 @@ def quantize(
     ids = None
     if calibration is not None:
         if preloaded is None:
+            from rsq.config import TORCH_DTYPES
             from rsq.loading import load_model
-            from rsq.pipeline import DTYPES
 
-            preloaded = load_model(cfg.model or None, DTYPES[cfg.dtype])
+            preloaded = load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype])
         ids, kind = _calibration_ids(calibration, preloaded[1] if tokenizer is None else tokenizer, text_column)
         calib = replace(cfg.calib, source=kind)
         if ids.dim() == 2:

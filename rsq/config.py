@@ -252,6 +252,11 @@ class RSQConfig:
         for name, klass in _SUBCONFIGS.items():
             value = overrides.pop(name, None)
             sub[name] = value if is_dataclass(value) else dict(value or {})
+            if isinstance(sub[name], dict):
+                known = {f.name for f in fields(klass)}
+                for key in sub[name]:
+                    if key not in known:
+                        raise ConfigError(f"unknown config field {klass.__name__}.{key}: see rsq/config.py")
         grid = sub["grid"]
         if isinstance(grid, dict):
             from rsq.formats import get_format

@@ -135,12 +135,13 @@ def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = Fal
     check_context(config, lengths, force_seqlen)
 
 
-def load_sources(cfg, ppl_sources) -> dict:
+def load_sources(cfg, ppl_sources, calib: bool = True) -> dict:
     """Every text source of the job, read (and UTF-8 checked) now: {source: TextSplit}. c4 shards
-    are read lazily on first use (their readers raise ConfigError naming the shard)."""
+    are read lazily on first use (their readers raise ConfigError naming the shard). ``calib``
+    False: the calibration comes as tokens (rsq.quantize(calibration=...)), not from a source."""
     from rsq.calib.datasets import load_text
 
-    texts = {cfg.calib.source: load_text(cfg.calib.source, cfg.calib.data_dir)}
+    texts = {cfg.calib.source: load_text(cfg.calib.source, cfg.calib.data_dir)} if calib else {}
     for source in ppl_sources:
         if source not in texts:
             texts[source] = load_text(source, cfg.calib.data_dir)

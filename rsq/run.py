@@ -237,7 +237,7 @@ def run_quantize(
         raise ConfigError(problem_text)
     config = preloaded[0].config if preloaded is not None else load_config(cfg.model or None)
     preflight.check_model(config, cfg, ppl_seqlen=ppl_seqlen if ppl_sources else None, force_seqlen=force_seqlen)
-    texts = preflight.load_sources(cfg, ppl_sources)
+    texts = preflight.load_sources(cfg, ppl_sources, calib=calibration is None)
     from rsq.plan import fit_host_memory
 
     memory = fit_host_memory(
