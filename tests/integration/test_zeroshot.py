@@ -228,7 +228,7 @@ def test_cli_eval_tasks_and_ppl_load_the_model_once(model_dir, monkeypatch, caps
 
     calls = []
     real = rsq.evaluate.load_any
-    monkeypatch.setattr(rsq.evaluate, "load_any", lambda m: calls.append(m) or real(m))
+    monkeypatch.setattr(rsq.evaluate, "load_any", lambda m, **kw: calls.append(m) or real(m, **kw))
     assert (
         main(
             [
