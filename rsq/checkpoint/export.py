@@ -298,6 +298,26 @@ def check_compressed_tensors() -> None:
         raise MissingDependencyError(f"{need}, found {found}: pip install -U 'rsq[export]'")
 
 
+def write_export_dir(src: Path, out: Path, write) -> None:
+    """Build an export in a temporary sibling of ``out`` (``write(tmp)`` writes weights, config and
+    card), copy ``src``'s tokenizer files beside them, then rename it onto ``out``; on any error or
+    interrupt the temporary directory is removed, so ``out`` is absent, the old one or complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for pattern in COPY_PATTERNS:
+            for f in src.glob(pattern):
+                shutil.copy2(f, tmp / f.name)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write ``out``: the rsq checkpoint ``src`` in compressed-tensors' pack-quantized format.
 
@@ -327,24 +347,14 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
         )
     tensors = compressed_state_dict(_read_tensors(_weight_files(src)), qc, plan, linears)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    from rsq.checkpoint.card import write_model_card
+
+    def write(tmp: Path) -> None:
         _write_weights(tensors, tmp)
         _write_config(config, qc, plan, tmp)
-        for pattern in COPY_PATTERNS:
-            for f in src.glob(pattern):
-                shutil.copy2(f, tmp / f.name)
-        from rsq.checkpoint.card import write_model_card
-
         write_model_card(src, tmp, qc, "compressed-tensors", plan.transform_modules)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_export_dir(src, out, write)
     return {
         "format": "compressed-tensors/pack-quantized",
         "bits": qc["bits"],

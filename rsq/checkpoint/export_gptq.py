@@ -29,14 +29,12 @@ and online rotations (the GPTQ layout runs plain linears: quantize with --online
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from rsq.checkpoint.card import write_model_card
-from rsq.checkpoint.export import COPY_PATTERNS, _meta_model, _refuse_grid, _swap_in, _write_weights
+from rsq.checkpoint.export import _meta_model, _refuse_grid, _write_weights, write_export_dir
 from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
 from rsq.errors import CheckpointFormatError, ExportError
 from rsq.quant.pack import pack_codes, unpack_codes
@@ -139,24 +137,14 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> di
     config["dtype"] = "float16"
     config.pop("torch_dtype", None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         _write_weights(result, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         provenance = {k: v for k, v in qc.items() if k not in ("modules", "rsq_config")}
         (tmp / "rsq_export.json").write_text(json.dumps({"format": "gptq", "source": provenance}, indent=2))
-        for pattern in COPY_PATTERNS:
-            for f in src.glob(pattern):
-                shutil.copy2(f, tmp / f.name)
         write_model_card(src, tmp, qc, "gptq")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_export_dir(src, out, write)
     return {
         "format": "gptq",
         "bits": qc["bits"],
