@@ -390,8 +390,15 @@ def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path
     from rsq.plan import host_memory_plan
 
     cfg = replace(_cfg(llama), batch_size=8, calib=CalibConfig(nsamples=512, seqlen=512))
-    stages = host_memory_plan(load_config(llama), cfg, ppl_seqlen=32, ppl_batch=4)  # baseline 0: increments
-    avail = rsq.plan._rss_bytes() + rsq.plan.LIBRARIES + stages["quantize"] // 2
+    from rsq.calib.datasets import load_text
+
+    text = load_text("wikitext2")
+    chars = len(text.calib) + len(text.eval)
+    config = load_config(llama)
+    big = host_memory_plan(config, cfg, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
+    one = replace(cfg, calib=CalibConfig(nsamples=1, seqlen=512))
+    small = host_memory_plan(config, one, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
+    avail = rsq.plan._rss_bytes() + (big + small) // 2  # room for some of the 512 windows, not all
     monkeypatch.setattr(rsq.plan, "available_bytes", lambda: avail)
     argv = ["quantize", llama, "--method", "gptq", "--nsamples", "512", "--seqlen", "512", "--batch-size", "8",
             "--ppl-seqlen", "32", "--max-windows", "2", "--out", str(tmp_path / "o")]  # fmt: skip
