@@ -139,8 +139,9 @@ def format_plan(name: str, config, **kw) -> list[str]:
 
 LOGITS_COPIES = 3  # a head chunk's logits, their log-softmax and the gathered loss terms
 LIBRARIES = 80 * 1024**2  # resident code and tables of the model and tokenizer libraries, imported at load
-TOKENIZE_PER_CHAR = 140  # transient bytes of a fast tokenizer's encoding per character of text (measured:
-# 86 MiB for 646k characters with a 512-token BPE); the allocator keeps them resident afterwards
+TOKENIZE_PER_CHAR = 140  # transient bytes of a fast tokenizer's encoding per character of text tokenized,
+# which the allocator keeps resident afterwards (calibrated: 86 MiB for the 646k characters of one half of
+# WikiText-2 test with a 512-token BPE; bench/NOTES-memory.md)
 
 
 def _rss_bytes() -> int:
@@ -200,7 +201,7 @@ def host_memory_plan(
 ) -> dict[str, int]:
     """Predicted peak resident bytes of a CPU job per stage (each includes ``baseline``, the
     process's resident set before loading): load, quantize, perplexity, save. ``text_chars``: the
-    longest text the job tokenizes."""
+    characters of all the text the job tokenizes."""
     from rsq.config import TORCH_DTYPES
 
     p = param_counts(config)

@@ -43,11 +43,12 @@ def check_nproc(nproc: int) -> None:
         raise ConfigError(f"--nproc {nproc} is invalid: use 1 or more ranks")
 
 
-def check_output_location(out: Path, flag: str = "--out") -> None:
-    """``out`` can be created as a directory: not a file, not below a file, in a writable place.
-    Probes by creating and removing a temporary directory in the nearest existing ancestor."""
+def check_output_location(out: Path, flag: str = "--out", kind: str = "directory") -> None:
+    """``out`` can be created (as a directory, or a file for ``kind="file"``): not below a file, in
+    a writable place. Probes by creating and removing a temporary directory in the nearest existing
+    ancestor."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if kind == "directory" and out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is an existing file, not a directory: choose another {flag}")
     ancestor = out.parent.absolute()
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -68,7 +69,7 @@ def check_file_target(path: Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: pass a file name (e.g. {path / 'results.json'})")
-    check_output_location(path.parent / ".rsq-target", flag=flag)
+    check_output_location(path, flag=flag, kind="file")
 
 
 def suggest_group_size(widths: list[int], wanted: int) -> int:

@@ -249,7 +249,7 @@ def run_quantize(
         ranks=ctx.world,
         enforce=check_memory,
         preloaded=preloaded is not None,
-        text_chars=_longest_text(texts, cfg.calib.source, ppl_sources),
+        text_chars=_text_chars(texts, cfg.calib.source, ppl_sources),
     )
     part = partial_dir(out)
     try:
@@ -277,11 +277,11 @@ def run_quantize(
         raise
 
 
-def _longest_text(texts: dict, calib_source: str, ppl_sources) -> int:
-    """Characters of the longest text the job tokenizes (lazily read c4 shards count as 0)."""
+def _text_chars(texts: dict, calib_source: str, ppl_sources) -> int:
+    """Characters of all the text the job tokenizes (lazily read c4 shards count as 0)."""
     sizes = [len(t._calib) for s, t in texts.items() if s == calib_source and isinstance(t._calib, str)]
     sizes += [len(t._eval) for s, t in texts.items() if s in ppl_sources and isinstance(t._eval, str)]
-    return max(sizes, default=0)
+    return sum(sizes)
 
 
 def _check_losses(index: int, state: RunState, prefix: str) -> None:
@@ -291,9 +291,9 @@ def _check_losses(index: int, state: RunState, prefix: str) -> None:
         for name, loss in report.losses.items():
             if not math.isfinite(loss):
                 raise NonFiniteError(
-                    f"the quantization loss of {prefix}.{index}.{name} is {loss} (layer {index}): the weights or "
-                    "calibration activations overflowed or hold NaN/Inf; try --dtype float32, a larger --damp "
-                    "or more --bits, and check the model's weights"
+                    f"the quantization loss of {prefix}.{index}.{name} is {loss} (quantize stage, layer {index}): "
+                    "the weights or calibration activations overflowed or hold NaN/Inf; check the model's weights, "
+                    "else try --dtype float32, a larger --damp or more --bits"
                 )
 
 
@@ -301,10 +301,10 @@ def _check_ppl(value: float, source: str, cfg: RSQConfig) -> None:
     if math.isfinite(value):
         return
     if cfg.quantizes:
+        dtype = "" if cfg.dtype in ("float32", "float64") else f" or of --dtype {cfg.dtype} (try --dtype float32)"
         cause = (
-            f"the {cfg.method} model's logits are NaN/Inf (overflow of the quantized weights or in --dtype "
-            f"{cfg.dtype}); try --dtype float32, more --bits or a larger --damp, and check the unquantized model "
-            "with rsq eval"
+            f"the {cfg.method} model's logits are NaN/Inf (overflow of the quantized weights{dtype}); check the "
+            "unquantized model with rsq eval, else try more --bits or a larger --damp"
         )
     else:
         cause = "the model itself yields NaN/Inf logits (NaN/Inf weights, or overflow in float16): check its weights"
