@@ -99,7 +99,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import rsq.run as run
-    from rsq.cli.main import build_config, make_parser
+    from rsq.cli.main import make_parser
+    from rsq.cli.options import build_config
 
     sampler = Sampler()
     sampler.start()

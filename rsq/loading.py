@@ -96,6 +96,35 @@ def _load_error(model: str | None, exc: Exception) -> Exception:
     )
 
 
+def _compressed_tensors_config():
+    """A compressed-tensors checkpoint (e.g. `rsq export`'s) is decompressed module by module while
+    transformers loads it (compressed-tensors' own compressor), so every caller sees plain linears:
+    the default route decompresses only at the first forward of the whole model, which rsq's
+    evaluation (decoder, then head in chunks) never calls, and it re-initialises packed asymmetric
+    zero points (tests/integration/test_export.py)."""
+    from transformers import CompressedTensorsConfig
+
+    from rsq.errors import MissingDependencyError
+
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "this is a compressed-tensors checkpoint: loading it needs the compressed-tensors package; "
+            "install it with pip install 'rsq[export]'"
+        ) from exc
+    return CompressedTensorsConfig(dequantize=True)
+
+
+def _apply_transforms(net, transform_config: dict) -> None:
+    """The checkpoint's online transforms (e.g. the down_proj Hadamard of --online-rotations export),
+    applied by compressed-tensors' own code, as a serving engine applies them; transformers itself
+    ignores transform_config."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    apply_transform_config(net, TransformConfig.model_validate(transform_config))
+
+
 def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) on CPU in ``dtype``, eval mode. Checks the architecture before loading
     weights so an unsupported model fails fast."""
@@ -104,11 +133,18 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     config = load_config(model)
     resolve(config)  # UnsupportedModelError before any weight is read
     name, extra = _from_pretrained_args(model)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
+    compressed = qc.get("quant_method") == "compressed-tensors"
+    if compressed:
+        extra = {**extra, "quantization_config": _compressed_tensors_config()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **extra)
         net = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise _load_error(model, exc) from exc
+    if compressed and qc.get("transform_config"):
+        _apply_transforms(net, qc["transform_config"])
     if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
         # GGUF weights are dequantized on load: the in-memory model is a plain float model
         del net.config.quantization_config

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import rsq
 from rsq.calib.datasets import find_wikitext_files, sample_windows, tokenize
-from rsq.cli.main import build_config, make_parser
+from rsq.cli.main import make_parser
+from rsq.cli.options import build_config
 from rsq.config import CalibConfig, GridConfig, RSQConfig
 from rsq.errors import ConfigError
 from rsq.loading import load_model

@@ -216,7 +216,7 @@ def test_non_finite_values_are_written_as_null(tmp_path):
 
 
 def test_lm_eval_json_with_nan_average_is_valid(tmp_path):
-    from rsq.cli.evalcmds import _write_json
+    from rsq.cli.cmd_eval import _write_json
 
     _write_json(str(tmp_path / "lm.json"), {"tasks": {}, "average": float("nan")})
     parsed = json.loads((tmp_path / "lm.json").read_text(), parse_constant=lambda c: pytest.fail(c))
@@ -449,10 +449,10 @@ def test_chunked_nll_equals_whole_logits():
 
 
 def test_eval_batch_follows_the_option(llama, monkeypatch):
-    import rsq.evaluate
+    import rsq.eval.runner
 
     seen = []
-    real = rsq.evaluate.perplexity
-    monkeypatch.setattr(rsq.evaluate, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
-    rsq.evaluate.run_eval(llama, ("wikitext2",), 32, 3, batch_size=2)
+    real = rsq.eval.runner.perplexity
+    monkeypatch.setattr(rsq.eval.runner, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
+    rsq.eval.runner.run_eval(llama, ("wikitext2",), 32, 3, batch_size=2)
     assert seen == [2]

@@ -14,7 +14,7 @@ import json
 import torch
 
 import rsq
-from rsq.cli.evalcmds import add_eval_parsers
+from rsq.cli.cmd_eval import add_parsers
 from rsq.config import (
     CalibConfig,
     GridConfig,
@@ -23,7 +23,7 @@ from rsq.config import (
     RSQConfig,
     SolverConfig,
 )
-from rsq.evaluate import dense_linears
+from rsq.eval.runner import dense_linears
 from rsq.loading import load_model
 from rsq.nn.qlinear import QuantLinear
 from rsq.run import run_quantize
@@ -62,7 +62,7 @@ def test_dense_linears_keep_the_function_and_the_online_rotation(tiny_model_dir,
 def test_cli_longctx_dense_gives_the_same_answers(tiny_model_dir, tmp_path):
     ckpt = _quarot_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt")
     parser = argparse.ArgumentParser(prog="rsq")
-    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     outputs = {}
     for flag in ([], ["--dense"]):
         out = tmp_path / f"longctx{len(flag)}.json"

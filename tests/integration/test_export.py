@@ -206,7 +206,7 @@ def test_refuses_cross_head_rotation(tiny_model_dir, tmp_path):
 
 
 def test_generate_matches_in_memory_greedy(tiny_model_dir, tmp_path, capsys):
-    from rsq.cli.generatecmd import generate
+    from rsq.cli.cmd_generate import generate
 
     ckpt = tmp_path / "ckpt"
     model = _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True))
@@ -268,3 +268,9 @@ def test_rsq_checkpoint_with_exportable_rotations_exports(tiny_model_dir, tmp_pa
         assert _rel_err(_logits(exported, ids), ref) > 1e-2  # transformers alone ignores the transform
         apply_transform_config(exported, TransformConfig.model_validate(tc))
     assert _rel_err(_logits(exported, ids), ref) < TOL
+    # `rsq eval EXPORT` loads it through transformers (decompressed, transform applied by
+    # compressed-tensors): the same perplexity as the source checkpoint, up to float32 summation order
+    from rsq.eval.runner import run_eval
+
+    ppl = [run_eval(str(d), ("wikitext2",), 64, 2, device="cpu")["perplexity"]["wikitext2"] for d in (ckpt, out)]
+    assert abs(ppl[1] / ppl[0] - 1) < 1e-5, ppl

@@ -140,10 +140,10 @@ def test_errors_name_the_fix(tmp_path):
 
 
 def test_cli_report(runs, tmp_path, capsys):
-    from rsq.cli.evalcmds import add_eval_parsers
+    from rsq.cli.cmd_eval import add_parsers
 
     parser = argparse.ArgumentParser(prog="rsq")
-    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--title", "t"])
     assert args.func(args) == 0
     assert "report.md" in capsys.readouterr().out

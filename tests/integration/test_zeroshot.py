@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from rsq.errors import ConfigError
+from rsq.eval.runner import load_any
 from rsq.eval.zeroshot import LOCAL_TASKS, _task_manager, run_lm_eval, sample_records, summarize
-from rsq.evaluate import load_any
 
 TASK = "rsq_facts"
 # Same weights, same fp32 CPU kernels and the same batch composition on both sides: agreement is
@@ -147,10 +147,10 @@ def test_metric_choice_and_average_rule():
 
 
 def _cli(argv):
-    from rsq.cli.evalcmds import add_eval_parsers
+    from rsq.cli.cmd_eval import add_parsers
 
     parser = argparse.ArgumentParser(prog="rsq")
-    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -223,12 +223,12 @@ def test_bad_inputs_are_config_errors(model_dir, tmp_path):
 
 
 def test_cli_eval_tasks_and_ppl_load_the_model_once(model_dir, monkeypatch, capsys):
-    import rsq.evaluate
+    import rsq.eval.runner
     from rsq.cli.main import main
 
     calls = []
-    real = rsq.evaluate.load_any
-    monkeypatch.setattr(rsq.evaluate, "load_any", lambda m, **kw: calls.append(m) or real(m, **kw))
+    real = rsq.eval.runner.load_any
+    monkeypatch.setattr(rsq.eval.runner, "load_any", lambda m, **kw: calls.append(m) or real(m, **kw))
     assert (
         main(
             [

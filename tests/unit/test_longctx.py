@@ -237,11 +237,11 @@ def test_cli_longctx_json_feeds_the_report(tiny_model_dir, tmp_path, capsys):
     skipped as too long, and the JSON is read by rsq report's loader."""
     import argparse
 
-    from rsq.cli.evalcmds import add_eval_parsers
+    from rsq.cli.cmd_eval import add_parsers
     from rsq.report import load_run
 
     parser = argparse.ArgumentParser(prog="rsq")
-    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     run = tmp_path / "run"
     leval = _jsonl(
         tmp_path / "tpo.jsonl", [{"input": "short doc", "instructions": ["q1", "q2"], "outputs": ["A", "B"]}]

@@ -6,7 +6,7 @@ import sys
 import time
 
 
-def add_generate_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text from an rsq checkpoint (or a plain model directory)",
@@ -94,14 +94,14 @@ def generate(
 
 def cmd_generate(args) -> int:
     from rsq.errors import CheckpointFormatError
-    from rsq.evaluate import load_any
+    from rsq.eval.runner import load_any
     from rsq.pipeline import resolve_device
 
     model, tokenizer = load_any(args.ckpt, packed=args.packed)
     if tokenizer is None:
         raise CheckpointFormatError(f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it")
     if args.dense:
-        from rsq.evaluate import dense_linears
+        from rsq.eval.runner import dense_linears
 
         dense_linears(model)
     model.to(resolve_device(args.device))

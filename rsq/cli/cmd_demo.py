@@ -11,7 +11,7 @@ from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
 DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 
 
-def add_demo_parser(sub) -> None:
+def add_parsers(sub) -> None:
     d = sub.add_parser(
         "demo",
         help="quantize the embedded SmolLM2 with several methods and print the table",
@@ -35,7 +35,8 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from rsq.cli.main import build_config, make_parser, print_summary
+    from rsq.cli.main import make_parser
+    from rsq.cli.options import build_config, print_summary
     from rsq.cli.progress import Progress
     from rsq.run import run_quantize
 

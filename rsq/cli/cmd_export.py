@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def add_export_parser(sub) -> None:
+def add_parsers(sub) -> None:
     from rsq.checkpoint.export import FORMATS
 
     p = sub.add_parser(

@@ -8,8 +8,8 @@ from pathlib import Path
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
 
 
-def add_ablate_parsers(sub) -> None:
-    from rsq.cli.main import add_quantize_options
+def add_parsers(sub) -> None:
+    from rsq.cli.options import add_quantize_options
 
     p = sub.add_parser(
         "ablate",
@@ -62,7 +62,7 @@ def cmd_ablate(args) -> int:
         run_grid,
         summarize,
     )
-    from rsq.cli.main import build_config
+    from rsq.cli.options import build_config
     from rsq.cli.progress import Progress
 
     base = build_config(args)

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 from rsq import jsonsafe
+from rsq.cli.options import add_ppl_options, max_windows, ppl_sources
+from rsq.cli.progress import Progress
 
 
 def _csv(text: str) -> list[str]:
@@ -31,10 +33,10 @@ def _pct(v: float | None) -> str:
 
 def _load(model: str | None, dtype: str | None, dense: bool = False, packed: bool = False):
     """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards;
-    ``dense`` replaces the packed linears by dense ones (:func:`rsq.evaluate.dense_linears`)."""
+    ``dense`` replaces the packed linears by dense ones (:func:`rsq.eval.runner.dense_linears`)."""
     from rsq.config import DTYPES, TORCH_DTYPES
     from rsq.errors import ConfigError
-    from rsq.evaluate import load_any
+    from rsq.eval.runner import load_any
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
@@ -42,13 +44,30 @@ def _load(model: str | None, dtype: str | None, dense: bool = False, packed: boo
     if dtype is not None:
         net.to(TORCH_DTYPES[dtype])
     if dense:
-        from rsq.evaluate import dense_linears
+        from rsq.eval.runner import dense_linears
 
         dense_linears(net)
     return net, tok
 
 
-def add_eval_parsers(sub) -> None:
+def add_parsers(sub) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (and lm-eval tasks) of a model or quantized checkpoint",
+        description="Evaluate MODEL_OR_DIR (hub id, directory, .gguf, or rsq checkpoint): "
+        "perplexity, or with --tasks the lm-eval tasks as `rsq lm-eval` runs them.",
+    )
+    e.add_argument("model", nargs="?", default=None, help="model or checkpoint (default: embedded SmolLM2)")
+    add_ppl_options(e, "--seqlen")
+    e.set_defaults(ppl=None)  # wikitext2, unless --tasks is given (see cmd_eval)
+    e.add_argument("--device", default=None, help="auto, cpu, cuda (default: auto)")
+    e.add_argument(
+        "--data-dir", default=None, help="directory with wiki.test.raw and/or the c4 shards; also $RSQ_DATA_DIR"
+    )
+    e.add_argument("--json-out", default=None, help="also write the results to this JSON file")
+    add_lm_eval_options(e, tasks_required=False)
+    e.set_defaults(func=cmd_eval)
+
     model_help = "model or checkpoint: hub id, directory, .gguf or rsq run directory (default: embedded SmolLM2)"
 
     z = sub.add_parser(
@@ -101,7 +120,7 @@ def add_eval_parsers(sub) -> None:
         default=None,
         help="cast weights after loading: float16, bfloat16, float32 (default: as loaded, float32)",
     )
-    from rsq.cli.generatecmd import add_packed_option
+    from rsq.cli.cmd_generate import add_packed_option
 
     add_packed_option(lc)
     lc.add_argument(
@@ -158,7 +177,7 @@ TASKS_HELP = (
 
 
 def add_lm_eval_options(p, tasks_required: bool) -> None:
-    from rsq.cli.generatecmd import add_packed_option
+    from rsq.cli.cmd_generate import add_packed_option
 
     add_packed_option(p)
     """The lm-eval options, shared by `rsq lm-eval` and `rsq eval` (where --tasks is optional)."""
@@ -356,4 +375,57 @@ def cmd_report(args) -> int:
     summary = write_report(args.runs, args.out, title=args.title)
     out = Path(args.out)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'}" + "".join(f", {out / p}" for p in summary["plots"]))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Perplexity; with --tasks the lm-eval tasks instead (as `rsq lm-eval`), plus perplexity when --ppl is given."""
+    from rsq.eval.runner import run_eval
+    from rsq.pipeline import resolve_device
+    from rsq.preflight import check_lengths
+
+    ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2")
+    if ppl_sources(ppl):
+        check_lengths(
+            ppl_seqlen=args.ppl_seqlen,
+            ppl_max_windows=max_windows(args),
+            ppl_batch_size=args.ppl_batch_size,
+            seqlen_flag="--seqlen",
+        )
+    resolve_device(args.device or "auto")
+    if args.json_out:
+        from rsq.preflight import check_file_target
+
+        check_file_target(Path(args.json_out), "--json-out")
+    if args.tasks and ppl_sources(ppl) and args.json_out:
+        from rsq.errors import ConfigError
+
+        raise ConfigError(
+            "--json-out with both --tasks and --ppl: run rsq eval once per kind (each writes its own "
+            "JSON for rsq report)"
+        )
+    loaded = None
+    if args.tasks and ppl_sources(ppl):  # one load for both (with --dtype applied, as lm-eval sees it)
+        loaded = _load(args.model, args.dtype, packed=getattr(args, "packed", False))
+    if ppl_sources(ppl):
+        with Progress() as progress:
+            results = run_eval(
+                args.model,
+                ppl_sources(ppl),
+                args.ppl_seqlen,
+                max_windows(args),
+                device=args.device or "auto",
+                data_dir=args.data_dir,
+                progress=progress.update,
+                loaded=loaded,
+                batch_size=args.ppl_batch_size,
+                force_seqlen=args.force_seqlen,
+            )
+        print(jsonsafe.dumps(results["perplexity"], indent=2))
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(jsonsafe.dumps(results, indent=2))
+            print(f"wrote {args.json_out}")
+    if args.tasks:
+        return cmd_lm_eval(args, loaded)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def add_push_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "push",
         help="upload a checkpoint directory to the Hugging Face hub",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-def add_inspect_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="activation outlier statistics of every linear input (before/after rotation)",
@@ -28,8 +28,8 @@ def cmd_inspect(args) -> int:
     require_matplotlib()  # before any work: the plots are part of the output
     from rsq.calib.datasets import load_text, sample_windows, tokenize
     from rsq.config import RotationConfig
-    from rsq.inspect import activation_stats, compare_rotation, plot_stats, summary_table
     from rsq.loading import load_model
+    from rsq.outliers import activation_stats, compare_rotation, plot_stats, summary_table
     from rsq.pipeline import resolve_device
 
     model, tok = load_model(args.model)
