@@ -318,6 +318,25 @@ def write_export_dir(src: Path, out: Path, write) -> None:
         raise
 
 
+def open_export(src: Path, out: Path, overwrite: bool, check=None) -> tuple:
+    """(config, quantization_config, {linear name: in_features}) of the checkpoint ``src``, after the
+    checks every export makes before writing anything: ``out`` free (or ``overwrite``) and not the
+    source, ``check(qc)`` (the format's own refusals), every quantized module a linear of the config."""
+    config, qc = read_quant_config(src)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists: pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ExportError(f"--out {out} is the source checkpoint: choose another directory")
+    if check is not None:
+        check(qc)
+    model = _meta_model(src)
+    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [m for m in qc["modules"] if m not in linears]
+    if missing:
+        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
+    return config, qc, linears
+
+
 def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write ``out``: the rsq checkpoint ``src`` in compressed-tensors' pack-quantized format.
 
@@ -327,16 +346,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     """
     check_compressed_tensors()
     src, out = Path(src), Path(out)
-    config, qc = read_quant_config(src)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists: pass --overwrite to replace it")
-    if out.resolve() == src.resolve():
-        raise ExportError(f"--out {out} is the source checkpoint: choose another directory")
-    model = _meta_model(src)
-    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [m for m in qc["modules"] if m not in linears]
-    if missing:
-        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
+    config, qc, linears = open_export(src, out, overwrite)
     plan = plan_export(qc, sorted(linears))
     if plan.transform is not None:
         log.warning(

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from rsq.checkpoint.card import write_model_card
-from rsq.checkpoint.export import _meta_model, _refuse_grid, _write_weights, write_export_dir
-from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
-from rsq.errors import CheckpointFormatError, ExportError
+from rsq.checkpoint.export import _refuse_grid, _write_weights, open_export, write_export_dir
+from rsq.checkpoint.load import _read_tensors, _weight_files
+from rsq.errors import ExportError
 from rsq.quant.pack import pack_codes, unpack_codes
 
 RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")
@@ -111,17 +111,7 @@ def gptq_quantization_config(qc: dict) -> dict:
 def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write ``out``: the rsq checkpoint ``src`` in the GPTQ layout (temporary sibling, then renamed)."""
     src, out = Path(src), Path(out)
-    config, qc = read_quant_config(src)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists: pass --overwrite to replace it")
-    if out.resolve() == src.resolve():
-        raise ExportError(f"--out {out} is the source checkpoint: choose another directory")
-    check_gptq_exportable(qc)
-    model = _meta_model(src)
-    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [m for m in qc["modules"] if m not in linears]
-    if missing:
-        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
+    config, qc, linears = open_export(src, out, overwrite, check=check_gptq_exportable)
     tensors = _read_tensors(_weight_files(src))
     quantized = set(qc["modules"])
     result = {
