@@ -294,13 +294,8 @@ def run_quantize(
         raise ConfigError(problem_text)
     config = preloaded[0].config if preloaded is not None else load_config(cfg.model or None)
     preflight.check_model(config, cfg, ppl_seqlen=ppl_seqlen if ppl_sources else None, force_seqlen=force_seqlen)
+    # a resume may change the mode: the finished layers' codes are in layer-*.safetensors either way
     stream_path = choose_stream(cfg, stream, preloaded)
-    if saved is not None and bool(saved.get("streamed", False)) != (stream_path is not None):
-        mode = "streamed" if saved.get("streamed") else "in-memory"
-        raise ConfigError(
-            f"--resume: the unfinished run in {partial_dir(out)} was {mode}; resume it the same way (with "
-            f"{'the default' if saved.get('streamed') else '--in-memory'}), or pass --overwrite to start over"
-        )
     streamed = None
     if stream_path is not None:  # the files' headers against the config: before any output exists
         from rsq.streaming import open_streamed
@@ -477,7 +472,20 @@ def _run(
                 _load_layer_codes(part, index, saved, adapter, holder["state"])
 
         streamer.on_fetch = fetch_codes
-        streamer.on_release = lambda index: _drop_layer_codes(index, adapter, holder["state"])
+
+        def release(index: int) -> None:
+            # a layer finished by an in-memory session has no shard yet: written now, from the same
+            # codes and the same rotated layer (so bit-identical to writing it when it finished)
+            if index < start and ctx.is_main:
+                from rsq.checkpoint.save import layer_shard_name, write_layer_shard
+
+                if not (part / layer_shard_name(index, n_layers)).is_file():
+                    write_layer_shard(
+                        layers[index], index, adapter.layers, n_layers, holder["state"].results, cfg, part
+                    )
+            _drop_layer_codes(index, adapter, holder["state"])
+
+        streamer.on_release = release
     t_quant = time.perf_counter()
 
     def on_done(index: int, st: RunState) -> None:
@@ -567,6 +575,9 @@ def _run(
     from rsq.checkpoint import save_checkpoint
 
     t0 = time.perf_counter()
+    if streamer is None:  # shards of an earlier streamed session of this run (resumed in memory)
+        for stale in part.glob("model-*-of-*.safetensors"):
+            stale.unlink()
     save_checkpoint(model, tokenizer, part, cfg, state, rotation_record, streamed=n_layers if streamer else None)
     timings["save"] = time.perf_counter() - t0
     host_peaks["save"] = measured_peak_gib()

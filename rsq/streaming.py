@@ -224,9 +224,10 @@ class LayerStreamer:
             self.on_fetch(index)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        layer.to("meta")
+        """``on_release(index)`` runs first, while the layer still holds its (quantized) weights."""
         if self.on_release is not None:
             self.on_release(index)
+        layer.to("meta")
 
 
 def open_streamed(path: Path, config, dtype: torch.dtype) -> tuple[nn.Module, StreamSource]:
