@@ -173,9 +173,14 @@ def quantize_layers(
 
             with _timed(state, "rotate"):
                 rotate_ends(model, adapter, rotation, device)
-        with _timed(state, "capture"):
-            kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
-            for ev in evals or ():
+        # every layer finished before (a resumed streamed run): only the evaluation windows need them
+        replay = start_layer >= len(layers)
+        kwargs = {}
+        if not replay:
+            with _timed(state, "capture"):
+                kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
+        for ev in evals or ():
+            with _timed(state, "eval_capture"):
                 k, t = ev.windows.shape
                 where = choose_location("auto", k, t, hidden, dtype, device)
                 ev.store = ActivationStore(k, t, hidden, dtype, device, where, check_finite=False)
@@ -203,9 +208,10 @@ def quantize_layers(
                 )
             else:
                 report = None
-            with _timed(state, "propagate"):
-                for a, b in store.batches(bs):
-                    store.set(a, b, passes.output(a, b))
+            if not replay:
+                with _timed(state, "propagate"):
+                    for a, b in store.batches(bs):
+                        store.set(a, b, passes.output(a, b))
             if evals:
                 with _timed(state, "eval_propagate"):
                     for ev in evals:
