@@ -22,6 +22,7 @@ from rsq.calib.capture import (
     ActivationStore,
     capture_layer0_inputs,
     choose_location,
+    layer_forward,
 )
 from rsq.checkpoint.schema import dequantize_result
 from rsq.config import RSQConfig
@@ -55,6 +56,19 @@ class RunState:
     # stage where a figure first jumps is the one that raised the peak
     gpu_peaks: dict[str, float] = field(default_factory=dict)
     importance_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> weights of seq 0
+
+
+@dataclass
+class EvalPass:
+    """Evaluation windows carried through the layer loop beside the calibration activations (a
+    streamed model has each layer only during its turn): after layer i is quantized, its output
+    for these windows is computed with the quantized weights, ``batch_size`` windows per forward as
+    rsq.eval.perplexity batches them. ``store`` holds the last layer's output at the end."""
+
+    windows: torch.Tensor  # (K, T) token ids
+    batch_size: int
+    store: ActivationStore | None = None
+    kwargs: dict | None = None
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -110,6 +124,8 @@ def quantize_layers(
     weight_fn: Callable | None = None,
     dist_ctx: DistContext | None = None,
     rotation=None,
+    streamer=None,
+    evals: list[EvalPass] | None = None,
 ) -> RunState:
     """Quantize every decoder layer of ``model`` in place (fake quantization: W <- W_hat).
 
@@ -123,6 +139,9 @@ def quantize_layers(
     ends before the capture, each layer on the device at its turn — instead of a whole-model pass
     on the host first. Finished layers (resume) are rotated too, then get their W_hat from
     ``state.results``.
+    ``streamer``: a :class:`rsq.streaming.LayerStreamer` for a model whose layers are on ``meta``:
+    layer i is fetched just before its turn and released after it (and after ``on_layer_done``).
+    ``evals``: windows whose hidden states follow the quantized layers (:class:`EvalPass`).
     """
     adapter = adapter or resolve(model)
     state = state or RunState()
@@ -154,12 +173,25 @@ def quantize_layers(
 
             with _timed(state, "rotate"):
                 rotate_ends(model, adapter, rotation, device)
-        with _timed(state, "capture"):
-            kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
+        # every layer finished before (a resumed streamed run): only the evaluation windows need them
+        replay = start_layer >= len(layers)
+        kwargs = {}
+        if not replay:
+            with _timed(state, "capture"):
+                kwargs = capture_layer0_inputs(model, layers, windows, store, bs, device, window_fn)
+        for ev in evals or ():
+            with _timed(state, "eval_capture"):
+                k, t = ev.windows.shape
+                where = choose_location("auto", k, t, hidden, dtype, device)
+                ev.store = ActivationStore(k, t, hidden, dtype, device, where, check_finite=False)
+                ev.kwargs = capture_layer0_inputs(model, layers, ev.windows, ev.store, ev.batch_size, device)
         cache = _reuse_cache(adapter, layers, cfg, store)
         passes = LayerPasses(adapter, store, kwargs, bs, cache)
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
+            if streamer is not None:
+                with _timed(state, "stream"):
+                    streamer.fetch(i, layer)
             home = next(layer.parameters()).device  # where the layer lives between its turns
             layer.to(device)
             if rotation is not None:
@@ -176,9 +208,15 @@ def quantize_layers(
                 )
             else:
                 report = None
-            with _timed(state, "propagate"):
-                for a, b in store.batches(bs):
-                    store.set(a, b, passes.output(a, b))
+            if not replay:
+                with _timed(state, "propagate"):
+                    for a, b in store.batches(bs):
+                        store.set(a, b, passes.output(a, b))
+            if evals:
+                with _timed(state, "eval_propagate"):
+                    for ev in evals:
+                        for a, b in ev.store.batches(ev.batch_size):
+                            ev.store.set(a, b, layer_forward(layer, ev.store.get(a, b), ev.kwargs))
             layer.to(home, non_blocking=True)  # to pinned host memory, asynchronously, from a GPU
             if report is not None:
                 report.seconds = time.perf_counter() - t0
@@ -186,6 +224,9 @@ def quantize_layers(
                 if on_layer_done is not None:
                     _sync()  # the layer's codes and weights have reached the host
                     on_layer_done(i, state)
+            if streamer is not None:
+                _sync()
+                streamer.release(i, layer)
             if progress is not None:
                 progress(i + 1, len(layers), f"layer {i}")
     finally:

@@ -105,6 +105,10 @@ def memory_plan(
         groups = n_groups or in_f // group_size
         packed += out_f * in_f * bits / 8 + out_f * groups * (weight_bytes + 1)
     packed = packed * config.num_hidden_layers + (p["embed"] + p["lm_head"]) * weight_bytes
+    ends = (p["embed"] + p["lm_head"] + d) * weight_bytes
+    # a streamed run (rsq.streaming) holds the ends, ~2 layers (the layer at its turn with its codes
+    # and its shard being written) and, where they do not fit the device, the calibration activations
+    streamed = ends + 2 * layer + acts + STREAM_OVERHEAD
     return {
         "model_weights_host_GiB": p["total"] * weight_bytes / GiB,
         "layer_on_device_GiB": layer / GiB,
@@ -115,10 +119,13 @@ def memory_plan(
         "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + acts) / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,
+        "host_in_memory_peak_GiB": (p["total"] * weight_bytes + STREAM_OVERHEAD) / GiB,
+        "host_streamed_ends_GiB": ends / GiB,
+        "host_streamed_peak_GiB": streamed / GiB,
     }
 
 
-def format_plan(name: str, config, **kw) -> list[str]:
+def format_plan(name: str, config, host_GiB: float | None = None, **kw) -> list[str]:
     p = param_counts(config)
     lines = [
         f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
@@ -132,11 +139,22 @@ def format_plan(name: str, config, **kw) -> list[str]:
     mem = memory_plan(config, **kw)
     for k, v in mem.items():
         lines.append(f"  {k:<42} {v:10.2f}")
+    if host_GiB is not None:
+        fits = mem["host_streamed_peak_GiB"] <= host_GiB
+        whole = mem["host_in_memory_peak_GiB"] <= host_GiB
+        lines.append(
+            f"  host {host_GiB:g} GiB: streamed from safetensors {'fits' if fits else 'does NOT fit'} "
+            f"({mem['host_streamed_peak_GiB']:.1f} GiB, calibration activations offloaded to the host at worst); "
+            f"whole model in memory {'fits' if whole else 'does NOT fit'} ({mem['host_in_memory_peak_GiB']:.1f} GiB)"
+        )
     return lines
 
 
 # ----------------------------------------------------------------------------- host memory (CPU jobs)
 
+# resident besides tensors in a streamed or in-memory GPU run: the libraries, the CUDA context's host
+# side, the tokenizer and text, pinned staging buffers (an allowance, not a measurement)
+STREAM_OVERHEAD = 4 * GiB
 LOGITS_COPIES = 3  # a head chunk's logits, their log-softmax and the gathered loss terms
 LIBRARIES = 80 * 1024**2  # resident code and tables of the model and tokenizer libraries, imported at load
 TOKENIZE_PER_CHAR = 140  # transient bytes of a fast tokenizer's encoding per character of text tokenized,
@@ -198,10 +216,16 @@ def host_memory_plan(
     baseline: int = 0,
     from_gguf: bool = False,
     text_chars: int = 0,
+    streamed: bool = False,
+    ppl_windows: int = 0,
 ) -> dict[str, int]:
     """Predicted peak resident bytes of a CPU job per stage (each includes ``baseline``, the
     process's resident set before loading): load, quantize, perplexity, save. ``text_chars``: the
-    characters of all the text the job tokenizes."""
+    characters of all the text the job tokenizes. ``streamed``: the model is read layer by layer
+    (rsq.streaming): the ends (embeddings, norm, head) stay resident, a decoder layer only during
+    its turn (counted twice: the layer with its codes and its shard being written, and a float64
+    rotation copy of one linear), and the ``ppl_windows`` evaluation windows' hidden states ride
+    along the layers; the shards are joined below rsq.checkpoint.save.MERGE_BELOW bytes."""
     from rsq.config import TORCH_DTYPES
 
     p = param_counts(config)
@@ -213,6 +237,10 @@ def host_memory_plan(
     # beside the model it fills
     load = model + (p["total"] * 4 if from_gguf else model)
     stages = {"load": load}
+    ends = (p["embed"] + p["lm_head"] + d) * wb
+    layer = p["per_layer"] * wb
+    if streamed:
+        stages["load"] = 2 * ends  # one tensor read beside the ends already read
     codes = 0
     if cfg.quantizes:
         n, t = cfg.calib.nsamples * cfg.importance.expand, cfg.calib.seqlen
@@ -227,12 +255,22 @@ def host_memory_plan(
             inflight += 3 * heads * min(cfg.importance.query_chunk, t) * t * 4
         codes = p["linear_per_layer"] * config.num_hidden_layers  # uint8 codes kept for the checkpoint
         stages["quantize"] = model + acts + hess + inflight + codes
+        if streamed:
+            evals = ppl_windows * (ppl_seqlen or 0) * d * wb
+            stages["quantize"] = ends + 2 * layer + acts + hess + inflight + evals
+            codes = 0
     if ppl_seqlen is not None:
         stages["perplexity"] = model + codes + eval_bytes(config, ppl_seqlen, ppl_batch)
+        if streamed:
+            stages["perplexity"] = ends + ppl_windows * ppl_seqlen * d * wb + eval_bytes(config, ppl_seqlen, ppl_batch)
     # saving: the checkpoint's tensors, then safetensors' serialised copy of them
     rest = (p["embed"] + p["lm_head"]) * wb
     packed = memory_plan(config, bits=cfg.grid.bits, group_size=cfg.grid.group_size)["checkpoint_GiB"] * GiB
     stages["save"] = model + codes + int(packed - (p["embed"] + p["lm_head"]) * 2 + rest) * 2
+    if streamed:
+        from rsq.checkpoint.save import MERGE_BELOW
+
+        stages["save"] = ends + 2 * min(int(packed - (p["embed"] + p["lm_head"]) * 2 + rest), MERGE_BELOW)
     after_tokenizing = baseline + LIBRARIES + TOKENIZE_PER_CHAR * text_chars
     return {k: int(v + (baseline + LIBRARIES if k == "load" else after_tokenizing)) for k, v in stages.items()}
 
@@ -252,6 +290,8 @@ def fit_host_memory(
     enforce: bool = True,
     preloaded: bool = False,
     text_chars: int = 0,
+    streamed: bool = False,
+    ppl_windows: int | None = None,
 ) -> dict:
     """The evaluation batch and the predicted peak host memory of a job; on a CPU job whose
     prediction exceeds the available memory, MemoryBudgetError naming options that fit."""
@@ -261,7 +301,17 @@ def fit_host_memory(
 
     baseline = _rss_bytes()
     from_gguf = not preloaded and (not cfg.model or str(cfg.model).endswith(".gguf"))
-    plan_of = partial(host_memory_plan, config, baseline=baseline, from_gguf=from_gguf, text_chars=text_chars)
+    if ppl_windows is None:  # every window of the text: about 4 characters per token
+        ppl_windows = text_chars // (4 * ppl_seqlen) if ppl_seqlen else 0
+    plan_of = partial(
+        host_memory_plan,
+        config,
+        baseline=baseline,
+        from_gguf=from_gguf,
+        text_chars=text_chars,
+        streamed=streamed,
+        ppl_windows=ppl_windows,
+    )
     avail = available_bytes()
     batch = ppl_batch_size
     if batch is None:  # the most, up to 4, that fits
@@ -280,6 +330,7 @@ def fit_host_memory(
         "available_GiB": None if avail is None else _gib(avail),
         "ppl_batch_size": batch,
         "applies": str(device) == "cpu" and ranks == 1,
+        "streamed": streamed,
     }
     if enforce and plan["applies"] and avail is not None and peak > avail:
         raise MemoryBudgetError(

@@ -125,7 +125,9 @@ def can_resume(out: Path, cfg: RSQConfig) -> bool:
         return False
 
 
-def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix: str, sessions: list) -> None:
+def _save_layer(
+    part: Path, index: int, state: RunState, cfg: RSQConfig, prefix: str, sessions: list, streamed: bool = False
+) -> None:
     tensors = {}
     for name, res in state.results.items():
         if name.startswith(f"{prefix}.{index}."):
@@ -144,13 +146,16 @@ def _save_layer(part: Path, index: int, state: RunState, cfg: RSQConfig, prefix:
         "results_meta": {k: {"loss": r.loss, "damp": r.damp, "meta": r.meta} for k, r in state.results.items()},
         "timings": state.timings,
         "sessions": sessions,
+        "streamed": streamed,  # a streamed run's checkpoint shards are in the directory too
     }
     tmp = part / (STATE_FILE + ".tmp")
     tmp.write_text(jsonsafe.dumps(record))
     os.replace(tmp, part / STATE_FILE)
 
 
-def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
+def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig, lazy: bool = False) -> RunState:
+    """The finished layers' reports and results. ``lazy`` (a streamed run): the results' codes
+    stay on disk until :func:`_load_layer_codes` reads one layer's at its turn."""
     if saved["config"] != cfg.to_dict():
         raise ConfigError(
             f"--resume: the unfinished run in {part} used different options; rerun with the same options "
@@ -161,27 +166,74 @@ def _load_layers(part: Path, saved: dict, model, cfg: RSQConfig) -> RunState:
     for rec in saved["layers"]:
         state.layers.append(LayerReport(**rec))
     for index in range(saved["finished_layers"]):
-        path = part / f"layer-{index:04d}.safetensors"
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for truncated files
-            raise CheckpointFormatError(f"{path} is unreadable ({exc}): delete {part} and rerun") from exc
-        if "importance" in tensors:
-            state.importance_maps[index] = tensors["importance"]
-        for name in adapter.linears:
-            full = f"{adapter.layers}.{index}.{name}"
-            meta = saved["results_meta"][full]
-            res = QuantResult(
-                codes=tensors[f"{full}.codes"],
-                scale=tensors[f"{full}.scale"],
-                zero=tensors[f"{full}.zero"],
-                weight=None,
-                loss=meta["loss"],
-                damp=meta["damp"],
-                meta=meta["meta"],
-            )
-            state.results[full] = res  # the pipeline writes W_hat when the layer's turn comes
+        if lazy:
+            importance = _read_layer_file(part, index, only="importance")
+            if "importance" in importance:
+                state.importance_maps[index] = importance["importance"]
+            for name in adapter.linears:
+                full = f"{adapter.layers}.{index}.{name}"
+                meta = saved["results_meta"][full]
+                state.results[full] = QuantResult(None, None, None, None, meta["loss"], meta["damp"], meta["meta"])
+        else:
+            _load_layer_codes(part, index, saved, adapter, state)
     return state
+
+
+def _read_layer_file(part: Path, index: int, only: str | None = None) -> dict[str, torch.Tensor]:
+    path = part / f"layer-{index:04d}.safetensors"
+    try:
+        if only is None:
+            return load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {only: handle.get_tensor(only)} if only in handle.keys() else {}
+    except Exception as exc:  # safetensors raises several types for truncated files
+        raise CheckpointFormatError(f"{path} is unreadable ({exc}): delete {part} and rerun") from exc
+
+
+def _load_layer_codes(part: Path, index: int, saved: dict, adapter, state: RunState) -> None:
+    """Layer ``index``'s saved codes and scales into ``state.results`` (and its importance map)."""
+    tensors = _read_layer_file(part, index)
+    if "importance" in tensors:
+        state.importance_maps[index] = tensors["importance"]
+    for name in adapter.linears:
+        full = f"{adapter.layers}.{index}.{name}"
+        meta = saved["results_meta"][full]
+        res = QuantResult(
+            codes=tensors[f"{full}.codes"],
+            scale=tensors[f"{full}.scale"],
+            zero=tensors[f"{full}.zero"],
+            weight=None,
+            loss=meta["loss"],
+            damp=meta["damp"],
+            meta=meta["meta"],
+        )
+        state.results[full] = res  # the pipeline writes W_hat when the layer's turn comes
+
+
+def _drop_layer_codes(index: int, adapter, state: RunState) -> None:
+    """A streamed run keeps a finished layer's losses, not its codes (they are on disk)."""
+    for name in adapter.linears:
+        res = state.results.get(f"{adapter.layers}.{index}.{name}")
+        if res is not None:
+            res.codes = res.scale = res.zero = res.weight = res.row_loss = None
+
+
+def choose_stream(cfg: RSQConfig, stream: bool | None, preloaded) -> Path | None:
+    """The directory a run streams its model from, or None for the in-memory path. ``stream``:
+    None decides (a local safetensors directory and a quantizing method stream), False never
+    streams, True insists (ConfigError where it cannot)."""
+    from rsq.streaming import streamable
+
+    path = streamable(cfg.model or None) if preloaded is None and cfg.quantizes and stream is not False else None
+    if stream and path is None:
+        raise ConfigError(
+            f"streaming needs a quantizing method and a local directory of safetensors weights (config.json + "
+            f"model.safetensors or an index), not {cfg.model or 'the embedded GGUF model'!r}: drop the stream "
+            "option to load the model into memory"
+        )
+    return path
 
 
 def run_quantize(
@@ -201,6 +253,7 @@ def run_quantize(
     preloaded: tuple | None = None,
     dist_ctx: DistContext | None = None,
     calibration: torch.Tensor | None = None,
+    stream: bool | None = None,
 ) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
@@ -214,6 +267,10 @@ def run_quantize(
     ``dist_ctx``: with several ranks (torchrun), only rank 0 touches the output directory.
     ``calibration``: token ids instead of ``cfg.calib.source``'s text: (N, T) windows used as they
     are, or a 1-D token stream sampled into ``cfg.calib`` windows.
+    ``stream``: read the model layer by layer from its safetensors files and write each finished
+    layer's shard as it finishes (rsq.streaming), so host memory does not grow with the model; None
+    (default) streams a local safetensors directory, False loads the whole model (the only path for
+    GGUF files, hub ids and quantized sources), True refuses a source that cannot stream.
     """
     from rsq import preflight
 
@@ -237,6 +294,13 @@ def run_quantize(
         raise ConfigError(problem_text)
     config = preloaded[0].config if preloaded is not None else load_config(cfg.model or None)
     preflight.check_model(config, cfg, ppl_seqlen=ppl_seqlen if ppl_sources else None, force_seqlen=force_seqlen)
+    # a resume may change the mode: the finished layers' codes are in layer-*.safetensors either way
+    stream_path = choose_stream(cfg, stream, preloaded)
+    streamed = None
+    if stream_path is not None:  # the files' headers against the config: before any output exists
+        from rsq.streaming import open_streamed
+
+        streamed = open_streamed(stream_path, config, TORCH_DTYPES[cfg.dtype])
     texts = preflight.load_sources(cfg, ppl_sources, calib=calibration is None)
     from rsq.plan import fit_host_memory
 
@@ -250,6 +314,8 @@ def run_quantize(
         enforce=check_memory,
         preloaded=preloaded is not None,
         text_chars=_text_chars(texts, cfg.calib.source, ppl_sources),
+        streamed=streamed is not None,
+        ppl_windows=ppl_max_windows if ppl_sources else 0,
     )
     part = partial_dir(out)
     try:
@@ -270,6 +336,7 @@ def run_quantize(
             preloaded,
             ctx,
             calibration,
+            streamed,
         )
     except BaseException:  # errors and interrupts (SIGINT/SIGTERM) alike
         if ctx.is_main and not (part / STATE_FILE).exists():
@@ -334,8 +401,10 @@ def _run(
     preloaded,
     ctx: DistContext,
     calibration: torch.Tensor | None = None,
+    streamed: tuple | None = None,
 ) -> dict | None:
     timings: dict[str, float] = {}
+    host_peaks: dict[str, float] = {}  # stage -> the process's peak RSS up to its end (ru_maxrss)
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
     run_cfg = replace(cfg, device=rank_device(ctx, cfg.device)) if ctx.enabled else cfg
@@ -345,11 +414,20 @@ def _run(
     session = {"started_after_layers": start, "layers_quantized": [], "timings": timings}
 
     t0 = time.perf_counter()
+    streamer = None
     if preloaded is not None:
         model, tokenizer = preloaded
+    elif streamed is not None:
+        from rsq.streaming import LayerStreamer, load_tokenizer_and_generation
+
+        model, source = streamed
+        streamer = LayerStreamer(source, model, resolve(model), TORCH_DTYPES[cfg.dtype])
+        streamer.load_ends()  # the decoder layers stay on meta until their turn
+        tokenizer = load_tokenizer_and_generation(source.path, model)
     else:
         model, tokenizer = load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype])
     timings["load"] = time.perf_counter() - t0
+    host_peaks["load"] = measured_peak_gib()
     adapter = resolve(model)
     first = adapter.get_layers(model)[0]
     for name in adapter.linears:
@@ -381,10 +459,33 @@ def _run(
 
     state = None
     if saved is not None:
-        state = _load_layers(part, saved, model, cfg)
+        state = _load_layers(part, saved, model, cfg, lazy=streamer is not None)
         log.info("resuming after %d finished layers", start)
 
     n_layers = len(adapter.get_layers(model))
+    layers = adapter.get_layers(model)
+    if streamer is not None:
+        holder = {"state": state}  # the pipeline's RunState once it exists
+
+        def fetch_codes(index: int) -> None:
+            if index < start:
+                _load_layer_codes(part, index, saved, adapter, holder["state"])
+
+        streamer.on_fetch = fetch_codes
+
+        def release(index: int) -> None:
+            # a layer finished by an in-memory session has no shard yet: written now, from the same
+            # codes and the same rotated layer (so bit-identical to writing it when it finished)
+            if index < start and ctx.is_main:
+                from rsq.checkpoint.save import layer_shard_name, write_layer_shard
+
+                if not (part / layer_shard_name(index, n_layers)).is_file():
+                    write_layer_shard(
+                        layers[index], index, adapter.layers, n_layers, holder["state"].results, cfg, part
+                    )
+            _drop_layer_codes(index, adapter, holder["state"])
+
+        streamer.on_release = release
     t_quant = time.perf_counter()
 
     def on_done(index: int, st: RunState) -> None:
@@ -393,14 +494,26 @@ def _run(
         timings["quantize"] = time.perf_counter() - t_quant
         timings["total"] = time.perf_counter() - t_start
         if ctx.is_main:
-            _save_layer(part, index, st, cfg, adapter.layers, earlier + [session])
+            if streamer is not None:  # the checkpoint's shard first: state.json then says it is there
+                from rsq.checkpoint.save import write_layer_shard
+
+                write_layer_shard(layers[index], index, adapter.layers, n_layers, st.results, cfg, part)
+            _save_layer(part, index, st, cfg, adapter.layers, earlier + [session], streamed=streamer is not None)
         if stop_after_layer is not None and index >= stop_after_layer:
             raise _Interrupted(index)
 
+    evals = None
+    if streamer is not None:
+        state = state if state is not None else RunState()
+        holder["state"] = state
+        if ctx.is_main:
+            from rsq.pipeline import EvalPass
+
+            evals = {s: EvalPass(w, memory["ppl_batch_size"]) for s, w in eval_wins.items()}
     t0 = time.perf_counter()
     if not cfg.quantizes:
         state = RunState()
-    elif start >= n_layers:
+    elif start >= n_layers and streamer is None:
         log.info("every layer was finished before: straight to evaluation and saving")
         restore_finished(model, run_cfg, state, adapter=adapter, rotation=plan)
     else:
@@ -421,8 +534,11 @@ def _run(
             weight_fn=weight_fn,
             dist_ctx=ctx,
             rotation=plan,
+            streamer=streamer,
+            evals=None if evals is None else list(evals.values()),
         )
     timings["quantize"] = time.perf_counter() - t0
+    host_peaks["quantize"] = measured_peak_gib()
     rotation_record = None
     if cfg.rotation.enabled:
         rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
@@ -437,22 +553,34 @@ def _run(
     ppl = {}
     t0 = time.perf_counter()
     for source, wins in eval_wins.items():
-        ppl[source] = perplexity(
-            model,
-            wins,
-            device,
-            memory["ppl_batch_size"],
-            progress=(lambda i, n: progress("perplexity", i, n)) if progress else None,
-        )
-        model.to("cpu")
+        if evals is not None:  # the windows went through the layers beside the calibration
+            from rsq.eval.perplexity import nll_to_perplexity, store_nll
+
+            ev = evals[source]
+            ppl[source] = nll_to_perplexity(store_nll(model, adapter, ev.store, wins, device, ev.batch_size))
+            ev.store.close()
+        else:
+            ppl[source] = perplexity(
+                model,
+                wins,
+                device,
+                memory["ppl_batch_size"],
+                progress=(lambda i, n: progress("perplexity", i, n)) if progress else None,
+            )
+            model.to("cpu")
         _check_ppl(ppl[source], source, cfg)
     timings["perplexity"] = time.perf_counter() - t0
+    host_peaks["perplexity"] = measured_peak_gib()
 
     from rsq.checkpoint import save_checkpoint
 
     t0 = time.perf_counter()
-    save_checkpoint(model, tokenizer, part, cfg, state, rotation_record)
+    if streamer is None:  # shards of an earlier streamed session of this run (resumed in memory)
+        for stale in part.glob("model-*-of-*.safetensors"):
+            stale.unlink()
+    save_checkpoint(model, tokenizer, part, cfg, state, rotation_record, streamed=n_layers if streamer else None)
     timings["save"] = time.perf_counter() - t0
+    host_peaks["save"] = measured_peak_gib()
     timings["total"] = time.perf_counter() - t_start
     sessions = earlier + [session]
     all_timings = _sum_timings(sessions)
@@ -470,7 +598,8 @@ def _run(
         # summed over the sessions of the run (a resumed run has several; "sessions" says who did what)
         "timings": {**all_timings, "stages": state.timings, "sessions": sessions},
         "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
-        "host_memory": {**memory, "measured_peak_GiB": measured_peak_gib()},
+        "host_memory": {**memory, "measured_peak_GiB": measured_peak_gib(), "measured_by_stage_GiB": host_peaks},
+        "streamed": streamer is not None,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
         "num_layers": n_layers,

@@ -29,11 +29,22 @@ class ActivationStore:
     """(N, T, D) activations on the compute device, in host memory, or memory-mapped on disk.
 
     Layer propagation writes outputs back in place (sequences are independent), so one buffer
-    serves the whole run. ``location``: "device", "cpu" or "disk".
+    serves the whole run. ``location``: "device", "cpu" or "disk". ``check_finite`` False: NaN/Inf
+    are kept (evaluation hidden states, whose NaN becomes a NaN perplexity and its own error).
     """
 
-    def __init__(self, n: int, t: int, d: int, dtype: torch.dtype, device: torch.device, location: str):
+    def __init__(
+        self,
+        n: int,
+        t: int,
+        d: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        location: str,
+        check_finite: bool = True,
+    ):
         self.shape = (n, t, d)
+        self.check_finite = check_finite
         self.dtype = dtype
         self.device = torch.device(device)
         self.location = location
@@ -62,7 +73,7 @@ class ActivationStore:
         return self.data[start:stop].to(self.device, non_blocking=True)
 
     def set(self, start: int, stop: int, value: torch.Tensor) -> None:
-        if not torch.isfinite(value).all():
+        if self.check_finite and not torch.isfinite(value).all():
             raise CalibrationError(
                 "NaN/Inf in calibration activations: the model overflows in this dtype or its weights "
                 "are corrupt; rerun with --dtype float32, or check the model files"

@@ -24,8 +24,11 @@ from safetensors.torch import save_file
 import rsq
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD, quantized_module_tensors
 from rsq.config import TORCH_DTYPES, RSQConfig
+from rsq.models.registry import resolve
 
 MAX_SHARD = "2GB"
+MERGE_BELOW = 2 * 10**9  # a streamed run's shards are joined into one model.safetensors below this size
+SHARD_METADATA = {"format": "pt", "producer": "rsq"}
 
 
 def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: list[str]) -> dict:
@@ -48,18 +51,29 @@ def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: l
 
 
 def checkpoint_state_dict(
-    model: torch.nn.Module, results: dict, cfg: RSQConfig, dtype: torch.dtype, rest_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    results: dict,
+    cfg: RSQConfig,
+    dtype: torch.dtype,
+    rest_dtype: torch.dtype | None = None,
+    prefix: str = "",
+    skip: str | None = None,
 ) -> dict:
     """Packed tensors for quantized linears, plain tensors for the rest (names as in HF).
 
     ``rest_dtype``: cast the rest's floating tensors to it (scales and biases of quantized linears
-    keep ``dtype``, so the quantized weights stay exactly those of the in-memory model)."""
-    quantized = set(results)
+    keep ``dtype``, so the quantized weights stay exactly those of the in-memory model).
+    ``model`` may be one decoder layer whose names start with ``prefix`` in the whole model (a
+    streamed run writes each layer as it finishes); ``skip``: a name prefix left out (the decoder
+    layers, when only the model's ends are written). Tensors on ``meta`` are never written."""
+    dot = f"{prefix}." if prefix else ""
+    quantized = {k for k in results if k.startswith(dot)}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
+    for rel, tensor in model.state_dict().items():
+        name = dot + rel
         module = name.rsplit(".", 1)[0]
-        if module in quantized:
+        if module in quantized or tensor.device.type == "meta" or (skip and name.startswith(skip)):
             continue
         if tensor.data_ptr() in seen:
             continue  # a tied weight (lm_head = embedding): stored once, re-tied on load
@@ -67,40 +81,75 @@ def checkpoint_state_dict(
         if rest_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(rest_dtype)
         out[name] = tensor.detach().contiguous()
-    for full, res in results.items():
-        bias = model.get_submodule(full).bias
-        for key, t in quantized_module_tensors(res, cfg.grid, bias, dtype).items():
+    for full in sorted(k for k in quantized if not (skip and k.startswith(skip))):
+        bias = model.get_submodule(full[len(dot) :]).bias
+        for key, t in quantized_module_tensors(results[full], cfg.grid, bias, dtype).items():
             out[f"{full}.{key}"] = t.contiguous()
     return out
 
 
-def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation_record) -> dict:
-    """Write the checkpoint into ``out`` (a fresh directory). Returns {file: bytes}."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+def rest_dtype_of(cfg: RSQConfig, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of a checkpoint's unquantized tensors (None: the run's ``dtype``)."""
+    from rsq.hf import source_dtype
 
-    from rsq.hf import finish_config_dict, source_dtype
+    if cfg.save_dtype == "auto":  # the source's own 16-bit dtype (GGUF: float16) for a float32 run
+        return source_dtype(cfg.model or None) if dtype == torch.float32 else None
+    return TORCH_DTYPES[cfg.save_dtype]
+
+
+def layer_shard_name(index: int, n_layers: int) -> str:
+    """Decoder layer ``index``'s shard of a streamed run; index ``n_layers``: the model's ends."""
+    return f"model-{index + 1:05d}-of-{n_layers + 1:05d}.safetensors"
+
+
+def write_layer_shard(
+    layer: torch.nn.Module, index: int, prefix: str, n_layers: int, results: dict, cfg: RSQConfig, out: Path
+) -> Path:
+    """One finished decoder layer's checkpoint tensors, written atomically into ``out``."""
+    dtype = next(layer.parameters()).dtype
+    tensors = checkpoint_state_dict(layer, results, cfg, dtype, rest_dtype_of(cfg, dtype), prefix=f"{prefix}.{index}")
+    target = out / layer_shard_name(index, n_layers)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=SHARD_METADATA)
+    os.replace(tmp, target)
+    return target
+
+
+def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation_record, streamed: int | None = None):
+    """Write the checkpoint into ``out`` (a fresh directory). Returns {file: bytes}.
+
+    ``streamed`` = the number of decoder layers when their shards are already in ``out``
+    (:func:`write_layer_shard`): only the model's ends are written, then the index; a checkpoint
+    under MERGE_BELOW bytes is joined into one ``model.safetensors``, the layout the in-memory path
+    writes (the join holds at most MERGE_BELOW bytes of packed tensors, twice)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
     out = Path(out)
     dtype = next(model.parameters()).dtype
-    if cfg.save_dtype == "auto":  # the source's own 16-bit dtype (GGUF: float16) for a float32 run
-        rest = source_dtype(cfg.model or None) if dtype == torch.float32 else None
+    rest = rest_dtype_of(cfg, dtype)
+    if streamed is None:
+        tensors = checkpoint_state_dict(model, state.results, cfg, dtype, rest)
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
+        sizes = {}
+        for filename, names in split.filename_to_tensors.items():
+            tmp = out / (filename + ".tmp")
+            save_file({n: tensors[n] for n in names}, str(tmp), metadata=SHARD_METADATA)
+            os.replace(tmp, out / filename)
+            sizes[filename] = (out / filename).stat().st_size
+        weight_map = split.tensor_to_filename if split.is_sharded else None
     else:
-        rest = TORCH_DTYPES[cfg.save_dtype]
-    tensors = checkpoint_state_dict(model, state.results, cfg, dtype, rest)
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
-    sizes = {}
-    for filename, names in split.filename_to_tensors.items():
-        tmp = out / (filename + ".tmp")
-        save_file({n: tensors[n] for n in names}, str(tmp), metadata={"format": "pt", "producer": "rsq"})
-        os.replace(tmp, out / filename)
-        sizes[filename] = (out / filename).stat().st_size
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": split.tensor_to_filename}
+        layers = resolve(model.config).layers + "."
+        tensors = checkpoint_state_dict(model, state.results, cfg, dtype, rest, skip=layers)
+        sizes, weight_map = _finish_streamed(out, tensors, streamed)
+    if weight_map is not None:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(cfg, rotation_record, sorted(state.results))
     config["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
     config["dtype"] = str(dtype).replace("torch.", "")
+    from rsq.hf import finish_config_dict
+
     finish_config_dict(config, model)  # architectures, neutral _name_or_path, plain-transformers guard
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
@@ -109,3 +158,30 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation
     if gen is not None:
         gen.save_pretrained(str(out))
     return sizes
+
+
+def _finish_streamed(out: Path, ends: dict, n_layers: int) -> tuple[dict, dict | None]:
+    """Write the ends' shard beside the layers' shards; ({file: bytes}, weight_map or None)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    last = out / layer_shard_name(n_layers, n_layers)
+    save_file(ends, str(last) + ".tmp", metadata=SHARD_METADATA)
+    os.replace(str(last) + ".tmp", last)
+    files = [out / layer_shard_name(i, n_layers) for i in range(n_layers + 1)]
+    sizes = {f.name: f.stat().st_size for f in files}
+    if sum(sizes.values()) < MERGE_BELOW:
+        joined: dict[str, torch.Tensor] = {}
+        for f in files:
+            joined.update(load_file(str(f)))
+        target = out / "model.safetensors"
+        save_file(joined, str(target) + ".tmp", metadata=SHARD_METADATA)
+        os.replace(str(target) + ".tmp", target)
+        for f in files:
+            f.unlink()
+        return {target.name: target.stat().st_size}, None
+    weight_map = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            weight_map.update({k: f.name for k in handle.keys()})
+    return sizes, dict(sorted(weight_map.items()))

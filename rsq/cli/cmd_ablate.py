@@ -45,6 +45,13 @@ def add_parsers(sub) -> None:
     q.add_argument("--seqlen", type=int, default=4096, help="tokens per window (default: 4096)")
     q.add_argument("--bits", type=int, default=3, help="weight bits (default: 3)")
     q.add_argument("--ranks", default="1", help="comma-separated numbers of ranks/GPUs (default: 1)")
+    q.add_argument(
+        "--host-memory",
+        type=float,
+        default=128.0,
+        metavar="GiB",
+        help="host memory to check the predicted host peaks against (default: 128, the GPU machine's)",
+    )
     q.set_defaults(func=cmd_plan)
 
 
@@ -119,6 +126,7 @@ def cmd_plan(args) -> int:
                         seqlen=args.seqlen,
                         bits=args.bits,
                         ranks=ranks,
+                        host_GiB=args.host_memory,
                     )
                 )
             )

@@ -37,6 +37,12 @@ def add_parsers(sub) -> None:
         help="data-parallel ranks (torchrun; one per GPU, gloo on CPU); "
         "also works when started by torchrun directly (default: 1)",
     )
+    q.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model into host memory; by default a local directory of safetensors weights is "
+        "streamed layer by layer (host memory about two layers, whatever the model's size)",
+    )
     add_ppl_options(q, "--ppl-seqlen")
     q.set_defaults(func=cmd_quantize)
 
@@ -74,6 +80,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 force_seqlen=args.force_seqlen,
                 progress=progress.update if ctx.is_main else None,
                 dist_ctx=ctx,
+                stream=False if args.in_memory else None,
             )
     finally:
         shutdown(ctx)

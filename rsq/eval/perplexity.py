@@ -58,19 +58,56 @@ def window_nll(
         else:
             decoder, head = split
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-            step = positions_per_chunk(ids.shape[0], head.out_features, budget)
-            total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
-            for a in range(0, hidden.shape[1], step):
-                logits = head(hidden[:, a : a + step]).float()
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets[:, a : a + step].reshape(-1), reduction="none"
-                )
-                total += nll.view(ids.shape[0], -1).double().sum(dim=1)
-                del logits, nll
+            total = head_nll(hidden, targets, head, budget)
         out.append((total / targets.shape[1]).cpu())
         if progress is not None:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
     return torch.cat(out)
+
+
+def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, budget: int = LOGITS_BUDGET) -> torch.Tensor:
+    """Summed next-token NLL per window (B,), float64, from the decoder's normed last hidden states
+    (B, T-1, d) and the targets (B, T-1), applying ``head`` to a few positions at a time."""
+    step = positions_per_chunk(hidden.shape[0], head.out_features, budget)
+    total = torch.zeros(hidden.shape[0], dtype=torch.float64, device=hidden.device)
+    for a in range(0, hidden.shape[1], step):
+        logits = head(hidden[:, a : a + step]).float()
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, a : a + step].reshape(-1), reduction="none"
+        )
+        total += nll.view(hidden.shape[0], -1).double().sum(dim=1)
+        del logits, nll
+    return total
+
+
+@torch.no_grad()
+def store_nll(model: nn.Module, adapter, store, windows: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    """Mean next-token NLL of each window (K,), float64, from the last decoder layer's outputs in
+    ``store`` (rsq.pipeline.EvalPass: a streamed model's windows went through its layers one layer
+    at a time): the final norm, then the head a few positions at a time, as :func:`window_nll` does
+    after the decoder, with the same batches of ``batch_size`` windows."""
+    norm = model.get_submodule(adapter.final_norm)
+    head = model.get_submodule(adapter.lm_head)
+    homes = [(m, next(m.parameters()).device) for m in (norm, head)]
+    for m, _ in homes:
+        m.to(device)
+    out = []
+    try:
+        for a, b in store.batches(batch_size):
+            hidden = norm(store.get(a, b))[:, :-1]
+            targets = windows[a:b].to(device)[:, 1:]
+            out.append((head_nll(hidden, targets, head) / targets.shape[1]).cpu())
+    finally:
+        for m, home in homes:
+            m.to(home)
+    return torch.cat(out)
+
+
+def nll_to_perplexity(nll: torch.Tensor) -> float:
+    """exp(mean window NLL); NaN when any window's NLL is not finite."""
+    if not torch.isfinite(nll).all():
+        return float("nan")
+    return math.exp(nll.mean().item())
 
 
 def perplexity(
@@ -81,7 +118,4 @@ def perplexity(
     progress=None,
 ) -> float:
     """exp(mean window NLL); NaN when any window's NLL is not finite (callers turn that into an error)."""
-    nll = window_nll(model, windows, device, batch_size, progress)
-    if not torch.isfinite(nll).all():
-        return float("nan")
-    return math.exp(nll.mean().item())
+    return nll_to_perplexity(window_nll(model, windows, device, batch_size, progress))

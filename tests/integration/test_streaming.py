@@ -1,0 +1,191 @@
+"""A model streamed layer by layer from its safetensors files (rsq.streaming) against the same job
+with the whole model in memory: the same checkpoint bit for bit, a kill + resume that changes
+nothing, bad shards refused before any layer, and at most two layers' weights materialized."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsq.checkpoint import save as save_mod
+from rsq.cli.main import main
+from rsq.config import RSQConfig
+from rsq.run import _Interrupted, partial_dir, run_quantize
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_tokenizer_dir):
+    """family -> a 3-layer tiny model saved with save_pretrained in shards of ~40 kB (+ tokenizer)."""
+    from transformers import AutoTokenizer
+
+    made = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"stream-{family}")
+            tiny_model(family, layers=3).save_pretrained(out, max_shard_size="40KB")
+            AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(out)
+            assert (out / "model.safetensors.index.json").is_file()  # really sharded
+            made[family] = out
+        return made[family]
+
+    return make
+
+
+def _cfg(model_dir, method="rsq"):
+    return RSQConfig.for_method(
+        method, model=str(model_dir), grid={"bits": 3}, calib={"nsamples": 4, "seqlen": 32}, batch_size=3
+    )
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_streamed_checkpoint_equals_in_memory(model_dirs, tmp_path, family):
+    cfg = _cfg(model_dirs(family))
+    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=5, ppl_batch_size=2, stream=False)
+    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=5, ppl_batch_size=2)
+    assert st["streamed"] and not mem["streamed"]
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    # the same small checkpoint layout: shards joined into one model.safetensors
+    assert sorted(p.name for p in (tmp_path / "st").glob("model*")) == ["model.safetensors"]
+    # the windows went through the layers one at a time with the same batches and the same
+    # quantized weights: the same float operations, so the same perplexity bit for bit
+    assert st["perplexity"]["wikitext2"] == mem["perplexity"]["wikitext2"]
+    assert st["modules"] == mem["modules"]
+    assert (
+        json.loads((tmp_path / "st" / "results.json").read_text())["host_memory"]["measured_by_stage_GiB"]["save"] > 0
+    )
+
+
+def test_streamed_kill_and_resume_is_bit_identical(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(save_mod, "MERGE_BELOW", 0)  # keep the per-layer shards and the index
+    cfg = _cfg(model_dirs("qwen2"))
+    full = tmp_path / "full"
+    run_quantize(cfg, full, ppl_sources=())
+    assert (full / "model.safetensors.index.json").is_file()
+    killed = tmp_path / "killed"
+    with pytest.raises(_Interrupted):
+        run_quantize(cfg, killed, ppl_sources=(), stop_after_layer=1)
+    part = partial_dir(killed)
+    # each finished layer's checkpoint shard was written as it finished, the rest not yet
+    assert sorted(p.name for p in part.glob("model-*.safetensors")) == [
+        "model-00001-of-00004.safetensors",
+        "model-00002-of-00004.safetensors",
+    ]
+    run_quantize(cfg, killed, ppl_sources=(), resume=True)
+    _assert_same_checkpoint(full, killed)
+    assert (full / "model.safetensors.index.json").read_text() == (killed / "model.safetensors.index.json").read_text()
+    from rsq.checkpoint.load import load_quantized
+
+    model, _ = load_quantized(killed)  # the sharded layout loads
+    ids = torch.arange(16)[None]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_streamed_run_holds_at_most_two_layers(model_dirs, tmp_path, monkeypatch):
+    """Non-meta parameter bytes of the decoder layers at every layer's turn, counted on the model
+    itself, against one layer's size from the config (the oracle: q, k, v, o, gate, up, down and
+    two norms, float32)."""
+    from rsq.streaming import LayerStreamer
+
+    model_dir = model_dirs("llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    d, inter, heads, kv = (
+        config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    )
+    hd = d // heads
+    layer_bytes = 4 * (d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * inter + 2 * d)
+    seen = []
+    original = LayerStreamer.fetch
+
+    def counting_fetch(self, index, layer):
+        original(self, index, layer)
+        layers = self.model.get_submodule("model.layers")
+        seen.append(sum(p.numel() * p.element_size() for p in layers.parameters() if p.device.type != "meta"))
+
+    monkeypatch.setattr(LayerStreamer, "fetch", counting_fetch)
+    run_quantize(_cfg(model_dir, "gptq"), tmp_path / "out", ppl_sources=())
+    assert len(seen) == config["num_hidden_layers"] == 3
+    assert max(seen) <= 2 * layer_bytes
+    assert seen[0] == layer_bytes  # the layer at its turn is all there (the count sees real tensors)
+
+
+def _corrupt(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    elif how == "not_in_shard":
+        other = next(f for f in sorted(set(index["weight_map"].values())) if dst / f != shard)
+        index["weight_map"]["model.layers.1.mlp.down_proj.weight"] = other
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif how == "unlisted":
+        del index["weight_map"]["model.layers.2.self_attn.q_proj.weight"]
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif how == "shape":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["intermediate_size"] += 8
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return shard
+
+
+@pytest.mark.parametrize(
+    "how,expect",
+    [
+        ("missing", "is missing"),
+        ("truncated", "truncated"),
+        ("not_in_shard", "lacks 1 tensor"),
+        ("unlisted", "model.layers.2.self_attn.q_proj.weight"),
+        ("shape", "has shape"),
+    ],
+)
+def test_bad_shards_fail_before_the_first_layer(model_dirs, tmp_path, capsys, how, expect):
+    bad = tmp_path / "bad"
+    shard = _corrupt(model_dirs("llama"), bad, how)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the fixture's save_pretrained progress bars
+    rc = main(["quantize", str(bad), "--method", "gptq", "--bits", "3", "--nsamples", "2", "--seqlen", "32",
+               "--out", str(out), "--ppl", "none"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and expect in err, err
+    named = shard.name if how in ("missing", "truncated") else ("config" if how == "shape" else "index")
+    assert named in err or "model.safetensors.index.json" in err, err
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("first,then", [(None, False), (False, None)])
+def test_resume_may_switch_between_streamed_and_in_memory(model_dirs, tmp_path, first, then):
+    """Killed in one mode, resumed in the other (e.g. rsq ablate resumes cells with the model in
+    memory): the same checkpoint as an uninterrupted run, with no stale shard left over."""
+    cfg = _cfg(model_dirs("llama"), "gptq")
+    run_quantize(cfg, tmp_path / "full", ppl_sources=())
+    out = tmp_path / "out"
+    with pytest.raises(_Interrupted):
+        run_quantize(cfg, out, ppl_sources=(), stop_after_layer=0, stream=first)
+    run_quantize(cfg, out, ppl_sources=(), resume=True, stream=then)
+    _assert_same_checkpoint(tmp_path / "full", out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
