@@ -11,9 +11,16 @@
    its peak resident host memory (the child's ru_maxrss);
 3. prints the stage split and the GPU peaks that the run's results.json records.
 
+4. with --llmc-layers L (default 2; 0 skips): builds an L-layer checkpoint of the same shape, and
+   times on it, each as a subprocess from launch to its finished directory, (a) the same
+   `rsq quantize` command and (b) llm-compressor: `from_pretrained` + `oneshot` (GPTQ, 3-bit
+   symmetric per channel, act-order off, the same calibration windows) + `save_pretrained`
+   (compressed). Prints the same-layers ratio, and beside it the extrapolation of llm-compressor's
+   per-layer time to the full depth against rsq's full run. --llmc-pythonpath puts llm-compressor's
+   own packages first for that child only (it pins another compressed-tensors than rsq's export).
+
 The tokenizer and the calibration text: --tokenizer DIR (any saved Hugging Face tokenizer; its
-ids must be below the shape's vocabulary) and --data-dir (wiki.test.raw). llm-compressor is not
-timed here (quantize_speed.py does, in process).
+ids must be below the shape's vocabulary) and --data-dir (wiki.test.raw).
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,6 +44,8 @@ def build(shape: str, layers: int | None, tokenizer: str, out: Path, device: str
     config = load_bundled_config(shape)
     if layers:
         config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):  # newer transformers check one entry per layer
+            config.layer_types = config.layer_types[:layers]
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
@@ -65,27 +73,22 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="more rsq quantize options, one string")
     ap.add_argument("--device", default="cuda", help="where weights are built and quantized (cpu: a smoke test)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--llmc-layers", type=int, default=2, help="layers of the llm-compressor comparison (0: none)")
+    ap.add_argument("--llmc-pythonpath", default="", help="packages put first for llm-compressor's child only")
+    ap.add_argument("--llmc-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.llmc_child:
+        return llmc_child(*args.llmc_child, args)
 
     work = Path(args.work)
     model_dir, out = work / "model", work / "q"
     if not (model_dir / "config.json").is_file():
         model_dir.mkdir(parents=True, exist_ok=True)
         build(args.shape, args.layers, args.tokenizer, model_dir, args.device)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(str(out) + ".partial", ignore_errors=True)
-    cmd = [sys.executable, "-m", "rsq", "quantize", str(model_dir), "--method", "rsq", "--bits", "3"]
-    cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
-    cmd += ["--dtype", "bfloat16", "--ppl", "wikitext2", "--max-windows", "8", "--data-dir", args.data_dir]
-    cmd += ["--out", str(out), *args.extra.split()]
-    print(" ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.perf_counter() - t0
-    peak_host = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB -> GiB
-    if proc.returncode:
-        print(f"rsq quantize failed with exit code {proc.returncode}")
-        return proc.returncode
+    quant = run_rsq(model_dir, out, args)
+    if quant is None:
+        return 1
+    wall, peak_host = quant
     res = json.loads((out / "results.json").read_text())
     t = res["timings"]
     print(f"\nwall {wall:.1f} s launch to finished {out}; peak host RSS {peak_host:.1f} GiB")
@@ -95,10 +98,110 @@ def main() -> int:
         print(f"    stage {k:<11} {v:7.1f} s")
     print(f"  GPU peaks (GiB): {res.get('gpu_peak_GiB')}")
     print(f"  perplexity: {res.get('perplexity')}")
+    figures = {"wall_s": wall, "peak_host_GiB": peak_host, "timings": t, "gpu": res.get("gpu_peak_GiB")}
+    figures["host_memory"] = res.get("host_memory")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"wall_s": wall, "peak_host_GiB": peak_host, "timings": t, "gpu": res.get("gpu_peak_GiB")})
-        )
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    if args.llmc_layers:
+        figures["llmc"] = compare_llmc(args, work, wall)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """Run ``cmd``; (wall seconds, its peak RSS in GiB, exit code). The peak comes from wait4's rusage
+    of that child alone (RUSAGE_CHILDREN would report the largest child so far)."""
+    print(" ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    return wall, usage.ru_maxrss / 1024**2, os.waitstatus_to_exitcode(status)
+
+
+def run_rsq(model_dir: Path, out: Path, args) -> tuple[float, float] | None:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(str(out) + ".partial", ignore_errors=True)
+    cmd = [sys.executable, "-m", "rsq", "quantize", str(model_dir), "--method", "rsq", "--bits", "3"]
+    cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
+    cmd += ["--dtype", "bfloat16", "--ppl", "wikitext2", "--max-windows", "8", "--data-dir", args.data_dir]
+    cmd += ["--out", str(out), *args.extra.split()]
+    wall, peak, code = run_timed(cmd)
+    if code:
+        print(f"rsq quantize failed with exit code {code}")
+        return None
+    return wall, peak
+
+
+def compare_llmc(args, work: Path, rsq_full_wall: float) -> dict:
+    """rsq and llm-compressor on the same L-layer checkpoint, each launch to finished output."""
+    from rsq.models.bundled import load_bundled_config
+
+    depth = load_bundled_config(args.shape).num_hidden_layers if not args.layers else args.layers
+    layers = args.llmc_layers
+    small = work / f"model-{layers}l"
+    if not (small / "config.json").is_file():
+        small.mkdir(parents=True, exist_ok=True)
+        build(args.shape, layers, args.tokenizer, small, args.device)
+    rsq_run = run_rsq(small, work / f"q-{layers}l", args)
+    out = work / f"llmc-{layers}l"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--llmc-child", str(small), str(out), "--data-dir", args.data_dir]
+    cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--tokenizer", args.tokenizer]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (args.llmc_pythonpath, os.environ.get("PYTHONPATH")) if p)}
+    wall, peak, code = run_timed(cmd, env)
+    fig = {"layers": layers, "depth": depth, "rsq_s": rsq_run[0] if rsq_run else None}
+    if code:
+        print(f"llm-compressor failed with exit code {code}: no comparison")
+        return {**fig, "llmc_error": code}
+    fig.update(llmc_s=wall, llmc_peak_host_GiB=peak)
+    # its fixed costs (imports, loading) are scaled with the layers too, so this overstates its full time
+    extrapolated = wall / layers * depth
+    fig["llmc_extrapolated_s"] = extrapolated
+    print(f"\nsame {layers} layers, launch to finished output: rsq {fig['rsq_s']} s, llm-compressor {wall:.1f} s")
+    if fig["rsq_s"]:
+        fig["same_layers_ratio"] = wall / fig["rsq_s"]
+        print(f"  same-layers ratio llm-compressor / rsq = {fig['same_layers_ratio']:.2f}x")
+    fig["extrapolated_ratio"] = extrapolated / rsq_full_wall
+    print(
+        f"  extrapolated to {depth} layers: llm-compressor ~{extrapolated:.0f} s (its {layers}-layer wall x "
+        f"{depth}/{layers}) vs rsq's full run {rsq_full_wall:.1f} s = {fig['extrapolated_ratio']:.2f}x"
+    )
+    return fig
+
+
+def llmc_child(model_dir: str, out: str, args) -> int:
+    """llm-compressor the way its README shows: load, oneshot GPTQ, save compressed."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rsq.calib.datasets import load_text, sample_windows, tokenize
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenize(tok, load_text("wikitext2", args.data_dir).calib)
+    windows = sample_windows(ids, args.nsamples, args.seqlen, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=args.device)
+    weights = {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"}
+    scheme = {"targets": ["Linear"], "weights": weights}
+    recipe = GPTQModifier(
+        config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128, dampening_frac=0.01
+    )
+    data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    oneshot(
+        model=model,
+        processor=tok,
+        dataset=loader,
+        recipe=recipe,
+        num_calibration_samples=len(windows),
+        max_seq_length=windows.shape[1],
+        pipeline="sequential",
+    )
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
     return 0
 
 

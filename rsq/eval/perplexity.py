@@ -53,7 +53,9 @@ def window_nll(
         targets = ids[:, 1:]
         if split is None:  # fallback: the whole logits tensor at once
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1), reduction="none"
+            )
             total = nll.view(ids.shape[0], -1).double().sum(dim=1)
         else:
             decoder, head = split
@@ -72,10 +74,11 @@ def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, budge
     total = torch.zeros(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     for a in range(0, hidden.shape[1], step):
         logits = head(hidden[:, a : a + step]).float()
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets[:, a : a + step].reshape(-1), reduction="none"
-        )
-        total += nll.view(hidden.shape[0], -1).double().sum(dim=1)
+        # the targets follow the logits: a loader's hooks may return them elsewhere (a compressed-tensors
+        # export evaluated on CUDA under transformers 5.17 gave CPU logits; bench/NOTES-checkpoints.md)
+        chunk = targets[:, a : a + step].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk.reshape(-1), reduction="none")
+        total += nll.view(hidden.shape[0], -1).double().sum(dim=1).to(total.device)
         del logits, nll
     return total
 
