@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -152,13 +153,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="3,4")
+    ap.add_argument("--only", default=None, help="run only the cells whose name matches this regex (e.g. a CPU subset)")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     model = [args.model] if args.model else []
     t0 = time.time()
+    todo = [c for c in cells(bits, seeds) if not args.only or re.search(args.only, c[0])]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda c: run_cell(model, args.device, args.out, *c), cells(bits, seeds)))
+        results = list(pool.map(lambda c: run_cell(model, args.device, args.out, *c), todo))
     t_cells = time.time() - t0
     firsts = [r for r in results if "ppl" in r and r["name"].endswith(f"-s{seeds[0]}")]
     with ThreadPoolExecutor(args.jobs) as pool:

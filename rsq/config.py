@@ -130,7 +130,7 @@ class RotationConfig:
     # run-time rotations: exact (down_proj Hadamard + cross-head before o_proj), export (down_proj as
     # the block-diagonal Sylvester Hadamard a compressed-tensors transform reproduces, no cross-head)
     # or none (only rotations that fold into the weights: the original architecture)
-    online: str = "exact"
+    online: str = "export"
 
     def __post_init__(self) -> None:
         if self.online not in ONLINE_SETTINGS:

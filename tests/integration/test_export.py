@@ -185,9 +185,9 @@ def test_refuses_3bit(tiny_model_dir, tmp_path):
 
 
 def test_refuses_online_hadamard_and_cli_exits_2(tiny_model_dir, tmp_path, capsys):
-    """Default QuaRot, tiny Llama: down_proj Hadamard of order 96 = paley1(q=11)⊗sylvester(8)."""
+    """QuaRot with --online-rotations exact, tiny Llama: down_proj Hadamard of order 96 = paley1(q=11)⊗sylvester(8)."""
     ckpt = tmp_path / "ckpt"
-    _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True))
+    _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), RotationConfig(enabled=True, online="exact"))
     with pytest.raises(ExportError, match=r"online rotation at mlp\.down_proj input \(full, order 96\)"):
         export_compressed_tensors(ckpt, tmp_path / "ct")
     capsys.readouterr()
@@ -199,7 +199,9 @@ def test_refuses_online_hadamard_and_cli_exits_2(tiny_model_dir, tmp_path, capsy
 
 def test_refuses_cross_head_rotation(tiny_model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    rotation = RotationConfig(enabled=True, online_down=False)  # 4 heads: cross-head Hadamard before o_proj
+    rotation = RotationConfig(
+        enabled=True, online="exact", online_down=False
+    )  # 4 heads: cross-head Hadamard before o_proj
     _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4), rotation)
     with pytest.raises(ExportError, match=r"online rotation at self_attn\.o_proj input \(cross_head, order 4\)"):
         export_compressed_tensors(ckpt, tmp_path / "ct")

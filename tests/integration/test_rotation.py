@@ -60,23 +60,28 @@ def test_rotation_preserves_logits_float32(family):
     assert (out - ref).abs().max() / ref.abs().max() < 1e-4
 
 
-def test_rotation_record_and_untie():
+@pytest.mark.parametrize(
+    "setting,down,o_proj",
+    [("exact", "full", "cross_head"), (None, "block", "skipped")],  # None: the default, --online-rotations export
+)
+def test_rotation_record_and_untie(setting, down, o_proj):
     model = tiny_model("llama", dtype=torch.float64)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    record = rotate_model(model, resolve(model), RotationConfig(enabled=True))
+    cfg = RotationConfig(enabled=True) if setting is None else RotationConfig(enabled=True, online=setting)
+    record = rotate_model(model, resolve(model), cfg)
     assert record["untied_embeddings"] is True
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     kinds = {r["module"]: r["kind"] for r in record["online"]}
-    assert kinds == {"mlp.down_proj": "full", "self_attn.v_proj": "per_head", "self_attn.o_proj": "cross_head"}
+    assert kinds == {"mlp.down_proj": down, "self_attn.v_proj": "per_head", "self_attn.o_proj": o_proj}
 
 
 def test_qwen_seven_heads_cross_head_skipped_or_random():
     model = tiny_model("qwen2", dtype=torch.float64)
-    record = rotate_model(model, resolve(model), RotationConfig(enabled=True))
+    record = rotate_model(model, resolve(model), RotationConfig(enabled=True, online="exact"))
     o = [r for r in record["online"] if r["module"] == "self_attn.o_proj"][0]
     assert o["kind"] == "skipped" and "7" in o["reason"]
     model = tiny_model("qwen2", dtype=torch.float64)
-    record = rotate_model(model, resolve(model), RotationConfig(enabled=True, fallback="random"))
+    record = rotate_model(model, resolve(model), RotationConfig(enabled=True, online="exact", fallback="random"))
     o = [r for r in record["online"] if r["module"] == "self_attn.o_proj"][0]
     assert o["kind"] == "random_cross_head"
 
