@@ -286,5 +286,11 @@ def _define() -> None:
         def is_trainable(self) -> bool:
             return False
 
+        @property
+        def is_compileable(self) -> bool:
+            # rsq's modules trace without graph breaks (kernels are custom ops, rsq/kernels/ops.py),
+            # so generate(cache_implementation="static") may compile the decode step
+            return True
+
     RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_Config)
     RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_Quantizer)

@@ -34,6 +34,14 @@ def _packed_key(module: nn.Module, x: torch.Tensor) -> tuple:
 def _cached_forward(self, x: torch.Tensor) -> torch.Tensor:
     if (x.is_cuda and has_triton()) or getattr(self, "backend", None) is not None:
         return type(self).forward(self, x)
+    if torch.compiler.is_compiling():
+        # no data_ptr/_version keys in a graph: use the W_hat an eager call (the prefill) cached on
+        # this device, else the packed path (one custom op per linear, rsq/kernels/ops.py)
+        cached = getattr(self, _ATTR, None)
+        if cached is None or cached[1].device != x.device:
+            return type(self).forward(self, x)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), cached[1], bias).to(x.dtype)
     key = _packed_key(self, x)
     cached = self.__dict__.get(_ATTR)
     if cached is None or cached[0] != key:

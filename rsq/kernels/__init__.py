@@ -112,8 +112,10 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@torch.compiler.assume_constant_result
 def has_triton() -> bool:
-    """Whether Triton can be imported (checked once, never imported here)."""
+    """Whether Triton can be imported (checked once, never imported here; a constant to
+    torch.compile)."""
     return _importable(("triton",))
 
 
@@ -140,26 +142,60 @@ def select_backend(x: torch.Tensor, qlinear, backend: str | None = None) -> Back
     return matching[0] if matching else REFERENCE
 
 
-def dispatch(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tensor:
-    """y = x @ W_hat^T + bias for a QuantLinear-like object (qweight, scales, qzeros, bias, bits,
-    group_size, in_features, out_features). x: (..., in_features) -> (..., out_features)."""
-    if x.shape[-1] != qlinear.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {qlinear.in_features}")
-    chosen = select_backend(x, qlinear, backend)
-    x2d = x.reshape(-1, qlinear.in_features)
+def run_backend(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    in_features: int,
+    group_size: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Pick the backend for x2d (M, in) and run it: (M, out). Eager code only (the body of the
+    ``rsq::wq_linear`` custom op under torch.compile)."""
+    layer = _Layer(bits, group_size, in_features)
+    chosen = select_backend(x2d, layer, backend)
     if chosen is not REFERENCE:
         x2d = x2d.contiguous()
-    y = chosen.load()(
-        x2d,
-        qlinear.qweight,
-        qlinear.scales,
-        qlinear.qzeros,
-        qlinear.bias,
-        bits=qlinear.bits,
-        in_features=qlinear.in_features,
-        group_size=qlinear.group_size,
-    )
+    return chosen.load()(x2d, qweight, scales, qzeros, bias, bits=bits, in_features=in_features, group_size=group_size)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    bits: int
+    group_size: int
+    in_features: int
+
+
+def dispatch(x: torch.Tensor, qlinear, backend: str | None = None) -> torch.Tensor:
+    """y = x @ W_hat^T + bias for a QuantLinear-like object (qweight, scales, qzeros, bias, bits,
+    group_size, in_features, out_features). x: (..., in_features) -> (..., out_features).
+
+    While torch.compile traces, the call is the ``rsq::wq_linear`` custom op (rsq/kernels/ops.py):
+    backend choice and kernel launch stay outside the graph, which sees one opaque matmul."""
+    if x.shape[-1] != qlinear.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {qlinear.in_features}")
+    x2d = x.reshape(-1, qlinear.in_features)
+    args = (x2d, qlinear.qweight, qlinear.scales, qlinear.qzeros, qlinear.bias)
+    meta = (qlinear.bits, qlinear.in_features, qlinear.group_size, backend)
+    if torch.compiler.is_compiling():
+        y = ops.wq_linear(*args, *meta)
+    else:
+        y = run_backend(*args, *meta)
     return y.reshape(*x.shape[:-1], qlinear.out_features)
 
 
-__all__ = ["Backend", "BACKENDS", "REFERENCE", "dispatch", "has_triton", "register_backend", "select_backend"]
+from rsq.kernels import ops  # noqa: E402  (the custom ops; imports nothing of rsq at load)
+
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "REFERENCE",
+    "dispatch",
+    "has_triton",
+    "register_backend",
+    "run_backend",
+    "select_backend",
+]

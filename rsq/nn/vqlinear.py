@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsq.kernels import has_triton
+from rsq.kernels import has_triton, ops
 from rsq.quant.pack import packed_width, unpack_codes
 
 
@@ -70,9 +70,19 @@ class E8PLinear(nn.Module):
         return e8p_dequantize(self.codes, self.scales).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_triton():
-            from rsq.kernels.triton_e8p import e8p_matmul
+        if torch.compiler.is_compiling():  # one opaque op in the graph (rsq/kernels/ops.py)
+            return ops.e8p_linear(x, self.codes, self.scales, self.bias)
+        return e8p_forward(x, self.codes, self.scales, self.bias)
 
-            return e8p_matmul(x, self.codes, self.scales, None if self.bias is None else self.bias.to(x.dtype))
-        w = self.dequantize_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+def e8p_forward(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., 8C) @ W_hat^T + bias: the Triton decode kernels for bf16/fp16 on CUDA, else the
+    reference decode (rsq/quant/e8p.py) and F.linear."""
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_triton():
+        from rsq.kernels.triton_e8p import e8p_matmul
+
+        return e8p_matmul(x, codes, scales, bias)
+    from rsq.quant.e8p import e8p_dequantize
+
+    return F.linear(x, e8p_dequantize(codes, scales).to(x.dtype), bias)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rsq.kernels import has_triton
+from rsq.kernels import has_triton, ops
 from rsq.rotation.hadamard import block_hadamard_transform, hadamard_transform, random_orthogonal
 
 
@@ -55,31 +55,45 @@ class OnlineRotationModule(nn.Module):
             self.matrix = None
 
     def _rotate_last(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matrix is None:
-            return hadamard_transform(x, self.spec.size)
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         m = self.matrix.to(x.device, work)
         return (x.to(work) @ m.T).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.kind == "block":
-            return block_hadamard_transform(x, self.spec.head_dim)
-        if self.matrix is None and x.is_cuda and has_triton():
-            from rsq.kernels import triton_hadamard as TH
-
-            cross = self.spec.kind == "cross_head"
-            if TH.supports(x, self.spec.size, cross, self.spec.head_dim):
-                return TH.hadamard(x, self.spec.size, cross, self.spec.head_dim)
+        if self.matrix is None:
+            if torch.compiler.is_compiling():  # one opaque op in the graph (rsq/kernels/ops.py)
+                return ops.hadamard(x, self.spec.kind, self.spec.size, self.spec.head_dim)
+            return hadamard_rotate(x, self.spec.kind, self.spec.size, self.spec.head_dim)
         if self.spec.kind.endswith("cross_head"):
-            shape = x.shape
-            # (..., heads * hd) -> (..., hd, heads): rotate across heads, per position in the head
-            y = x.reshape(*shape[:-1], self.spec.size, self.spec.head_dim).transpose(-1, -2)
-            y = self._rotate_last(y)
-            return y.transpose(-1, -2).reshape(shape)
+            return _cross_head(x, self.spec.size, self.spec.head_dim, self._rotate_last)
         return self._rotate_last(x)
 
     def extra_repr(self) -> str:
         return f"kind={self.spec.kind}, size={self.spec.size}, head_dim={self.spec.head_dim}"
+
+
+def _cross_head(x: torch.Tensor, heads: int, head_dim: int, rotate) -> torch.Tensor:
+    """``rotate`` (an orthogonal map of a last dim of size ``heads``) applied across heads:
+    x (..., heads * head_dim) viewed as (..., head_dim, heads), per position in the head."""
+    shape = x.shape
+    y = x.reshape(*shape[:-1], heads, head_dim).transpose(-1, -2)
+    return rotate(y).transpose(-1, -2).reshape(shape)
+
+
+def hadamard_rotate(x: torch.Tensor, kind: str, size: int, head_dim: int) -> torch.Tensor:
+    """The Hadamard kinds (full, cross_head, block) of an online rotation on x's last dim: the
+    Triton kernel for bf16/fp16 on CUDA where it supports the size, else the torch transform."""
+    if kind == "block":
+        return block_hadamard_transform(x, head_dim)
+    cross = kind == "cross_head"
+    if x.is_cuda and has_triton():
+        from rsq.kernels import triton_hadamard as TH
+
+        if TH.supports(x, size, cross, head_dim):
+            return TH.hadamard(x, size, cross, head_dim)
+    if cross:
+        return _cross_head(x, size, head_dim, lambda y: hadamard_transform(y, size))
+    return hadamard_transform(x, size)
 
 
 def _pre_hook(module: nn.Module, args):
