@@ -38,8 +38,8 @@ def add_parsers(sub) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="static KV cache + torch.compile'd decode step (CUDA graphs on a GPU); greedy tokens equal the "
-        "eager path's (default: on for CUDA, off on a CPU, where compiling costs more than it saves; "
-        "--no-compile: eager decoding with the dynamic cache)",
+        "eager path's (default: off, eager decoding with the dynamic cache; the compiled path is not yet "
+        "measured on a GPU)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
