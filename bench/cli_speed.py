@@ -99,6 +99,14 @@ def main() -> int:
     print(f"  GPU peaks (GiB): {res.get('gpu_peak_GiB')}")
     print(f"  perplexity: {res.get('perplexity')}")
     figures = {"wall_s": wall, "peak_host_GiB": peak_host, "timings": t, "gpu": res.get("gpu_peak_GiB")}
+    figures["plan"] = plan = predicted(model_dir, args)
+    gpu_peak = max((res.get("gpu_peak_GiB") or {}).values(), default=0.0)
+    print(
+        f"  rsq plan: host {plan['host_streamed_peak_GiB']:.1f} GiB with the activations offloaded (worst case), "
+        f"{plan['host_streamed_peak_GiB'] - plan['calib_activations_per_rank_GiB']:.1f} GiB without them; "
+        f"measured {peak_host:.1f} GiB. GPU {plan['device_peak_if_activations_on_device_GiB']:.1f} GiB with the "
+        f"activations on the device; measured {gpu_peak:.1f} GiB"
+    )
     figures["host_memory"] = res.get("host_memory")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
@@ -107,6 +115,16 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def predicted(model_dir: Path, args) -> dict:
+    """`rsq plan`'s figures for this run, from the saved config alone."""
+    from transformers import AutoConfig
+
+    from rsq.plan import memory_plan
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return memory_plan(config, nsamples=args.nsamples, seqlen=args.seqlen, bits=3)
 
 
 def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:

@@ -116,7 +116,9 @@ def memory_plan(
         "hessians_GiB": hess / GiB,
         "in_flight_GiB": inflight / GiB,
         "device_peak_estimate_GiB": (layer + hess + inflight) / GiB,
-        "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + acts) / GiB,
+        # on the device, the attention output is shared between the calibration passes through a second
+        # activation-sized buffer (rsq.pipeline._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
+        "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + 2 * acts) / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,
         "host_in_memory_peak_GiB": (p["total"] * weight_bytes + STREAM_OVERHEAD) / GiB,
