@@ -192,8 +192,7 @@ def compare_llmc(args, work: Path, rsq_full_wall: float) -> dict:
 def llmc_child(model_dir: str, out: str, args) -> int:
     """llm-compressor the way its README shows: load, oneshot GPTQ, save compressed."""
     import torch
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from quantize_speed import llmc_gptq  # the same recipe as the in-process bench
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rsq.calib.datasets import load_text, sample_windows, tokenize
@@ -202,22 +201,7 @@ def llmc_child(model_dir: str, out: str, args) -> int:
     ids = tokenize(tok, load_text("wikitext2", args.data_dir).calib)
     windows = sample_windows(ids, args.nsamples, args.seqlen, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=args.device)
-    weights = {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"}
-    scheme = {"targets": ["Linear"], "weights": weights}
-    recipe = GPTQModifier(
-        config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128, dampening_frac=0.01
-    )
-    data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
-    oneshot(
-        model=model,
-        processor=tok,
-        dataset=loader,
-        recipe=recipe,
-        num_calibration_samples=len(windows),
-        max_seq_length=windows.shape[1],
-        pipeline="sequential",
-    )
+    llmc_gptq(model, tok, windows)
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
     return 0

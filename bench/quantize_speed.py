@@ -106,6 +106,34 @@ def reference_layer(layer, adapter, config, X: torch.Tensor, kwargs: dict, cfg: 
     return out
 
 
+def llmc_gptq(model, tokenizer, windows: torch.Tensor) -> None:
+    """llm-compressor's oneshot GPTQ on ``model`` in place: 3-bit symmetric per-channel integer
+    weights on every decoder linear (lm_head kept), act-order off, block 128, damping 0.01, its
+    sequential pipeline, calibration ``windows`` (N, T) of token ids."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"}
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"],
+        actorder=None,
+        block_size=128,
+        dampening_frac=0.01,
+    )
+    data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=loader,
+        recipe=recipe,
+        num_calibration_samples=len(windows),
+        max_seq_length=windows.shape[1],
+        pipeline="sequential",
+    )
+
+
 def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: bool) -> dict:
     """llm-compressor's GPTQ (oneshot + GPTQModifier, its sequential pipeline) on a fresh random model
     of ``layers`` layers with the same calibration windows: 3-bit symmetric per-channel integer
@@ -113,23 +141,11 @@ def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: boo
     No rotation and no importance: plain GPTQ, less work than RSQ. Returns wall time and memory."""
     import tempfile
 
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
-
     model = build_model(layers, device, tiny)
     # oneshot re-reads the config from model.config.name_or_path: give it a local copy
     cfg_dir = tempfile.mkdtemp(prefix="llmc-config-")
     model.config.save_pretrained(cfg_dir)
     model.config.name_or_path = cfg_dir
-    scheme = {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "channel"},
-    }
-    recipe = GPTQModifier(
-        config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None, block_size=128, dampening_frac=0.01
-    )
-    data = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
     # oneshot insists on a processor when given data; the windows are already token ids
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -140,15 +156,7 @@ def run_llmcompressor(layers: int, windows: torch.Tensor, device: str, tiny: boo
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=tok,
-        dataset=loader,
-        recipe=recipe,
-        num_calibration_samples=len(windows),
-        max_seq_length=windows.shape[1],
-        pipeline="sequential",
-    )
+    llmc_gptq(model, tok, windows)
     if cuda:
         torch.cuda.synchronize()
     return {
