@@ -2,7 +2,7 @@
 matmul and online Hadamard as one opaque operator instead of tracing (and breaking on) the
 Python that picks a backend, launches Triton or builds cached tables.
 
-* ``rsq::wq_linear``: a uniform-grid QuantLinear's matmul (:func:`rsq.kernels.dispatch_eager`
+* ``rsq::wq_linear``: a uniform-grid QuantLinear's matmul (:func:`rsq.kernels.run_backend`
   picks the backend per call, the reference on CPU);
 * ``rsq::e8p_linear``: an E8PLinear's matmul (Triton decode kernels on CUDA bf16/fp16, else the
   reference decode + F.linear);
