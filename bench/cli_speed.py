@@ -121,7 +121,7 @@ def predicted(model_dir: Path, args) -> dict:
     """`rsq plan`'s figures for this run, from the saved config alone."""
     from transformers import AutoConfig
 
-    from rsq.plan import memory_plan
+    from rsq.plan.memory import memory_plan
 
     config = AutoConfig.from_pretrained(model_dir)
     return memory_plan(config, nsamples=args.nsamples, seqlen=args.seqlen, bits=3)

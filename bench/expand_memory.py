@@ -27,8 +27,8 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT))
     from rsq.config import RSQConfig
     from rsq.importance.layer import make_weight_fn
+    from rsq.job.loop import quantize_layers
     from rsq.models.registry import resolve
-    from rsq.pipeline import quantize_layers
 
     torch.manual_seed(0)
     cfg_m = LlamaConfig(

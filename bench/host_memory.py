@@ -1,7 +1,7 @@
 """Predicted vs measured peak host memory of one `rsq quantize` job on the CPU.
 
 Runs the job in this process, samples the resident set (VmRSS) every 5 ms, tags each sample with
-the stage (load, quantize, perplexity, save) and prints, next to rsq.plan.host_memory_plan's
+the stage (load, quantize, perplexity, save) and prints, next to rsq.plan.memory.host_memory_plan's
 prediction per stage, the measured peak per stage and the process's ru_maxrss.
 
     python3 bench/host_memory.py                       # the embedded SmolLM2-135M (default options below)
@@ -98,7 +98,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import rsq.run as run
+    import rsq.job.run as run
     from rsq.cli.main import make_parser
     from rsq.cli.options import build_config
 

@@ -36,9 +36,9 @@ from rsq.importance.layer import (
     attention_qk,  # noqa: E402
     make_weight_fn,  # noqa: E402
 )
+from rsq.job.loop import quantize_layers  # noqa: E402
 from rsq.models.bundled import load_bundled_config  # noqa: E402
 from rsq.models.registry import resolve  # noqa: E402
-from rsq.pipeline import quantize_layers  # noqa: E402
 from rsq.rotation import rotate_model  # noqa: E402
 from rsq.solver.gptq import gptq_quantize, layer_error  # noqa: E402
 

@@ -11,7 +11,7 @@ Public API (everything else is import-by-path and may change):
 __version__ = "0.1.0"
 
 from rsq.config import RSQConfig  # noqa: E402
-from rsq.hf import install_hook as _install_hook  # noqa: E402
+from rsq.io.hf import install_hook as _install_hook  # noqa: E402
 
 _install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works after `import rsq`
 

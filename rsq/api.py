@@ -102,7 +102,7 @@ def quantize(
       or 2-D (N, T) windows used as they are.
     * ``ppl``: perplexity sources to evaluate before saving (results.json), none by default.
     """
-    from rsq.run import run_quantize
+    from rsq.job.run import run_quantize
 
     passed = {k: options.pop(k) for k in list(options) if k in _RUN_OPTIONS}
     if "ppl_sources" in passed:
@@ -120,7 +120,7 @@ def quantize(
         options["model"] = str(getattr(model.config, "_name_or_path", "") or "")
         qc = getattr(model.config, "quantization_config", None)
         gguf = getattr(qc, "gguf_file", None) or (qc.get("gguf_file") if isinstance(qc, dict) else None)
-        if gguf:  # loaded from a GGUF file: weights dequantized, a plain float model (as rsq.loading does)
+        if gguf:  # loaded from a GGUF file: weights dequantized, a plain float model (as rsq.io.loading does)
             options["model"] = str(Path(options["model"]) / gguf)
             del model.config.quantization_config
             model.hf_quantizer = None
@@ -135,7 +135,7 @@ def quantize(
     if calibration is not None:
         if preloaded is None:
             from rsq.config import TORCH_DTYPES
-            from rsq.loading import load_model
+            from rsq.io.loading import load_model
 
             preloaded = load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype])
         ids, kind = _calibration_ids(calibration, preloaded[1] if tokenizer is None else tokenizer, text_column)

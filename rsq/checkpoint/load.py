@@ -28,9 +28,9 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
     check_format_version(qc, cfg_file)
-    from rsq.hf import GUARD, GUARD_KEY
+    from rsq.io.hf import GUARD, GUARD_KEY
 
-    if config.get(GUARD_KEY) == GUARD:  # the on-disk guard against plain transformers (rsq/hf.py), not
+    if config.get(GUARD_KEY) == GUARD:  # the on-disk guard against plain transformers (rsq/io/hf.py), not
         del config[GUARD_KEY]  # part of the model config that readers (rsq export) carry on
     return config, qc
 
@@ -173,7 +173,7 @@ def load_quantized(
     if tied:
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
     attach_online_rotations(model, qc)
-    from rsq.hf import adopt
+    from rsq.io.hf import adopt
 
     adopt(model, qc)  # save_pretrained / from_pretrained round trips
     if not packed:

@@ -56,12 +56,14 @@ def add_parsers(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from rsq.plotting import require_matplotlib
+    from rsq.report.plotting import require_matplotlib
 
     require_matplotlib()  # before any work: the plots are part of the output
     import torch
 
-    from rsq.ablate import (
+    from rsq.cli.options import build_config
+    from rsq.cli.progress import Progress
+    from rsq.job.ablate import (
         grid_cells,
         markdown_table,
         plot_importance,
@@ -69,8 +71,6 @@ def cmd_ablate(args) -> int:
         run_grid,
         summarize,
     )
-    from rsq.cli.options import build_config
-    from rsq.cli.progress import Progress
 
     base = build_config(args)
     cells = grid_cells(base, _split(args.methods), _split(args.strategies), [int(s) for s in _split(args.seeds)])
@@ -103,7 +103,7 @@ def _split(text: str) -> list[str]:
 
 
 def cmd_plan(args) -> int:
-    from rsq.plan import format_plan
+    from rsq.plan.memory import format_plan
 
     if args.list or args.all:
         from rsq.models.bundled import list_bundled, load_bundled_config
@@ -135,7 +135,7 @@ def cmd_plan(args) -> int:
 
 
 def _config_for(model):
-    from rsq.loading import load_config
+    from rsq.io.loading import load_config
 
     if model:
         try:

@@ -38,7 +38,7 @@ def cmd_demo(args) -> int:
     from rsq.cli.main import make_parser
     from rsq.cli.options import build_config, print_summary
     from rsq.cli.progress import Progress
-    from rsq.run import run_quantize
+    from rsq.job.run import run_quantize
 
     parser = make_parser()
     runs = []

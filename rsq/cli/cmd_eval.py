@@ -233,7 +233,7 @@ def _write_json(path: str | None, data: dict) -> None:
 def cmd_lm_eval(args, loaded=None) -> int:
     """``loaded``: an already loaded (model, tokenizer) (``rsq eval --tasks --ppl`` loads once)."""
     from rsq.eval.zeroshot import run_lm_eval
-    from rsq.loading import describe_source
+    from rsq.io.loading import describe_source
 
     tasks = _csv(args.tasks)
     limit = args.limit
@@ -296,7 +296,7 @@ def _benchmarks(args) -> dict[str, list]:
 def cmd_longctx(args) -> int:
     from rsq.cli.progress import Progress
     from rsq.eval.longctx import parse_positions, run_examples, run_longctx
-    from rsq.loading import describe_source
+    from rsq.io.loading import describe_source
 
     tasks = [] if args.task.strip().lower() == "none" else _csv(args.task)
     positions = parse_positions(args.positions)
@@ -367,10 +367,10 @@ def cmd_longctx(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rsq.plotting import require_matplotlib
+    from rsq.report.plotting import require_matplotlib
 
     require_matplotlib()  # before any work: the plots are part of the output
-    from rsq.report import write_report
+    from rsq.report.compare import write_report
 
     summary = write_report(args.runs, args.out, title=args.title)
     out = Path(args.out)
@@ -381,8 +381,8 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     """Perplexity; with --tasks the lm-eval tasks instead (as `rsq lm-eval`), plus perplexity when --ppl is given."""
     from rsq.eval.runner import run_eval
-    from rsq.pipeline import resolve_device
-    from rsq.preflight import check_lengths
+    from rsq.job.loop import resolve_device
+    from rsq.plan.preflight import check_lengths
 
     ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2")
     if ppl_sources(ppl):
@@ -394,7 +394,7 @@ def cmd_eval(args) -> int:
         )
     resolve_device(args.device or "auto")
     if args.json_out:
-        from rsq.preflight import check_file_target
+        from rsq.plan.preflight import check_file_target
 
         check_file_target(Path(args.json_out), "--json-out")
     if args.tasks and ppl_sources(ppl) and args.json_out:

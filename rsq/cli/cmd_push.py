@@ -19,7 +19,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_push(args) -> int:
-    from rsq.hub import push_folder
+    from rsq.io.hub import push_folder
 
     url = push_folder(
         args.ckpt, args.repo, private=args.private or None, revision=args.revision, commit_message=args.message

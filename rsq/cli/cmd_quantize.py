@@ -51,9 +51,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import os
 
     from rsq.distributed import init_from_env, shutdown
-    from rsq.pipeline import resolve_device
-    from rsq.preflight import check_lengths, check_nproc
-    from rsq.run import run_quantize
+    from rsq.job.loop import resolve_device
+    from rsq.job.run import run_quantize
+    from rsq.plan.preflight import check_lengths, check_nproc
 
     cfg = build_config(args)
     check_nproc(args.nproc)
@@ -88,7 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print_summary([results])
         print(f"wrote {out}/ (results.json, model, tokenizer)")
         if args.push_to_hub:
-            from rsq.hub import push_folder
+            from rsq.io.hub import push_folder
 
             print(f"pushed to {push_folder(out, args.push_to_hub)}")
     return 0

@@ -83,7 +83,7 @@ INTERRUPT_HINT: dict = {}  # set by the command: "out" -> the quantize output di
 
 
 def _resume_hint() -> str:
-    from rsq.run import STATE_FILE, partial_dir
+    from rsq.job.run import STATE_FILE, partial_dir
 
     out = INTERRUPT_HINT.get("out")
     if out is None:

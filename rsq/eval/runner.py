@@ -7,8 +7,8 @@ import math
 
 from rsq.calib.datasets import eval_windows, load_text, tokenize
 from rsq.eval.perplexity import perplexity
-from rsq.loading import describe_source, is_rsq_checkpoint, load_model
-from rsq.pipeline import resolve_device
+from rsq.io.loading import describe_source, is_rsq_checkpoint, load_model
+from rsq.job.loop import resolve_device
 
 
 def load_any(model: str | None, packed: bool = False):
@@ -73,9 +73,9 @@ def run_eval(
     """Perplexity of ``model`` on each source; ``loaded``: an already loaded (model, tokenizer).
     Inputs are checked (and every text read) before the model is loaded; a NaN/Inf perplexity
     raises NonFiniteError. ``batch_size``: windows per forward (None: the most, up to 4, that fits)."""
-    from rsq import preflight
     from rsq.errors import NonFiniteError
-    from rsq.plan import eval_batch_that_fits
+    from rsq.plan import preflight
+    from rsq.plan.memory import eval_batch_that_fits
 
     preflight.check_lengths(
         ppl_seqlen=seqlen, ppl_max_windows=max_windows, ppl_batch_size=batch_size, seqlen_flag="--seqlen"

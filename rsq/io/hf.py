@@ -50,7 +50,7 @@ def neutral_name(source: str | None) -> str:
     if not source:
         return EMBEDDED_HUB_ID
     if "site-packages" in source or "dist-packages" in source:
-        from rsq.loading import DEFAULT_MODEL_PACKAGE
+        from rsq.io.loading import DEFAULT_MODEL_PACKAGE
 
         return EMBEDDED_HUB_ID if DEFAULT_MODEL_PACKAGE in source else Path(source).name
     if source.endswith(".gguf"):
@@ -71,7 +71,7 @@ def source_dtype(source: str | None) -> torch.dtype | None:
         declared = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         try:
-            from rsq.loading import load_config
+            from rsq.io.loading import load_config
 
             declared = load_config(source).to_dict()
         except Exception:  # hub unreachable: keep the compute dtype
@@ -110,7 +110,7 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
     _patch_config_file(Path(save_directory), self)
     if push:
-        from rsq.hub import push_folder
+        from rsq.io.hub import push_folder
 
         push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
 
@@ -118,7 +118,7 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
 def _push_to_hub(self, repo_id: str, *args, **kwargs):
     import tempfile
 
-    from rsq.hub import push_folder
+    from rsq.io.hub import push_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         self.save_pretrained(tmp)

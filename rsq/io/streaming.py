@@ -5,12 +5,12 @@ Applies to a local Hugging Face directory of safetensors weights (``model.safete
 with ``model.safetensors.index.json``, as ``save_pretrained`` writes them; a downloaded hub
 snapshot directory is one). GGUF files, hub ids (not resolved to a local snapshot here),
 quantized sources (a ``quantization_config``) and ``.bin`` weights keep the in-memory path of
-:func:`rsq.loading.load_model`.
+:func:`rsq.io.loading.load_model`.
 
 Host memory held by a streamed model: the model's ends (embeddings, final norm, lm_head), which
 stay resident for the calibration capture and the evaluation, plus the decoder layers between
 :meth:`LayerStreamer.fetch` and :meth:`LayerStreamer.release` — one at a time in
-rsq.pipeline.quantize_layers. Each fetch opens the layer's files and closes them again, so the
+rsq.job.loop.quantize_layers. Each fetch opens the layer's files and closes them again, so the
 memory-mapped pages it touched leave the resident set with it.
 
 Before the first layer, :meth:`StreamSource.check` reads only the files' headers (safe_open
@@ -193,7 +193,7 @@ def materialized_bytes(module: nn.Module) -> int:
 class LayerStreamer:
     """Fills decoder layer ``i`` of a skeleton model from the source just before its turn and
     empties it (back to meta) after it. ``on_fetch(i)`` / ``on_release(i)``: the caller's own
-    per-layer work (rsq.run loads a resumed layer's codes, and drops them again)."""
+    per-layer work (rsq.job.run loads a resumed layer's codes, and drops them again)."""
 
     def __init__(
         self,

@@ -67,8 +67,8 @@ def run_grid(
         _run_parallel(todo, out, gpus, ppl_max_windows, ppl_seqlen)
     elif todo:
         from rsq.config import TORCH_DTYPES
-        from rsq.loading import load_model
-        from rsq.run import can_resume, run_quantize
+        from rsq.io.loading import load_model
+        from rsq.job.run import can_resume, run_quantize
 
         base = load_model(todo[0][1].model or None, TORCH_DTYPES[todo[0][1].dtype])
         for k, (name, cfg) in enumerate(todo):
@@ -90,7 +90,7 @@ def run_grid(
 
 def _worker(job: tuple) -> str:
     name, cfg_dict, out, ppl_max_windows, ppl_seqlen, device = job
-    from rsq.run import can_resume, run_quantize
+    from rsq.job.run import can_resume, run_quantize
 
     cfg = RSQConfig.from_dict({**cfg_dict, "device": device})
     run_quantize(
@@ -155,11 +155,11 @@ def markdown_table(rows: list[dict], source: str = "wikitext2") -> str:
 
 
 def plot_ppl(rows: list[dict], path: Path, source: str = "wikitext2") -> None:
-    from rsq.plotting import pyplot
+    from rsq.report.plotting import pyplot
 
     plt = pyplot()
 
-    from rsq.plotting import plain_log_yaxis
+    from rsq.report.plotting import plain_log_yaxis
 
     fig, ax = plt.subplots(figsize=(max(6.5, 0.8 * len(rows) + 2), 4))
     x = range(len(rows))
@@ -197,7 +197,7 @@ def plot_importance(run_dir: Path, path: Path) -> bool:
     maps = load_file(str(f))
     layers = sorted(maps, key=lambda k: int(k.split(".")[1]))
     data = torch.stack([maps[k] for k in layers]).numpy()
-    from rsq.plotting import pyplot
+    from rsq.report.plotting import pyplot
 
     plt = pyplot()
     import matplotlib.colors as colors

@@ -139,7 +139,7 @@ def quantize_layers(
     ends before the capture, each layer on the device at its turn — instead of a whole-model pass
     on the host first. Finished layers (resume) are rotated too, then get their W_hat from
     ``state.results``.
-    ``streamer``: a :class:`rsq.streaming.LayerStreamer` for a model whose layers are on ``meta``:
+    ``streamer``: a :class:`rsq.io.streaming.LayerStreamer` for a model whose layers are on ``meta``:
     layer i is fetched just before its turn and released after it (and after ``on_layer_done``).
     ``evals``: windows whose hidden states follow the quantized layers (:class:`EvalPass`).
     """

@@ -31,9 +31,9 @@ from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
-from rsq.loading import describe_source, load_config, load_model
+from rsq.io.loading import describe_source, load_config, load_model
+from rsq.job.loop import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.models.registry import resolve
-from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def check_output(out: Path, cfg: RSQConfig, resume: bool, overwrite: bool) -> di
 
     A resumable ``<out>.partial/`` (one with state.json) is never discarded silently: without
     --resume or --overwrite the run stops and says so; with --resume its options must match."""
-    from rsq.preflight import check_output_location
+    from rsq.plan.preflight import check_output_location
 
     check_output_location(out)
     if out.exists() and not overwrite:
@@ -224,7 +224,7 @@ def choose_stream(cfg: RSQConfig, stream: bool | None, preloaded) -> Path | None
     """The directory a run streams its model from, or None for the in-memory path. ``stream``:
     None decides (a local safetensors directory and a quantizing method stream), False never
     streams, True insists (ConfigError where it cannot)."""
-    from rsq.streaming import streamable
+    from rsq.io.streaming import streamable
 
     path = streamable(cfg.model or None) if preloaded is None and cfg.quantizes and stream is not False else None
     if stream and path is None:
@@ -257,7 +257,7 @@ def run_quantize(
 ) -> dict | None:
     """Quantize ``cfg.model`` as ``cfg`` says, evaluate perplexity, write ``out``. Returns results.
 
-    Everything that can be checked before the work is checked first (rsq.preflight): bad input
+    Everything that can be checked before the work is checked first (rsq.plan.preflight): bad input
     raises an RSQError and creates nothing. ``ppl_batch_size``: windows per evaluation forward
     (None: the most, up to 4, that the memory plan fits). ``force_seqlen``: allow window lengths
     beyond the model's context. ``check_memory``: refuse a job whose predicted peak host memory
@@ -268,11 +268,11 @@ def run_quantize(
     ``calibration``: token ids instead of ``cfg.calib.source``'s text: (N, T) windows used as they
     are, or a 1-D token stream sampled into ``cfg.calib`` windows.
     ``stream``: read the model layer by layer from its safetensors files and write each finished
-    layer's shard as it finishes (rsq.streaming), so host memory does not grow with the model; None
+    layer's shard as it finishes (rsq.io.streaming), so host memory does not grow with the model; None
     (default) streams a local safetensors directory, False loads the whole model (the only path for
     GGUF files, hub ids and quantized sources), True refuses a source that cannot stream.
     """
-    from rsq import preflight
+    from rsq.plan import preflight
 
     ctx = dist_ctx or DistContext()
     out = Path(out)
@@ -298,11 +298,11 @@ def run_quantize(
     stream_path = choose_stream(cfg, stream, preloaded)
     streamed = None
     if stream_path is not None:  # the files' headers against the config: before any output exists
-        from rsq.streaming import open_streamed
+        from rsq.io.streaming import open_streamed
 
         streamed = open_streamed(stream_path, config, TORCH_DTYPES[cfg.dtype])
     texts = preflight.load_sources(cfg, ppl_sources, calib=calibration is None)
-    from rsq.plan import fit_host_memory
+    from rsq.plan.memory import fit_host_memory
 
     memory = fit_host_memory(
         config,
@@ -418,7 +418,7 @@ def _run(
     if preloaded is not None:
         model, tokenizer = preloaded
     elif streamed is not None:
-        from rsq.streaming import LayerStreamer, load_tokenizer_and_generation
+        from rsq.io.streaming import LayerStreamer, load_tokenizer_and_generation
 
         model, source = streamed
         streamer = LayerStreamer(source, model, resolve(model), TORCH_DTYPES[cfg.dtype])
@@ -507,7 +507,7 @@ def _run(
         state = state if state is not None else RunState()
         holder["state"] = state
         if ctx.is_main:
-            from rsq.pipeline import EvalPass
+            from rsq.job.loop import EvalPass
 
             evals = {s: EvalPass(w, memory["ppl_batch_size"]) for s, w in eval_wins.items()}
     t0 = time.perf_counter()

@@ -106,7 +106,7 @@ def memory_plan(
         packed += out_f * in_f * bits / 8 + out_f * groups * (weight_bytes + 1)
     packed = packed * config.num_hidden_layers + (p["embed"] + p["lm_head"]) * weight_bytes
     ends = (p["embed"] + p["lm_head"] + d) * weight_bytes
-    # a streamed run (rsq.streaming) holds the ends, ~2 layers (the layer at its turn with its codes
+    # a streamed run (rsq.io.streaming) holds the ends, ~2 layers (the layer at its turn with its codes
     # and its shard being written) and, where they do not fit the device, the calibration activations
     streamed = ends + 2 * layer + acts + STREAM_OVERHEAD
     return {
@@ -117,7 +117,7 @@ def memory_plan(
         "in_flight_GiB": inflight / GiB,
         "device_peak_estimate_GiB": (layer + hess + inflight) / GiB,
         # on the device, the attention output is shared between the calibration passes through a second
-        # activation-sized buffer (rsq.pipeline._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
+        # activation-sized buffer (rsq.job.loop._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
         "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + 2 * acts) / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,
@@ -224,7 +224,7 @@ def host_memory_plan(
     """Predicted peak resident bytes of a CPU job per stage (each includes ``baseline``, the
     process's resident set before loading): load, quantize, perplexity, save. ``text_chars``: the
     characters of all the text the job tokenizes. ``streamed``: the model is read layer by layer
-    (rsq.streaming): the ends (embeddings, norm, head) stay resident, a decoder layer only during
+    (rsq.io.streaming): the ends (embeddings, norm, head) stay resident, a decoder layer only during
     its turn (counted twice: the layer with its codes and its shard being written, and a float64
     rotation copy of one linear), and the ``ppl_windows`` evaluation windows' hidden states ride
     along the layers; the shards are joined below rsq.checkpoint.save.MERGE_BELOW bytes."""

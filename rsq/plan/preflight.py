@@ -5,7 +5,7 @@ Each check raises an :class:`rsq.errors.RSQError` naming the problem and a value
 What is checked: lengths and counts, the device name, the output location, the model's config
 against the options (group size against every linear width, window lengths against the context),
 that every text source is readable UTF-8, and the predicted peak host memory against what is
-available (rsq.plan.host_memory_plan).
+available (rsq.plan.memory.host_memory_plan).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def check_context(config, lengths: dict[str, int], force: bool) -> None:
 def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = False) -> None:
     """The options against the model's config (before any weight is read)."""
     from rsq.models.registry import resolve
-    from rsq.plan import layer_linear_shapes
+    from rsq.plan.memory import layer_linear_shapes
 
     resolve(config)  # UnsupportedModelError
     if cfg.quantizes and cfg.grid.kind != "e8p":

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsq.errors import ConfigError
-from rsq.plotting import plain_log_yaxis
+from rsq.report.plotting import plain_log_yaxis
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _metric_name(runs: list[Run], task: str) -> str:
 
 
 def _plt():
-    from rsq.plotting import pyplot
+    from rsq.report.plotting import pyplot
 
     plt = pyplot()
 

@@ -82,11 +82,11 @@ def compare_rotation(model: nn.Module, windows: torch.Tensor, device: torch.devi
 
 
 def plot_stats(stats: dict, path: Path) -> None:
-    from rsq.plotting import pyplot
+    from rsq.report.plotting import pyplot
 
     plt = pyplot()
 
-    from rsq.plotting import plain_log_yaxis
+    from rsq.report.plotting import plain_log_yaxis
 
     fig, axes = plt.subplots(2, len(SITES), figsize=(4 * len(SITES), 6), sharex=True)
     for col, site in enumerate(SITES):

@@ -13,7 +13,7 @@ from rsq.cli.main import make_parser
 from rsq.cli.options import build_config
 from rsq.config import CalibConfig, GridConfig, RSQConfig
 from rsq.errors import ConfigError
-from rsq.loading import load_model
+from rsq.io.loading import load_model
 from rsq.recipe import config_from_recipe, write_recipe
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from rsq.cli.main import main
 from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
-from rsq.run import STATE_FILE, _Interrupted, partial_dir, run_quantize
+from rsq.job.run import STATE_FILE, _Interrupted, partial_dir, run_quantize
 
 FAST = ("--nsamples", "2", "--seqlen", "32", "--ppl-seqlen", "32", "--max-windows", "2")
 
@@ -60,12 +60,12 @@ def _cfg(model_dir, method="gptq", **kw):
 
 @pytest.mark.parametrize("bits", ["5", "6", "7"])
 def test_unstorable_bits_fail_at_parse_time(llama, tmp_path, capsys, monkeypatch, bits):
-    import rsq.run
+    import rsq.job.run
 
     def no_model(*a, **k):  # the check must come before any weight is read
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(rsq.run, "load_model", no_model)
+    monkeypatch.setattr(rsq.job.run, "load_model", no_model)
     rc = main(["quantize", llama, "--bits", bits, "--out", str(tmp_path / "o"), *FAST])
     _one_error(capsys, rc, f"--bits {bits}", "--bits 4", "--bits 8")
     _nothing_created(tmp_path)
@@ -279,9 +279,9 @@ def test_group_size_advice_divides_every_width(llama, tmp_path, capsys):
 def test_group_size_advice_on_the_default_models_widths():
     """SmolLM2-135M's widths (576 and 1536, from its embedded config) with --group-size 9."""
     from rsq.errors import ConfigError
-    from rsq.loading import load_config
-    from rsq.plan import layer_linear_shapes
-    from rsq.preflight import check_group_size
+    from rsq.io.loading import load_config
+    from rsq.plan.memory import layer_linear_shapes
+    from rsq.plan.preflight import check_group_size
 
     widths = {name: shape[1] for name, shape in layer_linear_shapes(load_config(None)).items()}
     assert set(widths.values()) == {576, 1536}
@@ -339,9 +339,9 @@ def test_resume_of_finished_layers_skips_propagation(llama, tmp_path, stream):
 
 def _signal_after(monkeypatch, sig, after_layer: int | None):
     """Make the run deliver ``sig`` to this process before the first layer (None) or after one."""
-    import rsq.run
+    import rsq.job.run
 
-    real = rsq.run.quantize_layers
+    real = rsq.job.run.quantize_layers
 
     def wrapped(*args, on_layer_done=None, **kw):
         if after_layer is None:
@@ -354,7 +354,7 @@ def _signal_after(monkeypatch, sig, after_layer: int | None):
 
         return real(*args, on_layer_done=done, **kw)
 
-    monkeypatch.setattr(rsq.run, "quantize_layers", wrapped)
+    monkeypatch.setattr(rsq.job.run, "quantize_layers", wrapped)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -392,9 +392,9 @@ def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path
     import re
     from dataclasses import replace
 
-    import rsq.plan
-    from rsq.loading import load_config
-    from rsq.plan import host_memory_plan
+    import rsq.plan.memory
+    from rsq.io.loading import load_config
+    from rsq.plan.memory import host_memory_plan
 
     cfg = replace(_cfg(llama), batch_size=8, calib=CalibConfig(nsamples=512, seqlen=512))
     from rsq.calib.datasets import load_text
@@ -405,8 +405,8 @@ def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path
     big = host_memory_plan(config, cfg, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
     one = replace(cfg, calib=CalibConfig(nsamples=1, seqlen=512))
     small = host_memory_plan(config, one, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
-    avail = rsq.plan._rss_bytes() + (big + small) // 2  # room for some of the 512 windows, not all
-    monkeypatch.setattr(rsq.plan, "available_bytes", lambda: avail)
+    avail = rsq.plan.memory._rss_bytes() + (big + small) // 2  # room for some of the 512 windows, not all
+    monkeypatch.setattr(rsq.plan.memory, "available_bytes", lambda: avail)
     argv = ["quantize", llama, "--method", "gptq", "--nsamples", "512", "--seqlen", "512", "--batch-size", "8",
             "--ppl-seqlen", "32", "--max-windows", "2", "--out", str(tmp_path / "o")]  # fmt: skip
     line = _one_error(capsys, main(argv), "GiB of host memory", "available", "--nsamples")
@@ -430,7 +430,7 @@ def test_large_vocabulary_evaluation_is_chunked():
     positions x vocabulary (4 x 511 x 151936 float32 logits were 1.2 GB, times the copies)."""
     from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
     from rsq.models.bundled import load_bundled_config
-    from rsq.plan import LOGITS_COPIES, eval_bytes
+    from rsq.plan.memory import LOGITS_COPIES, eval_bytes
 
     config = load_bundled_config("qwen2.5-0.5b")
     assert config.vocab_size > 150_000

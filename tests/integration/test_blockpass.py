@@ -8,8 +8,8 @@ import torch
 
 from rsq.config import CalibConfig, ImportanceConfig, RotationConfig, RSQConfig
 from rsq.importance.layer import make_weight_fn
+from rsq.job.loop import quantize_layers
 from rsq.models.registry import resolve
-from rsq.pipeline import quantize_layers
 from tests.conftest import tiny_model
 
 

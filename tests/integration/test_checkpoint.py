@@ -11,8 +11,8 @@ from rsq.config import (
     RSQConfig,
 )
 from rsq.errors import CheckpointFormatError
-from rsq.loading import load_model
-from rsq.run import run_quantize
+from rsq.io.loading import load_model
+from rsq.job.run import run_quantize
 
 
 def _quantize(model_dir, out, method, grid=None, **kw):

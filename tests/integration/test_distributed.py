@@ -47,7 +47,7 @@ def _rank_main(rank, world, port, model_dir, out, kill_after):
     )
     torch.set_num_threads(1)
     from rsq.distributed import DistributedError, init_from_env, shutdown
-    from rsq.run import _Interrupted, run_quantize
+    from rsq.job.run import _Interrupted, run_quantize
 
     ctx = init_from_env("cpu", timeout_s=60)
     status = "done"
@@ -85,7 +85,7 @@ def _weights(out):
 
 
 def test_two_ranks_equal_one(tiny_model_dir, tmp_path):
-    from rsq.run import run_quantize
+    from rsq.job.run import run_quantize
 
     model_dir = tiny_model_dir("llama")
     run_quantize(_cfg(model_dir), tmp_path / "one", ppl_sources=())
@@ -99,7 +99,7 @@ def test_two_ranks_equal_one(tiny_model_dir, tmp_path):
 
 
 def test_killed_rank_gives_error_and_resumable_state(tiny_model_dir, tmp_path):
-    from rsq.run import partial_dir, run_quantize
+    from rsq.job.run import partial_dir, run_quantize
 
     model_dir = tiny_model_dir("llama")
     out = tmp_path / "killed"

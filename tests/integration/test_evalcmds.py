@@ -24,9 +24,9 @@ from rsq.config import (
     SolverConfig,
 )
 from rsq.eval.runner import dense_linears
-from rsq.loading import load_model
+from rsq.io.loading import load_model
+from rsq.job.run import run_quantize
 from rsq.nn.qlinear import QuantLinear
-from rsq.run import run_quantize
 
 
 def _quarot_checkpoint(model_dir, out):

@@ -34,8 +34,8 @@ from rsq.config import (
     RSQConfig,
     SolverConfig,
 )
-from rsq.loading import load_model
-from rsq.run import run_quantize
+from rsq.io.loading import load_model
+from rsq.job.run import run_quantize
 
 TOL = 1e-5  # relative to max |logit|; see the module docstring
 

@@ -14,8 +14,8 @@ from rsq.checkpoint.export_gptq import export_gptq
 from rsq.cli.main import main
 from rsq.config import RSQConfig
 from rsq.errors import ExportError
-from rsq.loading import load_model
-from rsq.run import run_quantize
+from rsq.io.loading import load_model
+from rsq.job.run import run_quantize
 
 # float16 scales (GPTQ's dtype) are the only change: 2^-11 relative per scale, averaging out over
 # the 64..96-wide dot products of the tiny model; 5e-3 of the largest logit bounds it with margin

@@ -17,7 +17,7 @@ from rsq.config import (
 )
 from rsq.models.bundled import list_bundled, load_bundled_config, tiny_config
 from rsq.models.registry import resolve
-from rsq.plan import layer_linear_shapes, memory_plan, rotation_plan
+from rsq.plan.memory import layer_linear_shapes, memory_plan, rotation_plan
 
 EXACT = {  # orders that must resolve to a real Hadamard matrix (no fallback)
     "qwen2.5-0.5b": {"residual (R1)": 896, "down_proj input": 4864},

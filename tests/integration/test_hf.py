@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import rsq
 from rsq.checkpoint.dense import cached_weights, disable_dense_cache
 from rsq.config import GridConfig
-from rsq.hf import GUARD, GUARD_KEY, neutral_name
+from rsq.io.hf import GUARD, GUARD_KEY, neutral_name
 from tests.integration.test_checkpoint import _quantize
 
 GRIDS = {
@@ -128,7 +128,7 @@ def test_dense_cache_same_function_as_packed_path(ckpts, kind):
 
 
 def test_source_dtype(tmp_path):
-    from rsq.hf import source_dtype
+    from rsq.io.hf import source_dtype
 
     for declared, want in [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", None)]:
         (tmp_path / "config.json").write_text(json.dumps({"dtype": declared}))

@@ -8,8 +8,8 @@ import torch
 
 from rsq.config import RSQConfig
 from rsq.importance.layer import make_weight_fn
+from rsq.job.loop import quantize_layers
 from rsq.models.registry import resolve
-from rsq.pipeline import quantize_layers
 from rsq.rotation import rotate_model
 from rsq.rotation.rotate import plan_rotation
 from tests.conftest import tiny_model

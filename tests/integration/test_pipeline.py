@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rsq.cli.main import main
 from rsq.config import CalibConfig, RSQConfig
-from rsq.run import _Interrupted, partial_dir, run_quantize
+from rsq.job.run import _Interrupted, partial_dir, run_quantize
 
 
 def _cfg(model_dir, method="gptq", **kw):
@@ -135,8 +135,8 @@ def test_expansion_equals_explicit_rolled_copies():
     from rsq.config import ImportanceConfig
     from rsq.importance import expand_rolls
     from rsq.importance.layer import make_weight_fn
+    from rsq.job.loop import quantize_layers
     from rsq.models.registry import resolve
-    from rsq.pipeline import quantize_layers
     from tests.conftest import tiny_model
 
     windows = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(0))
@@ -158,8 +158,8 @@ def test_expansion_equals_explicit_rolled_copies():
 
 
 def test_grid_resumes_an_unfinished_cell(tiny_model_dir, tmp_path):
-    from rsq.ablate import run_grid
-    from rsq.run import can_resume
+    from rsq.job.ablate import run_grid
+    from rsq.job.run import can_resume
 
     cfg = _cfg(tiny_model_dir("llama"))
     ref = tmp_path / "ref"

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from rsq.errors import ConfigError
-from rsq.report import load_run, write_report
+from rsq.report.compare import load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _results(method: str, bits: int, ppl: float, strategy: str = "uniform") -> dict:
-    # the keys rsq/run.py writes that the report reads
+    # the keys rsq/job/run.py writes that the report reads
     return {
         "model": "tiny",
         "method": method,
@@ -161,7 +161,7 @@ def _examples(counts: dict[tuple[int, str], tuple[int, int]]) -> list[dict]:
 
 
 def test_retrieval_cell_counts_grid_and_position_n(runs, tmp_path):
-    from rsq.report import _position_n
+    from rsq.report.compare import _position_n
 
     # without examples: a length's n is shared equally among its positions
     assert load_run(runs[0]).retrieval["lines"]["cell_n"] == {
@@ -203,8 +203,8 @@ def test_retrieval_cell_counts_grid_and_position_n(runs, tmp_path):
 
 
 def test_log_axis_labels_are_plain_numbers():
-    from rsq.plotting import plain_log_yaxis
-    from rsq.report import _plt
+    from rsq.report.compare import _plt
+    from rsq.report.plotting import plain_log_yaxis
 
     plt = _plt()
     fig, ax = plt.subplots()

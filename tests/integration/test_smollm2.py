@@ -11,9 +11,9 @@ import torch
 from rsq.calib.datasets import eval_windows, load_text, sample_windows, tokenize
 from rsq.config import RotationConfig, RSQConfig
 from rsq.eval.perplexity import perplexity
-from rsq.loading import load_model
+from rsq.io.loading import load_model
+from rsq.job.loop import quantize_layers
 from rsq.models.registry import resolve
-from rsq.pipeline import quantize_layers
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A model streamed layer by layer from its safetensors files (rsq.streaming) against the same job
+"""A model streamed layer by layer from its safetensors files (rsq.io.streaming) against the same job
 with the whole model in memory: the same checkpoint bit for bit, a kill + resume that changes
 nothing, bad shards refused before any layer, and at most two layers' weights materialized."""
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from rsq.checkpoint import save as save_mod
 from rsq.cli.main import main
 from rsq.config import RSQConfig
-from rsq.run import _Interrupted, partial_dir, run_quantize
+from rsq.job.run import _Interrupted, partial_dir, run_quantize
 from tests.conftest import tiny_model
 
 
@@ -102,7 +102,7 @@ def test_streamed_run_holds_at_most_two_layers(model_dirs, tmp_path, monkeypatch
     """Non-meta parameter bytes of the decoder layers at every layer's turn, counted on the model
     itself, against one layer's size from the config (the oracle: q, k, v, o, gate, up, down and
     two norms, float32)."""
-    from rsq.streaming import LayerStreamer
+    from rsq.io.streaming import LayerStreamer
 
     model_dir = model_dirs("llama")
     config = json.loads((model_dir / "config.json").read_text())

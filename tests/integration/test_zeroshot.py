@@ -103,7 +103,7 @@ def test_quantized_model_scores_differently(model_dir, ours):
 def test_quantized_checkpoint_runs_through_the_wrapper(model_dir, ours, tmp_path):
     pytest.importorskip("rsq.quant.pack", reason="checkpoint packing not available in this checkout")
     from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
-    from rsq.run import run_quantize
+    from rsq.job.run import run_quantize
 
     cfg = RSQConfig(
         model=str(model_dir),

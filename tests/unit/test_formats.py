@@ -115,8 +115,8 @@ def test_export_targets_are_answered(name):
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_save_load_logits_match(name, tiny_model_dir, tmp_path):
-    from rsq.loading import load_model
-    from rsq.run import run_quantize
+    from rsq.io.loading import load_model
+    from rsq.job.run import run_quantize
 
     model_dir = tiny_model_dir("llama")
     grid = GridConfig(kind=name, bits=get_format(name).default_bits)

@@ -238,7 +238,7 @@ def test_cli_longctx_json_feeds_the_report(tiny_model_dir, tmp_path, capsys):
     import argparse
 
     from rsq.cli.cmd_eval import add_parsers
-    from rsq.report import load_run
+    from rsq.report.compare import load_run
 
     parser = argparse.ArgumentParser(prog="rsq")
     add_parsers(parser.add_subparsers(dest="command", required=True))
