@@ -381,7 +381,7 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     """Perplexity; with --tasks the lm-eval tasks instead (as `rsq lm-eval`), plus perplexity when --ppl is given."""
     from rsq.eval.runner import run_eval
-    from rsq.job.loop import resolve_device
+    from rsq.models.device import resolve_device
     from rsq.plan.preflight import check_lengths
 
     ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2")

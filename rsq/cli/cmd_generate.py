@@ -113,7 +113,7 @@ def cmd_generate(args) -> int:
     from rsq.errors import CheckpointFormatError
     from rsq.eval.runner import load_any
     from rsq.generation import compile_by_default
-    from rsq.job.loop import resolve_device
+    from rsq.models.device import resolve_device
 
     model, tokenizer = load_any(args.ckpt, packed=args.packed)
     if tokenizer is None:

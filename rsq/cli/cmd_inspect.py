@@ -29,7 +29,7 @@ def cmd_inspect(args) -> int:
     from rsq.calib.datasets import load_text, sample_windows, tokenize
     from rsq.config import RotationConfig
     from rsq.io.loading import load_model
-    from rsq.job.loop import resolve_device
+    from rsq.models.device import resolve_device
     from rsq.report.outliers import activation_stats, compare_rotation, plot_stats, summary_table
 
     model, tok = load_model(args.model)

@@ -51,8 +51,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import os
 
     from rsq.distributed import init_from_env, shutdown
-    from rsq.job.loop import resolve_device
     from rsq.job.run import run_quantize
+    from rsq.models.device import resolve_device
     from rsq.plan.preflight import check_lengths, check_nproc
 
     cfg = build_config(args)

@@ -399,7 +399,7 @@ def aggregate(rows: list[dict], positions: Sequence[str]) -> dict:
 
 def run_longctx(model: nn.Module, tokenizer, tasks: Sequence[str] = ("lines",), *, device: str = "auto", **kw) -> dict:
     """:func:`run_retrieval` for each task; the dict that ``rsq longctx --json-out`` writes."""
-    from rsq.job.loop import resolve_device
+    from rsq.models.device import resolve_device
 
     model.to(resolve_device(device))
     return {"kind": "longctx", "tasks": {t: run_retrieval(model, tokenizer, t, **kw) for t in tasks}}

@@ -86,7 +86,7 @@ def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, budge
 @torch.no_grad()
 def store_nll(model: nn.Module, adapter, store, windows: torch.Tensor, device, batch_size: int) -> torch.Tensor:
     """Mean next-token NLL of each window (K,), float64, from the last decoder layer's outputs in
-    ``store`` (rsq.job.loop.EvalPass: a streamed model's windows went through its layers one layer
+    ``store`` (rsq.job.stages.EvalPass: a streamed model's windows went through its layers one layer
     at a time): the final norm, then the head a few positions at a time, as :func:`window_nll` does
     after the decoder, with the same batches of ``batch_size`` windows."""
     norm = model.get_submodule(adapter.final_norm)

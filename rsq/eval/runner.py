@@ -8,7 +8,7 @@ import math
 from rsq.calib.datasets import eval_windows, load_text, tokenize
 from rsq.eval.perplexity import perplexity
 from rsq.io.loading import describe_source, is_rsq_checkpoint, load_model
-from rsq.job.loop import resolve_device
+from rsq.models.device import resolve_device
 
 
 def load_any(model: str | None, packed: bool = False):

@@ -207,7 +207,7 @@ def run_lm_eval(
         raise ConfigError("no lm-eval tasks given: pass --tasks, e.g. --tasks " + ",".join(PAPER_ZERO_SHOT))
     import lm_eval
 
-    from rsq.job.loop import resolve_device
+    from rsq.models.device import resolve_device
 
     model.to(resolve_device(device))
     lm = make_lm(model, tokenizer, batch_size=batch_size)

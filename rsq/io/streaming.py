@@ -10,7 +10,7 @@ quantized sources (a ``quantization_config``) and ``.bin`` weights keep the in-m
 Host memory held by a streamed model: the model's ends (embeddings, final norm, lm_head), which
 stay resident for the calibration capture and the evaluation, plus the decoder layers between
 :meth:`LayerStreamer.fetch` and :meth:`LayerStreamer.release` — one at a time in
-rsq.job.loop.quantize_layers. Each fetch opens the layer's files and closes them again, so the
+rsq.job.loop.run_layers. Each fetch opens the layer's files and closes them again, so the
 memory-mapped pages it touched leave the resident set with it.
 
 Before the first layer, :meth:`StreamSource.check` reads only the files' headers (safe_open
@@ -24,7 +24,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -191,21 +190,14 @@ def materialized_bytes(module: nn.Module) -> int:
 
 
 class LayerStreamer:
-    """Fills decoder layer ``i`` of a skeleton model from the source just before its turn and
-    empties it (back to meta) after it. ``on_fetch(i)`` / ``on_release(i)``: the caller's own
-    per-layer work (rsq.job.run loads a resumed layer's codes, and drops them again)."""
+    """A weight source (rsq.job.weights.WeightSource) that fills decoder layer ``i`` of a skeleton
+    model from the source just before its turn and empties it (back to meta) after it."""
 
-    def __init__(
-        self,
-        source: StreamSource,
-        model: nn.Module,
-        adapter: ModelAdapter,
-        dtype: torch.dtype,
-        on_fetch: Callable[[int], None] | None = None,
-        on_release: Callable[[int], None] | None = None,
-    ):
+    streamed = True
+    timing_key = "stream"
+
+    def __init__(self, source: StreamSource, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype):
         self.source, self.model, self.adapter, self.dtype = source, model, adapter, dtype
-        self.on_fetch, self.on_release = on_fetch, on_release
 
     def load_ends(self) -> None:
         """Materialize everything outside the decoder layers (embeddings, final norm, lm_head),
@@ -220,13 +212,8 @@ class LayerStreamer:
         prefix = f"{self.adapter.layers}.{index}"
         names = [n for n in self.source.expected if n.startswith(prefix + ".")]
         _assign(layer, self.source.read(names, self.dtype), prefix)
-        if self.on_fetch is not None:
-            self.on_fetch(index)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        """``on_release(index)`` runs first, while the layer still holds its (quantized) weights."""
-        if self.on_release is not None:
-            self.on_release(index)
         layer.to("meta")
 
 

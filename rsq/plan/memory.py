@@ -117,7 +117,7 @@ def memory_plan(
         "in_flight_GiB": inflight / GiB,
         "device_peak_estimate_GiB": (layer + hess + inflight) / GiB,
         # on the device, the attention output is shared between the calibration passes through a second
-        # activation-sized buffer (rsq.job.loop._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
+        # activation-sized buffer (rsq.job.stages._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
         "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + 2 * acts) / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,

@@ -60,12 +60,12 @@ def _cfg(model_dir, method="gptq", **kw):
 
 @pytest.mark.parametrize("bits", ["5", "6", "7"])
 def test_unstorable_bits_fail_at_parse_time(llama, tmp_path, capsys, monkeypatch, bits):
-    import rsq.job.run
+    import rsq.job.weights
 
     def no_model(*a, **k):  # the check must come before any weight is read
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(rsq.job.run, "load_model", no_model)
+    monkeypatch.setattr(rsq.job.weights, "load_model", no_model)
     rc = main(["quantize", llama, "--bits", bits, "--out", str(tmp_path / "o"), *FAST])
     _one_error(capsys, rc, f"--bits {bits}", "--bits 4", "--bits 8")
     _nothing_created(tmp_path)
@@ -340,21 +340,22 @@ def test_resume_of_finished_layers_skips_propagation(llama, tmp_path, stream):
 def _signal_after(monkeypatch, sig, after_layer: int | None):
     """Make the run deliver ``sig`` to this process before the first layer (None) or after one."""
     import rsq.job.run
+    from rsq.job.store import RunStore
 
-    real = rsq.job.run.quantize_layers
+    real_loop, real_finish = rsq.job.run.run_layers, RunStore.finish
 
-    def wrapped(*args, on_layer_done=None, **kw):
+    def loop(*args, **kw):
         if after_layer is None:
             os.kill(os.getpid(), sig)
+        return real_loop(*args, **kw)
 
-        def done(i, st):
-            on_layer_done(i, st)
-            if i == after_layer:
-                os.kill(os.getpid(), sig)
+    def finish(self, i, state):
+        real_finish(self, i, state)
+        if i == after_layer:
+            os.kill(os.getpid(), sig)
 
-        return real(*args, on_layer_done=done, **kw)
-
-    monkeypatch.setattr(rsq.job.run, "quantize_layers", wrapped)
+    monkeypatch.setattr(rsq.job.run, "run_layers", loop)
+    monkeypatch.setattr(RunStore, "finish", finish)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

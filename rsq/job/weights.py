@@ -1,0 +1,57 @@
+"""Where a job's model weights live: the layer loop asks a weight source for layer i before its
+turn and hands it back after; nothing else in the loop knows.
+
+* :class:`InMemoryWeights`: the whole model was loaded (rsq.io.loading) and stays in memory.
+* :class:`rsq.io.streaming.LayerStreamer`: a skeleton on ``meta`` whose ends are loaded first
+  and whose layers are read from the safetensors files at their turn, and emptied after it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import nn
+
+from rsq.config import TORCH_DTYPES, RSQConfig
+from rsq.io.loading import load_model
+from rsq.io.streaming import LayerStreamer, load_tokenizer_and_generation
+from rsq.models.registry import resolve
+
+
+class WeightSource(Protocol):
+    streamed: bool  # layers come from files at their turn
+    timing_key: str | None  # the stage their reading is billed to, if any
+
+    def fetch(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
+class InMemoryWeights:
+    """Every layer is in memory all along: fetch and release have nothing to do."""
+
+    streamed = False
+    timing_key = None
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
+def open_weights(cfg: RSQConfig, preloaded: tuple | None, streamed: tuple | None):
+    """(model, tokenizer, weight source): ``preloaded`` = (model, tokenizer) as given; ``streamed``
+    = (skeleton, checked StreamSource) from rsq.io.streaming.open_streamed, its ends loaded now;
+    else the whole model from ``cfg.model`` (rsq.io.loading)."""
+    dtype = TORCH_DTYPES[cfg.dtype]
+    if preloaded is not None:
+        model, tokenizer = preloaded
+        return model, tokenizer, InMemoryWeights()
+    if streamed is not None:
+        model, source = streamed
+        weights = LayerStreamer(source, model, resolve(model), dtype)
+        weights.load_ends()  # the decoder layers stay on meta until their turn
+        return model, load_tokenizer_and_generation(source.path, model), weights
+    model, tokenizer = load_model(cfg.model or None, dtype)
+    return model, tokenizer, InMemoryWeights()
