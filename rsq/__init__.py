@@ -8,10 +8,9 @@ Public API (everything else is import-by-path and may change):
 * ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.api);
 """
 
-__version__ = "0.1.0"
-
-from rsq.config import RSQConfig  # noqa: E402
+from rsq.config import RSQConfig
 from rsq.io.hf import install_hook as _install_hook  # noqa: E402
+from rsq.version import __version__
 
 _install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works after `import rsq`
 

@@ -165,6 +165,6 @@ def load(
     """(model, tokenizer) from an rsq checkpoint directory. Off the GPU kernels (CPU, or no Triton)
     the quantized linears compute with W_hat dequantized once; ``packed=True`` keeps the packed
     reference path on every call."""
-    from rsq.checkpoint.load import load_quantized
+    from rsq.io.hf import load_adopted
 
-    return load_quantized(path, device=device, dtype=dtype, packed=packed)
+    return load_adopted(path, device=device, dtype=dtype, packed=packed)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD
+from rsq.checkpoint.schema import FORMAT_VERSION, GUARD, GUARD_KEY, QUANT_METHOD
 from rsq.config import TORCH_DTYPES, GridConfig
 from rsq.errors import CheckpointFormatError, ConfigError
 from rsq.models.registry import resolve
@@ -28,8 +28,6 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointFormatError(f"{cfg_file} has no rsq quantization_config: not an rsq checkpoint")
     check_format_version(qc, cfg_file)
-    from rsq.io.hf import GUARD, GUARD_KEY
-
     if config.get(GUARD_KEY) == GUARD:  # the on-disk guard against plain transformers (rsq/io/hf.py), not
         del config[GUARD_KEY]  # part of the model config that readers (rsq export) carry on
     return config, qc
@@ -173,9 +171,6 @@ def load_quantized(
     if tied:
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
     attach_online_rotations(model, qc)
-    from rsq.io.hf import adopt
-
-    adopt(model, qc)  # save_pretrained / from_pretrained round trips
     if not packed:
         from rsq.checkpoint.dense import enable_dense_cache
 

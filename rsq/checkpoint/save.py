@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import rsq
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD, quantized_module_tensors
 from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.models.registry import resolve
+from rsq.version import __version__
 
 MAX_SHARD = "2GB"
 MERGE_BELOW = 2 * 10**9  # a streamed run's shards are joined into one model.safetensors below this size
@@ -45,7 +45,7 @@ def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: l
         "modules": modules,
         "rotation": rotation_record,
         "seed": cfg.seed,
-        "rsq_version": rsq.__version__,
+        "rsq_version": __version__,
         "rsq_config": cfg.to_dict(),
     }
 

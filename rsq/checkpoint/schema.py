@@ -20,6 +20,14 @@ import torch
 from rsq.config import GridConfig
 from rsq.solver.result import QuantResult
 
+# config.json key whose presence makes plain transformers (without rsq's quantizer) refuse the
+# checkpoint instead of loading random weights; rsq.io.hf removes it when rsq loads the checkpoint
+GUARD_KEY = "transformers_weights"
+GUARD = (
+    "rsq checkpoint: plain transformers cannot read its packed weights. Run `import rsq` before "
+    "from_pretrained (pip install rsq), or use rsq.load(DIR) / `rsq generate DIR PROMPT`"
+)
+
 QUANT_METHOD = "rsq"
 FORMAT_VERSION = 1
 

@@ -3,6 +3,7 @@ small calibration set, evaluate, and print the perplexity table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -35,12 +36,13 @@ def add_parsers(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from rsq.cli.main import make_parser
+    from rsq.cli import cmd_quantize
     from rsq.cli.options import build_config, print_summary
     from rsq.cli.progress import Progress
     from rsq.job.run import run_quantize
 
-    parser = make_parser()
+    parser = argparse.ArgumentParser(prog="rsq")  # the quantize command's own options, as `rsq quantize` parses them
+    cmd_quantize.add_parsers(parser.add_subparsers(dest="command", required=True))
     runs = []
     root = Path(args.out)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

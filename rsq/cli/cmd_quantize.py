@@ -63,7 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _launch_ranks(args.nproc)
     ctx = init_from_env("cuda" if cfg.device in ("auto", "cuda") and _has_cuda() else "cpu")
     out = Path(args.out)
-    from rsq.cli.main import INTERRUPT_HINT
+    from rsq.cli.interrupt import INTERRUPT_HINT
 
     INTERRUPT_HINT["out"] = out
     try:

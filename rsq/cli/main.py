@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 
+from rsq.cli.interrupt import INTERRUPT_HINT
 from rsq.errors import RSQError
 
 log = logging.getLogger("rsq")
@@ -77,9 +78,6 @@ def _install_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-INTERRUPT_HINT: dict = {}  # set by the command: "out" -> the quantize output directory
 
 
 def _resume_hint() -> str:

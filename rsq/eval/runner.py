@@ -15,9 +15,9 @@ def load_any(model: str | None, packed: bool = False):
     """(model, tokenizer) for a plain model or an rsq checkpoint directory (``packed``: keep the
     packed reference path on CPU instead of the once-dequantized weights; rsq/checkpoint/dense.py)."""
     if is_rsq_checkpoint(model):
-        from rsq.checkpoint.load import load_quantized
+        from rsq.io.hf import load_adopted
 
-        return load_quantized(model, packed=packed)
+        return load_adopted(model, packed=packed)
     return load_model(model)
 
 

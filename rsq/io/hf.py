@@ -28,15 +28,10 @@ from pathlib import Path
 
 import torch
 
-from rsq.checkpoint.schema import QUANT_METHOD
+from rsq.checkpoint.schema import GUARD, GUARD_KEY, QUANT_METHOD
 
 log = logging.getLogger(__name__)
 
-GUARD_KEY = "transformers_weights"
-GUARD = (
-    "rsq checkpoint: plain transformers cannot read its packed weights. Run `import rsq` before "
-    "from_pretrained (pip install rsq), or use rsq.load(DIR) / `rsq generate DIR PROMPT`"
-)
 
 _REGISTERED = False
 
@@ -135,6 +130,16 @@ def adopt(model, qc: dict) -> None:
     model.quantization_method = QUANT_METHOD
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     model.push_to_hub = types.MethodType(_push_to_hub, model)
+
+
+def load_adopted(path, **kwargs):
+    """rsq.checkpoint.load.load_quantized(path, **kwargs), the model adopted (:func:`adopt`)."""
+    from rsq.checkpoint.load import load_quantized, read_quant_config
+
+    _, qc = read_quant_config(Path(path))
+    model, tokenizer = load_quantized(path, **kwargs)
+    adopt(model, qc)  # save_pretrained / from_pretrained round trips
+    return model, tokenizer
 
 
 def register() -> bool:

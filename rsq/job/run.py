@@ -24,7 +24,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-import rsq
 from rsq.calib.datasets import eval_windows, sample_windows, tokenize
 from rsq.checkpoint.save import save_checkpoint
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
@@ -51,6 +50,7 @@ from rsq.models.device import resolve_device
 from rsq.models.registry import resolve
 from rsq.plan import preflight
 from rsq.plan.memory import fit_host_memory
+from rsq.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def versions() -> dict:
     import transformers
 
     return {
-        "rsq": rsq.__version__,
+        "rsq": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
