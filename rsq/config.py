@@ -18,6 +18,10 @@ from rsq.errors import ConfigError
 CONFIG_VERSION = 1
 
 METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
+# the method of `rsq quantize` without --method and of a recipe without `method:`. The plain
+# RSQConfig(...) constructor's field defaults describe gptq (no rotation, uniform importance) and
+# stay so: RSQConfig.for_method(DEFAULT_METHOD) is the default job.
+DEFAULT_METHOD = "rsq"
 TORCH_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rsq.config import RSQConfig
+from rsq.config import DEFAULT_METHOD, RSQConfig
 from rsq.errors import ConfigError
 
 SECTIONS = ("grid", "solver", "rotation", "importance", "calib")
@@ -57,7 +57,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 def config_from_recipe(data: dict[str, Any]) -> RSQConfig:
     """An RSQConfig from a (partial) recipe dict, with the method's presets for what it leaves out."""
     data = copy.deepcopy(data)
-    method = data.pop("method", "rsq")
+    method = data.pop("method", DEFAULT_METHOD)
     parts = {}
     for name in SECTIONS:
         section = data.pop(name, None) or {}

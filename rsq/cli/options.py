@@ -11,10 +11,12 @@ import argparse
 import dataclasses
 
 from rsq.config import (
+    DEFAULT_METHOD,
     DTYPES,
     EVAL_SEQLEN,
     EVAL_WINDOWS,
     KERNELS,
+    METHODS,
     ONLINE_SETTINGS,
     CalibConfig,
     GridConfig,
@@ -60,9 +62,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=None,
-        choices=["fp16", "rtn", "gptq", "quarot", "rsq"],
+        choices=list(METHODS),
         help="fp16: no quantization; rtn: round to nearest; gptq; quarot: rotate + gptq; "
-        "rsq: rotate + attention-concentration scaling + gptq (default: rsq, or the --config recipe's)",
+        f"rsq: rotate + attention-concentration scaling + gptq (default: {DEFAULT_METHOD}, or the --config recipe's)",
     )
     _opt(p, "--bits", GridConfig, "bits", "weight bits: 2, 3, 4 or 8 (e8p: 2)", type=int)
     _opt(p, "--group-size", GridConfig, "group_size", "columns per scale group; -1 = per output channel", type=int)
@@ -129,19 +131,30 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--power", ImportanceConfig, "power", "raise raw scores to this power", type=float)
     _opt(p, "--quantile", ImportanceConfig, "quantile", "min-max on the q and 1-q quantiles", type=float)
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
+    top = {f.name: f.default for f in dataclasses.fields(RSQConfig)}
     p.add_argument(
-        "--seed", type=int, default=None, help="seed of calibration sampling and every random choice (default: 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed of calibration sampling and every random choice (default: {top['seed']})",
     )
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16, float16 (default: float32)")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default: 8)")
+    p.add_argument("--device", default=None, help=f"auto, cpu, cuda or cuda:N (default: {top['device']})")
+    p.add_argument("--dtype", default=None, help=f"model dtype: float32, bfloat16, float16 (default: {top['dtype']})")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"calibration sequences per forward (default: {top['batch_size']})"
+    )
     p.add_argument(
         "--kernels",
         default=None,
         choices=KERNELS,
-        help="auto: Triton kernels on CUDA where they apply; reference: the torch code everywhere (default: auto)",
+        help="auto: Triton kernels on CUDA where they apply; reference: the torch code everywhere "
+        f"(default: {top['kernels']})",
     )
-    p.add_argument("--offload", default=None, help="calibration activations: auto, device, cpu or disk (default: auto)")
+    p.add_argument(
+        "--offload",
+        default=None,
+        help=f"calibration activations: auto, device, cpu or disk (default: {top['offload']})",
+    )
     p.add_argument(
         "--save-dtype",
         default=None,
@@ -150,7 +163,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "source's own 16-bit dtype for a float32 run (config.json's dtype; float16 for GGUF sources, "
         "whose blocks hold float16 values), else --dtype. A 16-bit choice halves them; the checkpoint "
         "then differs from the in-memory model (whose perplexity results.json reports) by that "
-        "rounding; quantization scales keep --dtype (default: auto)",
+        f"rounding; quantization scales keep --dtype (default: {top['save_dtype']})",
     )
 
 

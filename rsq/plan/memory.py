@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsq.config import CalibConfig, GridConfig, RSQConfig
 from rsq.models.registry import resolve
 from rsq.rotation.hadamard import hadamard_kind, has_hadamard
 
@@ -78,17 +79,18 @@ def param_counts(config) -> dict[str, int]:
 def memory_plan(
     config,
     *,
-    nsamples: int = 256,
-    seqlen: int = 4096,
-    bits: int = 3,
+    nsamples: int = CalibConfig.nsamples,
+    seqlen: int = CalibConfig.seqlen,
+    bits: int = GridConfig.bits,
     ranks: int = 1,
     act_bytes: int = 2,
     weight_bytes: int = 2,
     query_chunk: int = 512,
-    batch: int = 8,
-    group_size: int = -1,
+    batch: int = RSQConfig.batch_size,
+    group_size: int = GridConfig.group_size,
 ) -> dict[str, float]:
-    """Bytes (as GiB) per rank. Activations are sharded over ranks; one layer is on each device."""
+    """Bytes (as GiB) per rank. Activations are sharded over ranks; one layer is on each device.
+    The calibration and grid default to RSQConfig's (``rsq plan`` asks about 256 x 4096 windows)."""
     p = param_counts(config)
     shapes = layer_linear_shapes(config)
     d, inter = config.hidden_size, config.intermediate_size
