@@ -96,6 +96,21 @@ class ModelAdapter:
     def num_kv_heads(self, config) -> int:
         return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
+    def linear_shapes(self, config) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear of one decoder layer of a model with ``config``, by the
+        adapter's field name (q_proj, ..., down_proj): the shape table plans and checks read."""
+        d, inter = config.hidden_size, config.intermediate_size
+        hd, heads, kv = self.head_dim(config), self.num_heads(config), self.num_kv_heads(config)
+        return {
+            "q_proj": (heads * hd, d),
+            "k_proj": (kv * hd, d),
+            "v_proj": (kv * hd, d),
+            "o_proj": (d, heads * hd),
+            "gate_proj": (inter, d),
+            "up_proj": (inter, d),
+            "down_proj": (d, inter),
+        }
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, rotate-half convention. x: (B, H, T, d); cos/sin: (B or 1, T, d)."""

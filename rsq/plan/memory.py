@@ -44,19 +44,8 @@ def rotation_plan(config, fallback: str = "skip") -> list[Site]:
 
 
 def layer_linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear of one decoder layer."""
-    adapter = resolve(config)
-    d, inter = config.hidden_size, config.intermediate_size
-    hd, heads, kv = adapter.head_dim(config), adapter.num_heads(config), adapter.num_kv_heads(config)
-    return {
-        "q_proj": (heads * hd, d),
-        "k_proj": (kv * hd, d),
-        "v_proj": (kv * hd, d),
-        "o_proj": (d, heads * hd),
-        "gate_proj": (inter, d),
-        "up_proj": (inter, d),
-        "down_proj": (d, inter),
-    }
+    """(out, in) of each linear of one decoder layer (the family's table, rsq.models)."""
+    return resolve(config).linear_shapes(config)
 
 
 def param_counts(config) -> dict[str, int]:
