@@ -1,0 +1,1 @@
+"""Reading results: compare.py (`rsq report`), outliers.py (`rsq inspect`), plotting.py."""
