@@ -20,15 +20,16 @@ from typing import Callable
 
 import torch
 
-from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, RSQConfig
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig, method_preset
+from rsq.io.loading import load_model
+from rsq.job.run import can_resume, run_quantize
+from rsq.report.plotting import plain_log_yaxis, pyplot
 
 
 def grid_cells(
     base: RSQConfig, methods: list[str], strategies: list[str], seeds: list[int]
 ) -> list[tuple[str, RSQConfig]]:
     """(cell name, config) for every run of the grid. ``rsq`` (and ``rsq-norot``) run once per strategy."""
-    from rsq.config import method_preset
-
     cells = []
     for seed in seeds:
         for entry in methods:
@@ -66,10 +67,6 @@ def run_grid(
     if gpus > 1 and todo:
         _run_parallel(todo, out, gpus, ppl_max_windows, ppl_seqlen)
     elif todo:
-        from rsq.config import TORCH_DTYPES
-        from rsq.io.loading import load_model
-        from rsq.job.run import can_resume, run_quantize
-
         base = load_model(todo[0][1].model or None, TORCH_DTYPES[todo[0][1].dtype])
         for k, (name, cfg) in enumerate(todo):
             if progress:
@@ -90,8 +87,6 @@ def run_grid(
 
 def _worker(job: tuple) -> str:
     name, cfg_dict, out, ppl_max_windows, ppl_seqlen, device = job
-    from rsq.job.run import can_resume, run_quantize
-
     cfg = RSQConfig.from_dict({**cfg_dict, "device": device})
     run_quantize(
         cfg,
@@ -155,11 +150,7 @@ def markdown_table(rows: list[dict], source: str = "wikitext2") -> str:
 
 
 def plot_ppl(rows: list[dict], path: Path, source: str = "wikitext2") -> None:
-    from rsq.report.plotting import pyplot
-
     plt = pyplot()
-
-    from rsq.report.plotting import plain_log_yaxis
 
     fig, ax = plt.subplots(figsize=(max(6.5, 0.8 * len(rows) + 2), 4))
     x = range(len(rows))
@@ -197,8 +188,6 @@ def plot_importance(run_dir: Path, path: Path) -> bool:
     maps = load_file(str(f))
     layers = sorted(maps, key=lambda k: int(k.split(".")[1]))
     data = torch.stack([maps[k] for k in layers]).numpy()
-    from rsq.report.plotting import pyplot
-
     plt = pyplot()
     import matplotlib.colors as colors
 

@@ -30,6 +30,7 @@ from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES, RSQConfig
 from rsq.distributed import DistContext, rank_device
 from rsq.errors import ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import nll_to_perplexity, perplexity, store_nll
+from rsq.importance.layer import make_weight_fn
 from rsq.io.loading import describe_source, load_config
 from rsq.io.streaming import open_streamed, streamable
 from rsq.job.loop import run_layers
@@ -50,6 +51,7 @@ from rsq.models.device import resolve_device
 from rsq.models.registry import resolve
 from rsq.plan import preflight
 from rsq.plan.memory import fit_host_memory
+from rsq.rotation.rotate import plan_rotation, rotate_model
 from rsq.version import __version__
 
 log = logging.getLogger(__name__)
@@ -231,8 +233,6 @@ def _execute(job: Job) -> dict | None:
     ppl = _evaluate(job, model, adapter, evals)
     rotation_record = None
     if cfg.rotation.enabled:
-        from rsq.rotation.rotate import plan_rotation
-
         rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
     t0 = time.perf_counter()
     job.store.drop_stale_shards()
@@ -275,8 +275,6 @@ def _rotation(job: Job, model, adapter):
     unquantized run's whole-model rotation, done now)."""
     if not job.cfg.rotation.enabled:
         return None
-    from rsq.rotation.rotate import plan_rotation, rotate_model
-
     t0 = time.perf_counter()
     plan = None
     if job.cfg.quantizes:  # applied layer by layer on the device as the loop reaches them
@@ -321,8 +319,6 @@ def _stages(job: Job, model, adapter, plan, state: RunState, evals: list[EvalPas
     if store.start < len(adapter.get_layers(model)):
         weight_fn = None
         if cfg.importance.strategy != "uniform":
-            from rsq.importance.layer import make_weight_fn
-
             weight_fn = make_weight_fn(cfg, adapter, model.config, job.windows)
         calib = Calibration(run_cfg, job.windows, adapter, ctx, model)
         stages += [QuantizeLayer(calib, state, ctx, weight_fn, store.start), Propagate(calib, state)]

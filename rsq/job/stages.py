@@ -28,11 +28,14 @@ from rsq.checkpoint.schema import dequantize_result
 from rsq.config import RSQConfig
 from rsq.distributed import DistContext
 from rsq.errors import NonFiniteError
+from rsq.importance import rolled_window
 from rsq.job.state import LayerReport, RunState, timed
 from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
+from rsq.rotation.rotate import rotate_ends, rotate_layer
 from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
 from rsq.solver.hessian import HessianAccumulator
+from rsq.solver.ldlq import ldlq_quantize
 from rsq.solver.result import QuantResult
 
 
@@ -58,14 +61,10 @@ class RotateLayers(Stage):
         self.plan, self.adapter, self.device, self.state = plan, adapter, device, state
 
     def prepare(self, model: nn.Module) -> None:
-        from rsq.rotation.rotate import rotate_ends
-
         with timed(self.state, "rotate"):
             rotate_ends(model, self.adapter, self.plan, self.device)
 
     def __call__(self, index: int, layer: nn.Module) -> None:
-        from rsq.rotation.rotate import rotate_layer
-
         with timed(self.state, "rotate"):
             rotate_layer(layer, self.adapter, self.plan)
 
@@ -315,8 +314,6 @@ def _window_fn(windows: torch.Tensor, expand: int) -> Callable[[int], torch.Tens
     """Window i of the (optionally expanded) calibration set, made on the fly (spec §5)."""
     if expand == 1:
         return lambda i: windows[i]
-    from rsq.importance import rolled_window
-
     return lambda i: rolled_window(windows, i, expand)
 
 
@@ -341,8 +338,6 @@ def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> Quant
 def _solve(W: torch.Tensor, H: torch.Tensor, cfg: RSQConfig, name: str) -> QuantResult:
     """The grid's format names its solver (rsq/formats/): GPTQ for scalar grids, LDLQ for E8P."""
     if cfg.grid.format.solver == "ldlq":
-        from rsq.solver.ldlq import ldlq_quantize
-
         return ldlq_quantize(W, H, cfg.grid, cfg.solver, name)
     return gptq_quantize(W, H, cfg.grid, cfg.solver, name, cfg.kernels)
 
