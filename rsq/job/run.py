@@ -227,13 +227,13 @@ def _execute(job: Job) -> dict | None:
     job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
     job.store.session.clock(t_start)
     state, evals = _quantize(job, model, adapter, weights, plan)
+    rotation_record = None
+    if cfg.rotation.enabled:
+        rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
     if not ctx.is_main:
         ctx.barrier()  # rank 0 evaluates and writes the checkpoint
         return None
     ppl = _evaluate(job, model, adapter, evals)
-    rotation_record = None
-    if cfg.rotation.enabled:
-        rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
     t0 = time.perf_counter()
     job.store.drop_stale_shards()
     n_layers = len(adapter.get_layers(model))
