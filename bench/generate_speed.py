@@ -25,7 +25,7 @@
 
 Ratios are to bf16 measured in the same run. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
-one timed decode (batch 1, each model) to FILE.
+one decode (the first batch size, each model) to FILE.
 """
 
 from __future__ import annotations
@@ -164,10 +164,10 @@ def time_ttft(model, prompt: int, fast: dict, device) -> float:
     return statistics.median(times[1:])
 
 
-def profile_decode(model, new: int, fast: dict, device, label: str, path: str) -> None:
+def profile_decode(model, batch: int, prompt: int, new: int, fast: dict, device, label: str, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.randint(100, 20000, (1, 32), device=device)
+    ids = torch.randint(100, 20000, (batch, prompt), device=device)
     with torch.no_grad():
         generate_once(model, ids, new, fast)  # compiled already: warm
         _sync(device)
@@ -177,7 +177,7 @@ def profile_decode(model, new: int, fast: dict, device, label: str, path: str) -
             _sync(device)
     sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     with open(path, "a") as f:
-        f.write(f"\n===== {label}: one generate of {new} tokens, batch 1 =====\n")
+        f.write(f"\n===== {label}: one generate of {new} tokens, batch {batch} =====\n")
         f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
 
 
@@ -244,6 +244,7 @@ def main() -> int:
                 break
             r = time_decode(model, batch, args.prompt, args.new, fast, device)
             r.update(model=name, batch=batch)
+            r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if torch.device(device).type == "cuda" else 0.0
             record["decode"].append(r)
             print(
                 f"[decode] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
@@ -262,9 +263,15 @@ def main() -> int:
             for name, model in models.items():
                 if late():
                     break
-                profile_decode(model, args.new, fast, device, name, args.profile)
+                profile_decode(model, batch, args.prompt, args.new, fast, device, name, args.profile)
     save()
 
+    from rsq.kernels import humming_backend
+
+    built = [v[1] is not None for v in humming_backend._LAYERS.values()]
+    record["humming_layers"] = {"converted": sum(built), "fell_back": len(built) - sum(built)}
+    print(f"humming layers: {record['humming_layers']}")
+    save()
     bf = {r["batch"]: r["tokens_per_s"] for r in record["decode"] if r["model"] == "bf16"}
     print(f"\nGPU: {gpu}; {'eager' if args.eager else 'static cache + compiled decode'}; tokens/s (x bf16)")
     print("| model | " + " | ".join(f"batch {b}" for b in batches) + " | TTFT ms |")
