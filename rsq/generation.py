@@ -16,7 +16,7 @@ seconds for an 8B model); later calls of the same shapes reuse them.
 
 For your own ``generate`` calls on a model from ``rsq.load``::
 
-    out = model.generate(**inputs, max_new_tokens=128, **rsq.generation.decode_kwargs(model.device))
+    out = model.generate(**inputs, max_new_tokens=128, **rsq.decode_kwargs(model.device))
 
 (``decode_kwargs(device, False)`` or ``{}`` keeps transformers' eager dynamic-cache path.)
 """
