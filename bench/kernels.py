@@ -3,7 +3,7 @@
 Run from the repository root on a CUDA machine:
     python3 bench/kernels.py [--quick] [--m 1] [--sweep] [--no-e2e]
 
-For each (out x in) shape, tokens M in {1, 4, 16, 2048}, bits in {4, 3, 2} and group size in
+For each (out x in) shape, tokens M in {1, 4, 16, 64, 2048}, bits in {4, 3, 2} and group size in
 {per channel, 128}, every matching kernel is first checked against rsq/kernels/reference.py
 (relative error <= 1e-2) and then timed. Timing: a CUDA graph of calls cycling over enough copies of
 the weights (>= 256 MB) that L2 (50 MB on H100) holds none of them, replayed several times; the median
@@ -13,7 +13,10 @@ activations in and out, and is compared with a device-to-device copy (read + wri
 in the same run. Unless --no-e2e, a proxy for decode tokens/s follows: 32 layers x 7 Llama-3-8B
 linears at M = 1 (random weights, no attention/norms/sampling), bf16 vs 4-bit vs 3-bit, one CUDA
 graph per token. --sweep first times alternative launch configurations of gemv (M = 1) and
-matmul_small (M = 16). Results and their reading: bench/NOTES-kernels.md.
+matmul_small (M = 16). --only libs times the field's libraries beside rsq's dispatch choice on the
+14336-wide shapes (M 1/16/64/2048, 4/3 bits, per channel and groups of 128): gemlite (fed rsq's codes)
+and humming-kernels (vLLM's JIT GEMMs), with their load-time repack cost and bytes held; each is
+skipped with a message when its package is missing. Results and their reading: bench/NOTES-kernels.md.
 """
 
 from __future__ import annotations

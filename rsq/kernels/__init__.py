@@ -5,7 +5,9 @@ activation dtypes, device type, minimum CUDA compute capability and the range of
 (rows of x) it is meant for, plus a priority. :func:`dispatch` runs the highest-priority backend
 whose declaration matches the call and whose packages import; the pure-torch reference
 (rsq/kernels/reference.py) matches everything and comes last, so CPU calls and unsupported
-configurations always have a path. Priorities follow the measurements in bench/NOTES-kernels.md.
+configurations always have a path. Priorities follow the measurements in bench/NOTES-kernels.md:
+humming-kernels (optional, ``rsq[gpu]``) for 2+ tokens where installed, rsq's Triton GEMV for one
+token, rsq's Triton tiles / dequantize + cuBLAS otherwise.
 
 Backends are imported lazily (``function`` is "module:attr"), so machines without Triton never
 import it. All backends share one signature::

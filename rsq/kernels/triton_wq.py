@@ -4,7 +4,9 @@ Weights use the dense layout of rsq/quant/pack.py: row n of ``qweight`` (int32, 
 codes of W[n, :] in runs of 32 codes = ``bits`` words. A tile of BLOCK_K columns (a multiple of 32,
 starting at a run boundary) is read as "virtual words" of CPV codes each: real words for 2/4/8 bits
 (16-bit halves for 2 bits in the GEMV); for 3 bits a 96-bit run is read as four 24-bit virtual
-words of 8 codes, (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32.
+words of 8 codes, (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32 (the tensor-core
+tiles load the run's three words with three strided loads and join them with constant shifts:
+``_tile_codes``).
 
 Codes never go through int->float conversion instructions:
 * GEMV: the bits code << pos (pos + bits <= 24) read as float32 are exactly code * 2^(pos - 149);
