@@ -3,7 +3,7 @@
 Run from the repository root on a CUDA machine:
     python3 bench/kernels.py [--quick] [--m 1] [--sweep] [--no-e2e]
 
-For each (out x in) shape, tokens M in {1, 4, 16, 2048}, bits in {4, 3, 2} and group size in
+For each (out x in) shape, tokens M in {1, 4, 16, 64, 2048}, bits in {4, 3, 2} and group size in
 {per channel, 128}, every matching kernel is first checked against rsq/kernels/reference.py
 (relative error <= 1e-2) and then timed. Timing: a CUDA graph of calls cycling over enough copies of
 the weights (>= 256 MB) that L2 (50 MB on H100) holds none of them, replayed several times; the median
@@ -13,7 +13,10 @@ activations in and out, and is compared with a device-to-device copy (read + wri
 in the same run. Unless --no-e2e, a proxy for decode tokens/s follows: 32 layers x 7 Llama-3-8B
 linears at M = 1 (random weights, no attention/norms/sampling), bf16 vs 4-bit vs 3-bit, one CUDA
 graph per token. --sweep first times alternative launch configurations of gemv (M = 1) and
-matmul_small (M = 16). Results and their reading: bench/NOTES-kernels.md.
+matmul_small (M = 16). --only libs times the field's libraries beside rsq's dispatch choice on the
+14336-wide shapes (M 1/16/64/2048, 4/3 bits, per channel and groups of 128): gemlite (fed rsq's codes)
+and humming-kernels (vLLM's JIT GEMMs), with their load-time repack cost and bytes held; each is
+skipped with a message when its package is missing. Results and their reading: bench/NOTES-kernels.md.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def cases(quick: bool, only_m: int | None = None):
         for m, main, other in (
             (1, "gemv", "small"),
             (4, "gemv", "small"),
-            (16, "small", None),
+            (16, "small", "dequant_mm"),
+            (64, "small", "dequant_mm"),
             (2048, "dequant_mm", "large"),
         ):
             if only_m is not None and m != only_m:
@@ -148,7 +152,9 @@ def cases(quick: bool, only_m: int | None = None):
             for bits in bit_list:
                 for g in groups:
                     yield n, k, m, bits, g, main
-                    if other and (bits, g) in (((4, -1),) if m == 2048 else ((4, -1), (4, 128))):
+                    if m in (16, 64) and g == -1:  # dequantize + cuBLAS beside the tensor-core kernel
+                        yield n, k, m, bits, g, other
+                    elif other and (bits, g) in (((4, -1),) if m == 2048 else ((4, -1), (4, 128))):
                         yield n, k, m, bits, g, other
 
 
@@ -251,18 +257,26 @@ SMALL_SWEEP = [
         (64, 256, 4, 3, 0.5),
         (64, 128, 4, 4, 1.0),
         (128, 128, 8, 3, 1.0),
+        (64, 256, 4, 4, 4.0),
+        (64, 512, 4, 3, 2.0),
+        (128, 256, 8, 3, 2.0),
+        (64, 128, 4, 5, 4.0),
+        (32, 256, 4, 3, 2.0),
     )
 ]
 
 
-def sweep_cases():
+def sweep_cases(small_only: bool = False):
     for n, k in SHAPES:
-        for bits in (4, 3, 2):
+        for bits in () if small_only else (4, 3, 2):
             for cfg in GEMV_SWEEP:
                 yield ("gemv", n, k, 1, bits, -1, cfg)
+        if small_only and k == n:
+            continue  # the quick small sweep: the two 14336-wide shapes
         for bits in (4, 3):
-            for cfg in SMALL_SWEEP:
-                yield ("small", n, k, 16, bits, -1, cfg)
+            for m in (16,) if small_only else (16, 64):
+                for cfg in SMALL_SWEEP:
+                    yield ("small", n, k, m, bits, -1, cfg)
 
 
 def _sweep_config(name, n, k, m, bits, g, cfg):
@@ -303,9 +317,9 @@ def _warm_sweep(case):
         return f"warm-up {case}: {type(exc).__name__}: {exc}"
 
 
-def run_sweep(copy_bw) -> list[str]:
+def run_sweep(copy_bw, small_only: bool = False) -> list[str]:
     lines = []
-    for case in sweep_cases():
+    for case in sweep_cases(small_only):
         name, n, k, m, bits, g, cfg = case
         try:
             fn = kernel_fns()[name]
@@ -490,6 +504,147 @@ def run_hadamard(quick: bool, copy_bw) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ libraries beside rsq's kernels
+
+LIB_SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]
+
+
+def _gemlite_layers(n, k, bits, g, copies):
+    """gemlite (Triton, HQQ layout: W_hat = (W_q - zeros) * scales) fed rsq's own codes, so its output
+    is checked against the same reference as rsq's kernels. gemlite packs 8/4/2/1 bits only."""
+    from gemlite import DType, GemLiteLinear
+
+    from rsq.quant.pack import unpack_codes
+
+    gs = k if g == -1 else g
+    layers = []
+    for qw, sc, z in copies:
+        layer = GemLiteLinear(
+            bits, group_size=gs, in_features=k, out_features=n, input_dtype=DType.BF16, output_dtype=DType.BF16
+        )
+        codes = unpack_codes(qw, bits, k).to(torch.uint8)
+        layer.pack(codes, sc.to(torch.bfloat16), z.to(torch.bfloat16), None)
+        layers.append(layer)
+    return layers
+
+
+def _humming_layers(n, k, bits, g, copies):
+    """humming (vLLM's JIT GEMM library): its HummingLayer quantizes W_hat (rsq's dequantized weights,
+    bf16) onto its own uint<bits> grid with a zero point, then transform() repacks for its kernels.
+    Its grid's scale comes from each row's min/max, so its codes may differ from rsq's by rounding:
+    its output is checked against x @ W_hat^T with a looser tolerance (rel <= 0.1)."""
+    from humming.layer import HummingLayer
+
+    layers = []
+    for qw, sc, z in copies:
+        w_hat = reference.dequantize(qw, sc, z, bits=bits, in_features=k, group_size=g).to(torch.bfloat16)
+        layer = HummingLayer(
+            shape_n=n,
+            shape_k=k,
+            weight_config={"dtype": f"uint{bits}", "group_size": 0 if g == -1 else g, "has_zero_point": True},
+            torch_dtype=torch.bfloat16,
+        ).cuda()
+        layer.load_from_unquantized(w_hat)
+        layer.transform()
+        layers.append(layer)
+        del w_hat
+    return layers
+
+
+def run_libs(quick: bool, copy_bw) -> list[dict]:
+    """rsq's dispatch choice vs gemlite vs humming vs bf16 torch.matmul, same timing (CUDA graph over
+    >= 256 MB of weight copies). Load-time repack cost (seconds per layer) and bytes held are recorded."""
+    import time
+
+    from rsq.kernels import _Layer as KLayer
+    from rsq.kernels import run_backend, select_backend
+
+    rows = []
+    shapes = LIB_SHAPES[:2] if quick else LIB_SHAPES
+    for n, k in shapes:
+        for m in (1, 16, 64, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
+            t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+            del ws
+            for bits in (4, 3):
+                for g in (-1, 128):
+                    wb = weight_bytes(n, k, bits, g)
+                    copies = [packed_weight(n, k, bits, g) for _ in range(n_copies(wb))]
+                    ref = reference.wq_matmul(x.float(), *copies[0], None, bits=bits, in_features=k, group_size=g)
+                    chosen = select_backend(x, KLayer(bits, g, k)).name
+                    fns = {
+                        f"rsq:{chosen}": lambda c: lambda: run_backend(x, *c, None, bits, k, g),
+                    }
+                    built = {}
+                    for lib, make in (("gemlite", _gemlite_layers), ("humming", _humming_layers)):
+                        if lib == "gemlite" and bits == 3:
+                            continue
+                        try:
+                            torch.cuda.synchronize()
+                            t0 = time.perf_counter()
+                            layers = make(n, k, bits, g, copies[:1])
+                            torch.cuda.synchronize()
+                            load_s = time.perf_counter() - t0
+                            layers += make(n, k, bits, g, copies[1:])
+                            held = sum(
+                                t.numel() * t.element_size()
+                                for t in list(layers[0].parameters()) + list(layers[0].buffers())
+                            )
+                            built[lib] = (layers, load_s, held)
+                        except Exception as exc:
+                            print(f"libs {lib} {n}x{k} {bits}b g={g}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                    for name in list(fns) + list(built):
+                        try:
+                            if name in built:
+                                layers, load_s, held = built[name]
+                                calls = [lambda lay=lay: lay(x) for lay in layers]
+                            else:
+                                calls = [fns[name](c) for c in copies]
+                                load_s, held = 0.0, wb
+                            y = calls[0]()
+                            if name == "humming":
+                                w_hat = reference.dequantize(*copies[0], bits=bits, in_features=k, group_size=g)
+                                want, tol = x.float() @ w_hat.to(torch.bfloat16).float().T, 0.1
+                                del w_hat
+                            else:
+                                want, tol = ref, 1e-2
+                            rel = ((y.float() - want).norm() / want.norm()).item()
+                            ok = bool(torch.isfinite(y).all()) and rel <= tol
+                            t = graph_time_us(calls) if ok else float("nan")
+                        except Exception as exc:
+                            err = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            print(f"libs {name} {n}x{k} M={m} {bits}b g={g}: FAILED {err}")
+                            continue
+                        rows.append(
+                            dict(
+                                n=n,
+                                k=k,
+                                m=m,
+                                bits=bits,
+                                g=g,
+                                lib=name,
+                                us=t,
+                                bf16_us=t16,
+                                speedup=t16 / t,
+                                rel=rel,
+                                ok=ok,
+                                load_s=load_s,
+                                bytes=held,
+                                weight_bytes=wb,
+                            )
+                        )
+                        print(
+                            f"libs {n:>5}x{k:<5} M={m:<4} {bits}b g={g:<4} {name:<22} {t:9.2f} us  bf16 {t16:9.2f} us  "
+                            f"x{t16 / t:5.2f}  rel {rel:.1e}  load {load_s * 1e3:.0f} ms  holds {held / wb:.2f}x rsq"
+                            + ("" if ok else "  FAIL"),
+                            flush=True,
+                        )
+                    del copies, built
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4/3 bits, per channel only")
@@ -497,12 +652,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front")
     ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
     ap.add_argument("--m", type=int, default=None, help="only this token count (1, 4, 16 or 2048)")
+    ap.add_argument("--sweep-small", action="store_true", help="with --sweep: only matmul_small (M = 16, 64)")
     ap.add_argument(
         "--only",
-        choices=("scalar", "e8p", "hadamard"),
+        choices=("scalar", "e8p", "hadamard", "libs"),
         action="append",
-        help="run only these sections (repeatable; default: all)",
+        help="run only these sections (repeatable; default: all but libs)",
     )
+    ap.add_argument("--json", default=None, help="also write every row here")
     args = ap.parse_args()
     only = set(args.only or ("scalar", "e8p", "hadamard"))
     if not torch.cuda.is_available():
@@ -515,7 +672,7 @@ def main() -> None:
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
             warm = list(pool.map(_warm, all_cases))
             if args.sweep:
-                warm += list(pool.map(_warm_sweep, list(sweep_cases())))
+                warm += list(pool.map(_warm_sweep, list(sweep_cases(args.sweep_small))))
             for err in warm:
                 if err:
                     print(err, flush=True)
@@ -526,7 +683,7 @@ def main() -> None:
         f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s",
         flush=True,
     )
-    sweep_lines = run_sweep(copy_bw) if args.sweep else []
+    sweep_lines = run_sweep(copy_bw, args.sweep_small) if args.sweep else []
     results, bf16_cache = [], {}
     for case in all_cases:
         try:
@@ -537,6 +694,26 @@ def main() -> None:
     e8p_rows = run_e8p(args.quick, copy_bw) if "e8p" in only else []
     had_rows = run_hadamard(args.quick, copy_bw) if "hadamard" in only else []
     e2e_lines = [] if args.no_e2e else e2e(copy_bw)
+    lib_rows = run_libs(args.quick, copy_bw) if "libs" in only else []
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(
+                    device=props.name,
+                    copy_gbs=copy_bw / 1e9,
+                    bf16_tflops=peak,
+                    scalar=results,
+                    e8p=e8p_rows,
+                    hadamard=had_rows,
+                    libs=lib_rows,
+                    sweep=sweep_lines,
+                    e2e=e2e_lines,
+                ),
+                f,
+                indent=1,
+            )
 
     print("\n| out x in | M | bits | group | kernel | us | bf16 us | speed-up | GB/s | % copy BW | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -568,6 +745,15 @@ def main() -> None:
             print(
                 f"| {r['site']} | {r['m']} | {r['us']:.2f} | {r['torch_us']:.2f} | {r['torch_us'] / r['us']:.1f} | "
                 f"{r['floor_us']:.2f} | {r['mm_us']:.2f} |"
+            )
+    if lib_rows:
+        print("\n| libs out x in | M | bits | group | kernel | us | bf16 us | speed-up | load ms | bytes / rsq |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in lib_rows:
+            print(
+                f"| {r['n']}x{r['k']} | {r['m']} | {r['bits']} | {r['g']} | {r['lib']} | {r['us']:.1f} | "
+                f"{r['bf16_us']:.1f} | {r['speedup']:.2f} | {r['load_s'] * 1e3:.0f} | "
+                f"{r['bytes'] / r['weight_bytes']:.2f} |" + ("" if r["ok"] else " FAIL")
             )
     for line in sweep_lines:
         print(line)

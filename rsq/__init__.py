@@ -6,6 +6,8 @@ Public API (everything else is import-by-path and may change):
 * ``quantize(config, out, model=..., tokenizer=..., calibration=...)`` — quantize and write a
   checkpoint; returns its directory (rsq.api);
 * ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.api);
+* ``decode_kwargs(device)`` — ``generate`` settings for fast decoding: static cache + compiled
+  decode step on a GPU, {} on the CPU (rsq.generation).
 """
 
 from rsq.config import RSQConfig
@@ -16,5 +18,6 @@ _install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works af
 
 
 from rsq.api import load, quantize  # noqa: E402
+from rsq.generation import decode_kwargs  # noqa: E402
 
-__all__ = ["RSQConfig", "quantize", "load", "__version__"]
+__all__ = ["RSQConfig", "quantize", "load", "decode_kwargs", "__version__"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -115,6 +116,13 @@ def add_parsers(sub) -> None:
     lc.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: lines 24, kv 48)")
     lc.add_argument("--no-chat", action="store_true", help="raw prompt even when the tokenizer has a chat template")
     lc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    lc.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static KV cache + compiled decode step, one cache size for the whole run (default: on for CUDA, "
+        "off on the CPU; --no-compile: eager decoding)",
+    )
     lc.add_argument(
         "--dtype",
         default=None,
@@ -327,6 +335,7 @@ def cmd_longctx(args) -> int:
             max_new_tokens=args.max_new_tokens,
             chat=chat,
             progress=progress.update,
+            compile=args.compile,
         )
         if benches:
             res["benchmarks"] = {
@@ -338,6 +347,7 @@ def cmd_longctx(args) -> int:
                         examples,
                         max_new_tokens=args.bench_new_tokens,
                         chat=chat,
+                        compile=args.compile,
                         progress=progress.update,
                     ),
                 }

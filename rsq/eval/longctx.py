@@ -215,9 +215,20 @@ def model_context(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def fast_decoding(model: nn.Module, compile: bool | None, max_cache_len: int) -> dict:
+    """``generate`` kwargs of a run (rsq.generation.decode_kwargs): static cache + compiled decode step
+    (None: on CUDA, not on the CPU), one cache of ``max_cache_len`` for every prompt of the run so
+    that the step compiles once."""
+    from rsq.generation import decode_kwargs
+
+    device = next(model.parameters()).device
+    return decode_kwargs(device, compile, max_cache_len=max_cache_len)
+
+
 @torch.no_grad()
-def greedy_answer(model: nn.Module, tokenizer, ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of ``ids`` (batch of one), decoded without special tokens."""
+def greedy_answer(model: nn.Module, tokenizer, ids: list[int], max_new_tokens: int, fast: dict | None = None) -> str:
+    """Greedy continuation of ``ids`` (batch of one), decoded without special tokens; ``fast``:
+    extra ``generate`` kwargs (:func:`fast_decoding`)."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -232,6 +243,7 @@ def greedy_answer(model: nn.Module, tokenizer, ids: list[int], max_new_tokens: i
         temperature=None,
         top_p=None,
         top_k=None,
+        **(fast or {}),
     )
     return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
@@ -285,12 +297,14 @@ def run_retrieval(
     chat: str | bool = "auto",
     keep_outputs: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    compile: bool | None = None,
 ) -> dict:
     """Accuracy of ``task`` by length and by gold position (model on its current device).
 
     Lengths are ``items`` (item counts) plus ``tokens`` (budgets, or ``"max"`` = the model's context
     minus ``max_new_tokens``), each converted with :func:`items_for_budget`. ``samples`` prompts per
-    (length, position), each with its own random keys and values.
+    (length, position), each with its own random keys and values. ``compile``: static cache +
+    compiled decoding (None: on CUDA; :func:`fast_decoding`).
     """
     if task not in TASKS:
         raise ConfigError(f"unknown long-context task {task!r}: choose from {', '.join(TASKS)}")
@@ -314,6 +328,11 @@ def run_retrieval(
 
     model.eval()
     t_start = time.perf_counter()
+    longest = max(
+        len(encode_prompt(tokenizer, make_example(task, n, "end", seed, 0).prompt, chat_on)) for n, _ in lengths
+    )
+    cache_len = longest + new_tokens + 64  # other samples and positions differ by a few tokens
+    fast = fast_decoding(model, compile, cache_len if context is None else min(cache_len, context))
     rows, skipped = [], []
     total = len(lengths) * len(positions) * samples
     done = 0
@@ -334,7 +353,7 @@ def run_retrieval(
                     )
                 else:
                     t0 = time.perf_counter()
-                    output = greedy_answer(model, tokenizer, ids, new_tokens)
+                    output = greedy_answer(model, tokenizer, ids, new_tokens, fast)
                     row = {
                         "items": n,
                         "budget": budget,
@@ -599,17 +618,21 @@ def run_examples(
     max_new_tokens: int = 64,
     chat: str | bool = "auto",
     progress: Callable[[str, int, int], None] | None = None,
+    compile: bool | None = None,
 ) -> dict:
-    """Greedy answers to loaded benchmark examples; mean score, skipping prompts over the context."""
+    """Greedy answers to loaded benchmark examples; mean score, skipping prompts over the context.
+    ``compile``: static cache + compiled decoding (None: on CUDA; :func:`fast_decoding`)."""
     chat_on = use_chat(tokenizer, chat)
     context = model_context(model)
+    prompts = [encode_prompt(tokenizer, ex.prompt(), chat_on) for ex in examples]
+    fits = [len(ids) + max_new_tokens for ids in prompts if context is None or len(ids) + max_new_tokens <= context]
+    fast = fast_decoding(model, compile, max(fits)) if fits else {}
     rows, skipped = [], []
-    for i, ex in enumerate(examples):
-        ids = encode_prompt(tokenizer, ex.prompt(), chat_on)
+    for i, (ex, ids) in enumerate(zip(examples, prompts)):
         if context is not None and len(ids) + max_new_tokens > context:
             skipped.append({"id": ex.id, "tokens": len(ids)})
         else:
-            output = greedy_answer(model, tokenizer, ids, max_new_tokens)
+            output = greedy_answer(model, tokenizer, ids, max_new_tokens, fast)
             rows.append(
                 {"id": ex.id, "tokens": len(ids), "score": score_long(ex.metric, output, ex.answers), "output": output}
             )

@@ -5,7 +5,9 @@ activation dtypes, device type, minimum CUDA compute capability and the range of
 (rows of x) it is meant for, plus a priority. :func:`dispatch` runs the highest-priority backend
 whose declaration matches the call and whose packages import; the pure-torch reference
 (rsq/kernels/reference.py) matches everything and comes last, so CPU calls and unsupported
-configurations always have a path. Priorities follow the measurements in bench/NOTES-kernels.md.
+configurations always have a path. Priorities follow the measurements in bench/NOTES-kernels.md:
+humming-kernels (optional, ``rsq[gpu]``) for 2+ tokens where installed, rsq's Triton GEMV for one
+token, rsq's Triton tiles / dequantize + cuBLAS otherwise.
 
 Backends are imported lazily (``function`` is "module:attr"), so machines without Triton never
 import it. All backends share one signature::
@@ -83,6 +85,20 @@ _TRITON = dict(
 )
 
 BACKENDS: list[Backend] = [
+    # 2-2048+ tokens: humming-kernels (vLLM's JIT GEMM library), converted per layer at first use and
+    # checked against the reference; 1.5-2x bf16 at 16-64 tokens where the Triton tiles are 0.3-0.9x
+    Backend(
+        name="humming",
+        function="rsq.kernels.humming_backend:matmul",
+        bits=(2, 3, 4, 8),
+        dtypes=_HALF,
+        device_types=("cuda",),
+        min_capability=(8, 0),
+        group_multiple=32,
+        m_min=2,
+        priority=40,
+        requires=("humming", "triton"),
+    ),
     # decode, M <= 4: CUDA-core kernel (codes -> floats with one LOP3), one program per 8 rows
     Backend(name="triton_gemv", function="rsq.kernels.triton_wq:gemv", m_max=4, priority=30, **_TRITON),
     # small batch: tensor-core tiles of 16 tokens, split-K for occupancy

@@ -4,7 +4,9 @@ Weights use the dense layout of rsq/quant/pack.py: row n of ``qweight`` (int32, 
 codes of W[n, :] in runs of 32 codes = ``bits`` words. A tile of BLOCK_K columns (a multiple of 32,
 starting at a run boundary) is read as "virtual words" of CPV codes each: real words for 2/4/8 bits
 (16-bit halves for 2 bits in the GEMV); for 3 bits a 96-bit run is read as four 24-bit virtual
-words of 8 codes, (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32.
+words of 8 codes, (w[lo] >> sh) | (w[hi] << hs) with lo = 3v // 4, sh = 24v mod 32 (the tensor-core
+tiles load the run's three words with three strided loads and join them with constant shifts:
+``_tile_codes``).
 
 Codes never go through int->float conversion instructions:
 * GEMV: the bits code << pos (pos + bits <= 24) read as float32 are exactly code * 2^(pos - 149);
@@ -84,6 +86,36 @@ def _unpack_float(lo, hi, magic, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.c
     ``magic`` is 0x4B000000 passed as a run-time argument: ptxas then keeps it in a register and
     fuses (code & mask) | magic into one LOP3 (with a literal it emits two)."""
     return (_unpack_codes(lo, hi, BITS, NV, CPV) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_codes(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] uint32 codes of columns [k0, k0 + BLOCK_K) of ``rows`` (tensor-core tiles).
+
+    3 bits: the three words (w0, w1, w2) of each 32-code run are three strided [BLOCK_N, runs] loads,
+    joined into the run's four 24-bit virtual words with constant shifts: v0 = w0,
+    v1 = w0 >> 24 | w1 << 8, v2 = w1 >> 16 | w2 << 16, v3 = w2 >> 8 (code 8i + j = v_i >> 3j & 7).
+    No gathered loads and no per-column shift amounts (the _load_words path for 3 bits has both and
+    ran 4x slower than 4 bits at M = 16). Other widths: _load_words + _unpack_codes."""
+    if BITS == 3:
+        R: tl.constexpr = BLOCK_K // 32
+        base = (k0 // 32) * 3 + tl.arange(0, R) * 3
+        mask = row_mask[:, None] & (base < KW)[None, :]
+        ptr = qw_ptr + rows[:, None] * KW + base[None, :]
+        w0 = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(ptr + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        # join(join(a, c), join(b, d))[..., i, j] is (a, b, c, d)[2i + j]
+        v = tl.join(tl.join(w0, (w1 >> 16) | (w2 << 16)), tl.join((w0 >> 24) | (w1 << 8), w2 >> 8))
+        v = tl.reshape(v, (BLOCK_N, BLOCK_K // 8))
+        shifts = (tl.arange(0, 8) * 3).to(tl.uint32)
+        codes = (v[:, :, None] >> shifts[None, None, :]) & 7
+    else:
+        CPV: tl.constexpr = 32 // BITS
+        NV: tl.constexpr = BLOCK_K // CPV
+        lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
+        codes = _unpack_codes(lo, hi, BITS, NV, CPV)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +295,6 @@ def _dot_kernel(
     """y[M, N] (+)= x[M, K] @ W_hat[N, K]^T with 128-token tiles (prefill). GS % BLOCK_K == 0 (or per
     channel), so a K tile lies in one group: grouped tiles are scaled before the dot; per channel the
     dot takes exact (q - z) and the product is scaled once. ATOMIC: split-K, float32 atomics."""
-    NV: tl.constexpr = BLOCK_K // CPV
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -289,20 +320,19 @@ def _dot_kernel(
     zf = tl.load(z_ptr + rows * NG).to(tl.float32) + _TWO23
     for t in range(t0, t1):
         k0 = t * BLOCK_K
-        lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
         xk = tl.load(
             x_ptr + m[:, None] * stride_xm + (k0 + kt)[None, :],
             mask=m_mask[:, None] & ((k0 + kt) < K)[None, :],
             other=0.0,
         )
-        f = _unpack_float(lo, hi, magic, BITS, NV, CPV)
+        f = (_tile_codes(qw_ptr, rows, row_mask, KW, k0, BITS, BLOCK_N, BLOCK_K) | magic).to(tl.float32, bitcast=True)
         if PER_CHANNEL:
-            w = f - zf[:, None, None]
+            w = f - zf[:, None]
         else:
             g = k0 // GS
-            w = f - (tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23)[:, None, None]
-            w = w * tl.load(s_ptr + rows * NG + g).to(tl.float32)[:, None, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+            w = f - (tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23)[:, None]
+            w = w * tl.load(s_ptr + rows * NG + g).to(tl.float32)[:, None]
+        w = w.to(x_ptr.dtype.element_ty)
         acc += tl.dot(xk, tl.trans(w))
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + rows * NG).to(tl.float32)[None, :]
@@ -355,7 +385,6 @@ def _small_kernel(
     Zero and scale are applied to the [BLOCK_N, BLOCK_M] product with the tile's column sums of x:
     sum_k (q - z) x = dot - (OFFSET + z) sum_k x. GS % BLOCK_K == 0 (or per channel).
     ATOMIC: split-K, float32 atomics into a zeroed y."""
-    NV: tl.constexpr = BLOCK_K // CPV
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.where(row_mask, rows, 0)
@@ -370,18 +399,17 @@ def _small_kernel(
     xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t in range(t0, t1):
         k0 = t * BLOCK_K
-        lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
         xk = tl.load(
             x_ptr + m[None, :] * stride_xm + (k0 + kt)[:, None],
             mask=m_mask[None, :] & ((k0 + kt) < K)[:, None],
             other=0.0,
         )  # [BLOCK_K, BLOCK_M]
-        codes = _unpack_codes(lo, hi, BITS, NV, CPV)
+        codes = _tile_codes(qw_ptr, rows, row_mask, KW, k0, BITS, BLOCK_N, BLOCK_K)
         if USE16:
             w = (codes | magic).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
         else:
             w = ((codes | magic).to(tl.float32, bitcast=True) - _TWO23).to(x_ptr.dtype.element_ty)
-        part = tl.dot(tl.reshape(w, (BLOCK_N, BLOCK_K)), xk)
+        part = tl.dot(w, xk)
         if PER_CHANNEL:
             acc += part
             xsum += tl.sum(xk.to(tl.float32), axis=0)
@@ -427,17 +455,15 @@ def _dequant_kernel(
     BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
 ):
-    NV: tl.constexpr = BLOCK_K // CPV
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.where(row_mask, rows, 0)
     k0 = tl.program_id(1) * BLOCK_K
-    lo, hi = _load_words(qw_ptr, rows, row_mask, KW, k0, BITS, NV)
-    f = _unpack_float(lo, hi, magic, BITS, NV, CPV)
+    f = (_tile_codes(qw_ptr, rows, row_mask, KW, k0, BITS, BLOCK_N, BLOCK_K) | magic).to(tl.float32, bitcast=True)
     g = 0 if PER_CHANNEL else k0 // GS
     zf = tl.load(z_ptr + rows * NG + g).to(tl.float32) + _TWO23
     sg = tl.load(s_ptr + rows * NG + g).to(tl.float32)
-    w = tl.reshape((f - zf[:, None, None]) * sg[:, None, None], (BLOCK_N, BLOCK_K))
+    w = (f - zf[:, None]) * sg[:, None]
     cols = k0 + tl.arange(0, BLOCK_K)
     tl.store(
         w_ptr + rows[:, None] * K + cols[None, :],

@@ -1,0 +1,291 @@
+"""Generation speed of rsq checkpoints against the bf16 model they replace (tokens/s, same run).
+
+    python3 bench/generate_speed.py [--work /tmp/rsq-gen] [--layers 32] [--formats 4,3,e8p]
+        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--eager] [--json FILE]
+
+1. Builds a Llama-3-8B-shaped model (rsq's bundled config, no download) with random N(0, 0.02)
+   weights in bf16 on the GPU; --layers keeps fewer decoder layers.
+2. For each format writes a real rsq checkpoint to WORK/<format> with rsq's own writer (one shard per
+   decoder layer, rsq.checkpoint.save.write_layer_shard + save_checkpoint): uniform 4 and 3 bits per
+   channel (--group-size for grouped) are rsq's RTN of the random weights (rsq.solver.gptq.rtn_result,
+   method "rtn", no rotation); E8P ("e8p", 2 bits) stores uniformly random 16-bit codeword indices
+   (every index is a codeword; RTN onto E8P of 7 B weights takes minutes, and speed does not depend on
+   which codewords), with sigma from the weights. Every linear of every decoder layer is quantized;
+   embeddings, norms and lm_head stay bf16 (what rsq quantize does).
+3. Loads each checkpoint with ``rsq.load(DIR, device="cuda")``; the bf16 model is the in-memory one
+   (the same weights ``from_pretrained`` would load).
+4. For every batch size, for bf16 and each checkpoint: transformers ``generate`` with
+   ``rsq.generation.decode_kwargs(device, True)`` (static cache + torch.compile'd decode step, CUDA
+   graphs), greedy, --new tokens forced (min_new_tokens), a --prompt-token random prompt; the first
+   call (compile + capture) is reported as warm-up, a second is discarded, the third is timed.
+   tokens/s = batch x new / wall time of that call (its prefill included). --eager times the
+   eager dynamic-cache path instead.
+5. Time to first token: ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of
+   3 after one warm-up.
+
+Ratios are to bf16 measured in the same run. A --deadline (seconds) stops starting new measurements;
+what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
+one decode (the first batch size, each model) to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+# bench/kernels.py would shadow the `kernels` package transformers probes for: drop bench/ from the path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
+sys.path.insert(0, os.path.dirname(_BENCH))
+
+
+def build_model(shape: str, layers: int | None, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from rsq.models.bundled import load_bundled_config
+
+    config = load_bundled_config(shape)
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+def _config(fmt: str, group_size: int):
+    from rsq.config import RSQConfig
+
+    if fmt == "e8p":
+        return RSQConfig.for_method("rtn", grid={"kind": "e8p", "bits": 2}, dtype="bfloat16")
+    return RSQConfig.for_method("rtn", grid={"bits": int(fmt), "group_size": group_size}, dtype="bfloat16")
+
+
+def write_checkpoint(model, fmt: str, group_size: int, out: Path) -> float:
+    """rsq checkpoint of ``model`` in ``fmt`` written into ``out`` (see the module docstring); seconds."""
+    from rsq.checkpoint.save import save_checkpoint, write_layer_shard
+    from rsq.models.registry import resolve
+    from rsq.solver.gptq import rtn_result
+    from rsq.solver.result import QuantResult
+
+    t0 = time.perf_counter()
+    cfg = _config(fmt, group_size)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = resolve(model.config)
+    layers = adapter.get_layers(model)
+    names: dict[str, None] = {}
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
+    for i, layer in enumerate(layers):
+        results = {}
+        for rel, mod in layer.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            full = f"{adapter.layers}.{i}.{rel}"
+            W = mod.weight
+            if fmt == "e8p":
+                from rsq.solver.ldlq import e8p_sigma
+
+                sigma = e8p_sigma(W, cfg.grid.e8p_scale)
+                codes = torch.randint(0, 1 << 16, (W.shape[0], W.shape[1] // 8), device=W.device, generator=gen)
+                scale = torch.tensor([[sigma]], device=W.device)
+                res = QuantResult(codes.to(torch.int32), scale, torch.zeros(1, 1, device=W.device), None, 0.0)
+            else:
+                res = rtn_result(W, cfg.grid, full)
+                res.weight = None  # the float32 W_hat is not stored
+            results[full] = res
+            names[full] = None
+        write_layer_shard(layer, i, adapter.layers, len(layers), results, cfg, out)
+    save_checkpoint(model, None, out, cfg, SimpleNamespace(results=names), None, streamed=len(layers))
+    return time.perf_counter() - t0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate_once(model, ids, new: int, fast: dict):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        num_beams=1,
+        pad_token_id=0,
+        **fast,
+    )
+
+
+def time_decode(model, batch: int, prompt: int, new: int, fast: dict, device) -> dict:
+    ids = torch.randint(100, 20000, (batch, prompt), device=device)
+    times = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = generate_once(model, ids, new, fast)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    assert out.shape == (batch, prompt + new), out.shape
+    return {
+        "warmup_s": times[0],
+        "seconds": times[2],
+        "tokens_per_s": batch * new / times[2],
+        "ms_per_step": times[2] / new * 1e3,
+    }
+
+
+def time_ttft(model, prompt: int, fast: dict, device) -> float:
+    ids = torch.randint(100, 20000, (1, prompt), device=device)
+    times = []
+    for _ in range(4):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            generate_once(model, ids, 1, fast)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def profile_decode(model, batch: int, prompt: int, new: int, fast: dict, device, label: str, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(100, 20000, (batch, prompt), device=device)
+    with torch.no_grad():
+        generate_once(model, ids, new, fast)  # compiled already: warm
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            generate_once(model, ids, new, fast)
+            _sync(device)
+    sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"\n===== {label}: one generate of {new} tokens, batch {batch} =====\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    ap.add_argument("--work", default="/tmp/rsq-gen")
+    ap.add_argument("--formats", default="4,3,e8p", help="comma list of 2/3/4/8 (uniform) and e8p")
+    ap.add_argument("--group-size", type=int, default=-1)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--ttft", type=int, default=2048, help="prompt tokens of the time-to-first-token test (0: skip)")
+    ap.add_argument("--eager", action="store_true", help="time eager decoding (dynamic cache) instead")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--deadline", type=float, default=1e9, help="start no measurement after this many seconds")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, help="write a profiler table of one batch-1 decode per model here")
+    args = ap.parse_args()
+
+    import torch._dynamo
+
+    import rsq
+    from rsq.generation import decode_kwargs
+
+    # one compiled decode step per (model, batch size): more than dynamo's default of 8 recompiles
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    start = time.perf_counter()
+    device = args.device
+    gpu = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else "cpu"
+    formats = [f for f in args.formats.split(",") if f]
+    batches = [int(b) for b in args.batches.split(",")]
+    fast = decode_kwargs(device, not args.eager)
+    record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=2))
+
+    t0 = time.perf_counter()
+    base = build_model(args.shape, args.layers, device)
+    record["build"]["bf16_s"] = time.perf_counter() - t0
+    models = {"bf16": base}
+    for fmt in formats:
+        out = Path(args.work) / f"{fmt}-g{args.group_size}"
+        record["build"][f"{fmt}_write_s"] = write_checkpoint(base, fmt, args.group_size, out)
+        t0 = time.perf_counter()
+        models[fmt], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
+        record["build"][f"{fmt}_load_s"] = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+        record["build"][f"{fmt}_gb"] = size
+        print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
+        save()
+
+    def late() -> bool:
+        return time.perf_counter() - start > args.deadline
+
+    for batch in batches:
+        for name, model in models.items():
+            if late():
+                break
+            r = time_decode(model, batch, args.prompt, args.new, fast, device)
+            r.update(model=name, batch=batch)
+            r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if torch.device(device).type == "cuda" else 0.0
+            record["decode"].append(r)
+            print(
+                f"[decode] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
+                f"({r['ms_per_step']:.2f} ms/step; first call {r['warmup_s']:.1f} s)",
+                flush=True,
+            )
+            save()
+        if batch == batches[0] and args.ttft:
+            for name, model in models.items():
+                if late():
+                    break
+                record["ttft"][name] = time_ttft(model, args.ttft, fast, device)
+                print(f"[ttft] {name:5s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
+                save()
+        if batch == batches[0] and args.profile:
+            for name, model in models.items():
+                if late():
+                    break
+                profile_decode(model, batch, args.prompt, args.new, fast, device, name, args.profile)
+    save()
+
+    from rsq.kernels import humming_backend
+
+    built = [v[1] is not None for v in humming_backend._LAYERS.values()]
+    record["humming_layers"] = {"converted": sum(built), "fell_back": len(built) - sum(built)}
+    print(f"humming layers: {record['humming_layers']}")
+    save()
+    bf = {r["batch"]: r["tokens_per_s"] for r in record["decode"] if r["model"] == "bf16"}
+    print(f"\nGPU: {gpu}; {'eager' if args.eager else 'static cache + compiled decode'}; tokens/s (x bf16)")
+    print("| model | " + " | ".join(f"batch {b}" for b in batches) + " | TTFT ms |")
+    print("|---|" + "---|" * (len(batches) + 1))
+    for name in models:
+        cells = []
+        for b in batches:
+            r = next((r for r in record["decode"] if r["model"] == name and r["batch"] == b), None)
+            cells.append("-" if r is None else f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / bf[b]:.2f}x)")
+        t = record["ttft"].get(name)
+        ttft = "-" if t is None else f"{t * 1e3:.0f} ({record['ttft']['bf16'] / t:.2f}x)"
+        print(f"| {name} | " + " | ".join(cells) + f" | {ttft} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
