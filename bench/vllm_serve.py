@@ -48,7 +48,6 @@ PROMPTS = ("The capital of France is", "In 1905, Albert Einstein", "The history 
 def _register_hadacore(mode: str) -> None:
     """``_C::hadacore_transform`` for vLLM's CPU build (see the module docstring)."""
     import torch
-
     import vllm._custom_ops  # noqa: F401  (loads vLLM's _C library first; ours is a fragment of it)
 
     if hasattr(torch.ops._C, "hadacore_transform"):
@@ -214,10 +213,8 @@ def main() -> int:
                     raise SystemExit(f"vLLM failed on {ckpt} (exit {proc.returncode})")
                 eng = json.loads(res_file.read_text())
                 log = proc.stdout + proc.stderr  # vLLM logs the kernel it chose for the quantized linears
-                kernel = next(
-                    (ln.split("Using ")[1].split()[0] for ln in log.splitlines() if "for CompressedTensorsWNA16" in ln),
-                    "?",
-                )
+                used = [ln for ln in log.splitlines() if "for CompressedTensorsWNA16" in ln]
+                kernel = used[0].split("Using ")[1].split()[0] if used else "?"
                 row = {
                     "ckpt": str(ckpt),
                     "bits": summary["bits"],
