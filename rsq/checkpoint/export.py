@@ -273,7 +273,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     def write(tmp: Path) -> None:
         write_weights(tensors, tmp)
         _write_config(config, qc, plan, tmp)
-        write_model_card(src, tmp, qc, NAME, plan.transform_modules)
+        write_model_card(src, tmp, qc, NAME, plan.transform_modules, name=out.name)
 
     write_export_dir(src, out, write)
     return {

@@ -114,7 +114,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> di
         write_weights(result, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_provenance(tmp, NAME, qc)
-        write_model_card(src, tmp, qc, NAME)
+        write_model_card(src, tmp, qc, NAME, name=out.name)
 
     write_export_dir(src, out, write)
     return {
