@@ -228,7 +228,6 @@ def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:
     write_provenance(out, NAME, qc)
 
 
-COMPRESSED_TENSORS_MIN = "0.15.0"  # first with compressors/pack_quantized/helpers.py (unpack_from_int32)
 
 
 def check_compressed_tensors() -> None:
