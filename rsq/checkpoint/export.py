@@ -228,8 +228,6 @@ def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:
     write_provenance(out, NAME, qc)
 
 
-
-
 def check_compressed_tensors() -> None:
     """One-line MissingDependencyError when compressed-tensors is missing or older than the floor."""
     from importlib.metadata import PackageNotFoundError, version
