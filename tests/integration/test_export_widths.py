@@ -218,7 +218,7 @@ def test_registry_refuses_width_and_setting_naming_alternatives():
 @pytest.mark.parametrize("bits", [2, 3])
 def test_smollm2_rotated_export_decompresses_to_rsq_logits(tmp_path, bits):
     """The default model (SmolLM2-135M-Instruct) rotated with the default online setting (export:
-    down_proj as blocks of Sylvester's H_128, 1536 = 12 blocks), 2/3 bits, group 64: the export read
+    down_proj as blocks of Sylvester's H_512, 1536 = 3 blocks), 2/3 bits, group 64: the export read
     back by compressed-tensors (rsq eval's loader: decompress + apply_transform_config) gives
     rsq.load's logits on WikiText. Round to nearest (rtn with the rotation, no clip search) keeps
     it to seconds; the export sees only the stored integers, scales and rotation record, the same
@@ -240,7 +240,7 @@ def test_smollm2_rotated_export_decompresses_to_rsq_logits(tmp_path, bits):
     summary = export(ckpt, out, "compressed-tensors")
     assert summary["transforms"] == ["mlp.down_proj"] and summary["bits"] == bits
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["transform_config"]["config_groups"]["rsq_online_hadamard"]["head_dim"] == 128
+    assert qc["transform_config"]["config_groups"]["rsq_online_hadamard"]["head_dim"] == 512
 
     _, test = find_wikitext_files()
     ids = tok(test.read_text(encoding="utf-8")[:4000], return_tensors="pt").input_ids[:, :256]
