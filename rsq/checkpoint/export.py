@@ -1,4 +1,6 @@
-"""Export an rsq checkpoint directory to compressed-tensors (the format vLLM reads).
+"""Export an rsq checkpoint directory to compressed-tensors' ``pack-quantized`` layout (what vLLM's
+``CompressedTensorsWNA16`` scheme and transformers' compressed-tensors quantizer read), at 2, 3, 4 and
+8 bits. Registered as ``compressed-tensors`` in rsq/checkpoint/exporters.py.
 
 What maps, per quantized linear (rsq/checkpoint/schema.py is our side of the contract):
 
@@ -9,55 +11,51 @@ What maps, per quantized linear (rsq/checkpoint/schema.py is our side of the con
     group_size -1 / g             strategy "channel" / "group" with group_size g
     act_order (static groups)     nothing: codes and groups are in natural column order already
 
+The tensors: ``weight_packed`` int32 (out, ceil(in * b / 32)), the unsigned codes q + 2^(b-1) as
+one dense little-endian bit stream per output row (32 codes in exactly b words; at 3 bits codes
+straddle words), which is rsq's own qweight layout (rsq/quant/pack.py) bit for bit;
+``weight_scale`` (out, groups); ``weight_shape`` int (2,) = (out, in); asymmetric only:
+``weight_zero_point`` int32 (ceil(out * b / 32), groups), zp + 2^(b-1) packed the same way along
+the output dim. The dense stream is compressed-tensors >= 0.18 (0.17 and older pad each int32 to
+floor(32 / b) codes: the same words at 2/4/8 bits, different ones at 3), which is why the export
+needs 0.18; vLLM reads the packed width as ceil(in * b / 32) and unpacks the same stream.
+
 The packed tensors are produced by compressed-tensors' own ``PackedQuantizationCompressor`` from
 W_hat, then unpacked again and compared with our codes bit for bit (a float round trip that went
 one code off would raise here rather than ship a different model).
 
-What does not map, and is refused with :class:`ExportError` naming it:
-
-* 2- and 3-bit widths: vLLM's compressed-tensors integer kernels (WNA16) take 4 or 8 bits only;
-* the ``nf`` and ``e8p`` grids: compressed-tensors integer grids are uniform (w = s * (q - zp));
-* an online rotation that compressed-tensors' ``transform_config`` cannot reproduce exactly. Its
-  ``hadamard`` transform is Sylvester's matrix (power-of-2 orders) over the whole input or over
-  contiguous ``head_dim`` blocks. So a ``full`` site whose matrix is Sylvester's is exported as an
-  ``input`` transform on the same module; rsq's non-power-of-2 Hadamards (e.g. paley1(q=11) ⊗
-  sylvester(128) for SmolLM2's 1536), cross-head rotations (H_heads ⊗ I_head_dim, a strided
-  layout) and seeded random orthogonal matrices are refused. Rotations fused into the weights (the
-  residual R1, the per-head v/o Hadamard) need nothing at run time and export as plain weights.
+Refused before anything is written, with :class:`ExportError` naming what would work: grids other
+than uniform (the format's ``exports``), widths other than 2/3/4/8, and an online rotation that
+compressed-tensors' ``transform_config`` cannot reproduce exactly. Its ``hadamard`` transform is
+Sylvester's matrix (power-of-2 orders) over the whole input or over contiguous ``head_dim`` blocks.
+So the ``block`` site of ``--online-rotations export`` is a ``hadamard`` transform with
+``head_dim`` = its block, and a ``full`` site whose matrix is Sylvester's an ``input`` transform on
+the same module; rsq's non-power-of-2 Hadamards (e.g. paley1(q=11) ⊗ sylvester(128) for SmolLM2's
+1536), cross-head rotations (H_heads ⊗ I_head_dim, a strided layout) and seeded random orthogonal
+matrices are refused. Rotations fused into the weights (the residual R1, the per-head v/o
+Hadamard) need nothing at run time and export as plain weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rsq.checkpoint.load import _read_tensors, _weight_files, read_quant_config
-from rsq.errors import CheckpointFormatError, ConfigError, ExportError
+from rsq.checkpoint.exporters import open_export, runtime_sites, write_export_dir, write_provenance, write_weights
+from rsq.checkpoint.load import read_checkpoint_tensors
+from rsq.errors import CheckpointFormatError, ExportError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("compressed-tensors", "gptq")
-MAX_SHARD = "2GB"
-RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")  # kinds applied online
+NAME = "compressed-tensors"  # the exporter's name in rsq/checkpoint/exporters.py
 # compressed-tensors transform scheme name; also the middle of the transform weight's tensor key
 TRANSFORM_GROUP = "rsq_online_hadamard"
-# files copied unchanged: tokenizer, chat template, generation defaults
-COPY_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template*",
-    "vocab.*",
-    "merges.txt",
-    "generation_config.json",
-)
+COMPRESSED_TENSORS_MIN = "0.18.0"  # first whose pack_to_int32 writes the dense bit stream vLLM reads
 
 
 @dataclass(frozen=True)
@@ -69,17 +67,6 @@ class ExportPlan:
     ignore: list[str]
     transform: object | None  # compressed_tensors.transform.TransformConfig
     transform_modules: list[str]  # module suffixes inside a layer that get an input transform
-
-
-def _refuse_grid(qc: dict, target: str = "compressed-tensors") -> None:
-    """ExportError unless the checkpoint's number format (rsq/formats/) can be written as ``target``."""
-    from rsq.formats import get_format
-
-    try:
-        fmt = get_format(qc.get("grid", "uniform"))
-    except ConfigError as exc:
-        raise ExportError(f"{exc}: the checkpoint's format is unknown to this rsq") from None
-    fmt.check_export(target, qc["bits"])
 
 
 def _sylvester_site(site: dict) -> bool:
@@ -118,14 +105,20 @@ def _refuse_site(site: dict) -> ExportError:
     )
 
 
+def check_sites(qc: dict) -> None:
+    """ExportError unless every run-time rotation site is one compressed-tensors' ``hadamard``
+    transform reproduces (the exporter's own check, after rsq/checkpoint/exporters.py's)."""
+    for site in runtime_sites(qc):
+        if site["kind"] != "block" and not _sylvester_site(site):
+            raise _refuse_site(site)
+
+
 def _transform_config(qc: dict):
     """(TransformConfig | None, module suffixes) for the online rotation sites, or ExportError."""
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
-    sites = [s for s in (qc.get("rotation") or {}).get("online", []) if s["kind"] in RUNTIME_KINDS]
-    for site in sites:
-        if site["kind"] != "block" and not _sylvester_site(site):
-            raise _refuse_site(site)
+    check_sites(qc)
+    sites = runtime_sites(qc)
     if not sites:
         return None, []
     groups = {}
@@ -147,12 +140,6 @@ def plan_export(qc: dict, linear_names: list[str]) -> ExportPlan:
     """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if not qc.get("modules"):
-        raise ExportError(
-            f"the checkpoint has no quantized linears (method {qc.get('method')}): there is "
-            "nothing to pack; quantize with --bits 4 or 8 first"
-        )
-    _refuse_grid(qc)
     transform, modules = _transform_config(qc)
     group = qc["group_size"]
     weights = QuantizationArgs(
@@ -203,18 +190,6 @@ def convert_linear(
     return out
 
 
-def _meta_model(src: Path):
-    """The model skeleton on the meta device (names and shapes only, nothing read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(src))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # ours, not a transformers quantizer
-    with init_empty_weights(include_buffers=True):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def compressed_state_dict(
     tensors: dict[str, torch.Tensor], qc: dict, plan: ExportPlan, in_features: dict[str, int]
 ) -> dict[str, torch.Tensor]:
@@ -237,19 +212,6 @@ def compressed_state_dict(
     return out
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], out: Path) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n] for n in names}, str(out / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        total = sum((out / f).stat().st_size for f in split.filename_to_tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -263,22 +225,7 @@ def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:
         ignore=plan.ignore,
     )
     ModelCompressor(quantization_config=quant, transform_config=plan.transform).update_config(str(out))
-    provenance = {k: v for k, v in qc.items() if k not in ("modules", "rsq_config")}
-    (out / "rsq_export.json").write_text(json.dumps({"format": "compressed-tensors", "source": provenance}, indent=2))
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out``, replacing an existing ``out``."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-COMPRESSED_TENSORS_MIN = "0.15.0"  # first with compressors/pack_quantized/helpers.py (unpack_from_int32)
+    write_provenance(out, NAME, qc)
 
 
 def check_compressed_tensors() -> None:
@@ -289,52 +236,13 @@ def check_compressed_tensors() -> None:
 
     from rsq.errors import MissingDependencyError
 
-    need = f"rsq export needs compressed-tensors>={COMPRESSED_TENSORS_MIN}"
+    need = f"rsq export needs compressed-tensors>={COMPRESSED_TENSORS_MIN} (its dense bit-stream packing)"
     try:
         found = version("compressed-tensors")
     except PackageNotFoundError:
         raise MissingDependencyError(f"{need}, which is not installed: pip install 'rsq[export]'") from None
     if Version(found) < Version(COMPRESSED_TENSORS_MIN):
         raise MissingDependencyError(f"{need}, found {found}: pip install -U 'rsq[export]'")
-
-
-def write_export_dir(src: Path, out: Path, write) -> None:
-    """Build an export in a temporary sibling of ``out`` (``write(tmp)`` writes weights, config and
-    card), copy ``src``'s tokenizer files beside them, then rename it onto ``out``; on any error or
-    interrupt the temporary directory is removed, so ``out`` is absent, the old one or complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for pattern in COPY_PATTERNS:
-            for f in src.glob(pattern):
-                shutil.copy2(f, tmp / f.name)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def open_export(src: Path, out: Path, overwrite: bool, check=None) -> tuple:
-    """(config, quantization_config, {linear name: in_features}) of the checkpoint ``src``, after the
-    checks every export makes before writing anything: ``out`` free (or ``overwrite``) and not the
-    source, ``check(qc)`` (the format's own refusals), every quantized module a linear of the config."""
-    config, qc = read_quant_config(src)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists: pass --overwrite to replace it")
-    if out.resolve() == src.resolve():
-        raise ExportError(f"--out {out} is the source checkpoint: choose another directory")
-    if check is not None:
-        check(qc)
-    model = _meta_model(src)
-    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [m for m in qc["modules"] if m not in linears]
-    if missing:
-        raise CheckpointFormatError(f"{src}: quantized modules {missing[:3]} are not linears of the model config")
-    return config, qc, linears
 
 
 def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -346,7 +254,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     """
     check_compressed_tensors()
     src, out = Path(src), Path(out)
-    config, qc, linears = open_export(src, out, overwrite)
+    config, qc, linears = open_export(src, out, overwrite, NAME)
     plan = plan_export(qc, sorted(linears))
     if plan.transform is not None:
         log.warning(
@@ -355,14 +263,14 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
             ", ".join(plan.transform_modules),
             _transformers_version(),
         )
-    tensors = compressed_state_dict(_read_tensors(_weight_files(src)), qc, plan, linears)
+    tensors = compressed_state_dict(read_checkpoint_tensors(src), qc, plan, linears)
 
     from rsq.checkpoint.card import write_model_card
 
     def write(tmp: Path) -> None:
-        _write_weights(tensors, tmp)
+        write_weights(tensors, tmp)
         _write_config(config, qc, plan, tmp)
-        write_model_card(src, tmp, qc, "compressed-tensors", plan.transform_modules)
+        write_model_card(src, tmp, qc, NAME, plan.transform_modules, name=out.name)
 
     write_export_dir(src, out, write)
     return {

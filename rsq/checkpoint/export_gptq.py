@@ -1,6 +1,8 @@
 """Export an rsq checkpoint directory to the GPTQ layout (AutoGPTQ / GPTQModel ``checkpoint_format:
 gptq``, "v1"), which transformers (through gptqmodel / optimum), vLLM (``gptq``, ``gptq_marlin``) and
-SGLang load at 2, 3, 4 and 8 bits.
+SGLang load. Registered as ``gptq`` in rsq/checkpoint/exporters.py. The layout holds 2, 3, 4 and 8 bits;
+vLLM 0.32 serves only (4, symmetric) and (8, symmetric) GPTQ checkpoints (``gptq`` config's TYPE_MAP),
+so a 2/3-bit export is for transformers + gptqmodel; vLLM takes rsq's 2/3 bits through compressed-tensors.
 
 Per quantized linear ``P`` (in -> out features, G groups of ``group_size`` inputs; per channel: G = 1):
 
@@ -22,8 +24,9 @@ tensors are written in float16 (GPTQ's dtype; the only change to the function, ~
 scale). "v1" cannot hold a zero point of 0 (z - 1 wraps; loaders add one back unmasked): such a
 checkpoint is refused, naming the symmetric grid (z = 2^(bits-1)) that always exports.
 
-Refused, with the reason: grids other than uniform (NormalFloat, E8P), widths other than 2/3/4/8,
-and online rotations (the GPTQ layout runs plain linears: quantize with --online-rotations none).
+Refused, with the reason (rsq/checkpoint/exporters.py's shared checks): grids other than uniform
+(NormalFloat, E8P), widths other than 2/3/4/8, and online rotations (the GPTQ layout runs plain
+linears: quantize with --online-rotations none); here: zero points of 0 and widths not multiples of 32.
 """
 
 from __future__ import annotations
@@ -34,32 +37,12 @@ from pathlib import Path
 import torch
 
 from rsq.checkpoint.card import write_model_card
-from rsq.checkpoint.export import _refuse_grid, _write_weights, open_export, write_export_dir
-from rsq.checkpoint.load import _read_tensors, _weight_files
+from rsq.checkpoint.exporters import open_export, write_export_dir, write_provenance, write_weights
+from rsq.checkpoint.load import read_checkpoint_tensors
 from rsq.errors import ExportError
 from rsq.quant.pack import pack_codes, unpack_codes
 
-RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")
-
-
-def check_gptq_exportable(qc: dict) -> None:
-    """ExportError unless the checkpoint's grid and rotations fit the GPTQ layout."""
-    if not qc.get("modules"):
-        raise ExportError(
-            f"the checkpoint has no quantized linears (method {qc.get('method')}): there is nothing to pack; "
-            "quantize with --bits 2, 3, 4 or 8 first"
-        )
-    _refuse_grid(qc, "gptq")
-    rotation = qc.get("rotation") or {}
-    online = [s for s in rotation.get("online", []) if s["kind"] in RUNTIME_KINDS]
-    if online:
-        sites = ", ".join(f"{s['module']} ({s['kind']})" for s in online)
-        setting = rotation.get("online_setting", "exact")
-        raise ExportError(
-            f"the checkpoint applies online rotations at {sites} (--online-rotations {setting}); the GPTQ layout "
-            "runs plain linears: re-quantize with --online-rotations none (rotations folded into the weights "
-            "only), or export --format compressed-tensors for --online-rotations export"
-        )
+NAME = "gptq"  # the exporter's name in rsq/checkpoint/exporters.py
 
 
 def convert_linear_gptq(prefix: str, tensors: dict[str, torch.Tensor], in_features: int, qc: dict) -> dict:
@@ -111,8 +94,8 @@ def gptq_quantization_config(qc: dict) -> dict:
 def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write ``out``: the rsq checkpoint ``src`` in the GPTQ layout (temporary sibling, then renamed)."""
     src, out = Path(src), Path(out)
-    config, qc, linears = open_export(src, out, overwrite, check=check_gptq_exportable)
-    tensors = _read_tensors(_weight_files(src))
+    config, qc, linears = open_export(src, out, overwrite, NAME)
+    tensors = read_checkpoint_tensors(src)
     quantized = set(qc["modules"])
     result = {
         n: (t.to(torch.float16) if t.is_floating_point() else t)
@@ -128,11 +111,10 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> di
     config.pop("torch_dtype", None)
 
     def write(tmp: Path) -> None:
-        _write_weights(result, tmp)
+        write_weights(result, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        provenance = {k: v for k, v in qc.items() if k not in ("modules", "rsq_config")}
-        (tmp / "rsq_export.json").write_text(json.dumps({"format": "gptq", "source": provenance}, indent=2))
-        write_model_card(src, tmp, qc, "gptq")
+        write_provenance(tmp, NAME, qc)
+        write_model_card(src, tmp, qc, NAME, name=out.name)
 
     write_export_dir(src, out, write)
     return {

@@ -65,6 +65,11 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint directory ``path`` (all shards), on the CPU: what the exporters read."""
+    return _read_tensors(_weight_files(Path(path)))
+
+
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:

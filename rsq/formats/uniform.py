@@ -5,7 +5,7 @@
 stored as ``qweight`` (int32, codes packed densely along the input dim, rsq/quant/pack.py),
 ``scales`` (out, n_groups, the model dtype) and ``qzeros`` (uint8, out × n_groups), run by
 :class:`rsq.nn.qlinear.QuantLinear` through the kernel backends of rsq/kernels/__init__.py, solved
-by GPTQ, exported to compressed-tensors (4/8 bits) and GPTQ.
+by GPTQ, exported to compressed-tensors and GPTQ (rsq/checkpoint/exporters.py: 2/3/4/8 bits both).
 """
 
 from __future__ import annotations
@@ -82,16 +82,6 @@ class Uniform(NumberFormat):
         from rsq.kernels import BACKENDS
 
         return tuple(b.name for b in BACKENDS)
-
-    def check_export(self, target, bits):
-        super().check_export(target, bits)
-        if target == "compressed-tensors" and bits not in (4, 8):
-            from rsq.errors import ExportError
-
-            raise ExportError(
-                f"{bits}-bit weights cannot be exported to compressed-tensors for vLLM: its integer weight kernels "
-                "(WNA16) take 4 or 8 bits only; re-quantize with --bits 4 or 8, or export --format gptq"
-            )
 
 
 register_format(Uniform())

@@ -28,6 +28,10 @@ from torch import nn
 from rsq.kernels import has_triton, ops
 from rsq.rotation.hadamard import block_hadamard_transform, hadamard_transform, random_orthogonal
 
+# the kinds an OnlineRotation applies at run time; a checkpoint's rotation record also lists
+# "per_head" (fused into v_proj/o_proj) and "skipped" sites, which need nothing at run time
+RUNTIME_KINDS = ("full", "cross_head", "block", "random_full", "random_cross_head")
+
 
 @dataclass(frozen=True)
 class OnlineRotation:

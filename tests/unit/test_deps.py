@@ -23,7 +23,7 @@ def test_export_needs_compressed_tensors_floor(monkeypatch, capsys, tmp_path, in
     monkeypatch.setattr(importlib.metadata, "version", fake)
     assert main(["export", str(tmp_path), "--format", "compressed-tensors", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "compressed-tensors>=0.15.0" in err[0]
+    assert len(err) == 1 and "compressed-tensors>=0.18.0" in err[0]
     assert ("not installed" if installed is None else "found 0.14.0") in err[0]
 
 

