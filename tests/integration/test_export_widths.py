@@ -33,9 +33,9 @@ from rsq.checkpoint.exporters import EXPORTERS, export
 from rsq.cli.main import main
 from rsq.config import RSQConfig
 from rsq.errors import ExportError
-from rsq.loading import load_model
+from rsq.io.loading import load_model
 from rsq.quant.pack import unpack_codes
-from rsq.run import run_quantize
+from rsq.job.run import run_quantize
 
 TOL = 1e-5  # relative to max |logit|; see the module docstring
 
