@@ -43,6 +43,8 @@ class LayerReport:
     seconds: float
     losses: dict[str, float]
     importance: dict | None = None
+    # loss / the module's output energy: 2 loss / tr(W H W^T) (GPTQ), loss / ||W||^2 (RTN)
+    rel_losses: dict[str, float] | None = None
 
 
 @dataclass
@@ -335,6 +337,7 @@ def _quantize_one_layer(
                     "min": allw.min().item(),
                 }
     losses: dict[str, float] = {}
+    rel_losses: dict[str, float] = {}
     hdtype = torch.float64 if cfg.solver.hessian_dtype == "float64" else torch.float32
     position = 0  # module number within the layer: decides its owner rank
     for group in adapter.groups:
@@ -356,6 +359,7 @@ def _quantize_one_layer(
             acc.nseq = n_total
             H = acc.finalize()
         with _timed(state, "solve"):
+            energy = {name: _energy(m.weight.data, H) for name, m in zip(group, modules)}
             mine = {}
             # members share H and GPTQ treats rows independently: one solve on the stacked rows. Done
             # the same way with one rank or several (one owner per stacked group), so that GPU matmul
@@ -385,7 +389,18 @@ def _quantize_one_layer(
                 module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)
                 state.results[f"{adapter.layers}.{index}.{name}"] = _to_cpu(res)
                 losses[name] = res.loss
-    return LayerReport(index=index, seconds=0.0, losses=losses, importance=imp_summary)
+                rel_losses[name] = res.loss / energy[name] if energy[name] > 0 else float("nan")
+    return LayerReport(index=index, seconds=0.0, losses=losses, importance=imp_summary, rel_losses=rel_losses)
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor | None) -> float:
+    """The denominator of a module's relative loss: tr(W H W^T) / 2 (GPTQ's loss is half the output
+    error increase), or ||W||^2 without a Hessian (RTN's loss is the squared weight error)."""
+    if H is None:
+        return float(W.float().pow(2).sum())
+    W = W.to(H.device, H.dtype)
+    return float(((W @ H) * W).sum()) / 2
+
 
 
 def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> QuantResult:

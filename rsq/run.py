@@ -32,6 +32,7 @@ from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_config, load_model
+from rsq.log import LayerLog, eval_done
 from rsq.models.registry import resolve
 from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
@@ -487,9 +488,12 @@ def _run(
 
         streamer.on_release = release
     t_quant = time.perf_counter()
+    layer_log = LayerLog(n_layers, start, state.timings if state is not None else None)
 
     def on_done(index: int, st: RunState) -> None:
         _check_losses(index, st, adapter.layers)
+        if ctx.is_main:
+            layer_log.layer_done(index, st)  # one log line per layer (rsq.log)
         session["layers_quantized"].append(index)
         timings["quantize"] = time.perf_counter() - t_quant
         timings["total"] = time.perf_counter() - t_start
@@ -553,6 +557,7 @@ def _run(
     ppl = {}
     t0 = time.perf_counter()
     for source, wins in eval_wins.items():
+        t_source = time.perf_counter()
         if evals is not None:  # the windows went through the layers beside the calibration
             from rsq.eval.perplexity import nll_to_perplexity, store_nll
 
@@ -569,6 +574,7 @@ def _run(
             )
             model.to("cpu")
         _check_ppl(ppl[source], source, cfg)
+        eval_done(source, ppl[source], wins.shape[0], wins.shape[1], time.perf_counter() - t_source)
     timings["perplexity"] = time.perf_counter() - t0
     host_peaks["perplexity"] = measured_peak_gib()
 
