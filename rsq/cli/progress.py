@@ -7,7 +7,8 @@ evaluated source) become one text line each, or one JSON object per line with ``
 
 Text line (a local timestamp, then the event)::
 
-    [2026-12-06 13:40:01] layer 3/30 done in 12.4s (hessian 2.1s, solve 8.0s, propagate 2.3s); worst rel loss 0.0123 (mlp.down_proj); elapsed 37.5s, ETA 5m13s; peak host 2.31 GiB
+    [2026-12-06 13:40:01] layer 3/30 done in 12.4s (hessian 2.1s, solve 8.0s, propagate 2.3s); worst
+        rel loss 0.0123 (mlp.down_proj); elapsed 37.5s, ETA 5m13s; peak host 2.31 GiB (one line)
     [2026-12-06 13:52:40] perplexity wikitext2 37.23 (40 windows of 512 tokens, 41.0s)
 
 JSON line: ``{"time": "2026-12-06T13:40:01+00:00", "event": "layer", "layer": 3, ...}`` (the fields

@@ -4,7 +4,6 @@ nothing with --quiet, and the bars (no lines) on a terminal."""
 
 import json
 import re
-
 from pathlib import Path
 
 import pytest
