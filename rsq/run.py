@@ -32,7 +32,7 @@ from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_config, load_model
-from rsq.log import LayerLog, eval_done
+from rsq.log import LayerLog, eval_done, gpu_peak_gib
 from rsq.models.registry import resolve
 from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
@@ -317,6 +317,17 @@ def run_quantize(
         text_chars=_text_chars(texts, cfg.calib.source, ppl_sources),
         streamed=streamed is not None,
         ppl_windows=ppl_max_windows if ppl_sources else 0,
+    )
+    from rsq.plan import fit_device_memory
+
+    memory["device_memory"] = fit_device_memory(  # a GPU job beyond the device's free memory stops here
+        config,
+        cfg,
+        device=device,
+        ppl_seqlen=ppl_seqlen if ppl_sources else None,
+        ppl_batch_size=memory["ppl_batch_size"],
+        streamed=streamed is not None,
+        enforce=check_memory,
     )
     part = partial_dir(out)
     try:
@@ -604,7 +615,13 @@ def _run(
         # summed over the sessions of the run (a resumed run has several; "sessions" says who did what)
         "timings": {**all_timings, "stages": state.timings, "sessions": sessions},
         "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
-        "host_memory": {**memory, "measured_peak_GiB": measured_peak_gib(), "measured_by_stage_GiB": host_peaks},
+        "host_memory": {
+            **{k: v for k, v in memory.items() if k != "device_memory"},
+            "measured_peak_GiB": measured_peak_gib(),
+            "measured_by_stage_GiB": host_peaks,
+        },
+        # predicted (rsq.plan.device_memory_plan) beside measured (torch's peak allocation; null on CPU)
+        "device_memory": {**memory["device_memory"], "measured_peak_GiB": gpu_peak_gib()},
         "streamed": streamer is not None,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
