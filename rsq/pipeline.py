@@ -402,7 +402,6 @@ def _energy(W: torch.Tensor, H: torch.Tensor | None) -> float:
     return float(((W @ H) * W).sum()) / 2
 
 
-
 def share_result(ctx: DistContext, res: QuantResult | None, owner: int) -> QuantResult:
     """The owner's result on every rank (metadata as an object, tensors by broadcast)."""
     if not ctx.enabled:
