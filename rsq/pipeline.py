@@ -175,8 +175,9 @@ def quantize_layers(
 
             with _timed(state, "rotate"):
                 rotate_ends(model, adapter, rotation, device)
-        # every layer finished before (a resumed streamed run): only the evaluation windows need them
-        replay = start_layer >= len(layers)
+        # every layer finished before (a resumed streamed run): only the evaluation windows need them;
+        # round-to-nearest without importance weights reads no activation: none are computed
+        replay = start_layer >= len(layers) or (cfg.solver.algorithm == "rtn" and weight_fn is None)
         kwargs = {}
         if not replay:
             with _timed(state, "capture"):
