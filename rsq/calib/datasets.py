@@ -4,9 +4,12 @@ Sources (``--calib`` / ``--ppl``):
 
 * ``wikitext2``: a local copy first (``--data-dir``, ``$RSQ_DATA_DIR``, or ``shared/data`` next to
   the working directory or the package checkout) holding ``wiki.train.raw`` / ``wiki.test.raw``;
-  else the Hugging Face hub through ``datasets`` (train split for calibration, test for perplexity).
-  When only the test file exists, it is split by article: calibration windows come only from the
-  first half of the articles and perplexity only from the second half.
+  else the copy of the test file shipped in the package (``rsq/data/wiki.test.raw.xz``: WikiText-2
+  raw v1, Merity et al. 2016, CC BY-SA 3.0; see ``rsq/data/WIKITEXT.md``), so that the demo runs
+  offline on a fresh clone; only where that is missing the Hugging Face hub through ``datasets``
+  (train split for calibration, test for perplexity). When only the test file exists, it is split
+  by article: calibration windows come only from the first half of the articles and perplexity only
+  from the second half. (For the hub's train/test splits, pass ``--data-dir`` with both files.)
 * ``c4``: allenai/c4 (en) as the GPTQ/QuaRot/RSQ code uses it. Perplexity text: the first
   :data:`C4_EVAL_DOCS` documents of the validation shard ``c4-validation.00000-of-00008.json.gz``
   joined by single spaces (their code then keeps the first 256 windows: ``--max-windows 256``).
@@ -89,8 +92,15 @@ def _candidate_dirs(data_dir: str | None) -> list[Path]:
     return dirs
 
 
+PACKAGED_WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wiki.test.raw.xz"
+"""WikiText-2 raw v1 test file shipped in the package (xz; CC BY-SA 3.0, rsq/data/WIKITEXT.md)."""
+PACKAGED_WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+"""sha256 of the decompressed file (the distributed wiki.test.raw, CRLF line endings)."""
+
+
 def find_wikitext_files(data_dir: str | None = None) -> tuple[Path | None, Path | None]:
-    """(train, test) raw files from the first directory that has a test file."""
+    """(train, test) raw files from the first directory that has a test file, else (None, the
+    packaged test file) where it is installed."""
     if data_dir and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir {data_dir} does not exist: pass a directory holding wiki.test.raw")
     for root in _candidate_dirs(data_dir):
@@ -100,6 +110,8 @@ def find_wikitext_files(data_dir: str | None = None) -> tuple[Path | None, Path 
             if test.is_file():
                 train = d / "wiki.train.raw"
                 return (train if train.is_file() else None), test
+    if PACKAGED_WIKITEXT.is_file():
+        return None, PACKAGED_WIKITEXT
     return None, None
 
 
@@ -117,9 +129,15 @@ def _read(path: Path) -> str:
     """The text of ``path`` (UTF-8, universal newlines: the distributed copy has CRLF line endings);
     ConfigError naming the file (and the byte offset of the first bad byte) when it is unreadable."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or exc
+        if path.suffix == ".xz":  # the packaged copy
+            import lzma
+
+            with lzma.open(path) as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError) as exc:  # lzma.LZMAError is an OSError
+        reason = getattr(exc, "strerror", None) or exc
         raise ConfigError(f"text file {path} is unreadable ({reason}): check the path and permissions") from exc
     try:
         text = data.decode("utf-8")
@@ -173,6 +191,12 @@ def _load_wikitext_hub() -> TextSplit:
             "no local wikitext-2 copy found and the 'datasets' package is missing: pass --data-dir "
             "DIR (with wiki.test.raw) or install rsq[hub]"
         ) from exc
+    why = hub_unreachable()
+    if why is not None:
+        raise ConfigError(
+            f"no local wikitext-2 copy found and {why}: pass --data-dir DIR (or set RSQ_DATA_DIR) holding "
+            "wiki.test.raw (and wiki.train.raw)"
+        )
     try:
         train = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
         test = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
@@ -184,6 +208,33 @@ def _load_wikitext_hub() -> TextSplit:
     return TextSplit(
         "\n\n".join(train["text"]), "\n\n".join(test["text"]), {"source": "wikitext2", "hub": "wikitext-2-raw-v1"}
     )
+
+
+HUB_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a TCP connection to the hub before saying it is unreachable (the datasets
+library otherwise retries for minutes, silently)."""
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be used now, or None: offline mode is on ($HF_HUB_OFFLINE,
+    $HF_DATASETS_OFFLINE), or the hub ($HF_ENDPOINT, or the HTTPS proxy when one is set) does not
+    accept a TCP connection within :data:`HUB_CONNECT_TIMEOUT` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return "the hub is off (HF_HUB_OFFLINE)"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlsplit(proxy if proxy and endpoint.startswith("https") else endpoint)
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        return f"the hub ({host}:{port}) is unreachable ({type(exc).__name__})"
+    return None
 
 
 # ----------------------------------------------------------------------------- c4
@@ -240,6 +291,9 @@ def _c4_hub_documents(name: str, split: str, start: int, count: int, data_dir: s
         import datasets
     except ImportError as exc:
         raise _c4_missing(name, split, data_dir, "the 'datasets' package is missing") from exc
+    why = hub_unreachable()
+    if why is not None:
+        raise _c4_missing(name, split, data_dir, why)
     try:
         ds = datasets.load_dataset("allenai/c4", data_files={split: f"en/{name}"}, split=split)
     except Exception as exc:  # network/hub errors come in many types

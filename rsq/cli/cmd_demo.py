@@ -4,12 +4,23 @@ small calibration set, evaluate, and print the perplexity table."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
 
 DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
+
+# How much the 3-bit rows moved between machines with the same code, seed and data (float32 rounding
+# differs with the CPU, the BLAS and the thread count; bench/NOTES-smollm2.md). fp16 and rtn involve
+# no calibration and agreed to all printed digits.
+SENSITIVITY = {
+    "gptq": "note: gptq (3-bit, no rotation) is chaotic in float rounding: 333.76 and 475.96 on two CPUs with the "
+    "same code and seed; a different gptq figure on your machine is expected",
+    "quarot": "note: quarot moved by ~2% between machines (41.01 vs 41.89)",
+    "rsq": "note: rsq moved by ~0.5% between machines (37.23 vs 37.41)",
+}
 
 
 def add_parsers(sub) -> None:
@@ -45,6 +56,7 @@ def cmd_demo(args) -> int:
     cmd_quantize.add_parsers(parser.add_subparsers(dest="command", required=True))
     runs = []
     root = Path(args.out)
+    base = None  # the embedded GGUF, loaded and dequantized once; each method quantizes a copy
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         qargs = parser.parse_args(
             [
@@ -65,14 +77,27 @@ def cmd_demo(args) -> int:
         )
         cfg = build_config(qargs)
         print(f"== {method} ==", flush=True)
+        if base is None or base[2] != cfg.dtype:
+            from rsq.config import TORCH_DTYPES
+            from rsq.io.loading import load_model
+
+            base = (*load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype]), cfg.dtype)
         with Progress() as progress:
             runs.append(
                 run_quantize(
-                    cfg, root / method, overwrite=True, ppl_max_windows=args.max_windows, progress=progress.update
+                    cfg,
+                    root / method,
+                    overwrite=True,
+                    ppl_max_windows=args.max_windows,
+                    progress=progress.update,
+                    preloaded=(copy.deepcopy(base[0]), base[1]),
                 )
             )
     print()
     print_summary(runs)
+    notes = [SENSITIVITY[r["method"]] for r in runs if r["method"] in SENSITIVITY and args.bits == 3]
+    for note in notes:
+        print(note)
     (root / "summary.json").write_text(
         json.dumps(
             [{"method": r["method"], "perplexity": r["perplexity"], "seconds": r["timings"]["total"]} for r in runs],

@@ -23,6 +23,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="rsq", description="RSQ: Rotate, Scale, then Quantize LLMs to 2-4-bit weights."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_log_options(parser, "auto")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from rsq.cli import (
@@ -38,7 +39,26 @@ def make_parser() -> argparse.ArgumentParser:
 
     for module in (cmd_quantize, cmd_eval, cmd_demo, cmd_inspect, cmd_push, cmd_ablate, cmd_export, cmd_generate):
         module.add_parsers(sub)
+    for command in sub.choices.values():  # also after the command: `rsq quantize ... --quiet`
+        _add_log_options(command, argparse.SUPPRESS)
     return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="no progress bars or progress lines (results, warnings and errors only)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default=default,
+        help="progress: auto = bars on a terminal, else one line per finished layer and per evaluated source; "
+        "text = those lines always; json = one JSON object per line, for schedulers (default: auto)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_transformers()
+    from rsq.cli import progress
+
+    progress.configure(progress.choose_mode(args.quiet, args.log_format))
     previous = _install_sigterm()
     INTERRUPT_HINT.clear()
     try:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 from rsq.calib.datasets import eval_windows, load_text, tokenize
 from rsq.eval.perplexity import perplexity
 from rsq.io.loading import describe_source, is_rsq_checkpoint, load_model
+from rsq.log import eval_done
 from rsq.models.device import resolve_device
 
 
@@ -87,6 +89,7 @@ def run_eval(
     batch = batch_size or eval_batch_that_fits(net.config, seqlen, dev)
     ppl = {}
     for source in sources:
+        t0 = time.perf_counter()
         wins = eval_windows(tokenize(tokenizer, texts[source].eval), seqlen, max_windows)
         ppl[source] = perplexity(
             net, wins, dev, batch, progress=(lambda i, n: progress(f"ppl {source}", i, n)) if progress else None
@@ -97,4 +100,5 @@ def run_eval(
                 "model's logits are NaN/Inf (NaN/Inf weights, or overflow in float16/bfloat16): check its weights "
                 "or evaluate with --dtype float32"
             )
+        eval_done(source, ppl[source], wins.shape[0], wins.shape[1], time.perf_counter() - t0)
     return {"model": describe_source(model), "perplexity": {"seqlen": seqlen, "max_windows": max_windows, **ppl}}

@@ -65,11 +65,18 @@ def source_dtype(source: str | None) -> torch.dtype | None:
     try:
         declared = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
-        try:
-            from rsq.io.loading import load_config
+        from rsq.errors import RSQError
+        from rsq.io.loading import load_config
 
+        try:
             declared = load_config(source).to_dict()
-        except Exception:  # hub unreachable: keep the compute dtype
+        except RSQError as exc:  # load_config's one-line errors: hub unreachable, unknown id, bad config
+            log.warning(
+                "could not read the dtype %s declares (%s): the checkpoint's unquantized tensors are saved in the "
+                "run's dtype instead; pass --save-dtype float16 or bfloat16 to choose",
+                source,
+                exc,
+            )
             return None
     name = str(declared.get("dtype") or declared.get("torch_dtype") or "").replace("torch.", "")
     dtype = TORCH_DTYPES.get(name)

@@ -125,6 +125,25 @@ def _apply_transforms(net, transform_config: dict) -> None:
     apply_transform_config(net, TransformConfig.model_validate(transform_config))
 
 
+def _remove_offloading(net) -> None:
+    """Plain modules again after a compressed-tensors load. Where transformers decompresses through
+    compressed-tensors' ``ModelCompressor.decompress_model`` (the ``dequantize=True`` route of
+    transformers 5.17), that first calls ``from_accelerate``, which turns every module of a model
+    loaded on the CPU into a compressed-tensors *offloaded* module with onload device = CPU: its
+    parameters live in an OffloadCache (``model.to("cuda")`` leaves them on the CPU) and its forward
+    moves the inputs to the CPU. ``rsq eval --device cuda`` then ran the decoder and the head on the
+    CPU and got CPU logits beside CUDA targets ("target is on cuda:0, different from other tensors
+    on cpu"). compressed-tensors' own ``remove_dispatch`` undoes it."""
+    try:
+        from compressed_tensors.offload import remove_dispatch
+        from compressed_tensors.offload.cache import OffloadCache
+    except ImportError:  # a compressed-tensors without this offloading: nothing to undo
+        return
+    if any(isinstance(m._parameters, OffloadCache) for m in net.modules()):
+        log.debug("compressed-tensors offloading removed from the loaded model")
+        remove_dispatch(net)
+
+
 def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) on CPU in ``dtype``, eval mode. Checks the architecture before loading
     weights so an unsupported model fails fast."""
@@ -145,6 +164,8 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
         raise _load_error(model, exc) from exc
     if compressed and qc.get("transform_config"):
         _apply_transforms(net, qc["transform_config"])
+    if compressed:
+        _remove_offloading(net)
     if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
         # GGUF weights are dequantized on load: the in-memory model is a plain float model
         del net.config.quantization_config

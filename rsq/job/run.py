@@ -38,6 +38,7 @@ from rsq.job.stages import (
     Calibration,
     EvalPass,
     EvalPropagate,
+    NoActivations,
     Propagate,
     QuantizeLayer,
     RestoreFinished,
@@ -47,10 +48,11 @@ from rsq.job.stages import (
 from rsq.job.state import RunState
 from rsq.job.store import STATE_FILE, RunStore, _Interrupted, can_resume, check_output, partial_dir
 from rsq.job.weights import open_weights
+from rsq.log import LayerLog, eval_done, gpu_peak_gib
 from rsq.models.device import resolve_device
 from rsq.models.registry import resolve
 from rsq.plan import preflight
-from rsq.plan.memory import fit_host_memory
+from rsq.plan.memory import fit_device_memory, fit_host_memory
 from rsq.rotation.rotate import plan_rotation, rotate_model
 from rsq.version import __version__
 
@@ -163,6 +165,15 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
         text_chars=_text_chars(texts, cfg.calib.source, opts.ppl_sources),
         streamed=streamed is not None,
         ppl_windows=opts.ppl_max_windows if opts.ppl_sources else 0,
+    )
+    memory["device_memory"] = fit_device_memory(  # a GPU job beyond the device's free memory stops here
+        config,
+        cfg,
+        device=device,
+        ppl_seqlen=opts.eval_seqlen,
+        ppl_batch_size=memory["ppl_batch_size"],
+        streamed=streamed is not None,
+        enforce=opts.check_memory,
     )
     store = RunStore(out, cfg, saved, writer=ctx.is_main)
     store.stop_after = opts.stop_after_layer
@@ -295,9 +306,16 @@ def _quantize(job: Job, model, adapter, weights, plan) -> tuple[RunState, dict[s
     t0 = time.perf_counter()
     if cfg.quantizes:
         stages = _stages(job, model, adapter, plan, state, None if evals is None else list(evals.values()))
-        progress = job.opts.progress
-        report = (lambda i, n, msg: progress("quantize", i, n)) if progress and ctx.is_main else None
-        run_layers(model, adapter, weights, stages, store, state, job.device, report)
+        run_layers(
+            model,
+            adapter,
+            weights,
+            stages,
+            store,
+            state,
+            job.device,
+            _layer_reporter(job, state, len(adapter.get_layers(model))),
+        )
     job.timings["quantize"] = time.perf_counter() - t0
     job.host_peaks["quantize"] = measured_peak_gib()
     if cfg.rotation.enabled:  # the rotation ran inside the loop: report it as its own stage
@@ -305,6 +323,22 @@ def _quantize(job: Job, model, adapter, weights, plan) -> tuple[RunState, dict[s
         job.timings["rotate"] = job.timings.get("rotate", 0.0) + inner
         job.timings["quantize"] -= inner
     return state, evals
+
+
+def _layer_reporter(job: Job, state: RunState, n_layers: int):
+    """After each layer: the progress bar, and one log line per layer quantized in this session (rsq.log)."""
+    if not job.opts.dist_ctx.is_main:
+        return None
+    progress, start = job.opts.progress, job.store.start
+    layer_log = LayerLog(n_layers, start, state.timings)
+
+    def report(done: int, total: int, what: str) -> None:
+        if done - 1 >= start:
+            layer_log.layer_done(done - 1, state)
+        if progress is not None:
+            progress("quantize", done, total)
+
+    return report
 
 
 def _stages(job: Job, model, adapter, plan, state: RunState, evals: list[EvalPass] | None) -> list[Stage]:
@@ -320,8 +354,11 @@ def _stages(job: Job, model, adapter, plan, state: RunState, evals: list[EvalPas
         weight_fn = None
         if cfg.importance.strategy != "uniform":
             weight_fn = make_weight_fn(cfg, adapter, model.config, job.windows)
-        calib = Calibration(run_cfg, job.windows, adapter, ctx, model)
-        stages += [QuantizeLayer(calib, state, ctx, weight_fn, store.start), Propagate(calib, state)]
+        if cfg.solver.algorithm == "rtn" and weight_fn is None:  # reads no activation: none are computed
+            stages.append(QuantizeLayer(NoActivations(run_cfg, adapter), state, ctx, None, store.start))
+        else:
+            calib = Calibration(run_cfg, job.windows, adapter, ctx, model)
+            stages += [QuantizeLayer(calib, state, ctx, weight_fn, store.start), Propagate(calib, state)]
     else:
         log.info("every layer was finished before: straight to evaluation and saving")
     if evals:
@@ -335,6 +372,7 @@ def _evaluate(job: Job, model, adapter, evals: dict[str, EvalPass] | None) -> di
     ppl, progress = {}, job.opts.progress
     t0 = time.perf_counter()
     for source, wins in job.eval_wins.items():
+        t_source = time.perf_counter()
         if evals is not None:  # the windows went through the layers beside the calibration
             ev = evals[source]
             ppl[source] = nll_to_perplexity(store_nll(model, adapter, ev.store, wins, job.device, ev.batch_size))
@@ -349,6 +387,7 @@ def _evaluate(job: Job, model, adapter, evals: dict[str, EvalPass] | None) -> di
             )
             model.to("cpu")
         _check_ppl(ppl[source], source, job.cfg)
+        eval_done(source, ppl[source], wins.shape[0], wins.shape[1], time.perf_counter() - t_source)
     job.timings["perplexity"] = time.perf_counter() - t0
     job.host_peaks["perplexity"] = measured_peak_gib()
     return ppl
@@ -371,10 +410,12 @@ def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None,
         "timings": {**_sum_timings(sessions), "stages": state.timings, "sessions": sessions},
         "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
         "host_memory": {
-            **job.memory,
+            **{k: v for k, v in job.memory.items() if k != "device_memory"},
             "measured_peak_GiB": measured_peak_gib(),
             "measured_by_stage_GiB": job.host_peaks,
         },
+        # predicted (rsq.plan.memory.device_memory_plan) beside measured (torch's peak allocation; null on CPU)
+        "device_memory": {**job.memory["device_memory"], "measured_peak_GiB": gpu_peak_gib()},
         "streamed": streamed,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},

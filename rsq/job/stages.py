@@ -111,6 +111,10 @@ class Calibration:
         self.passes: LayerPasses | None = None
         self.cache: ActivationStore | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
     def capture(self, model: nn.Module) -> None:
         layers = self.adapter.get_layers(model)
         bs, device = self.cfg.batch_size, self.store.device
@@ -128,6 +132,23 @@ class Calibration:
         self.store.close()
         if self.cache is not None:
             self.cache.close()
+
+
+class NoActivations:
+    """The Calibration of a solve that reads no activation (round-to-nearest without importance
+    weights): nothing is captured, passed through the layers or propagated."""
+
+    def __init__(self, cfg: RSQConfig, adapter: ModelAdapter):
+        self.cfg, self.adapter, self.device = cfg, adapter, resolve_device(cfg.device)
+
+    def capture(self, model: nn.Module) -> None:
+        pass
+
+    def begin(self, layer: nn.Module) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 class QuantizeLayer(Stage):
@@ -150,13 +171,17 @@ class QuantizeLayer(Stage):
             return None
         weights, summary = self._importance(index, layer)
         losses: dict[str, float] = {}
+        rel_losses: dict[str, float] = {}
         position = 0  # module number within the layer: decides its owner rank
         for group in self.adapter.groups:
-            H = self._hessian(group, layer, passes, weights)
+            H = None if passes is None else self._hessian(group, layer, passes, weights)
             with timed(self.state, "solve"):
+                energy = {name: _energy(layer.get_submodule(name).weight.data, H) for name in group}
                 position = self._solve_group(index, layer, group, H, position, losses)
+                for name in group:
+                    rel_losses[name] = losses[name] / energy[name] if energy[name] > 0 else float("nan")
         _check_losses(index, losses, self.adapter.layers)
-        return LayerReport(index=index, seconds=0.0, losses=losses, importance=summary)
+        return LayerReport(index=index, seconds=0.0, losses=losses, importance=summary, rel_losses=rel_losses)
 
     def _importance(self, index: int, layer: nn.Module) -> tuple[list[torch.Tensor] | None, dict | None]:
         if self.weight_fn is None:
@@ -200,7 +225,7 @@ class QuantizeLayer(Stage):
 
     def _solve_group(self, index: int, layer: nn.Module, group, H, position: int, losses: dict) -> int:
         """Solve ``group``'s modules (this rank's share), share the results, write W_hat back."""
-        cfg, ctx, device = self.cfg, self.ctx, self.calib.store.device
+        cfg, ctx, device = self.cfg, self.ctx, self.calib.device
         modules = [layer.get_submodule(name) for name in group]
         names = [f"{self.adapter.layers}.{index}.{name}" for name in group]
         mine = {}
@@ -277,6 +302,15 @@ class EvalPropagate(Stage):
             for ev in self.evals:
                 for a, b in ev.store.batches(ev.batch_size):
                     ev.store.set(a, b, layer_forward(layer, ev.store.get(a, b), ev.kwargs))
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor | None) -> float:
+    """The denominator of a module's relative loss: tr(W H W^T) / 2 (GPTQ's loss is half the output
+    error increase), or ||W||^2 without a Hessian (RTN's loss is the squared weight error)."""
+    if H is None:
+        return float(W.float().pow(2).sum())
+    W = W.to(H.device, H.dtype)
+    return float(((W @ H) * W).sum()) / 2
 
 
 def _check_losses(index: int, losses: dict[str, float], prefix: str) -> None:

@@ -18,6 +18,8 @@ class LayerReport:
     seconds: float
     losses: dict[str, float]
     importance: dict | None = None
+    # loss / the module's output energy: 2 loss / tr(W H W^T) (GPTQ), loss / ||W||^2 (RTN)
+    rel_losses: dict[str, float] | None = None
 
 
 @dataclass

@@ -384,3 +384,115 @@ def eval_batch_that_fits(config, seqlen: int, device) -> int:
     while batch > 1 and _rss_bytes() + model + eval_bytes(config, seqlen, batch) > avail:
         batch //= 2
     return batch
+
+
+# ----------------------------------------------------------------------------- device memory (GPU jobs)
+
+
+def device_free_bytes(device) -> int:
+    """Free memory of a CUDA device now (torch.cuda.mem_get_info), bytes."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def device_memory_plan(config, cfg, *, ppl_seqlen: int | None, ppl_batch: int, streamed: bool = False) -> dict:
+    """Predicted peak device memory per stage, bytes. quantize: one layer, its Hessians and a batch
+    in flight (rsq.plan.memory_plan), plus the calibration activations where --offload device keeps
+    them there (auto puts them there only if they use under a quarter of the free memory, so they
+    never decide whether a job fits). perplexity: the whole model on the device plus one forward's
+    working memory (eval_bytes); a streamed run evaluates layer by layer (as its quantize stage)."""
+    from rsq.config import TORCH_DTYPES
+
+    nbytes = TORCH_DTYPES[cfg.dtype].itemsize
+    mem = memory_plan(
+        config,
+        nsamples=cfg.calib.nsamples * cfg.importance.expand,
+        seqlen=cfg.calib.seqlen,
+        bits=cfg.grid.bits,
+        act_bytes=nbytes,
+        weight_bytes=nbytes,
+        batch=cfg.batch_size,
+        group_size=cfg.grid.group_size,
+    )
+    key = "device_peak_if_activations_on_device_GiB" if cfg.offload == "device" else "device_peak_estimate_GiB"
+    stages = {}
+    if cfg.quantizes:
+        stages["quantize"] = int(mem[key] * GiB)
+    if ppl_seqlen:
+        work = eval_bytes(config, ppl_seqlen, ppl_batch)
+        if streamed:
+            stages["perplexity"] = int(mem["layer_on_device_GiB"] * GiB) + work
+        else:
+            stages["perplexity"] = param_counts(config)["total"] * nbytes + work
+    return stages
+
+
+def fit_device_memory(
+    config,
+    cfg,
+    *,
+    device,
+    ppl_seqlen: int | None,
+    ppl_batch_size: int,
+    streamed: bool = False,
+    enforce: bool = True,
+) -> dict:
+    """The predicted peak device memory of a job against the chosen CUDA device's free memory;
+    MemoryBudgetError naming options that fit where it does not (before anything is written).
+    On the CPU: the prediction only (``applies`` false)."""
+    from dataclasses import replace
+
+    from rsq.errors import MemoryBudgetError
+
+    def plan_of(c, seqlen=ppl_seqlen, batch=ppl_batch_size):
+        return device_memory_plan(config, c, ppl_seqlen=seqlen, ppl_batch=batch, streamed=streamed)
+
+    stages = plan_of(cfg)
+    peak = max(stages.values(), default=0)
+    applies = getattr(device, "type", str(device)) == "cuda"
+    free = device_free_bytes(device) if applies else None
+    record = {
+        "predicted_peak_GiB": _gib(peak),
+        "stages_GiB": {k: _gib(v) for k, v in stages.items()},
+        "free_GiB": None if free is None else _gib(free),
+        "applies": applies,
+    }
+    if not (enforce and applies and peak > free):
+        return record
+    tips = []
+    over = {k for k, v in stages.items() if v > free}
+    if "quantize" in over:
+        if cfg.offload == "device":
+            trial = replace(cfg, offload="cpu")
+            if plan_of(trial).get("quantize", 0) <= free:
+                tips.append("--offload cpu")
+        for b in (cfg.batch_size // 2, cfg.batch_size // 4, 1):
+            if 1 <= b < cfg.batch_size and plan_of(replace(cfg, batch_size=b)).get("quantize", 0) <= free:
+                tips.append(f"--batch-size {b}")
+                break
+        for n in (cfg.calib.nsamples // 2, cfg.calib.nsamples // 4, 1):
+            trial = replace(cfg, calib=replace(cfg.calib, nsamples=n))
+            if 1 <= n < cfg.calib.nsamples and plan_of(trial).get("quantize", 0) <= free:
+                tips.append(f"--nsamples {n}")
+                break
+        for t in (cfg.calib.seqlen // 2, cfg.calib.seqlen // 4, 128):
+            trial = replace(cfg, calib=replace(cfg.calib, seqlen=t))
+            if 2 <= t < cfg.calib.seqlen and plan_of(trial).get("quantize", 0) <= free:
+                tips.append(f"--seqlen {t}")
+                break
+    if "perplexity" in over and ppl_seqlen:
+        if ppl_batch_size > 1 and plan_of(cfg, batch=1)["perplexity"] <= free:
+            tips.append("--ppl-batch-size 1")
+        for t in (ppl_seqlen // 2, ppl_seqlen // 4, 128):
+            if 2 <= t < ppl_seqlen and plan_of(cfg, seqlen=t, batch=1)["perplexity"] <= free:
+                tips.append(f"--ppl-seqlen {t}")
+                break
+        if not streamed:
+            tips.append("--ppl none (then rsq eval)")
+    fit = ", ".join(tips) if tips else "a GPU with more free memory"
+    raise MemoryBudgetError(
+        f"this job needs about {_gib(peak):.1f} GiB of memory on {device} (largest stage: "
+        f"{max(over, key=stages.get)}), "
+        f"but only {_gib(free):.1f} GiB is free there: try {fit}, or --device cpu"
+    )

@@ -4,6 +4,7 @@ nothing; interrupts and resumes keep finished work; results are finite and valid
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -18,9 +19,13 @@ from rsq.job.run import STATE_FILE, _Interrupted, partial_dir, run_quantize
 FAST = ("--nsamples", "2", "--seqlen", "32", "--ppl-seqlen", "32", "--max-windows", "2")
 
 
+PROGRESS_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
+
+
 def _lines(err: str) -> list[str]:
-    """stderr lines as a terminal shows them (tqdm redraws with carriage returns)."""
-    return [seg for line in err.splitlines() if (seg := line.split("\r")[-1].strip())]
+    """stderr lines as a terminal shows them (tqdm redraws with carriage returns; the progress lines
+    that replace the bars where stderr is not a terminal, as under capsys, are not shown there)."""
+    return [seg for line in err.splitlines() if (seg := line.split("\r")[-1].strip()) and not PROGRESS_LINE.match(seg)]
 
 
 def _one_error(capsys, rc: int, *needles: str) -> str:
@@ -358,8 +363,18 @@ def _signal_after(monkeypatch, sig, after_layer: int | None):
     monkeypatch.setattr(RunStore, "finish", finish)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt), which these tests exercise, whatever the suite
+    inherited: a process started with SIGINT ignored (a background job, `setsid nohup ... &`) keeps
+    SIG_IGN and Python then installs no handler, so the signal would do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_before_first_layer_leaves_nothing(llama, tmp_path, capsys, monkeypatch, sig, code):
+def test_interrupt_before_first_layer_leaves_nothing(llama, tmp_path, capsys, monkeypatch, python_sigint, sig, code):
     _signal_after(monkeypatch, sig, None)
     rc = main(_argv(llama, tmp_path / "o"))
     err = _lines(capsys.readouterr().err)
@@ -370,7 +385,7 @@ def test_interrupt_before_first_layer_leaves_nothing(llama, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_after_a_layer_is_resumable(llama, tmp_path, capsys, monkeypatch, sig, code):
+def test_interrupt_after_a_layer_is_resumable(llama, tmp_path, capsys, monkeypatch, python_sigint, sig, code):
     out = tmp_path / "o"
     run_quantize(_cfg(llama), tmp_path / "ref", ppl_sources=())
     _signal_after(monkeypatch, sig, 0)
@@ -384,6 +399,30 @@ def test_interrupt_after_a_layer_is_resumable(llama, tmp_path, capsys, monkeypat
     a = load_file(str(next((tmp_path / "ref").glob("*.safetensors"))))
     b = load_file(str(next(out.glob("*.safetensors"))))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_interrupt_tests_hold_with_sigint_ignored_by_the_parent(tmp_path):
+    """The two tests above, run by a pytest whose parent ignores SIGINT (as a suite started in the
+    background does): they install the handler they test, so they pass there too (issue 32)."""
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    assert subprocess.run(probe, preexec_fn=_ignore_sigint, capture_output=True, text=True).stdout.strip() == "True"
+    tests = [f"{__file__}::{name}[2-130]" for name in ("test_interrupt_before_first_layer_leaves_nothing",
+                                                      "test_interrupt_after_a_layer_is_resumable")]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"), *tests],
+        preexec_fn=_ignore_sigint,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 # -- item 2 / row 8: memory predicted and bounded

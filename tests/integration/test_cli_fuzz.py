@@ -34,7 +34,11 @@ FLAGS = ["--asym", "--no-clip", "--act-order", "--no-rotate", "--resume", "--ove
 
 
 def _lines(err: str) -> list[str]:
-    return [seg for line in err.splitlines() if (seg := line.split("\r")[-1].strip())]
+    """stderr lines as a terminal shows them: without tqdm's redraws, and without the progress lines
+    that replace the bars where stderr is not a terminal (as under capsys)."""
+    from tests.integration.test_bad_inputs import PROGRESS_LINE
+
+    return [seg for line in err.splitlines() if (seg := line.split("\r")[-1].strip()) and not PROGRESS_LINE.match(seg)]
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ from rsq.cli.main import main
 from rsq.config import RSQConfig
 from rsq.errors import ExportError
 from rsq.io.loading import load_model
-from rsq.quant.pack import unpack_codes
 from rsq.job.run import run_quantize
+from rsq.quant.pack import unpack_codes
 
 TOL = 1e-5  # relative to max |logit|; see the module docstring
 
