@@ -111,6 +111,8 @@ class Calibration:
         self.passes: LayerPasses | None = None
         self.cache: ActivationStore | None = None
 
+    captures = True
+
     @property
     def device(self) -> torch.device:
         return self.store.device
@@ -138,6 +140,8 @@ class NoActivations:
     """The Calibration of a solve that reads no activation (round-to-nearest without importance
     weights): nothing is captured, passed through the layers or propagated."""
 
+    captures = False
+
     def __init__(self, cfg: RSQConfig, adapter: ModelAdapter):
         self.cfg, self.adapter, self.device = cfg, adapter, resolve_device(cfg.device)
 
@@ -162,7 +166,7 @@ class QuantizeLayer(Stage):
         self.adapter, self.start = calib.adapter, start
 
     def prepare(self, model: nn.Module) -> None:
-        with timed(self.state, "capture"):
+        with timed(self.state, "capture" if self.calib.captures else None):
             self.calib.capture(model)
 
     def __call__(self, index: int, layer: nn.Module) -> LayerReport | None:

@@ -27,9 +27,9 @@ ALLOWED_UPWARD = {("rsq.config", "rsq.formats"), ("rsq.solver.gptq", "rsq.format
 
 # Layers, lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    {"rsq.errors", "rsq.jsonsafe", "rsq.version", "rsq.generation"},
+    {"rsq.errors", "rsq.jsonsafe", "rsq.version", "rsq.log"},
     {"rsq.config", "rsq.quant", "rsq.models", "rsq.distributed", "rsq.recipe"},
-    {"rsq.solver", "rsq.rotation", "rsq.kernels", "rsq.nn", "rsq.importance", "rsq.calib"},
+    {"rsq.solver", "rsq.rotation", "rsq.kernels", "rsq.nn", "rsq.importance", "rsq.calib", "rsq.generation"},
     {"rsq.formats"},  # a number format is one unit: its grid, its solver, its linear module
     {"rsq.checkpoint", "rsq.io"},
     {"rsq.eval", "rsq.plan", "rsq.report"},
