@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 32's checks that need a CUDA GPU (the CPU tests simulate them): run on the GPU machine from the
-# repository root, `bash scripts/gpu_checks.sh [WORKDIR]`. Self-contained: the embedded SmolLM2 and
-# the packaged WikiText-2 text, no network. Prints each check and PASS/FAIL; exit status = failures.
+# repository root, `bash scripts/gpu_checks.sh [WORKDIR] [MODEL]`. Self-contained: the embedded SmolLM2
+# (or MODEL, a saved HF directory: the GPU machine here lacks the embedded model's package) and the
+# packaged WikiText-2 text, no network. Prints each check and PASS/FAIL; exit status = failures.
 #  1. `rsq eval OUT --device cuda` of a compressed-tensors export (failed with "target is on cuda:0,
 #     different from other tensors on cpu" under transformers 5.17): runs, and its perplexity equals
 #     the CPU's (tolerance: float32 summation order on two devices, 1e-3 relative).
@@ -13,6 +14,7 @@
 set -u
 cd "$(dirname "$0")/.."
 W=${1:-$(mktemp -d /tmp/rsq-gpu-checks.XXXX)}
+MODEL=${2:-}
 mkdir -p "$W"
 FAIL=0
 ok() { echo "PASS $1"; }
@@ -23,11 +25,12 @@ echo "== versions"; python3 -c "import torch, transformers; print('torch', torch
 python3 -c "import compressed_tensors as c; print('compressed-tensors', c.__version__)" || echo "compressed-tensors missing (pip install 'rsq[export]')"
 
 echo "== 1+2+4: quantize on cuda (gptq 4-bit), log lines with stderr to a file"
-$RSQ quantize --method gptq --bits 4 --nsamples 16 --seqlen 512 --max-windows 8 --device cuda \
+$RSQ quantize $MODEL --method gptq --bits 4 --nsamples 16 --seqlen 512 --max-windows 8 --device cuda \
     --out "$W/gptq4" --overwrite > "$W/quantize.out" 2> "$W/quantize.log"
 rc=$?; [ $rc -eq 0 ] && ok "quantize on cuda" || { bad "quantize on cuda (exit $rc)"; tail -3 "$W/quantize.log"; }
 n=$(grep -cE '^\[[0-9-]+ [0-9:]+\] layer [0-9]+/[0-9]+ done in .*GPU [0-9.]+ GiB$' "$W/quantize.log")
-[ "$n" -eq 30 ] && ok "30 layer lines with a GPU peak" || bad "layer lines: $n of 30 (see $W/quantize.log)"
+L=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_layers'])" "$W/gptq4/results.json" 2>/dev/null || echo 30)
+[ "$n" -eq "$L" ] && ok "$L layer lines with a GPU peak" || bad "layer lines: $n of $L (see $W/quantize.log)"
 grep -q '\] perplexity wikitext2 ' "$W/quantize.log" && ok "evaluation line" || bad "no evaluation line"
 head -2 "$W/quantize.log"; tail -1 "$W/quantize.log"
 python3 - "$W/gptq4/results.json" <<'EOF' && ok "device_memory predicted vs measured" || bad "device_memory record"
@@ -53,7 +56,7 @@ assert abs(a - b) <= 1e-3 * b
 EOF
 
 echo "== 3: GPU-memory refusal before the work"
-$RSQ quantize --method gptq --bits 4 --offload device --nsamples 200000 --seqlen 2048 --device cuda \
+$RSQ quantize $MODEL --method gptq --bits 4 --offload device --nsamples 200000 --seqlen 2048 --device cuda \
     --out "$W/toobig" > /dev/null 2> "$W/toobig.log"
 rc=$?; lines=$(wc -l < "$W/toobig.log")
 cat "$W/toobig.log"
