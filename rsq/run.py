@@ -32,6 +32,7 @@ from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_config, load_model
+from rsq.loss_outliers import find_loss_outliers, outlier_line
 from rsq.models.registry import resolve
 from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
@@ -585,6 +586,10 @@ def _run(
     sessions = earlier + [session]
     all_timings = _sum_timings(sessions)
 
+    online = cfg.rotation.online if cfg.rotation.enabled else None
+    outliers = find_loss_outliers((r.index, getattr(r, "rel_losses", None) or r.losses) for r in state.layers)
+    if outliers:
+        log.warning(outlier_line(outliers, adapter.layers, cfg.method, online))
     results = {
         "model": describe_source(cfg.model or None),
         "method": cfg.method,
@@ -602,6 +607,8 @@ def _run(
         "streamed": streamer is not None,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
+        # modules whose (relative) loss is > 100x the median of the same linear in the other layers
+        "loss_outliers": [{**e, "module": f"{adapter.layers}.{e['layer']}.{e['name']}"} for e in outliers],
         "num_layers": n_layers,
         "resumed_after_layers": start,  # layers taken from an earlier, interrupted run (--resume)
         "ranks": ctx.world,
