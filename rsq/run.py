@@ -587,7 +587,8 @@ def _run(
     all_timings = _sum_timings(sessions)
 
     online = cfg.rotation.online if cfg.rotation.enabled else None
-    outliers = find_loss_outliers((r.index, getattr(r, "rel_losses", None) or r.losses) for r in state.layers)
+    # raw losses, not relative ones: see rsq/loss_outliers.py (bench/NOTES-importance.md)
+    outliers = find_loss_outliers((r.index, r.losses) for r in state.layers)
     if outliers:
         log.warning(outlier_line(outliers, adapter.layers, cfg.method, online))
     results = {
@@ -607,7 +608,7 @@ def _run(
         "streamed": streamer is not None,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
-        # modules whose (relative) loss is > 100x the median of the same linear in the other layers
+        # modules whose loss is > 100x the median of the same linear in the other layers
         "loss_outliers": [{**e, "module": f"{adapter.layers}.{e['layer']}.{e['name']}"} for e in outliers],
         "num_layers": n_layers,
         "resumed_after_layers": start,  # layers taken from an earlier, interrupted run (--resume)
