@@ -32,7 +32,7 @@ from rsq.distributed import DistContext, rank_device
 from rsq.errors import CheckpointFormatError, ConfigError, NonFiniteError, RSQError
 from rsq.eval.perplexity import perplexity
 from rsq.loading import describe_source, load_config, load_model
-from rsq.loss_outliers import find_loss_outliers, outlier_line
+from rsq.loss_outliers import RAW_RATIO, REL_RATIO, find_loss_outliers, outlier_line
 from rsq.models.registry import resolve
 from rsq.pipeline import LayerReport, RunState, quantize_layers, resolve_device, restore_finished
 from rsq.solver.result import QuantResult
@@ -587,10 +587,12 @@ def _run(
     all_timings = _sum_timings(sessions)
 
     online = cfg.rotation.online if cfg.rotation.enabled else None
-    # raw losses, not relative ones: see rsq/loss_outliers.py (bench/NOTES-importance.md)
-    outliers = find_loss_outliers((r.index, r.losses) for r in state.layers)
+    # relative losses where recorded, else raw ones at their own threshold (rsq/loss_outliers.py)
+    rel = bool(state.layers) and all(getattr(r, "rel_losses", None) for r in state.layers)
+    ratio = REL_RATIO if rel else RAW_RATIO
+    outliers = find_loss_outliers(((r.index, r.rel_losses if rel else r.losses) for r in state.layers), ratio)
     if outliers:
-        log.warning(outlier_line(outliers, adapter.layers, cfg.method, online))
+        log.warning(outlier_line(outliers, adapter.layers, cfg.method, online, ratio))
     results = {
         "model": describe_source(cfg.model or None),
         "method": cfg.method,
@@ -608,8 +610,9 @@ def _run(
         "streamed": streamer is not None,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
-        # modules whose loss is > 100x the median of the same linear in the other layers
+        # modules whose loss is > ratio x the median of the same linear in the other layers
         "loss_outliers": [{**e, "module": f"{adapter.layers}.{e['layer']}.{e['name']}"} for e in outliers],
+        "loss_outlier_rule": {"values": "relative" if rel else "raw", "ratio": ratio},
         "num_layers": n_layers,
         "resumed_after_layers": start,  # layers taken from an earlier, interrupted run (--resume)
         "ranks": ctx.world,

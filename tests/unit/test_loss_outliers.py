@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rsq.loss_outliers import find_loss_outliers, outlier_line
+from rsq.loss_outliers import RAW_RATIO, find_loss_outliers, outlier_line
 
 NAMES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -19,8 +19,10 @@ def smooth_profile(n: int = 24) -> list[tuple[int, dict[str, float]]]:
 
 
 def test_smooth_profile_is_not_flagged():
-    # the largest, 1000^(23/23), against the median of the others, 1000^(11/23) ~ 27: ratio ~37 < 100
-    assert find_loss_outliers(smooth_profile()) == []
+    # the largest, 1000^(23/23), against the median of the others, 1000^(11/23) ~ 27: ratio ~37,
+    # under the raw-loss threshold (1e4) and 100 (relative losses do not span 1000x: see REL_RATIO)
+    assert find_loss_outliers(smooth_profile(), RAW_RATIO) == []
+    assert find_loss_outliers(smooth_profile(), 100) == []
 
 
 def test_known_outliers_are_flagged_with_their_ratio():
@@ -28,7 +30,7 @@ def test_known_outliers_are_flagged_with_their_ratio():
     # the failure: the down_proj of layers 2 and 3 far above the rest (1.5e4 and 1.3e7 vs ~200)
     layers[2][1]["mlp.down_proj"] = 1.5e4 * 1e3
     layers[3][1]["mlp.down_proj"] = 1.3e7 * 1e3
-    found = find_loss_outliers(layers)
+    found = find_loss_outliers(layers, RAW_RATIO)
     assert [(e["layer"], e["name"]) for e in found] == [(2, "mlp.down_proj"), (3, "mlp.down_proj")]
     # independent oracle: the median of the other 23 down_proj values, computed here by sorting
     others = sorted(v["mlp.down_proj"] for i, v in layers if i != 3)
@@ -43,9 +45,9 @@ def test_threshold_is_strict_and_per_kind():
     # values (1e6 everywhere) do not count as peers of the first.
     base = [(i, {"a": 1.0, "b": 1e6}) for i in range(10)]
     base[4][1]["a"] = 100.0
-    assert find_loss_outliers(base) == []
+    assert find_loss_outliers(base, 100) == []
     base[4][1]["a"] = 101.0
-    assert [(e["layer"], e["name"]) for e in find_loss_outliers(base)] == [(4, "a")]
+    assert [(e["layer"], e["name"]) for e in find_loss_outliers(base, 100)] == [(4, "a")]
 
 
 def test_too_few_peers_and_non_finite_values_give_no_verdict():
