@@ -30,7 +30,7 @@ def test_known_outliers_are_flagged_with_their_ratio():
     # the issue's failure: the down_proj of layers 2 and 3 far above the rest (1.5e4 and 1.3e7 vs ~200)
     layers[2][1]["mlp.down_proj"] = 1.5e4 * 1e3
     layers[3][1]["mlp.down_proj"] = 1.3e7 * 1e3
-    found = find_loss_outliers(layers, RAW_RATIO)
+    found = find_loss_outliers(layers, 100)
     assert [(e["layer"], e["name"]) for e in found] == [(2, "mlp.down_proj"), (3, "mlp.down_proj")]
     # independent oracle: the median of the other 23 down_proj values, computed here by sorting
     others = sorted(v["mlp.down_proj"] for i, v in layers if i != 3)
@@ -38,6 +38,8 @@ def test_known_outliers_are_flagged_with_their_ratio():
     assert found[1]["median"] == pytest.approx(median)
     assert found[1]["ratio"] == pytest.approx(1.3e10 / median)
     assert found[1]["value"] == 1.3e10
+    # at the raw-loss threshold (1e4) only layer 3 (ratio ~4.8e5) remains; layer 2's is ~550
+    assert [e["layer"] for e in find_loss_outliers(layers, RAW_RATIO)] == [3]
 
 
 def test_threshold_is_strict_and_per_kind():
