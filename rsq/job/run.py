@@ -49,6 +49,7 @@ from rsq.job.state import RunState
 from rsq.job.store import STATE_FILE, RunStore, _Interrupted, can_resume, check_output, partial_dir
 from rsq.job.weights import open_weights
 from rsq.log import LayerLog, eval_done, gpu_peak_gib
+from rsq.loss_outliers import RAW_RATIO, REL_RATIO, find_loss_outliers, outlier_line
 from rsq.models.device import resolve_device
 from rsq.models.registry import resolve
 from rsq.plan import preflight
@@ -253,7 +254,7 @@ def _execute(job: Job) -> dict | None:
     job.timings["save"] = time.perf_counter() - t0
     job.host_peaks["save"] = measured_peak_gib()
     job.timings["total"] = time.perf_counter() - t_start
-    results = _results(job, state, ppl, rotation_record, weights.streamed)
+    results = _results(job, state, ppl, rotation_record, weights.streamed, adapter.layers)
     job.store.finalize(results, state.importance_maps)
     ctx.barrier()
     return results
@@ -393,8 +394,23 @@ def _evaluate(job: Job, model, adapter, evals: dict[str, EvalPass] | None) -> di
     return ppl
 
 
-def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None, streamed: bool) -> dict:
+def _loss_outliers(cfg: RSQConfig, state: RunState, prefix: str) -> tuple[list[dict], dict]:
+    """Modules whose loss is far above the same linear's in the other layers (rsq/loss_outliers.py):
+    relative losses where every layer recorded them, else raw ones at their own threshold; one
+    warning line naming the modules, the setting and what to use instead."""
+    online = cfg.rotation.online if cfg.rotation.enabled else None
+    rel = bool(state.layers) and all(getattr(r, "rel_losses", None) for r in state.layers)
+    ratio = REL_RATIO if rel else RAW_RATIO
+    outliers = find_loss_outliers(((r.index, r.rel_losses if rel else r.losses) for r in state.layers), ratio)
+    if outliers:
+        log.warning(outlier_line(outliers, prefix, cfg.method, online, ratio))
+    entries = [{**e, "module": f"{prefix}.{e['layer']}.{e['name']}"} for e in outliers]
+    return entries, {"values": "relative" if rel else "raw", "ratio": ratio}
+
+
+def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None, streamed: bool, prefix: str) -> dict:
     cfg, store = job.cfg, job.store
+    outliers, rule = _loss_outliers(cfg, state, prefix)
     sessions = store.session.all()
     return {
         "model": describe_source(cfg.model or None),
@@ -419,6 +435,9 @@ def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None,
         "streamed": streamed,  # layer by layer from the source's safetensors files
         "layers": [vars(r) for r in state.layers],
         "modules": {k: {"loss": r.loss, "damp": r.damp} for k, r in state.results.items()},
+        # modules whose loss is > ratio x the median of the same linear in the other layers
+        "loss_outliers": outliers,
+        "loss_outlier_rule": rule,
         "num_layers": len(store.layers),
         "resumed_after_layers": store.start,  # layers taken from an earlier, interrupted run (--resume)
         "ranks": job.opts.dist_ctx.world,

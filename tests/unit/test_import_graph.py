@@ -27,7 +27,7 @@ ALLOWED_UPWARD = {("rsq.config", "rsq.formats"), ("rsq.solver.gptq", "rsq.format
 
 # Layers, lowest first: a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    {"rsq.errors", "rsq.jsonsafe", "rsq.version", "rsq.log"},
+    {"rsq.errors", "rsq.jsonsafe", "rsq.version", "rsq.log", "rsq.loss_outliers"},
     {"rsq.config", "rsq.quant", "rsq.models", "rsq.distributed", "rsq.recipe"},
     {"rsq.solver", "rsq.rotation", "rsq.kernels", "rsq.nn", "rsq.importance", "rsq.calib", "rsq.generation"},
     {"rsq.formats"},  # a number format is one unit: its grid, its solver, its linear module
