@@ -5,7 +5,7 @@ GPTQ loss with and without weighting, per layer and linear, for --online-rotatio
         [--bits 3] [--seed 0] [--settings none,export] [--methods quarot,rsq]
 
 Reduced protocol (issue 33): 8 calibration windows of 512 tokens of the default calibration text, no
-perplexity; each (method, setting) is one ordinary `rsq.run.run_quantize` job (the default model,
+perplexity; each (method, setting) is one ordinary `rsq.job.run.run_quantize` job (the default model,
 SmolLM2-135M, takes ~1-2 min a job on 2 CPU cores). Instruments, without changing what the job
 computes:
 
@@ -37,10 +37,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 import rsq.importance.layer as importance_layer  # noqa: E402
-import rsq.pipeline as pipeline  # noqa: E402
+import rsq.job.stages as pipeline  # noqa: E402  (where the layer stages look these names up)
 from rsq.checkpoint.schema import dequantize_result  # noqa: E402
 from rsq.config import RSQConfig  # noqa: E402
-from rsq.run import run_quantize  # noqa: E402
+from rsq.job.run import run_quantize  # noqa: E402
 from rsq.solver.hessian import HessianAccumulator  # noqa: E402
 
 MASSIVE = 10.0  # a token is massive when its norm is > MASSIVE x its sequence's median token norm
