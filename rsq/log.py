@@ -68,7 +68,7 @@ class LayerLog:
     def layer_done(self, index: int, state) -> None:
         now = time.perf_counter()
         stages = {k: v - self.last.get(k, 0.0) for k, v in state.timings.items() if k not in _SKIP_STAGES}
-        stages = {k: round(v, 3) for k, v in stages.items() if v >= 0.0005}
+        stages = {k: round(v, 3) for k, v in stages.items() if v > 0}  # the stages that ran for this layer
         self.last = dict(state.timings)
         report = next((r for r in reversed(state.layers) if r.index == index), None)
         rel = dict(getattr(report, "rel_losses", None) or {})
