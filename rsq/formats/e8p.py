@@ -10,7 +10,8 @@ no serving format holds the codebook. This file declares everything that runs it
 * its kernel backends (:data:`BACKENDS`), all with the signature
   ``fn(x2d (M, 8C), codes (out, C), scales (1, 1), bias | None in x's dtype) -> (M, out)``: the
   Triton decode kernels of rsq/kernels/triton_e8p.py for bf16/fp16 on CUDA (GEMV for one token,
-  tensor-core tiles up to 64, decode + cuBLAS beyond) and the pure-torch :func:`reference_matmul`.
+  tensor-core tiles up to 64, decode + cuBLAS beyond) and the pure-torch :func:`reference_matmul`
+  (any device and dtype; it takes x with its leading dims, ``flatten=False``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class E8PLinear(QuantizedLinear):
 
 
 def reference_matmul(x, codes, scales, bias):
-    """x (M, 8C) @ W_hat^T + bias: the codebook decode of rsq/quant/e8p.py in float32, rounded to
+    """x (..., 8C) @ W_hat^T + bias: the codebook decode of rsq/quant/e8p.py in float32, rounded to
     x's dtype, then F.linear (the oracle of the Triton kernels)."""
     return F.linear(x, E.e8p_dequantize(codes, scales).to(x.dtype), bias)
 
@@ -90,6 +91,7 @@ BACKENDS = (
         device_types=("cpu", "cuda"),
         m_min=0,
         priority=-100,
+        flatten=False,
         keywords=(),
     ),
 )

@@ -9,7 +9,9 @@ everything that runs it:
 * :class:`NFQuantLinear`, its module. Buffers: ``qweight`` int32 (out, ceil(in/32)*bits), the level
   indices packed as the uniform grid's codes; ``scales`` (out, n_groups); ``bias``.
 * its one kernel backend, the pure-torch :func:`reference_matmul` (any device), with the signature
-  ``fn(x2d (M, in), qweight, scales, bias | None in x's dtype, *, bits, in_features, group_size)``.
+  ``fn(x (..., in), qweight, scales, bias | None in x's dtype, *, bits, in_features, group_size)``
+  (``flatten=False``: x keeps its leading dims). A faster kernel for NF takes x2d (M, in) and
+  returns (M, out), as the uniform format's do.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, in_featur
 
 
 def reference_matmul(x, qweight, scales, bias, *, bits, in_features, group_size):
-    """x (M, in) @ W_hat^T + bias, W_hat rounded to x's dtype (pure torch, any device)."""
+    """x (..., in) @ W_hat^T + bias, W_hat rounded to x's dtype (pure torch, any device)."""
     return F.linear(x, dequantize(qweight, scales, bits, in_features).to(x.dtype), bias)
 
 
@@ -97,6 +99,7 @@ BACKENDS = (
         device_types=("cpu", "cuda"),
         m_min=0,
         priority=-100,
+        flatten=False,
     ),
 )
 

@@ -38,14 +38,11 @@ def dispatch(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor
     backend choice and kernel launch stay outside the graph, which sees one opaque matmul."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-    x2d = x.reshape(-1, layer.in_features)
     tensors, bias = layer.kernel_inputs(x)
     if torch.compiler.is_compiling():
         meta = (layer.format_name, layer.bits, layer.in_features, layer.group_size, layer.out_features)
-        y = ops.quant_linear(x2d, list(tensors), bias, *meta, backend)
-    else:
-        y = run_backend(x2d, tensors, bias, layer, backend)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+        return ops.quant_linear(x, list(tensors), bias, *meta, backend)
+    return run_backend(x, tensors, bias, layer, backend)
 
 
 __all__ = [

@@ -13,6 +13,8 @@ it) or a callable. All backends of one format share the format's signature::
 
     fn(x2d (M, in), *tensors, bias | None, **{k: layer.<k> for k in backend.keywords}) -> (M, out)
 
+(with ``flatten=False``: x (..., in) -> (..., out)).
+
 ``tensors`` are the layer's packed buffers in the order its format fixes (uniform: qweight,
 scales, qzeros; e8p: codes, scales); ``keywords`` name the layer's shape fields the function
 takes (default: bits, in_features, group_size).
@@ -47,7 +49,9 @@ class Layer:
 class Backend:
     """One kernel of one format and what it supports. ``group_multiple``: group_size must be -1
     (per channel) or a multiple of it (None: any). ``m_max`` None means unbounded. ``requires``:
-    packages that must be importable. ``keywords``: the layer fields passed by keyword."""
+    packages that must be importable. ``keywords``: the layer fields passed by keyword. ``flatten``:
+    the function takes x as (M, in), made contiguous unless it is the reference (False: x (..., in)
+    as the caller gave it, for functions built on F.linear, which handles any leading dims)."""
 
     name: str
     format_name: str
@@ -62,6 +66,7 @@ class Backend:
     priority: int = 0
     requires: tuple[str, ...] = ()
     keywords: tuple[str, ...] = ("bits", "in_features", "group_size")
+    flatten: bool = True
 
     def matches(self, *, bits: int, group_size: int, dtype: torch.dtype, device: torch.device, m: int) -> bool:
         if bits not in self.bits or dtype not in self.dtypes or device.type not in self.device_types:
@@ -151,16 +156,20 @@ def select_backend(x: torch.Tensor, layer, backend: str | None = None) -> Backen
 
 
 def run_backend(
-    x2d: torch.Tensor,
+    x: torch.Tensor,
     tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
     bias: torch.Tensor | None,
     layer,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Pick the backend for x2d (M, in) and run it: (M, out). Eager code only (the body of the
+    """Pick the backend for x (..., in) and run it: (..., out). Eager code only (the body of the
     ``rsq::quant_linear`` custom op under torch.compile)."""
-    chosen = select_backend(x2d, layer, backend)
+    chosen = select_backend(x, layer, backend)
+    fn = chosen.load()
+    kwargs = {k: getattr(layer, k) for k in chosen.keywords}
+    if not chosen.flatten:
+        return fn(x, *tensors, bias, **kwargs)
+    x2d = x.reshape(-1, layer.in_features)
     if chosen.name != "reference":
         x2d = x2d.contiguous()
-    kwargs = {k: getattr(layer, k) for k in chosen.keywords}
-    return chosen.load()(x2d, *tensors, bias, **kwargs)
+    return fn(x2d, *tensors, bias, **kwargs).reshape(*x.shape[:-1], layer.out_features)

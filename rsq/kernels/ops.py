@@ -35,7 +35,7 @@ def quant_linear(
     out_features: int,
     backend: str | None,
 ) -> Tensor:
-    """y (M, out) = x (M, in) @ W_hat^T + bias for a layer of ``format_name`` whose packed buffers
+    """y (..., out) = x (..., in) @ W_hat^T + bias for a layer of ``format_name`` whose packed buffers
     are ``tensors`` (the format's order; backend: None = the fastest that matches)."""
     layer = Layer(format_name, bits, group_size, in_features, out_features)
     return run_backend(x, tensors, bias, layer, backend)
@@ -43,7 +43,7 @@ def quant_linear(
 
 @quant_linear.register_fake
 def _(x, tensors, bias, format_name, bits, in_features, group_size, out_features, backend):
-    return x.new_empty(x.shape[0], out_features)
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("rsq::hadamard", mutates_args=())
