@@ -42,7 +42,7 @@ class Layer:
     bits: int
     group_size: int
     in_features: int
-    out_features: int = 0
+    out_features: int
 
 
 @dataclass(frozen=True)
