@@ -556,8 +556,10 @@ def run_libs(quick: bool, copy_bw) -> list[dict]:
     >= 256 MB of weight copies). Load-time repack cost (seconds per layer) and bytes held are recorded."""
     import time
 
-    from rsq.kernels import _Layer as KLayer
-    from rsq.kernels import run_backend, select_backend
+    from rsq.formats import get_format
+    from rsq.kernels import Layer, run_backend, select_backend
+
+    get_format("uniform")  # its file registers the uniform format's kernel backends
 
     rows = []
     shapes = LIB_SHAPES[:2] if quick else LIB_SHAPES
@@ -572,9 +574,10 @@ def run_libs(quick: bool, copy_bw) -> list[dict]:
                     wb = weight_bytes(n, k, bits, g)
                     copies = [packed_weight(n, k, bits, g) for _ in range(n_copies(wb))]
                     ref = reference.wq_matmul(x.float(), *copies[0], None, bits=bits, in_features=k, group_size=g)
-                    chosen = select_backend(x, KLayer(bits, g, k)).name
+                    layer = Layer("uniform", bits, g, k, n)
+                    chosen = select_backend(x, layer).name
                     fns = {
-                        f"rsq:{chosen}": lambda c: lambda: run_backend(x, *c, None, bits, k, g),
+                        f"rsq:{chosen}": lambda c, layer=layer: lambda: run_backend(x, c, None, layer),
                     }
                     built = {}
                     for lib, make in (("gemlite", _gemlite_layers), ("humming", _humming_layers)):

@@ -3,7 +3,8 @@
 A number format is everything rsq knows about one way of storing a weight matrix: which bit widths
 it takes, which solver finds its codes, the per-element operations that solver needs, how stored
 codes turn back into weights, which tensors a checkpoint holds for one linear, the ``nn.Module``
-that runs it, its kernel backends, and where it can be exported. The solvers, the pipeline, the
+that runs it (a :class:`rsq.nn.linear.QuantizedLinear`), its kernel backends (registered with
+:func:`rsq.kernels.backends.register_backend`), and where it can be exported. The solvers, the pipeline, the
 checkpoint code, export and the CLI ask :func:`get_format` instead of branching on a name, so a new
 format is one module in this package plus its :func:`register_format` call.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from rsq.errors import ConfigError, ExportError
+from rsq.kernels.backends import backends_for
 
 if TYPE_CHECKING:
     from torch import nn
@@ -136,8 +138,9 @@ class NumberFormat:
 
     # -- inference and export -----------------------------------------------------------------
     def backends(self) -> tuple[str, ...]:
-        """Names of the kernel backends that can run this format's module."""
-        return ("reference",)
+        """Names of the kernel backends registered for this format (rsq/kernels/backends.py),
+        highest priority first; the format's file registers them."""
+        return tuple(b.name for b in backends_for(self.name))
 
     def check_export(self, target: str, bits: int) -> None:
         """Raise ExportError when this format (at ``bits``) cannot be written as ``target``."""

@@ -2,22 +2,98 @@
 
     W_hat[:, 8j:8j+8] = σ · codebook[codes[:, j]]
 
-stored as ``codes`` (int16 bit pattern of the unsigned index, out × in/8) and ``scales`` (1 × 1,
-float32), run by :class:`rsq.nn.vqlinear.E8PLinear` (Triton decode kernels on CUDA), solved by
-LDLQ (rsq/solver/ldlq.py). Always 2 bits per weight; no serving format holds the codebook.
+solved by LDLQ (rsq/solver/ldlq.py), the codebook in rsq/quant/e8p.py. Always 2 bits per weight;
+no serving format holds the codebook. This file declares everything that runs it:
+
+* :class:`E8PLinear`, its module. Buffers: ``codes`` int16 (out, in/8; the bit pattern of the
+  unsigned 16-bit index), ``scales`` (1, 1) float32, ``bias`` (out,) in the compute dtype.
+* its kernel backends (:data:`BACKENDS`), all with the signature
+  ``fn(x2d (M, 8C), codes (out, C), scales (1, 1), bias | None in x's dtype) -> (M, out)``: the
+  Triton decode kernels of rsq/kernels/triton_e8p.py for bf16/fp16 on CUDA (GEMV for one token,
+  tensor-core tiles up to 64, decode + cuBLAS beyond) and the pure-torch :func:`reference_matmul`
+  (any device and dtype; it takes x with its leading dims, ``flatten=False``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rsq.errors import ConfigError
 from rsq.formats.base import NumberFormat, register_format
+from rsq.kernels.backends import ANY_DTYPE, HALF, Backend, register_backend
+from rsq.nn.linear import QuantizedLinear
 from rsq.quant import e8p as E
 
 _NO_EXPORT = (
     "the e8p grid cannot be exported to {target}: it holds 2-bit uniform integers at most, no E8P lattice "
     "codebook; re-quantize with --grid uniform"
+)
+
+
+class E8PLinear(QuantizedLinear):
+    format_name = "e8p"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(in_features, out_features, bits=2, group_size=-1)
+        self.register_buffer("codes", torch.zeros(out_features, in_features // E.CODE_DIM, dtype=torch.int16))
+        self.register_buffer("scales", torch.ones(1, 1, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def empty(cls, in_features, out_features, bias, dtype=torch.bfloat16):
+        return cls(in_features, out_features, bias, dtype)
+
+    def kernel_inputs(self, x):
+        return (self.codes, self.scales), None if self.bias is None else self.bias.to(x.dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return E.e8p_dequantize(self.codes, self.scales).to(dtype)
+
+
+def reference_matmul(x, codes, scales, bias):
+    """x (..., 8C) @ W_hat^T + bias: the codebook decode of rsq/quant/e8p.py in float32, rounded to
+    x's dtype, then F.linear (the oracle of the Triton kernels)."""
+    return F.linear(x, E.e8p_dequantize(codes, scales).to(x.dtype), bias)
+
+
+_TRITON = dict(
+    format_name="e8p",
+    bits=(2,),
+    dtypes=HALF,
+    device_types=("cuda",),
+    requires=("triton",),
+    keywords=(),
+)
+
+BACKENDS = (
+    # one token: CUDA cores, one program per BLOCK_N rows over all of K
+    Backend(name="triton_e8p_gemv", function="rsq.kernels.triton_e8p:gemv", m_max=1, priority=30, **_TRITON),
+    # M <= 64: decoded tiles as the A operand of tl.dot, split-K
+    Backend(
+        name="triton_e8p_small",
+        function="rsq.kernels.triton_e8p:matmul_small",
+        m_min=2,
+        m_max=64,
+        priority=20,
+        **_TRITON,
+    ),
+    # prefill: decode the whole weight to bf16/fp16, then cuBLAS
+    Backend(
+        name="triton_e8p_dequant_mm", function="rsq.kernels.triton_e8p:dequant_matmul", m_min=65, priority=15, **_TRITON
+    ),
+    Backend(
+        name="reference",
+        format_name="e8p",
+        function=reference_matmul,
+        bits=(2,),
+        dtypes=ANY_DTYPE,
+        device_types=("cpu", "cuda"),
+        m_min=0,
+        priority=-100,
+        flatten=False,
+        keywords=(),
+    ),
 )
 
 
@@ -60,12 +136,9 @@ class E8P(NumberFormat):
         return {"codes": E.codes_to_int16(res.codes), "scales": res.scale.reshape(1, 1).float()}
 
     def empty_module(self, in_features, out_features, bits, group_size, bias, dtype):
-        from rsq.nn.vqlinear import E8PLinear
-
         return E8PLinear.empty(in_features, out_features, bias, dtype)
-
-    def backends(self):
-        return ("triton_e8p", "reference")
 
 
 register_format(E8P())
+for _backend in BACKENDS:
+    register_backend(_backend)

@@ -2,12 +2,11 @@
 matmul and online Hadamard as one opaque operator instead of tracing (and breaking on) the
 Python that picks a backend, launches Triton or builds cached tables.
 
-* ``rsq::wq_linear``: a uniform-grid QuantLinear's matmul (:func:`rsq.kernels.run_backend`
-  picks the backend per call, the reference on CPU);
-* ``rsq::e8p_linear``: an E8PLinear's matmul (Triton decode kernels on CUDA bf16/fp16, else the
-  reference decode + F.linear);
+* ``rsq::quant_linear``: the matmul of a quantized linear of any number format
+  (:func:`rsq.kernels.backends.run_backend` picks the format's backend per call, its pure-torch
+  reference on CPU);
 * ``rsq::hadamard``: an online Hadamard rotation (``full``, ``cross_head`` or ``block``; the
-  Triton kernel where it supports the size, else the torch transform).
+  Triton kernel where it supports the size, else the torch transform: rsq/kernels/hadamard.py).
 
 Each op's fake (meta) function gives the output's shape and dtype only, which is all the compiler
 needs. The modules call these ops only while compiling (``torch.compiler.is_compiling()``); eager
@@ -20,48 +19,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rsq.kernels.backends import Layer, run_backend
+from rsq.kernels.hadamard import hadamard_rotate
 
-@torch.library.custom_op("rsq::wq_linear", mutates_args=())
-def wq_linear(
+
+@torch.library.custom_op("rsq::quant_linear", mutates_args=())
+def quant_linear(
     x: Tensor,
-    qweight: Tensor,
-    scales: Tensor,
-    qzeros: Tensor,
+    tensors: list[Tensor],
     bias: Tensor | None,
+    format_name: str,
     bits: int,
     in_features: int,
     group_size: int,
+    out_features: int,
     backend: str | None,
 ) -> Tensor:
-    """y (M, out) = x (M, in) @ W_hat^T + bias for packed uniform codes (backend: None = fastest)."""
-    from rsq.kernels import run_backend
-
-    return run_backend(x, qweight, scales, qzeros, bias, bits, in_features, group_size, backend)
-
-
-@wq_linear.register_fake
-def _(x, qweight, scales, qzeros, bias, bits, in_features, group_size, backend):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+    """y (..., out) = x (..., in) @ W_hat^T + bias for a layer of ``format_name`` whose packed buffers
+    are ``tensors`` (the format's order; backend: None = the fastest that matches)."""
+    layer = Layer(format_name, bits, group_size, in_features, out_features)
+    return run_backend(x, tensors, bias, layer, backend)
 
 
-@torch.library.custom_op("rsq::e8p_linear", mutates_args=())
-def e8p_linear(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """y (..., out) = x (..., 8C) @ W_hat^T + bias for E8P codes (out, C), scale (1, 1)."""
-    from rsq.nn.vqlinear import e8p_forward
-
-    return e8p_forward(x, codes, scales, bias)
-
-
-@e8p_linear.register_fake
-def _(x, codes, scales, bias):
-    return x.new_empty(*x.shape[:-1], codes.shape[0])
+@quant_linear.register_fake
+def _(x, tensors, bias, format_name, bits, in_features, group_size, out_features, backend):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("rsq::hadamard", mutates_args=())
 def hadamard(x: Tensor, kind: str, size: int, head_dim: int) -> Tensor:
     """An online Hadamard rotation of x's last dim (rsq/rotation/online.py documents the kinds)."""
-    from rsq.rotation.online import hadamard_rotate
-
     y = hadamard_rotate(x, kind, size, head_dim)
     return y.clone() if y.data_ptr() == x.data_ptr() else y  # an op's output may not alias its input
 

@@ -1,4 +1,5 @@
-"""The oracle for every weight-only quantized matmul backend: unpack, dequantize, matmul in torch.
+"""The uniform format's pure-torch matmul, the oracle of its kernel backends (rsq/formats/uniform.py
+declares them): unpack, dequantize, matmul in torch.
 
     W_hat[n, k] = scales[n, g(k)] * (code[n, k] - qzeros[n, g(k)]),   g(k) = k // group_size
     y = x @ W_hat^T + bias

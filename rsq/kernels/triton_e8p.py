@@ -13,6 +13,8 @@ float32 result.
 * ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
 * ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
 
+Which one runs for how many tokens is declared with the E8P format (rsq/formats/e8p.py).
+
 Codes may be int16 (the checkpoint's bit pattern) or int32 (values 0..65535).
 """
 
@@ -289,17 +291,3 @@ def dequant_matmul(x, codes, scales, bias=None):
     """Prefill: decode the whole weight (transient N x K buffer), then cuBLAS."""
     w = dequantize(codes, scales, x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-
-
-def e8p_matmul(x, codes, scales, bias=None) -> torch.Tensor:
-    """The E8P dispatcher for CUDA bf16/fp16 activations: gemv for one token, matmul_small
-    for M <= 64, dequant_matmul beyond. x (..., 8C) -> (..., N)."""
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    m = x2d.shape[0]
-    if m == 1:
-        y = gemv(x2d, codes, scales, bias)
-    elif m <= 64:
-        y = matmul_small(x2d, codes, scales, bias)
-    else:
-        y = dequant_matmul(x2d, codes, scales, bias)
-    return y.reshape(*x.shape[:-1], codes.shape[0])

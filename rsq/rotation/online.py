@@ -15,7 +15,8 @@ kinds:
   explicit fallback where no Hadamard of the order exists.
 
 Hadamard kinds with bf16/fp16 inputs on CUDA run the Triton kernel of rsq/kernels/triton_hadamard.py
-(one read and one write of the activations) where it supports the size; else the torch transform.
+(one read and one write of the activations) where it supports the size; else the torch transform
+(the choice: rsq/kernels/hadamard.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rsq.kernels import has_triton, ops
-from rsq.rotation.hadamard import block_hadamard_transform, hadamard_transform, random_orthogonal
+from rsq.kernels import ops
+from rsq.kernels.hadamard import cross_head, hadamard_rotate
+from rsq.rotation.hadamard import random_orthogonal
 
 # the kinds an OnlineRotation applies at run time; a checkpoint's rotation record also lists
 # "per_head" (fused into v_proj/o_proj) and "skipped" sites, which need nothing at run time
@@ -69,35 +71,11 @@ class OnlineRotationModule(nn.Module):
                 return ops.hadamard(x, self.spec.kind, self.spec.size, self.spec.head_dim)
             return hadamard_rotate(x, self.spec.kind, self.spec.size, self.spec.head_dim)
         if self.spec.kind.endswith("cross_head"):
-            return _cross_head(x, self.spec.size, self.spec.head_dim, self._rotate_last)
+            return cross_head(x, self.spec.size, self.spec.head_dim, self._rotate_last)
         return self._rotate_last(x)
 
     def extra_repr(self) -> str:
         return f"kind={self.spec.kind}, size={self.spec.size}, head_dim={self.spec.head_dim}"
-
-
-def _cross_head(x: torch.Tensor, heads: int, head_dim: int, rotate) -> torch.Tensor:
-    """``rotate`` (an orthogonal map of a last dim of size ``heads``) applied across heads:
-    x (..., heads * head_dim) viewed as (..., head_dim, heads), per position in the head."""
-    shape = x.shape
-    y = x.reshape(*shape[:-1], heads, head_dim).transpose(-1, -2)
-    return rotate(y).transpose(-1, -2).reshape(shape)
-
-
-def hadamard_rotate(x: torch.Tensor, kind: str, size: int, head_dim: int) -> torch.Tensor:
-    """The Hadamard kinds (full, cross_head, block) of an online rotation on x's last dim: the
-    Triton kernel for bf16/fp16 on CUDA where it supports the size, else the torch transform."""
-    if kind == "block":
-        return block_hadamard_transform(x, head_dim)
-    cross = kind == "cross_head"
-    if x.is_cuda and has_triton():
-        from rsq.kernels import triton_hadamard as TH
-
-        if TH.supports(x, size, cross, head_dim):
-            return TH.hadamard(x, size, cross, head_dim)
-    if cross:
-        return _cross_head(x, size, head_dim, lambda y: hadamard_transform(y, size))
-    return hadamard_transform(x, size)
 
 
 def _pre_hook(module: nn.Module, args):

@@ -24,9 +24,9 @@ from rsq.config import (
     SolverConfig,
 )
 from rsq.eval.runner import dense_linears
+from rsq.formats.uniform import QuantLinear
 from rsq.io.loading import load_model
 from rsq.job.run import run_quantize
-from rsq.nn.qlinear import QuantLinear
 
 
 def _quarot_checkpoint(model_dir, out):

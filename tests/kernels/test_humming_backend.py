@@ -16,9 +16,9 @@ pytest.importorskip("triton")
 pytest.importorskip("humming")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from rsq.formats.uniform import QuantLinear  # noqa: E402
 from rsq.kernels import humming_backend as H  # noqa: E402
 from rsq.kernels import reference, select_backend  # noqa: E402
-from rsq.nn.qlinear import QuantLinear  # noqa: E402
 from rsq.quant.pack import pack_codes  # noqa: E402
 
 TOL = 1e-2

@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+import rsq.formats.e8p  # noqa: E402, F401  (registers the E8P kernel backends)
+from rsq.kernels.backends import Layer, run_backend, select_backend  # noqa: E402
 from rsq.quant.e8p import codes_to_int16, e8p_decode  # noqa: E402
 from rsq.rotation.hadamard import hadamard_transform  # noqa: E402
 
@@ -41,7 +43,10 @@ def test_e8p_matmul_matches_reference(n, k, m, dtype):
     bias = torch.randn(n, device="cuda").to(dtype)
     x = torch.randn(m, k, device="cuda").to(dtype)
     ref = x.float() @ w.T + bias.float()
-    fns = {"dispatch": T.e8p_matmul, "dequant_mm": T.dequant_matmul}
+    fns = {
+        "dispatch": lambda x, c, s, b: run_backend(x, (c, s), b, Layer("e8p", 2, -1, k, n)),
+        "dequant_mm": T.dequant_matmul,
+    }
     if m == 1:
         fns["gemv"] = T.gemv
     if m <= 64:
@@ -61,11 +66,14 @@ def test_e8p_dequantize_is_exact():
 
 
 def test_e8p_linear_uses_the_kernel_and_matches_reference():
-    from rsq.nn.vqlinear import E8PLinear
+    from rsq.formats.e8p import E8PLinear
 
     lin = E8PLinear(512, 256, bias=False).cuda()
     lin.codes.copy_(_e8p(256, 512, 1)[0])
     x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+    assert select_backend(x, lin).name == "triton_e8p_small"
+    for m, name in ((1, "triton_e8p_gemv"), (65, "triton_e8p_dequant_mm")):
+        assert select_backend(torch.randn(m, 512, device="cuda", dtype=torch.bfloat16), lin).name == name
     ref = x.float() @ lin.dequantize_weight().T
     y = lin(x)
     assert ((y.float() - ref).norm() / ref.norm()).item() <= 1e-2

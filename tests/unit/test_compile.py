@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rsq.formats.e8p import E8PLinear
+from rsq.formats.nf import NFQuantLinear
+from rsq.formats.uniform import QuantLinear
 from rsq.kernels import ops
-from rsq.nn.qlinear import QuantLinear
-from rsq.nn.vqlinear import E8PLinear, NFQuantLinear
 from rsq.quant.e8p import codes_to_int16
 from rsq.rotation.online import OnlineRotation, OnlineRotationModule
 
@@ -79,13 +80,14 @@ def test_rsq_ops_are_in_the_graph():
         return gm.forward
 
     torch._dynamo.reset()
-    for module, x in ((uniform_layer(3, -1), torch.randn(1, 256)), (e8p_layer(), torch.randn(1, 256))):
-        torch.compile(module, fullgraph=True, backend=backend)(x)
+    nf = NFQuantLinear(256, 48, 3, 128, False, torch.float32)
+    for module in (uniform_layer(3, -1), e8p_layer(), nf):
+        before = len(seen)
+        torch.compile(module, fullgraph=True, backend=backend)(torch.randn(1, 256))
+        assert torch.ops.rsq.quant_linear.default in {getattr(t, "default", t) for t in seen[before:]}, module
     rotation = OnlineRotationModule(OnlineRotation("m", "full", 96))
     torch.compile(rotation, fullgraph=True, backend=backend)(torch.randn(1, 96))
-    assert {torch.ops.rsq.wq_linear.default, torch.ops.rsq.e8p_linear.default, torch.ops.rsq.hadamard.default} <= {
-        getattr(t, "default", t) for t in seen
-    }
+    assert torch.ops.rsq.hadamard.default in {getattr(t, "default", t) for t in seen}
 
 
 def test_quant_linear_inductor():
@@ -100,14 +102,16 @@ def test_quant_linear_inductor():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_wq_linear(bias):
+def test_opcheck_quant_linear_uniform(bias):
     layer = uniform_layer(3, 128, bias=bias)
-    args = (torch.randn(5, 256), layer.qweight, layer.scales, layer.qzeros, layer.bias, 3, 256, 128, None)
-    torch.library.opcheck(ops.wq_linear, args)
+    tensors = [layer.qweight, layer.scales, layer.qzeros]
+    args = (torch.randn(5, 256), tensors, layer.bias, "uniform", 3, 256, 128, 48, None)
+    torch.library.opcheck(ops.quant_linear, args)
 
 
 def test_opcheck_e8p_and_hadamard():
     layer = e8p_layer()
-    torch.library.opcheck(ops.e8p_linear, (torch.randn(2, 3, 256), layer.codes, layer.scales, layer.bias))
+    args = (torch.randn(6, 256), [layer.codes, layer.scales], layer.bias, "e8p", 2, 256, -1, 48, None)
+    torch.library.opcheck(ops.quant_linear, args)
     for kind, size, head_dim, width in (("full", 96, 1, 96), ("cross_head", 4, 16, 64), ("block", 96, 32, 96)):
         torch.library.opcheck(ops.hadamard, (torch.randn(3, width), kind, size, head_dim))

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import rsq.kernels as kernels
+import rsq.kernels.backends as backends
+from rsq.formats.uniform import REFERENCE, QuantLinear
 from rsq.kernels import Backend, dispatch, select_backend
-from rsq.nn.qlinear import QuantLinear
 
 
 def random_layer(out_f, in_f, bits, group_size, seed=0):
@@ -105,7 +105,7 @@ def test_dispatch_on_cpu_uses_reference_without_triton():
     assert select_backend(torch.randn(1, 64, dtype=torch.bfloat16), layer).name == "reference"
     # importing the package must not import triton (it is imported lazily by the Triton backends)
     if "triton" not in sys.modules:
-        import rsq.nn.qlinear  # noqa: F401
+        import rsq.formats.uniform  # noqa: F401
 
         assert "triton" not in sys.modules
 
@@ -117,6 +117,7 @@ def fake_backend(x, qweight, scales, qzeros, bias, *, bits, in_features, group_s
 def test_dispatch_picks_highest_priority_match(monkeypatch):
     fast = Backend(
         name="fake",
+        format_name="uniform",
         function=f"{__name__}:fake_backend",
         bits=(4,),
         dtypes=(torch.float32,),
@@ -125,7 +126,7 @@ def test_dispatch_picks_highest_priority_match(monkeypatch):
         m_max=2,
         priority=50,
     )
-    monkeypatch.setattr(kernels, "BACKENDS", [fast, kernels.REFERENCE])
+    monkeypatch.setattr(backends, "BACKENDS", [fast, REFERENCE])
     layer = QuantLinear(64, 8, 4, 32, dtype=torch.float32)
     assert (dispatch(torch.randn(2, 64), layer) == 7).all()
     assert select_backend(torch.randn(3, 64), layer).name == "reference"  # M above m_max
