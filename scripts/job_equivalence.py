@@ -53,7 +53,7 @@ def make_model(out: Path) -> None:
             p.data = 1 + 0.3 * torch.randn_like(p)
     model.save_pretrained(out, max_shard_size="200KB")
     _, test = find_wikitext_files()  # a data directory's wiki.test.raw, else the packaged .xz copy
-    with (lzma.open(test, "rt", encoding="utf-8") if test.suffix == ".xz" else test.open(encoding="utf-8")) as f:
+    with lzma.open(test, "rt", encoding="utf-8") if test.suffix == ".xz" else test.open(encoding="utf-8") as f:
         text = f.read()
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
