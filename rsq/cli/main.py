@@ -12,6 +12,17 @@ import logging
 import signal
 import sys
 
+from rsq.cli import (
+    cmd_ablate,
+    cmd_demo,
+    cmd_eval,
+    cmd_export,
+    cmd_generate,
+    cmd_inspect,
+    cmd_push,
+    cmd_quantize,
+    progress,
+)
 from rsq.cli.interrupt import INTERRUPT_HINT
 from rsq.errors import RSQError
 
@@ -25,17 +36,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_log_options(parser, "auto")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from rsq.cli import (
-        cmd_ablate,
-        cmd_demo,
-        cmd_eval,
-        cmd_export,
-        cmd_generate,
-        cmd_inspect,
-        cmd_push,
-        cmd_quantize,
-    )
 
     for module in (cmd_quantize, cmd_eval, cmd_demo, cmd_inspect, cmd_push, cmd_ablate, cmd_export, cmd_generate):
         module.add_parsers(sub)
@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_transformers()
-    from rsq.cli import progress
 
     progress.configure(progress.choose_mode(args.quiet, args.log_format))
     previous = _install_sigterm()

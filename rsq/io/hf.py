@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 from rsq.checkpoint.schema import GUARD, GUARD_KEY, QUANT_METHOD
+from rsq.config import TORCH_DTYPES
+from rsq.errors import RSQError
+from rsq.io import loading
+from rsq.io.hub import push_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,7 @@ def neutral_name(source: str | None) -> str:
     if not source:
         return EMBEDDED_HUB_ID
     if "site-packages" in source or "dist-packages" in source:
-        from rsq.io.loading import DEFAULT_MODEL_PACKAGE
-
-        return EMBEDDED_HUB_ID if DEFAULT_MODEL_PACKAGE in source else Path(source).name
+        return EMBEDDED_HUB_ID if loading.DEFAULT_MODEL_PACKAGE in source else Path(source).name
     if source.endswith(".gguf"):
         return Path(source).name
     return source
@@ -57,19 +59,14 @@ def source_dtype(source: str | None) -> torch.dtype | None:
     """The 16-bit dtype a source model declares (config.json ``dtype``/``torch_dtype``), None for
     float32 or undeclared. GGUF sources (the embedded default too) load dequantized in float32;
     their tensors come from float16 blocks, so they count as float16."""
-    from rsq.config import TORCH_DTYPES
-
     if not source or source.endswith(".gguf"):
         return torch.float16
     cfg_file = Path(source).expanduser() / "config.json"
     try:
         declared = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
-        from rsq.errors import RSQError
-        from rsq.io.loading import load_config
-
         try:
-            declared = load_config(source).to_dict()
+            declared = loading.load_config(source).to_dict()
         except RSQError as exc:  # load_config's one-line errors: hub unreachable, unknown id, bad config
             log.warning(
                 "could not read the dtype %s declares (%s): the checkpoint's unquantized tensors are saved in the "
@@ -112,15 +109,11 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
     _patch_config_file(Path(save_directory), self)
     if push:
-        from rsq.io.hub import push_folder
-
         push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
 
 
 def _push_to_hub(self, repo_id: str, *args, **kwargs):
     import tempfile
-
-    from rsq.io.hub import push_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         self.save_pretrained(tmp)
@@ -147,6 +140,15 @@ def load_adopted(path, **kwargs):
     model, tokenizer = load_quantized(path, **kwargs)
     adopt(model, qc)  # save_pretrained / from_pretrained round trips
     return model, tokenizer
+
+
+def load_any(model: str | None, packed: bool = False):
+    """(model, tokenizer) for a plain model (rsq.io.loading.load_model, float32) or an rsq
+    checkpoint directory (:func:`load_adopted`; ``packed``: keep the packed reference path on the
+    CPU instead of the weights dequantized once, rsq/checkpoint/dense.py)."""
+    if loading.is_rsq_checkpoint(model):
+        return load_adopted(model, packed=packed)
+    return loading.load_model(model)
 
 
 def register() -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsq.errors import ConfigError
-from rsq.report.plotting import plain_log_yaxis
+from rsq.report.plotting import plain_log_yaxis, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,6 @@ def _metric_name(runs: list[Run], task: str) -> str:
 
 
 def _plt():
-    from rsq.report.plotting import pyplot
-
     plt = pyplot()
 
     return plt

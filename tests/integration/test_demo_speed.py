@@ -29,7 +29,7 @@ def test_rtn_computes_no_activations_and_rounds_the_source_weights(tiny_model_di
     w = load_file(str(next(src.glob("*.safetensors"))))["model.layers.1.mlp.down_proj.weight"].double()
     scale = w.abs().max(1, keepdim=True).values / 3
     expected = torch.clamp(torch.round(w / scale), -4, 3) * scale
-    from rsq.eval.runner import load_any
+    from rsq.io.hf import load_any
 
     net = load_any(str(tmp_path / "o"))[0]
     got = net.get_submodule("model.layers.1.mlp.down_proj").dequantize_weight().double()
