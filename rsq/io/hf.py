@@ -24,6 +24,8 @@ import json
 import logging
 import sys
 import types
+from importlib.abc import Loader
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import torch
@@ -167,35 +169,49 @@ def register() -> bool:
 
 
 class _RegisterOnImport:
-    """A meta-path finder that registers rsq right after ``transformers.quantizers`` is imported, so
-    ``import rsq`` does not import transformers (seconds) yet from_pretrained always sees rsq."""
+    """A one-shot meta-path finder: it finds ``transformers.quantizers`` as Python's own path
+    finder does, and hands back a loader that runs that module's loader unchanged and then
+    registers rsq (:func:`register`) and removes this finder. So ``import rsq`` does not import
+    transformers (seconds), yet from_pretrained always sees rsq. No other module is touched."""
 
     TARGET = "transformers.quantizers"
 
     def find_spec(self, name, path=None, target=None):
         if name != self.TARGET:
             return None
-        from importlib.machinery import PathFinder
-
         spec = PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            uninstall_hook()
-            register()
-
-        spec.loader.exec_module = exec_module
+        spec.loader = _ThenRegister(spec.loader)
         return spec
+
+
+class _ThenRegister(Loader):
+    """``loader``'s module, then rsq registered (and the finder removed)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader  # as if rsq had never been there
+        uninstall_hook()
+        register()
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...: the wrapped loader's
+        return getattr(self.loader, name)
 
 
 _HOOK = _RegisterOnImport()
 
 
 def install_hook() -> None:
-    """Register now if transformers' quantizers are imported, else as soon as they are."""
+    """Register ``quant_method: "rsq"`` with transformers now if its quantizers are imported, else
+    as soon as they are (a one-shot finder at the head of ``sys.meta_path``). ``import rsq`` calls
+    this, its only side effect; :func:`uninstall_hook` takes the finder back before it fires."""
     if _RegisterOnImport.TARGET in sys.modules:
         register()
     elif _HOOK not in sys.meta_path:
@@ -203,6 +219,7 @@ def install_hook() -> None:
 
 
 def uninstall_hook() -> None:
+    """Remove the finder :func:`install_hook` installed (a no-op once it has fired)."""
     if _HOOK in sys.meta_path:
         sys.meta_path.remove(_HOOK)
 
@@ -232,8 +249,14 @@ def _define() -> None:
         RSQQuantizationConfig = AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
         RSQHfQuantizer = AUTO_QUANTIZER_MAPPING[QUANT_METHOD]
         return
+    RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_config_class(QuantizationConfigMixin))
+    RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_quantizer_class(HfQuantizer))
 
-    class _Config(QuantizationConfigMixin):
+
+def _config_class(base: type) -> type:
+    """rsq's quantization config class on transformers' ``QuantizationConfigMixin``."""
+
+    class _Config(base):
         """rsq's quantization_config (rsq/checkpoint/save.py writes it), kept key for key."""
 
         def __init__(self, **kwargs):
@@ -247,7 +270,13 @@ def _define() -> None:
         def to_diff_dict(self) -> dict:
             return self.to_dict()
 
-    class _Quantizer(HfQuantizer):
+    return _Config
+
+
+def _quantizer_class(base: type) -> type:
+    """rsq's quantizer on transformers' ``HfQuantizer``: builds rsq's modules in from_pretrained."""
+
+    class _Quantizer(base):
         """Loads rsq checkpoints in from_pretrained: rsq modules before the weights, rotations after."""
 
         requires_calibration = True
@@ -306,5 +335,4 @@ def _define() -> None:
             # so generate(cache_implementation="static") may compile the decode step
             return True
 
-    RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_Config)
-    RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_Quantizer)
+    return _Quantizer
