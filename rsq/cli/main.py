@@ -25,6 +25,7 @@ from rsq.cli import (
 )
 from rsq.cli.interrupt import INTERRUPT_HINT
 from rsq.errors import RSQError
+from rsq.job.store import STATE_FILE, partial_dir
 
 log = logging.getLogger("rsq")
 
@@ -103,8 +104,6 @@ def _install_sigterm():
 
 
 def _resume_hint() -> str:
-    from rsq.job.run import STATE_FILE, partial_dir
-
     out = INTERRUPT_HINT.get("out")
     if out is None:
         return "nothing was written"
