@@ -18,7 +18,7 @@ from rsq.config import DTYPES, TORCH_DTYPES
 from rsq.errors import ConfigError
 from rsq.eval import longctx
 from rsq.eval.longctx import parse_positions, run_examples, run_longctx
-from rsq.eval.runner import run_eval
+from rsq.eval.runner import PerplexityOptions, run_eval
 from rsq.eval.zeroshot import run_lm_eval
 from rsq.io.hf import load_any
 from rsq.io.loading import describe_source
@@ -398,17 +398,20 @@ def cmd_eval(args) -> int:
         loaded = _load(args.model, args.dtype, packed=getattr(args, "packed", False))
     if ppl_sources(ppl):
         with Progress() as progress:
+            windows = PerplexityOptions(
+                seqlen=args.ppl_seqlen,
+                max_windows=max_windows(args),
+                batch_size=args.ppl_batch_size,
+                force_seqlen=args.force_seqlen,
+                data_dir=args.data_dir,
+            )
             results = run_eval(
                 args.model,
                 ppl_sources(ppl),
-                args.ppl_seqlen,
-                max_windows(args),
+                windows,
                 device=args.device or "auto",
-                data_dir=args.data_dir,
                 progress=progress.update,
                 loaded=loaded,
-                batch_size=args.ppl_batch_size,
-                force_seqlen=args.force_seqlen,
             )
         print(jsonsafe.dumps(results["perplexity"], indent=2))
         if args.json_out:
