@@ -121,10 +121,11 @@ def predicted(model_dir: Path, args) -> dict:
     """`rsq plan`'s figures for this run, from the saved config alone."""
     from transformers import AutoConfig
 
+    from rsq.models.registry import resolve
     from rsq.plan.memory import memory_plan
 
     config = AutoConfig.from_pretrained(model_dir)
-    return memory_plan(config, nsamples=args.nsamples, seqlen=args.seqlen, bits=3)
+    return memory_plan(config, resolve(config), nsamples=args.nsamples, seqlen=args.seqlen, bits=3)
 
 
 def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:

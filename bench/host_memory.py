@@ -129,9 +129,7 @@ def main() -> None:
     run.load_model = staged("load", run.load_model)
     run.quantize_layers = staged("quantize", run.quantize_layers)
     run.perplexity = staged("perplexity", run.perplexity)
-    import rsq.checkpoint
-
-    rsq.checkpoint.save_checkpoint = staged("save", rsq.checkpoint.save_checkpoint)
+    run.save_checkpoint = staged("save", run.save_checkpoint)
 
     argv = ["quantize", *([model] if model else []), "--method", args.method, "--out", str(root / "run")]
     argv += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]

@@ -10,14 +10,19 @@ Public API (everything else is import-by-path and may change):
   decode step on a GPU, {} on the CPU (rsq.generation).
 """
 
+from rsq.api import load, quantize
 from rsq.config import RSQConfig
-from rsq.io.hf import install_hook as _install_hook  # noqa: E402
+from rsq.generation import decode_kwargs
+from rsq.io.hf import install_hook as _install_hook
 from rsq.version import __version__
 
-_install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works after `import rsq`
-
-
-from rsq.api import load, quantize  # noqa: E402
-from rsq.generation import decode_kwargs  # noqa: E402
+# The one side effect of `import rsq`: ``quant_method: "rsq"`` is registered with transformers'
+# quantizer API (rsq.io.hf), so that AutoModelForCausalLM.from_pretrained(rsq checkpoint) works
+# after `import rsq` (the README's contract). transformers has no lazy registration, and importing
+# it here would make `import rsq` seconds slower (1.6 s -> 4.6 s on the 2-core CPU, loaded), so where
+# transformers.quantizers is not imported yet a one-shot finder at the head of sys.meta_path waits
+# for it, registers rsq right after it loads, and removes itself (rsq.io.hf.install_hook;
+# rsq.io.hf.uninstall_hook takes it back earlier). Nothing else is patched at import.
+_install_hook()
 
 __all__ = ["RSQConfig", "quantize", "load", "decode_kwargs", "__version__"]

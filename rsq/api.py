@@ -9,8 +9,12 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import torch
 
-from rsq.config import CalibConfig, RSQConfig
+from rsq.calib.datasets import tokenize
+from rsq.config import TORCH_DTYPES, CalibConfig, RSQConfig
 from rsq.errors import ConfigError
+from rsq.io.hf import load_adopted
+from rsq.io.loading import load_model
+from rsq.recipe import SECTIONS, config_from_recipe, read_recipe
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -19,13 +23,22 @@ if TYPE_CHECKING:
     Calibration = Union[str, Sequence[str], torch.Tensor, Dataset]
 
 
-# run_quantize's own keywords, accepted as they are (ppl_sources and preloaded as ppl / model+tokenizer)
-_RUN_OPTIONS = ("ppl_sources", "preloaded", "ppl_seqlen", "ppl_max_windows", "progress", "stop_after_layer", "dist_ctx")
+# run_quantize's own keywords (rsq.job.run.JobOptions), accepted as they are (ppl_sources and
+# preloaded as ppl / model+tokenizer)
+_RUN_OPTIONS = (
+    "resume",
+    "overwrite",
+    "ppl_sources",
+    "preloaded",
+    "ppl_seqlen",
+    "ppl_max_windows",
+    "progress",
+    "stop_after_layer",
+    "dist_ctx",
+)
 
 
 def _config(config: RSQConfig | str | os.PathLike | dict | None, overrides: dict[str, Any]) -> RSQConfig:
-    from rsq.recipe import SECTIONS, config_from_recipe, read_recipe
-
     if isinstance(config, RSQConfig):
         if not overrides:
             return config
@@ -48,8 +61,6 @@ def _config(config: RSQConfig | str | os.PathLike | dict | None, overrides: dict
 
 def _calibration_ids(calibration, tokenizer, text_column: str) -> tuple[torch.Tensor, str]:
     """(token ids, description) for texts, a datasets.Dataset or token tensors."""
-    from rsq.calib.datasets import tokenize
-
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() not in (1, 2) or calibration.is_floating_point():
             raise ConfigError(
@@ -86,8 +97,6 @@ def quantize(
     calibration: Calibration | None = None,
     text_column: str = "text",
     ppl: Sequence[str] = (),
-    resume: bool = False,
-    overwrite: bool = False,
     **options: Any,
 ) -> Path:
     """Quantize a model and write an rsq checkpoint to ``out``; returns the output directory.
@@ -101,8 +110,10 @@ def quantize(
       ``datasets.Dataset`` (``text_column``), or token ids: 1-D (sampled into the config's windows)
       or 2-D (N, T) windows used as they are.
     * ``ppl``: perplexity sources to evaluate before saving (results.json), none by default.
+    * ``resume=True`` continues an interrupted run into ``out``; ``overwrite=True`` replaces an
+      existing ``out`` (both off by default; rsq.job.run.JobOptions lists the other run options).
     """
-    from rsq.job.run import run_quantize
+    from rsq.job.run import run_quantize  # the job loads the kernels (torch._dynamo)
 
     passed = {k: options.pop(k) for k in list(options) if k in _RUN_OPTIONS}
     if "ppl_sources" in passed:
@@ -111,22 +122,7 @@ def quantize(
         model, tokenizer = passed.pop("preloaded")
     if out is None:
         raise ConfigError("rsq.quantize needs out=...: the directory to write the checkpoint into")
-    preloaded = None
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-            raise ConfigError(f"model must be a hub id, a path or a transformers PreTrainedModel, got {type(model)}")
-        if tokenizer is None:
-            raise ConfigError("a loaded model needs its tokenizer: rsq.quantize(model=model, tokenizer=tokenizer)")
-        options["model"] = str(getattr(model.config, "_name_or_path", "") or "")
-        qc = getattr(model.config, "quantization_config", None)
-        gguf = getattr(qc, "gguf_file", None) or (qc.get("gguf_file") if isinstance(qc, dict) else None)
-        if gguf:  # loaded from a GGUF file: weights dequantized, a plain float model (as rsq.io.loading does)
-            options["model"] = str(Path(options["model"]) / gguf)
-            del model.config.quantization_config
-            model.hf_quantizer = None
-        preloaded = (model.eval().requires_grad_(False), tokenizer)
-    elif model is not None:
-        options["model"] = str(model)
+    preloaded = _preloaded(model, tokenizer, options)
     if isinstance(calibration, (str, os.PathLike)):
         options["calib"] = {**options.get("calib", {}), "source": str(calibration)}
         calibration = None
@@ -134,26 +130,38 @@ def quantize(
     ids = None
     if calibration is not None:
         if preloaded is None:
-            from rsq.config import TORCH_DTYPES
-            from rsq.io.loading import load_model
-
             preloaded = load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype])
         ids, kind = _calibration_ids(calibration, preloaded[1] if tokenizer is None else tokenizer, text_column)
         calib = replace(cfg.calib, source=kind)
         if ids.dim() == 2:
             calib = CalibConfig(source=kind, nsamples=ids.shape[0], seqlen=ids.shape[1], data_dir=cfg.calib.data_dir)
         cfg = replace(cfg, calib=calib)
-    run_quantize(
-        cfg,
-        Path(out),
-        resume=resume,
-        overwrite=overwrite,
-        ppl_sources=tuple(ppl),
-        preloaded=preloaded,
-        calibration=ids,
-        **passed,
-    )
+    passed.setdefault("resume", False)
+    passed.setdefault("overwrite", False)
+    run_quantize(cfg, Path(out), ppl_sources=tuple(ppl), preloaded=preloaded, calibration=ids, **passed)
     return Path(out)
+
+
+def _preloaded(model, tokenizer, options: dict) -> tuple | None:
+    """(model, tokenizer) for a loaded model (its source recorded in ``options["model"]``), None
+    for a name or path (recorded there too) or no model."""
+    if model is None:
+        return None
+    if isinstance(model, (str, os.PathLike)):
+        options["model"] = str(model)
+        return None
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(f"model must be a hub id, a path or a transformers PreTrainedModel, got {type(model)}")
+    if tokenizer is None:
+        raise ConfigError("a loaded model needs its tokenizer: rsq.quantize(model=model, tokenizer=tokenizer)")
+    options["model"] = str(getattr(model.config, "_name_or_path", "") or "")
+    qc = getattr(model.config, "quantization_config", None)
+    gguf = getattr(qc, "gguf_file", None) or (qc.get("gguf_file") if isinstance(qc, dict) else None)
+    if gguf:  # loaded from a GGUF file: weights dequantized, a plain float model (as rsq.io.loading does)
+        options["model"] = str(Path(options["model"]) / gguf)
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model.eval().requires_grad_(False), tokenizer
 
 
 def load(
@@ -165,6 +173,4 @@ def load(
     """(model, tokenizer) from an rsq checkpoint directory. Off the GPU kernels (CPU, or no Triton)
     the quantized linears compute with W_hat dequantized once; ``packed=True`` keeps the packed
     reference path on every call."""
-    from rsq.io.hf import load_adopted
-
     return load_adopted(path, device=device, dtype=dtype, packed=packed)

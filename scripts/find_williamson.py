@@ -28,6 +28,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,18 +67,26 @@ def _delta_single(rows: np.ndarray, j: np.ndarray, shifts: np.ndarray, n: int) -
     return -2 * aj * (plus + minus)
 
 
-def anneal(
-    n: int,
-    symmetric: bool,
-    chains: int,
-    seconds: float,
-    seed: int,
-    patience: int,
-    t_lo: float,
-    t_hi: float,
-    log_every: float = 10.0,
-) -> np.ndarray | None:
-    """Run the annealer for at most ``seconds``; return one solution (4, n) int8 or None."""
+@dataclass(frozen=True)
+class Search:
+    """The annealer's settings (the command's options): Williamson-symmetric sequences or not, the
+    number of chains, a time limit, the rng seed, steps without improvement before a chain restarts,
+    the temperature ladder's ends (in energy quanta of 16), seconds between progress lines."""
+
+    symmetric: bool = False
+    chains: int = 1024
+    seconds: float = 1800.0
+    seed: int = 0
+    patience: int = 50000
+    t_lo: float = 0.5
+    t_hi: float = 2.0
+    log_every: float = 10.0
+
+
+def anneal(n: int, search: Search) -> np.ndarray | None:
+    """Run the annealer for at most ``search.seconds``; return one solution (4, n) int8 or None."""
+    symmetric, chains, seconds, patience = search.symmetric, search.chains, search.seconds, search.patience
+    seed, t_lo, t_hi, log_every = search.seed, search.t_lo, search.t_hi, search.log_every
     if n % 2 == 0 or n < 3:
         raise ValueError("n must be odd and >= 3")
     rng = np.random.default_rng(seed)
@@ -172,7 +181,8 @@ def main() -> int:
     failed = []
     for n in args.n:
         t0 = time.time()
-        sol = anneal(n, args.symmetric, args.chains, args.seconds, args.seed + n, args.patience, args.t_lo, args.t_hi)
+        search = Search(args.symmetric, args.chains, args.seconds, args.seed + n, args.patience, args.t_lo, args.t_hi)
+        sol = anneal(n, search)
         if sol is None:
             print(f"n={n}: no solution in {args.seconds:.0f}s", file=sys.stderr)
             failed.append(n)

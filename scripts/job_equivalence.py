@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import sys
 from pathlib import Path
 
@@ -51,12 +52,12 @@ def make_model(out: Path) -> None:
         if "norm" in name:  # non-trivial norm scales, so that fusing them matters
             p.data = 1 + 0.3 * torch.randn_like(p)
     model.save_pretrained(out, max_shard_size="200KB")
-    _, test = find_wikitext_files()
+    _, test = find_wikitext_files()  # a data directory's wiki.test.raw, else the packaged .xz copy
+    with lzma.open(test, "rt", encoding="utf-8") if test.suffix == ".xz" else test.open(encoding="utf-8") as f:
+        text = f.read()
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(
-        [test.read_text()[:300_000]], trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>"])
-    )
+    tok.train_from_iterator([text[:300_000]], trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(out)
 
 

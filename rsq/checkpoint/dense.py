@@ -1,4 +1,10 @@
-"""Dense-weight cache for loaded checkpoints where no GPU kernel runs.
+"""Dequantize once: the two ways a loaded checkpoint computes with W_hat instead of its packed codes.
+
+* :func:`enable_dense_cache` (what rsq.load and from_pretrained do): see below.
+* :func:`dense_linears` (``--dense`` of rsq eval / longctx / generate): every packed linear is
+  replaced by an ``nn.Linear`` holding W_hat in the model's dtype, for every device and backend.
+
+Dense-weight cache for loaded checkpoints where no GPU kernel runs.
 
 On a CPU (or on CUDA without Triton) a packed linear goes through the pure-torch reference, which
 unpacks and dequantizes W_hat on every call: a decoding step re-dequantizes every layer. With the
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsq.kernels import has_triton
+from rsq.rotation.online import attach_online_rotation
 
 _ATTR = "_rsq_dense"
 
@@ -81,3 +88,34 @@ def disable_dense_cache(model: nn.Module) -> int:
 def cached_weights(model: nn.Module) -> int:
     """How many packed linears currently hold a dense W_hat."""
     return sum(_ATTR in m.__dict__ for m in _packed(model))
+
+
+def dense_linears(model: nn.Module) -> int:
+    """Replace every packed linear (a module with ``dequantize_weight``) by an ``nn.Linear`` holding
+    W_hat in the model's floating dtype; return how many were replaced. An online rotation on the
+    packed linear's input moves to the dense one.
+
+    The same function: the CPU reference kernel also computes x @ W_hat^T from W_hat dequantized in
+    float32, only on every call; once is much faster for generation on CPU (one decoding step
+    re-dequantizes every layer) and costs the dense weights' memory. Float32 models agree up to the
+    summation order of the matmul.
+    """
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) or not hasattr(child, "dequantize_weight"):
+                continue
+            with torch.no_grad():
+                weight = child.dequantize_weight(torch.float32).to(dtype)
+                bias = None if child.bias is None else child.bias.to(dtype)
+            dense = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
+            dense.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                dense.bias = nn.Parameter(bias, requires_grad=False)
+            rotation = getattr(child, "online_rotation", None)
+            if rotation is not None:
+                attach_online_rotation(dense, rotation.spec)
+            setattr(parent, name, dense)
+            count += 1
+    return count

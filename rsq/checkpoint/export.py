@@ -46,9 +46,13 @@ from pathlib import Path
 
 import torch
 
+from rsq.checkpoint.card import write_model_card
 from rsq.checkpoint.exporters import open_export, runtime_sites, write_export_dir, write_provenance, write_weights
 from rsq.checkpoint.load import read_checkpoint_tensors
-from rsq.errors import CheckpointFormatError, ExportError
+from rsq.errors import CheckpointFormatError, ExportError, MissingDependencyError
+from rsq.formats import get_format
+from rsq.quant.pack import unpack_codes
+from rsq.rotation.hadamard import hadamard_matrix
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,6 @@ class ExportPlan:
 def _sylvester_site(site: dict) -> bool:
     """True when a ``full`` site's matrix is exactly compressed-tensors' ``hadamard`` one."""
     from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix, is_pow2
-
-    from rsq.rotation.hadamard import hadamard_matrix
 
     n = site["size"]
     if site["kind"] != "full" or not is_pow2(n):
@@ -164,9 +166,6 @@ def convert_linear(
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from rsq.formats import get_format
-    from rsq.quant.pack import unpack_codes
-
     bits = qc["bits"]
     offset = 1 << (bits - 1)
     codes = unpack_codes(tensors[f"{prefix}.qweight"], bits, in_features)
@@ -234,8 +233,6 @@ def check_compressed_tensors() -> None:
 
     from packaging.version import Version
 
-    from rsq.errors import MissingDependencyError
-
     need = f"rsq export needs compressed-tensors>={COMPRESSED_TENSORS_MIN} (its dense bit-stream packing)"
     try:
         found = version("compressed-tensors")
@@ -264,8 +261,6 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
             _transformers_version(),
         )
     tensors = compressed_state_dict(read_checkpoint_tensors(src), qc, plan, linears)
-
-    from rsq.checkpoint.card import write_model_card
 
     def write(tmp: Path) -> None:
         write_weights(tensors, tmp)

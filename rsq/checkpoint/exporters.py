@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from rsq.checkpoint.load import read_quant_config
 from rsq.errors import CheckpointFormatError, ConfigError, ExportError
+from rsq.formats import get_format
 from rsq.rotation.online import RUNTIME_KINDS
 
 MAX_SHARD = "2GB"
@@ -120,7 +122,6 @@ def check_exportable(qc: dict, name: str) -> None:
             f"the checkpoint has no quantized linears (method {qc.get('method')}): there is nothing to pack; "
             f"quantize with --bits {' / '.join(str(b) for b in exporter.bits)} first"
         )
-    from rsq.formats import get_format
 
     try:
         fmt = get_format(qc.get("grid", "uniform"))
@@ -165,8 +166,6 @@ def open_export(src: Path, out: Path, overwrite: bool, name: str) -> tuple:
     """(config, quantization_config, {linear name: in_features}) of the checkpoint ``src``, after the
     checks every export makes before writing anything: ``out`` free (or ``overwrite``) and not the
     source, :func:`check_exportable` for exporter ``name``, every quantized module a linear."""
-    from rsq.checkpoint.load import read_quant_config
-
     config, qc = read_quant_config(src)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists: pass --overwrite to replace it")

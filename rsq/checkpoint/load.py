@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from rsq.checkpoint.dense import enable_dense_cache
 from rsq.checkpoint.schema import FORMAT_VERSION, GUARD, GUARD_KEY, QUANT_METHOD
 from rsq.config import TORCH_DTYPES, GridConfig
 from rsq.errors import CheckpointFormatError, ConfigError
@@ -84,9 +85,6 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def _quant_module(qc: dict, prefix: str, tensors: dict, linear: torch.nn.Linear, dtype: torch.dtype):
     """A skeleton module of the checkpoint's number format, to be filled from its stored tensors."""
-    from rsq.config import GridConfig
-    from rsq.errors import ConfigError
-
     kind = qc.get("grid", "uniform")
     try:
         fmt = GridConfig(kind=kind, bits=qc["bits"], group_size=qc["group_size"]).format
@@ -177,8 +175,6 @@ def load_quantized(
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
     attach_online_rotations(model, qc)
     if not packed:
-        from rsq.checkpoint.dense import enable_dense_cache
-
         enable_dense_cache(model)
     model.to(device)
     model.eval()

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD, quantized_module_tensors
 from rsq.config import TORCH_DTYPES, RSQConfig
+from rsq.io.hf import finish_config_dict, source_dtype
 from rsq.models.registry import resolve
 from rsq.version import __version__
 
@@ -90,8 +91,6 @@ def checkpoint_state_dict(
 
 def rest_dtype_of(cfg: RSQConfig, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype of a checkpoint's unquantized tensors (None: the run's ``dtype``)."""
-    from rsq.io.hf import source_dtype
-
     if cfg.save_dtype == "auto":  # the source's own 16-bit dtype (GGUF: float16) for a float32 run
         return source_dtype(cfg.model or None) if dtype == torch.float32 else None
     return TORCH_DTYPES[cfg.save_dtype]
@@ -148,7 +147,6 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation
     config["quantization_config"] = quantization_config(cfg, rotation_record, sorted(state.results))
     config["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
     config["dtype"] = str(dtype).replace("torch.", "")
-    from rsq.io.hf import finish_config_dict
 
     finish_config_dict(config, model)  # architectures, neutral _name_or_path, plain-transformers guard
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rsq.cli.options import add_quantize_options, build_config
+from rsq.cli.progress import Progress
 from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
+from rsq.io.loading import load_config
+from rsq.models.bundled import list_bundled, load_bundled_config
+from rsq.models.registry import resolve
+from rsq.plan.memory import format_plan
+from rsq.report.plotting import require_matplotlib
 
 
 def add_parsers(sub) -> None:
-    from rsq.cli.options import add_quantize_options
-
     p = sub.add_parser(
         "ablate",
         help="grid of methods x importance strategies x seeds, with table and plots",
@@ -56,13 +61,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from rsq.report.plotting import require_matplotlib
-
     require_matplotlib()  # before any work: the plots are part of the output
     import torch
 
-    from rsq.cli.options import build_config
-    from rsq.cli.progress import Progress
     from rsq.job.ablate import (
         grid_cells,
         markdown_table,
@@ -103,11 +104,7 @@ def _split(text: str) -> list[str]:
 
 
 def cmd_plan(args) -> int:
-    from rsq.plan.memory import format_plan
-
     if args.list or args.all:
-        from rsq.models.bundled import list_bundled, load_bundled_config
-
         names = list_bundled()
         if args.list:
             print("\n".join(names))
@@ -122,6 +119,7 @@ def cmd_plan(args) -> int:
                     format_plan(
                         f"{name} (ranks={ranks})",
                         config,
+                        resolve(config),
                         nsamples=args.nsamples,
                         seqlen=args.seqlen,
                         bits=args.bits,
@@ -135,14 +133,6 @@ def cmd_plan(args) -> int:
 
 
 def _config_for(model):
-    from rsq.io.loading import load_config
-
-    if model:
-        try:
-            from rsq.models.bundled import list_bundled, load_bundled_config
-
-            if model in list_bundled():
-                return load_bundled_config(model)
-        except ImportError:
-            pass
+    if model and model in list_bundled():
+        return load_bundled_config(model)
     return load_config(model)

@@ -8,7 +8,11 @@ import copy
 import json
 from pathlib import Path
 
-from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
+from rsq.cli import cmd_quantize
+from rsq.cli.options import build_config, print_summary
+from rsq.cli.progress import Progress
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, TORCH_DTYPES
+from rsq.io.loading import load_model
 
 DEMO_METHODS = ("fp16", "rtn", "gptq", "quarot", "rsq")
 
@@ -47,9 +51,6 @@ def add_parsers(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from rsq.cli import cmd_quantize
-    from rsq.cli.options import build_config, print_summary
-    from rsq.cli.progress import Progress
     from rsq.job.run import run_quantize
 
     parser = argparse.ArgumentParser(prog="rsq")  # the quantize command's own options, as `rsq quantize` parses them
@@ -78,9 +79,6 @@ def cmd_demo(args) -> int:
         cfg = build_config(qargs)
         print(f"== {method} ==", flush=True)
         if base is None or base[2] != cfg.dtype:
-            from rsq.config import TORCH_DTYPES
-            from rsq.io.loading import load_model
-
             base = (*load_model(cfg.model or None, TORCH_DTYPES[cfg.dtype]), cfg.dtype)
         with Progress() as progress:
             runs.append(

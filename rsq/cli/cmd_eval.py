@@ -11,8 +11,21 @@ import math
 from pathlib import Path
 
 from rsq import jsonsafe
+from rsq.cli.cmd_generate import add_packed_option
 from rsq.cli.options import add_ppl_options, max_windows, ppl_sources
 from rsq.cli.progress import Progress
+from rsq.config import DTYPES, TORCH_DTYPES
+from rsq.errors import ConfigError
+from rsq.eval import longctx
+from rsq.eval.longctx import parse_positions, run_examples, run_longctx
+from rsq.eval.runner import PerplexityOptions, run_eval
+from rsq.eval.zeroshot import run_lm_eval
+from rsq.io.hf import load_any
+from rsq.io.loading import describe_source
+from rsq.models.device import resolve_device
+from rsq.plan.preflight import check_file_target, check_lengths
+from rsq.report.compare import write_report
+from rsq.report.plotting import require_matplotlib
 
 
 def _csv(text: str) -> list[str]:
@@ -20,8 +33,6 @@ def _csv(text: str) -> list[str]:
 
 
 def _ints(text: str, flag: str) -> list[int]:
-    from rsq.errors import ConfigError
-
     try:
         return [int(s) for s in _csv(text)]
     except ValueError as exc:
@@ -34,18 +45,14 @@ def _pct(v: float | None) -> str:
 
 def _load(model: str | None, dtype: str | None, dense: bool = False, packed: bool = False):
     """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards;
-    ``dense`` replaces the packed linears by dense ones (:func:`rsq.eval.runner.dense_linears`)."""
-    from rsq.config import DTYPES, TORCH_DTYPES
-    from rsq.errors import ConfigError
-    from rsq.eval.runner import load_any
-
+    ``dense`` replaces the packed linears by dense ones (:func:`rsq.checkpoint.dense.dense_linears`)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     net, tok = load_any(model, packed=packed)
     if dtype is not None:
         net.to(TORCH_DTYPES[dtype])
     if dense:
-        from rsq.eval.runner import dense_linears
+        from rsq.checkpoint.dense import dense_linears  # nn.Linear for packed ones: loads the kernels
 
         dense_linears(net)
     return net, tok
@@ -128,7 +135,6 @@ def add_parsers(sub) -> None:
         default=None,
         help="cast weights after loading: float16, bfloat16, float32 (default: as loaded, float32)",
     )
-    from rsq.cli.cmd_generate import add_packed_option
 
     add_packed_option(lc)
     lc.add_argument(
@@ -185,10 +191,8 @@ TASKS_HELP = (
 
 
 def add_lm_eval_options(p, tasks_required: bool) -> None:
-    from rsq.cli.cmd_generate import add_packed_option
-
-    add_packed_option(p)
     """The lm-eval options, shared by `rsq lm-eval` and `rsq eval` (where --tasks is optional)."""
+    add_packed_option(p)
     if tasks_required:
         p.add_argument("--tasks", required=True, help=TASKS_HELP)
     else:
@@ -240,9 +244,6 @@ def _write_json(path: str | None, data: dict) -> None:
 
 def cmd_lm_eval(args, loaded=None) -> int:
     """``loaded``: an already loaded (model, tokenizer) (``rsq eval --tasks --ppl`` loads once)."""
-    from rsq.eval.zeroshot import run_lm_eval
-    from rsq.io.loading import describe_source
-
     tasks = _csv(args.tasks)
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -279,15 +280,12 @@ def cmd_lm_eval(args, loaded=None) -> int:
 
 def _benchmarks(args) -> dict[str, list]:
     """Load the benchmark files named on the command line (before the model: missing data fails fast)."""
-    from rsq.errors import ConfigError
-    from rsq.eval import longctx as lc
-
     out: dict[str, list] = {}
     limit = args.bench_limit
     for path in args.leval or []:
-        out[f"leval:{Path(path).stem}"] = lc.load_leval(path, limit=limit)
+        out[f"leval:{Path(path).stem}"] = longctx.load_leval(path, limit=limit)
     for path in args.lca or []:
-        out[f"lca:{Path(path).stem}"] = lc.load_lca_library(path, limit=limit)
+        out[f"lca:{Path(path).stem}"] = longctx.load_lca_library(path, limit=limit)
     names = None
     if args.icl_label_names:
         try:
@@ -295,29 +293,21 @@ def _benchmarks(args) -> dict[str, list]:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--icl-label-names {args.icl_label_names}: not a readable JSON list ({exc})") from exc
     for train, test in args.icl or []:
-        out[f"icl:{Path(test).stem}:r{args.icl_rounds}"] = lc.load_longiclbench(
+        out[f"icl:{Path(test).stem}:r{args.icl_rounds}"] = longctx.load_longiclbench(
             train, test, rounds=args.icl_rounds, label_names=names, limit=limit
         )
     return out
 
 
 def cmd_longctx(args) -> int:
-    from rsq.cli.progress import Progress
-    from rsq.eval.longctx import parse_positions, run_examples, run_longctx
-    from rsq.io.loading import describe_source
-
     tasks = [] if args.task.strip().lower() == "none" else _csv(args.task)
     positions = parse_positions(args.positions)
     tokens = [t if t == "max" else int(t) for t in _csv(args.tokens)] if args.tokens else []
     if any(t != "max" and t < 1 for t in tokens):
-        from rsq.errors import ConfigError
-
         raise ConfigError(f"--tokens takes positive integers or 'max', got {args.tokens!r}")
     items = _ints(args.lines, "--lines") if args.lines else ([] if tokens else [300, 460, 620])
     benches = _benchmarks(args)
     if not tasks and not benches:
-        from rsq.errors import ConfigError
-
         raise ConfigError("--task none and no --leval/--lca/--icl data: nothing to evaluate")
     model, tokenizer = _load(args.model, args.dtype, dense=args.dense, packed=getattr(args, "packed", False))
     chat = False if args.no_chat else "auto"
@@ -377,10 +367,7 @@ def cmd_longctx(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rsq.report.plotting import require_matplotlib
-
     require_matplotlib()  # before any work: the plots are part of the output
-    from rsq.report.compare import write_report
 
     summary = write_report(args.runs, args.out, title=args.title)
     out = Path(args.out)
@@ -390,10 +377,6 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     """Perplexity; with --tasks the lm-eval tasks instead (as `rsq lm-eval`), plus perplexity when --ppl is given."""
-    from rsq.eval.runner import run_eval
-    from rsq.models.device import resolve_device
-    from rsq.plan.preflight import check_lengths
-
     ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2")
     if ppl_sources(ppl):
         check_lengths(
@@ -404,12 +387,8 @@ def cmd_eval(args) -> int:
         )
     resolve_device(args.device or "auto")
     if args.json_out:
-        from rsq.plan.preflight import check_file_target
-
         check_file_target(Path(args.json_out), "--json-out")
     if args.tasks and ppl_sources(ppl) and args.json_out:
-        from rsq.errors import ConfigError
-
         raise ConfigError(
             "--json-out with both --tasks and --ppl: run rsq eval once per kind (each writes its own "
             "JSON for rsq report)"
@@ -419,17 +398,20 @@ def cmd_eval(args) -> int:
         loaded = _load(args.model, args.dtype, packed=getattr(args, "packed", False))
     if ppl_sources(ppl):
         with Progress() as progress:
+            windows = PerplexityOptions(
+                seqlen=args.ppl_seqlen,
+                max_windows=max_windows(args),
+                batch_size=args.ppl_batch_size,
+                force_seqlen=args.force_seqlen,
+                data_dir=args.data_dir,
+            )
             results = run_eval(
                 args.model,
                 ppl_sources(ppl),
-                args.ppl_seqlen,
-                max_windows(args),
+                windows,
                 device=args.device or "auto",
-                data_dir=args.data_dir,
                 progress=progress.update,
                 loaded=loaded,
-                batch_size=args.ppl_batch_size,
-                force_seqlen=args.force_seqlen,
             )
         print(jsonsafe.dumps(results["perplexity"], indent=2))
         if args.json_out:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from rsq.errors import CheckpointFormatError, ConfigError
+from rsq.eval.longctx import encode_prompt
+from rsq.generation import compile_by_default, decode_kwargs
+from rsq.io.hf import load_any
+from rsq.models.device import resolve_device
 
 
 def add_parsers(sub) -> None:
@@ -77,31 +86,29 @@ class StepClock:
         return f"{first}, then {rate:.1f} tokens/s"
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How :func:`generate` decodes. ``compile``: static cache + compiled decode step
+    (rsq.generation.decode_kwargs, with ``compile_backend`` and ``fullgraph``)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    chat: bool = False
+    ignore_eos: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fullgraph: bool = False
+
+
 def generate(
-    model,
-    tokenizer,
-    prompt: str,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    seed: int = 0,
-    chat: bool = False,
-    ignore_eos: bool = False,
-    compile: bool = False,
-    compile_backend: str = "inductor",
-    fullgraph: bool = False,
-    clock: StepClock | None = None,
+    model, tokenizer, prompt: str, options: GenerateOptions | None = None, *, clock: StepClock | None = None, **fields
 ) -> tuple[list[int], str]:
-    """(new token ids, their text without special tokens) continuing ``prompt`` (batch of one).
-
-    ``compile``: static cache + compiled decode step (rsq.generation.decode_kwargs).
+    """(new token ids, their text without special tokens) continuing ``prompt`` (batch of one), as
+    ``options`` (:class:`GenerateOptions`; ``fields`` replace some of its fields) say.
     ``clock``: records when each token arrives (:class:`StepClock`)."""
-    import torch
-
-    from rsq.errors import ConfigError
-    from rsq.eval.longctx import encode_prompt
-    from rsq.generation import decode_kwargs
-
+    opts = replace(options or GenerateOptions(), **fields)
+    max_new_tokens, temperature, chat = opts.max_new_tokens, opts.temperature, opts.chat
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -116,16 +123,16 @@ def generate(
         if temperature > 0
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     )
-    fast = decode_kwargs(device, compile, backend=compile_backend, fullgraph=fullgraph)
+    fast = decode_kwargs(device, opts.compile, backend=opts.compile_backend, fullgraph=opts.fullgraph)
     if temperature > 0:
-        torch.manual_seed(seed)  # HF sampling draws from the global generator
+        torch.manual_seed(opts.seed)  # HF sampling draws from the global generator
     with torch.no_grad():
         out = model.generate(
             streamer=clock,
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens if ignore_eos else None,
+            min_new_tokens=max_new_tokens if opts.ignore_eos else None,
             num_beams=1,
             pad_token_id=pad if pad is not None else 0,
             **sampling,
@@ -136,16 +143,11 @@ def generate(
 
 
 def cmd_generate(args) -> int:
-    from rsq.errors import CheckpointFormatError
-    from rsq.eval.runner import load_any
-    from rsq.generation import compile_by_default
-    from rsq.models.device import resolve_device
-
     model, tokenizer = load_any(args.ckpt, packed=args.packed)
     if tokenizer is None:
         raise CheckpointFormatError(f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it")
     if args.dense:
-        from rsq.eval.runner import dense_linears
+        from rsq.checkpoint.dense import dense_linears  # nn.Linear for packed ones: loads the kernels
 
         dense_linears(model)
     device = resolve_device(args.device)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rsq.calib.datasets import load_text, sample_windows, tokenize
+from rsq.config import RotationConfig
+from rsq.io.loading import load_model
+from rsq.models.device import resolve_device
+from rsq.report.outliers import activation_stats, compare_rotation, plot_stats, summary_table
+from rsq.report.plotting import require_matplotlib
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
@@ -23,14 +30,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from rsq.report.plotting import require_matplotlib
-
     require_matplotlib()  # before any work: the plots are part of the output
-    from rsq.calib.datasets import load_text, sample_windows, tokenize
-    from rsq.config import RotationConfig
-    from rsq.io.loading import load_model
-    from rsq.models.device import resolve_device
-    from rsq.report.outliers import activation_stats, compare_rotation, plot_stats, summary_table
 
     model, tok = load_model(args.model)
     windows = sample_windows(tokenize(tok, load_text("wikitext2").calib), args.nsamples, args.seqlen, seed=0)

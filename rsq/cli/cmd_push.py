@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rsq.io.hub import push_folder
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
@@ -19,8 +21,6 @@ def add_parsers(sub) -> None:
 
 
 def cmd_push(args) -> int:
-    from rsq.io.hub import push_folder
-
     url = push_folder(
         args.ckpt, args.repo, private=args.private or None, revision=args.revision, commit_message=args.message
     )

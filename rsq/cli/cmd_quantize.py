@@ -6,8 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from rsq.cli.interrupt import INTERRUPT_HINT
 from rsq.cli.options import add_ppl_options, add_quantize_options, build_config, max_windows, ppl_sources, print_summary
 from rsq.cli.progress import Progress
+from rsq.distributed import init_from_env, shutdown
+from rsq.io.hub import push_folder
+from rsq.models.device import resolve_device
+from rsq.plan.preflight import check_lengths, check_nproc
 
 
 def add_parsers(sub) -> None:
@@ -50,10 +55,7 @@ def add_parsers(sub) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import os
 
-    from rsq.distributed import init_from_env, shutdown
     from rsq.job.run import run_quantize
-    from rsq.models.device import resolve_device
-    from rsq.plan.preflight import check_lengths, check_nproc
 
     cfg = build_config(args)
     check_nproc(args.nproc)
@@ -63,7 +65,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _launch_ranks(args.nproc)
     ctx = init_from_env("cuda" if cfg.device in ("auto", "cuda") and _has_cuda() else "cpu")
     out = Path(args.out)
-    from rsq.cli.interrupt import INTERRUPT_HINT
 
     INTERRUPT_HINT["out"] = out
     try:
@@ -88,8 +89,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print_summary([results])
         print(f"wrote {out}/ (results.json, model, tokenizer)")
         if args.push_to_hub:
-            from rsq.io.hub import push_folder
-
             print(f"pushed to {push_folder(out, args.push_to_hub)}")
     return 0
 

@@ -12,8 +12,20 @@ import logging
 import signal
 import sys
 
+from rsq.cli import (
+    cmd_ablate,
+    cmd_demo,
+    cmd_eval,
+    cmd_export,
+    cmd_generate,
+    cmd_inspect,
+    cmd_push,
+    cmd_quantize,
+    progress,
+)
 from rsq.cli.interrupt import INTERRUPT_HINT
 from rsq.errors import RSQError
+from rsq.job.store import STATE_FILE, partial_dir
 
 log = logging.getLogger("rsq")
 
@@ -25,17 +37,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_log_options(parser, "auto")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from rsq.cli import (
-        cmd_ablate,
-        cmd_demo,
-        cmd_eval,
-        cmd_export,
-        cmd_generate,
-        cmd_inspect,
-        cmd_push,
-        cmd_quantize,
-    )
 
     for module in (cmd_quantize, cmd_eval, cmd_demo, cmd_inspect, cmd_push, cmd_ablate, cmd_export, cmd_generate):
         module.add_parsers(sub)
@@ -68,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_transformers()
-    from rsq.cli import progress
 
     progress.configure(progress.choose_mode(args.quiet, args.log_format))
     previous = _install_sigterm()
@@ -104,8 +104,6 @@ def _install_sigterm():
 
 
 def _resume_hint() -> str:
-    from rsq.job.run import STATE_FILE, partial_dir
-
     out = INTERRUPT_HINT.get("out")
     if out is None:
         return "nothing was written"

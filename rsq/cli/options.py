@@ -25,6 +25,8 @@ from rsq.config import (
     RSQConfig,
     SolverConfig,
 )
+from rsq.errors import ConfigError
+from rsq.recipe import config_from_recipe, read_recipe
 
 
 def _default(cls, name: str):
@@ -211,8 +213,6 @@ _SECTION = {
 def build_config(args: argparse.Namespace) -> RSQConfig:
     """Namespace -> RSQConfig: the --config recipe (if any), then every option the user set on top;
     the rest keeps the dataclass defaults and the method's presets (rsq/recipe.py)."""
-    from rsq.recipe import config_from_recipe, read_recipe
-
     data = read_recipe(args.config) if getattr(args, "config", None) else {}
     sections = {name: dict(data.get(name) or {}) for name in _SECTION.values()}
     for key, value in vars(args).items():
@@ -243,8 +243,6 @@ def ppl_sources(text: str) -> tuple[str, ...]:
 
 def max_windows(args: argparse.Namespace) -> int | None:
     """--max-windows: 0 means all (None); a negative count is an error."""
-    from rsq.errors import ConfigError
-
     if args.max_windows < 0:
         raise ConfigError(f"--max-windows {args.max_windows} is invalid: use a positive count, or 0 for all windows")
     return args.max_windows or None

@@ -48,7 +48,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,6 +56,8 @@ import torch
 from torch import nn
 
 from rsq.errors import ConfigError
+from rsq.generation import decode_kwargs
+from rsq.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +221,6 @@ def fast_decoding(model: nn.Module, compile: bool | None, max_cache_len: int) ->
     """``generate`` kwargs of a run (rsq.generation.decode_kwargs): static cache + compiled decode step
     (None: on CUDA, not on the CPU), one cache of ``max_cache_len`` for every prompt of the run so
     that the step compiles once."""
-    from rsq.generation import decode_kwargs
-
     device = next(model.parameters()).device
     return decode_kwargs(device, compile, max_cache_len=max_cache_len)
 
@@ -283,63 +283,61 @@ def parse_positions(text: str | Sequence[str]) -> list[str]:
     return items
 
 
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """What :func:`run_retrieval` asks. Lengths are ``items`` (item counts) plus ``tokens``
+    (budgets, or ``"max"`` = the model's context minus ``max_new_tokens``), each converted with
+    :func:`items_for_budget`. ``samples`` prompts per (length, position), each with its own random
+    keys and values. ``compile``: static cache + compiled decoding (None: on CUDA;
+    :func:`fast_decoding`). ``keep_outputs``: each example row keeps the model's answer text."""
+
+    items: Sequence[int] = ()
+    tokens: Sequence[int | str] = ()
+    positions: Sequence[str] = ("start", "middle", "end")
+    samples: int = 5
+    seed: int = 0
+    max_new_tokens: int | None = None
+    chat: str | bool = "auto"
+    keep_outputs: bool = True
+    compile: bool | None = None
+
+
 def run_retrieval(
     model: nn.Module,
     tokenizer,
     task: str = "lines",
+    options: RetrievalOptions | None = None,
     *,
-    items: Sequence[int] = (),
-    tokens: Sequence[int | str] = (),
-    positions: Sequence[str] = ("start", "middle", "end"),
-    samples: int = 5,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-    chat: str | bool = "auto",
-    keep_outputs: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
-    compile: bool | None = None,
+    **fields,
 ) -> dict:
-    """Accuracy of ``task`` by length and by gold position (model on its current device).
-
-    Lengths are ``items`` (item counts) plus ``tokens`` (budgets, or ``"max"`` = the model's context
-    minus ``max_new_tokens``), each converted with :func:`items_for_budget`. ``samples`` prompts per
-    (length, position), each with its own random keys and values. ``compile``: static cache +
-    compiled decoding (None: on CUDA; :func:`fast_decoding`).
-    """
+    """Accuracy of ``task`` by length and by gold position (model on its current device), as
+    ``options`` (:class:`RetrievalOptions`; ``fields`` replace some of its fields) say."""
+    opts = replace(options or RetrievalOptions(), **fields)
     if task not in TASKS:
         raise ConfigError(f"unknown long-context task {task!r}: choose from {', '.join(TASKS)}")
-    if samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {samples}")
-    positions = parse_positions(positions)
-    new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS[task]
-    chat_on = use_chat(tokenizer, chat)
+    if opts.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {opts.samples}")
+    positions = parse_positions(opts.positions)
+    new_tokens = opts.max_new_tokens or DEFAULT_NEW_TOKENS[task]
+    chat_on = use_chat(tokenizer, opts.chat)
     context = model_context(model)
-    lengths: list[tuple[int, int | None]] = [(int(n), None) for n in items]
-    for b in tokens:
-        if b == "max":
-            if context is None:
-                raise ConfigError("the model config has no max_position_embeddings: pass a number to --tokens")
-            b = context - new_tokens
-        lengths.append((items_for_budget(task, tokenizer, int(b), chat=chat_on, seed=seed), int(b)))
-    if not lengths:
-        raise ConfigError("no lengths given: pass --lines N,... or --tokens BUDGET,...")
-    if any(n < 1 for n, _ in lengths):
-        raise ConfigError("item counts must be >= 1")
+    lengths = _lengths(task, tokenizer, opts, context - new_tokens if context is not None else None, chat_on)
 
     model.eval()
     t_start = time.perf_counter()
     longest = max(
-        len(encode_prompt(tokenizer, make_example(task, n, "end", seed, 0).prompt, chat_on)) for n, _ in lengths
+        len(encode_prompt(tokenizer, make_example(task, n, "end", opts.seed, 0).prompt, chat_on)) for n, _ in lengths
     )
     cache_len = longest + new_tokens + 64  # other samples and positions differ by a few tokens
-    fast = fast_decoding(model, compile, cache_len if context is None else min(cache_len, context))
+    fast = fast_decoding(model, opts.compile, cache_len if context is None else min(cache_len, context))
     rows, skipped = [], []
-    total = len(lengths) * len(positions) * samples
+    total = len(lengths) * len(positions) * opts.samples
     done = 0
     for n, budget in lengths:
         for pos in positions:
-            for k in range(samples):
-                ex = make_example(task, n, pos, seed, k)
+            for k in range(opts.samples):
+                ex = make_example(task, n, pos, opts.seed, k)
                 ids = encode_prompt(tokenizer, ex.prompt, chat_on)
                 if context is not None and len(ids) + new_tokens > context:
                     skipped.append(
@@ -352,22 +350,8 @@ def run_retrieval(
                         }
                     )
                 else:
-                    t0 = time.perf_counter()
-                    output = greedy_answer(model, tokenizer, ids, new_tokens, fast)
-                    row = {
-                        "items": n,
-                        "budget": budget,
-                        "position": pos,
-                        "sample": k,
-                        "gold_index": ex.gold_index,
-                        "tokens": len(ids),
-                        "answer": ex.answer,
-                        "correct": score_retrieval(task, output, ex.answer),
-                        "seconds": time.perf_counter() - t0,
-                    }
-                    if keep_outputs:
-                        row["output"] = output
-                    rows.append(row)
+                    row = {"items": n, "budget": budget, "position": pos, "sample": k}
+                    rows.append(row | _answer(model, tokenizer, task, ex, ids, new_tokens, fast, opts.keep_outputs))
                 done += 1
                 if progress is not None:
                     progress(f"{task} {n} items", done, total)
@@ -380,14 +364,47 @@ def run_retrieval(
         else "gold value occurs in the answer (case-insensitive)",
         "decoding": f"greedy, max_new_tokens={new_tokens}, chat_template={chat_on}",
         "model_context": context,
-        "samples": samples,
-        "seed": seed,
+        "samples": opts.samples,
+        "seed": opts.seed,
         "positions": positions,
         **aggregate(rows, positions),
         "skipped": skipped,
         "examples": rows,
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _lengths(task: str, tokenizer, opts: RetrievalOptions, room: int | None, chat_on: bool) -> list:
+    """[(item count, token budget or None)]: ``opts.items`` as given, then each of ``opts.tokens``
+    converted (``"max"``: ``room``, the context minus the new tokens)."""
+    lengths: list[tuple[int, int | None]] = [(int(n), None) for n in opts.items]
+    for b in opts.tokens:
+        if b == "max":
+            if room is None:
+                raise ConfigError("the model config has no max_position_embeddings: pass a number to --tokens")
+            b = room
+        lengths.append((items_for_budget(task, tokenizer, int(b), chat=chat_on, seed=opts.seed), int(b)))
+    if not lengths:
+        raise ConfigError("no lengths given: pass --lines N,... or --tokens BUDGET,...")
+    if any(n < 1 for n, _ in lengths):
+        raise ConfigError("item counts must be >= 1")
+    return lengths
+
+
+def _answer(model, tokenizer, task: str, ex, ids, new_tokens: int, fast, keep_outputs: bool) -> dict:
+    """One example's row: the model's greedy answer scored against the gold one."""
+    t0 = time.perf_counter()
+    output = greedy_answer(model, tokenizer, ids, new_tokens, fast)
+    row = {
+        "gold_index": ex.gold_index,
+        "tokens": len(ids),
+        "answer": ex.answer,
+        "correct": score_retrieval(task, output, ex.answer),
+        "seconds": time.perf_counter() - t0,
+    }
+    if keep_outputs:
+        row["output"] = output
+    return row
 
 
 def _acc(rows: list[dict]) -> float | None:
@@ -418,8 +435,6 @@ def aggregate(rows: list[dict], positions: Sequence[str]) -> dict:
 
 def run_longctx(model: nn.Module, tokenizer, tasks: Sequence[str] = ("lines",), *, device: str = "auto", **kw) -> dict:
     """:func:`run_retrieval` for each task; the dict that ``rsq longctx --json-out`` writes."""
-    from rsq.models.device import resolve_device
-
     model.to(resolve_device(device))
     return {"kind": "longctx", "tasks": {t: run_retrieval(model, tokenizer, t, **kw) for t in tasks}}
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from rsq.errors import ConfigError
+from rsq.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -182,57 +184,63 @@ def evaluate_raw(
     return raw
 
 
+@dataclass(frozen=True)
+class LmEvalOptions:
+    """How :func:`run_lm_eval` runs the harness. ``limit`` caps documents per task (int) or a
+    fraction (<1), for quick checks only: scores with a limit are not comparable to published ones.
+    With ``log_samples`` the result also holds ``samples[task] = [{"doc_id", "target",
+    "loglikelihoods" | "response", "correct": {metric: v}}]``."""
+
+    batch_size: int = 8
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    include_path: str | Path | list | None = None
+    log_samples: bool = False
+    apply_chat_template: bool = False
+    seed: int = 0
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer,
     tasks: list[str],
+    options: LmEvalOptions | None = None,
     *,
-    batch_size: int = 8,
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    include_path: str | Path | list | None = None,
     device: str = "auto",
-    log_samples: bool = False,
-    apply_chat_template: bool = False,
-    seed: int = 0,
+    **fields,
 ) -> dict[str, Any]:
-    """Run lm-eval ``tasks`` on an in-memory model; return :func:`summarize`'s dict plus run facts.
-
-    ``limit`` caps documents per task (int) or a fraction (<1), for quick checks only: scores with a
-    limit are not comparable to published ones. With ``log_samples`` the result also holds
-    ``samples[task] = [{"doc_id", "target", "loglikelihoods" | "response", "correct": {metric: v}}]``.
-    The model is moved to ``device`` (auto: CUDA when present).
-    """
+    """Run lm-eval ``tasks`` on an in-memory model as ``options`` say (:class:`LmEvalOptions`;
+    ``fields`` replace some of its fields); return :func:`summarize`'s dict plus run facts. The
+    model is moved to ``device`` (auto: CUDA when present)."""
+    opts = replace(options or LmEvalOptions(), **fields)
     if not tasks:
         raise ConfigError("no lm-eval tasks given: pass --tasks, e.g. --tasks " + ",".join(PAPER_ZERO_SHOT))
     import lm_eval
 
-    from rsq.models.device import resolve_device
-
     model.to(resolve_device(device))
-    lm = make_lm(model, tokenizer, batch_size=batch_size)
+    lm = make_lm(model, tokenizer, batch_size=opts.batch_size)
     raw = evaluate_raw(
         lm,
         tasks,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        include_path=include_path,
-        log_samples=log_samples,
-        apply_chat_template=apply_chat_template,
-        seed=seed,
+        limit=opts.limit,
+        num_fewshot=opts.num_fewshot,
+        include_path=opts.include_path,
+        log_samples=opts.log_samples,
+        apply_chat_template=opts.apply_chat_template,
+        seed=opts.seed,
     )
     out = summarize(raw)
     out.update(
         {
             "kind": "lm_eval",
             "requested": list(tasks),
-            "limit": limit,
-            "num_fewshot": num_fewshot,
+            "limit": opts.limit,
+            "num_fewshot": opts.num_fewshot,
             "n_samples": {k: v for k, v in (raw.get("n-samples") or {}).items()},
             "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         }
     )
-    if log_samples:
+    if opts.log_samples:
         out["samples"] = sample_records(raw)
     return out
 

@@ -175,11 +175,21 @@ def get_format(name: str) -> NumberFormat:
 
 
 def _load_builtin() -> None:
-    if not _REGISTRY:
-        import importlib
+    """Import the built-in formats once (whatever a caller imported first: a format module imported
+    directly registers only itself), then order the registry as BUILTIN, other formats after."""
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
+    import importlib
 
-        for module in BUILTIN:
-            importlib.import_module(module)
+    for module in BUILTIN:
+        importlib.import_module(module)
+    rank = {m: i for i, m in enumerate(BUILTIN)}
+    ordered = sorted(_REGISTRY.items(), key=lambda kv: rank.get(type(kv[1]).__module__, len(BUILTIN)))
+    _REGISTRY.clear()
+    _REGISTRY.update(ordered)
 
 
+_BUILTIN_LOADED = False
 BUILTIN = ("rsq.formats.uniform", "rsq.formats.nf", "rsq.formats.e8p")  # registered on first use, in this order

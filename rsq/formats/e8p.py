@@ -24,6 +24,7 @@ from rsq.formats.base import NumberFormat, register_format
 from rsq.kernels.backends import ANY_DTYPE, HALF, Backend, register_backend
 from rsq.nn.linear import QuantizedLinear
 from rsq.quant import e8p as E
+from rsq.solver.ldlq import e8p_sigma
 
 _NO_EXPORT = (
     "the e8p grid cannot be exported to {target}: it holds 2-bit uniform integers at most, no E8P lattice "
@@ -118,8 +119,6 @@ class E8P(NumberFormat):
             )
 
     def rtn(self, W, grid, kernels="auto"):
-        from rsq.solver.ldlq import e8p_sigma
-
         rows, cols = W.shape
         self.check_width(grid, cols)
         sigma = e8p_sigma(W, grid.e8p_scale)

@@ -24,11 +24,17 @@ import json
 import logging
 import sys
 import types
+from importlib.abc import Loader
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import torch
 
 from rsq.checkpoint.schema import GUARD, GUARD_KEY, QUANT_METHOD
+from rsq.config import TORCH_DTYPES
+from rsq.errors import RSQError
+from rsq.io import loading
+from rsq.io.hub import push_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +51,7 @@ def neutral_name(source: str | None) -> str:
     if not source:
         return EMBEDDED_HUB_ID
     if "site-packages" in source or "dist-packages" in source:
-        from rsq.io.loading import DEFAULT_MODEL_PACKAGE
-
-        return EMBEDDED_HUB_ID if DEFAULT_MODEL_PACKAGE in source else Path(source).name
+        return EMBEDDED_HUB_ID if loading.DEFAULT_MODEL_PACKAGE in source else Path(source).name
     if source.endswith(".gguf"):
         return Path(source).name
     return source
@@ -57,19 +61,14 @@ def source_dtype(source: str | None) -> torch.dtype | None:
     """The 16-bit dtype a source model declares (config.json ``dtype``/``torch_dtype``), None for
     float32 or undeclared. GGUF sources (the embedded default too) load dequantized in float32;
     their tensors come from float16 blocks, so they count as float16."""
-    from rsq.config import TORCH_DTYPES
-
     if not source or source.endswith(".gguf"):
         return torch.float16
     cfg_file = Path(source).expanduser() / "config.json"
     try:
         declared = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
-        from rsq.errors import RSQError
-        from rsq.io.loading import load_config
-
         try:
-            declared = load_config(source).to_dict()
+            declared = loading.load_config(source).to_dict()
         except RSQError as exc:  # load_config's one-line errors: hub unreachable, unknown id, bad config
             log.warning(
                 "could not read the dtype %s declares (%s): the checkpoint's unquantized tensors are saved in the "
@@ -112,15 +111,11 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
     _patch_config_file(Path(save_directory), self)
     if push:
-        from rsq.io.hub import push_folder
-
         push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
 
 
 def _push_to_hub(self, repo_id: str, *args, **kwargs):
     import tempfile
-
-    from rsq.io.hub import push_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         self.save_pretrained(tmp)
@@ -149,6 +144,15 @@ def load_adopted(path, **kwargs):
     return model, tokenizer
 
 
+def load_any(model: str | None, packed: bool = False):
+    """(model, tokenizer) for a plain model (rsq.io.loading.load_model, float32) or an rsq
+    checkpoint directory (:func:`load_adopted`; ``packed``: keep the packed reference path on the
+    CPU instead of the weights dequantized once, rsq/checkpoint/dense.py)."""
+    if loading.is_rsq_checkpoint(model):
+        return load_adopted(model, packed=packed)
+    return loading.load_model(model)
+
+
 def register() -> bool:
     """Register ``quant_method: "rsq"`` with transformers (idempotent). False where this
     transformers has no quantizer registration API."""
@@ -165,35 +169,49 @@ def register() -> bool:
 
 
 class _RegisterOnImport:
-    """A meta-path finder that registers rsq right after ``transformers.quantizers`` is imported, so
-    ``import rsq`` does not import transformers (seconds) yet from_pretrained always sees rsq."""
+    """A one-shot meta-path finder: it finds ``transformers.quantizers`` as Python's own path
+    finder does, and hands back a loader that runs that module's loader unchanged and then
+    registers rsq (:func:`register`) and removes this finder. So ``import rsq`` does not import
+    transformers (seconds), yet from_pretrained always sees rsq. No other module is touched."""
 
     TARGET = "transformers.quantizers"
 
     def find_spec(self, name, path=None, target=None):
         if name != self.TARGET:
             return None
-        from importlib.machinery import PathFinder
-
         spec = PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            uninstall_hook()
-            register()
-
-        spec.loader.exec_module = exec_module
+        spec.loader = _ThenRegister(spec.loader)
         return spec
+
+
+class _ThenRegister(Loader):
+    """``loader``'s module, then rsq registered (and the finder removed)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader  # as if rsq had never been there
+        uninstall_hook()
+        register()
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...: the wrapped loader's
+        return getattr(self.loader, name)
 
 
 _HOOK = _RegisterOnImport()
 
 
 def install_hook() -> None:
-    """Register now if transformers' quantizers are imported, else as soon as they are."""
+    """Register ``quant_method: "rsq"`` with transformers now if its quantizers are imported, else
+    as soon as they are (a one-shot finder at the head of ``sys.meta_path``). ``import rsq`` calls
+    this, its only side effect; :func:`uninstall_hook` takes the finder back before it fires."""
     if _RegisterOnImport.TARGET in sys.modules:
         register()
     elif _HOOK not in sys.meta_path:
@@ -201,6 +219,7 @@ def install_hook() -> None:
 
 
 def uninstall_hook() -> None:
+    """Remove the finder :func:`install_hook` installed (a no-op once it has fired)."""
     if _HOOK in sys.meta_path:
         sys.meta_path.remove(_HOOK)
 
@@ -230,8 +249,14 @@ def _define() -> None:
         RSQQuantizationConfig = AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
         RSQHfQuantizer = AUTO_QUANTIZER_MAPPING[QUANT_METHOD]
         return
+    RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_config_class(QuantizationConfigMixin))
+    RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_quantizer_class(HfQuantizer))
 
-    class _Config(QuantizationConfigMixin):
+
+def _config_class(base: type) -> type:
+    """rsq's quantization config class on transformers' ``QuantizationConfigMixin``."""
+
+    class _Config(base):
         """rsq's quantization_config (rsq/checkpoint/save.py writes it), kept key for key."""
 
         def __init__(self, **kwargs):
@@ -245,7 +270,13 @@ def _define() -> None:
         def to_diff_dict(self) -> dict:
             return self.to_dict()
 
-    class _Quantizer(HfQuantizer):
+    return _Config
+
+
+def _quantizer_class(base: type) -> type:
+    """rsq's quantizer on transformers' ``HfQuantizer``: builds rsq's modules in from_pretrained."""
+
+    class _Quantizer(base):
         """Loads rsq checkpoints in from_pretrained: rsq modules before the weights, rotations after."""
 
         requires_calibration = True
@@ -304,5 +335,4 @@ def _define() -> None:
             # so generate(cache_implementation="static") may compile the decode step
             return True
 
-    RSQQuantizationConfig = register_quantization_config(QUANT_METHOD)(_Config)
-    RSQHfQuantizer = register_quantizer(QUANT_METHOD)(_Quantizer)
+    return _Quantizer

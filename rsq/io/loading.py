@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rsq.errors import ConfigError, UnsupportedModelError
+from rsq.errors import ConfigError, MissingDependencyError, UnsupportedModelError
 from rsq.models.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,6 @@ def _compressed_tensors_config():
     evaluation (decoder, then head in chunks) never calls, and it re-initialises packed asymmetric
     zero points (tests/integration/test_export.py)."""
     from transformers import CompressedTensorsConfig
-
-    from rsq.errors import MissingDependencyError
 
     try:
         import compressed_tensors  # noqa: F401

@@ -31,7 +31,6 @@ from torch import nn
 
 from rsq.errors import CheckpointFormatError
 from rsq.models.adapter import ModelAdapter
-from rsq.models.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +80,9 @@ class StreamSource:
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, model: nn.Module) -> "StreamSource":
+    def open(cls, path: Path, model: nn.Module, adapter: ModelAdapter) -> "StreamSource":
         """Read the index (or the single file's header) and check it against ``model``'s shapes."""
         path = Path(path)
-        adapter = resolve(model.config)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         index = path / INDEX_FILE
         if index.is_file():
@@ -217,11 +215,11 @@ class LayerStreamer:
         layer.to("meta")
 
 
-def open_streamed(path: Path, config, dtype: torch.dtype) -> tuple[nn.Module, StreamSource]:
-    """(skeleton model, checked source): nothing but the files' headers has been read."""
-    resolve(config)  # UnsupportedModelError before anything else
+def open_streamed(path: Path, config, adapter: ModelAdapter, dtype: torch.dtype) -> tuple[nn.Module, StreamSource]:
+    """(skeleton model, checked source): nothing but the files' headers has been read. ``adapter``:
+    the model family's (rsq.models.registry.resolve, called once by the job's preparation)."""
     model = build_skeleton(config, dtype)
-    return model, StreamSource.open(path, model)
+    return model, StreamSource.open(path, model, adapter)
 
 
 def load_tokenizer_and_generation(path: Path, model: nn.Module):

@@ -50,10 +50,10 @@ from rsq.job.store import STATE_FILE, RunStore, _Interrupted, can_resume, check_
 from rsq.job.weights import open_weights
 from rsq.log import LayerLog, eval_done, gpu_peak_gib
 from rsq.loss_outliers import RAW_RATIO, REL_RATIO, find_loss_outliers, outlier_line
+from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
-from rsq.models.registry import resolve
 from rsq.plan import preflight
-from rsq.plan.memory import fit_device_memory, fit_host_memory
+from rsq.plan.memory import JobShape, fit_device_memory, fit_host_memory
 from rsq.rotation.rotate import plan_rotation, rotate_model
 from rsq.version import __version__
 
@@ -113,6 +113,7 @@ class Job:
     streamed: tuple | None  # (skeleton, checked source) of a streamed model
     texts: dict
     memory: dict
+    adapter: ModelAdapter  # the model family's, looked up once (preflight.check_model)
     run_cfg: RSQConfig = None  # this rank's device (several ranks: one GPU each)
     device: torch.device | None = None
     windows: torch.Tensor | None = None  # (N, T) calibration token ids
@@ -147,38 +148,28 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
     device = resolve_device(rank_device(ctx, cfg.device) if ctx.enabled else cfg.device)
     saved = _check_output_on_main(out, cfg, opts)
     config = opts.preloaded[0].config if opts.preloaded is not None else load_config(cfg.model or None)
-    preflight.check_model(config, cfg, ppl_seqlen=opts.eval_seqlen, force_seqlen=opts.force_seqlen)
+    adapter = preflight.check_model(config, cfg, ppl_seqlen=opts.eval_seqlen, force_seqlen=opts.force_seqlen)
     # a resume may change the mode: the finished layers' codes are in layer-*.safetensors either way
     stream_path = choose_stream(cfg, opts.stream, opts.preloaded)
     streamed = None  # the files' headers are checked against the config: before any output exists
     if stream_path is not None:
-        streamed = open_streamed(stream_path, config, TORCH_DTYPES[cfg.dtype])
+        streamed = open_streamed(stream_path, config, adapter, TORCH_DTYPES[cfg.dtype])
     texts = preflight.load_sources(cfg, opts.ppl_sources, calib=opts.calibration is None)
-    memory = fit_host_memory(
-        config,
-        cfg,
-        device=device,
+    shape = JobShape(
         ppl_seqlen=opts.eval_seqlen,
         ppl_batch_size=opts.ppl_batch_size,
-        ranks=ctx.world,
-        enforce=opts.check_memory,
+        ppl_windows=opts.ppl_max_windows if opts.ppl_sources else 0,
+        streamed=streamed is not None,
         preloaded=opts.preloaded is not None,
         text_chars=_text_chars(texts, cfg.calib.source, opts.ppl_sources),
-        streamed=streamed is not None,
-        ppl_windows=opts.ppl_max_windows if opts.ppl_sources else 0,
     )
-    memory["device_memory"] = fit_device_memory(  # a GPU job beyond the device's free memory stops here
-        config,
-        cfg,
-        device=device,
-        ppl_seqlen=opts.eval_seqlen,
-        ppl_batch_size=memory["ppl_batch_size"],
-        streamed=streamed is not None,
-        enforce=opts.check_memory,
-    )
+    memory = fit_host_memory(config, adapter, cfg, shape, device=device, ranks=ctx.world, enforce=opts.check_memory)
+    shape = replace(shape, ppl_batch_size=memory["ppl_batch_size"])
+    # a GPU job beyond the device's free memory stops here
+    memory["device_memory"] = fit_device_memory(config, adapter, cfg, shape, device=device, enforce=opts.check_memory)
     store = RunStore(out, cfg, saved, writer=ctx.is_main)
     store.stop_after = opts.stop_after_layer
-    return Job(cfg, opts, store, streamed, texts, memory)
+    return Job(cfg, opts, store, streamed, texts, memory, adapter)
 
 
 def _check_output_on_main(out: Path, cfg: RSQConfig, opts: JobOptions) -> dict | None:
@@ -227,10 +218,10 @@ def _execute(job: Job) -> dict | None:
     job.run_cfg = replace(cfg, device=rank_device(ctx, cfg.device)) if ctx.enabled else cfg
     job.device = resolve_device(job.run_cfg.device)
     t0 = time.perf_counter()
-    model, tokenizer, weights = open_weights(cfg, job.opts.preloaded, job.streamed)
+    adapter = job.adapter
+    model, tokenizer, weights = open_weights(cfg, adapter, job.opts.preloaded, job.streamed)
     job.timings["load"] = time.perf_counter() - t0
     job.host_peaks["load"] = measured_peak_gib()
-    adapter = resolve(model)
     first = adapter.get_layers(model)[0]
     for name in adapter.linears:
         cfg.grid.check_width(first.get_submodule(name).in_features, name)

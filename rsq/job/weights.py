@@ -15,7 +15,7 @@ from torch import nn
 from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.io.loading import load_model
 from rsq.io.streaming import LayerStreamer, load_tokenizer_and_generation
-from rsq.models.registry import resolve
+from rsq.models.adapter import ModelAdapter
 
 
 class WeightSource(Protocol):
@@ -40,7 +40,7 @@ class InMemoryWeights:
         pass
 
 
-def open_weights(cfg: RSQConfig, preloaded: tuple | None, streamed: tuple | None):
+def open_weights(cfg: RSQConfig, adapter: ModelAdapter, preloaded: tuple | None, streamed: tuple | None):
     """(model, tokenizer, weight source): ``preloaded`` = (model, tokenizer) as given; ``streamed``
     = (skeleton, checked StreamSource) from rsq.io.streaming.open_streamed, its ends loaded now;
     else the whole model from ``cfg.model`` (rsq.io.loading)."""
@@ -50,7 +50,7 @@ def open_weights(cfg: RSQConfig, preloaded: tuple | None, streamed: tuple | None
         return model, tokenizer, InMemoryWeights()
     if streamed is not None:
         model, source = streamed
-        weights = LayerStreamer(source, model, resolve(model), dtype)
+        weights = LayerStreamer(source, model, adapter, dtype)
         weights.load_ends()  # the decoder layers stay on meta until their turn
         return model, load_tokenizer_and_generation(source.path, model), weights
     model, tokenizer = load_model(cfg.model or None, dtype)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rsq.errors import ConfigError, UnsupportedModelError
+from rsq.models.registry import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def _num_kv_heads(config) -> int:
 
 def _biases(config) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o_proj bias, MLP bias) as the family's adapter declares them."""
-    from rsq.models.registry import resolve
-
     return resolve(config).biases(config)
 
 

@@ -3,17 +3,60 @@
 For every rotation site: the order, the Hadamard recipe or the fallback. Memory for calibration at
 N × T tokens: model weights, one decoder layer on the device, calibration activations (sharded over
 K ranks), Hessians, attention-importance chunks, and the packed checkpoint size.
+
+Every plan takes the model's config with its family adapter (rsq.models), resolved once by the
+caller (the job's preparation, `rsq plan`): the shapes and head counts come from the adapter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from rsq.config import CalibConfig, GridConfig, RSQConfig
-from rsq.models.registry import resolve
+import torch
+
+from rsq.checkpoint.save import MERGE_BELOW
+from rsq.config import TORCH_DTYPES, CalibConfig, GridConfig, RSQConfig
+from rsq.errors import MemoryBudgetError
+from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
+from rsq.models.adapter import ModelAdapter
 from rsq.rotation.hadamard import hadamard_kind, has_hadamard
 
 GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The calibration, grid and byte sizes :func:`memory_plan` is asked about; the calibration
+    and grid default to RSQConfig's (``rsq plan`` asks about 256 x 4096 windows)."""
+
+    nsamples: int = CalibConfig.nsamples
+    seqlen: int = CalibConfig.seqlen
+    bits: int = GridConfig.bits
+    group_size: int = GridConfig.group_size
+    batch: int = RSQConfig.batch_size
+    ranks: int = 1
+    act_bytes: int = 2
+    weight_bytes: int = 2
+    query_chunk: int = 512
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What the host and device memory plans read about a job besides the model and its RSQConfig.
+
+    ``ppl_seqlen``: evaluation window length (None: no evaluation); ``ppl_batch_size``: windows per
+    evaluation forward (None: the most, up to 4, that fits); ``ppl_windows``: the evaluation windows
+    whose hidden states ride along a streamed run's layers (None: every window of the text, about 4
+    characters a token); ``streamed``: the model is read layer by layer (rsq.io.streaming);
+    ``preloaded``: the model came already loaded; ``text_chars``: the characters of all the text
+    the job tokenizes."""
+
+    ppl_seqlen: int | None = None
+    ppl_batch_size: int | None = None
+    ppl_windows: int | None = None
+    streamed: bool = False
+    preloaded: bool = False
+    text_chars: int = 0
 
 
 @dataclass
@@ -23,8 +66,7 @@ class Site:
     recipe: str
 
 
-def rotation_plan(config, fallback: str = "skip") -> list[Site]:
-    adapter = resolve(config)
+def rotation_plan(config, adapter: ModelAdapter, fallback: str = "skip") -> list[Site]:
     hd, heads = adapter.head_dim(config), adapter.num_heads(config)
     sites = []
     for name, order in (
@@ -43,15 +85,10 @@ def rotation_plan(config, fallback: str = "skip") -> list[Site]:
     return sites
 
 
-def layer_linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear of one decoder layer (the family's table, rsq.models)."""
-    return resolve(config).linear_shapes(config)
-
-
-def param_counts(config) -> dict[str, int]:
-    shapes = layer_linear_shapes(config)
+def param_counts(config, adapter: ModelAdapter) -> dict[str, int]:
+    shapes = adapter.linear_shapes(config)
     per_layer = sum(o * i for o, i in shapes.values()) + 2 * config.hidden_size
-    qkv, o, mlp = resolve(config).biases(config)
+    qkv, o, mlp = adapter.biases(config)
     biased = ("q_proj", "k_proj", "v_proj") * qkv + ("o_proj",) * o + ("gate_proj", "up_proj", "down_proj") * mlp
     per_layer += sum(shapes[k][0] for k in biased)
     embed = config.vocab_size * config.hidden_size
@@ -65,25 +102,16 @@ def param_counts(config) -> dict[str, int]:
     }
 
 
-def memory_plan(
-    config,
-    *,
-    nsamples: int = CalibConfig.nsamples,
-    seqlen: int = CalibConfig.seqlen,
-    bits: int = GridConfig.bits,
-    ranks: int = 1,
-    act_bytes: int = 2,
-    weight_bytes: int = 2,
-    query_chunk: int = 512,
-    batch: int = RSQConfig.batch_size,
-    group_size: int = GridConfig.group_size,
-) -> dict[str, float]:
-    """Bytes (as GiB) per rank. Activations are sharded over ranks; one layer is on each device.
-    The calibration and grid default to RSQConfig's (``rsq plan`` asks about 256 x 4096 windows)."""
-    p = param_counts(config)
-    shapes = layer_linear_shapes(config)
+def memory_plan(config, adapter: ModelAdapter, work: Workload | None = None, **fields) -> dict[str, float]:
+    """Bytes (as GiB) per rank for ``work`` (:class:`Workload`; ``fields`` replace some of its
+    fields, e.g. ``nsamples=256``). Activations are sharded over ranks; one layer is on each device."""
+    w = replace(work or Workload(), **fields)
+    nsamples, seqlen, bits, group_size, batch = w.nsamples, w.seqlen, w.bits, w.group_size, w.batch
+    ranks, act_bytes, weight_bytes, query_chunk = w.ranks, w.act_bytes, w.weight_bytes, w.query_chunk
+    p = param_counts(config, adapter)
+    shapes = adapter.linear_shapes(config)
     d, inter = config.hidden_size, config.intermediate_size
-    heads = resolve(config).num_heads(config)
+    heads = adapter.num_heads(config)
     acts = nsamples * seqlen * d * act_bytes / ranks
     # one Hessian per distinct linear input: qkv (d), o (heads*hd), gate/up (d), down (inter); fp32
     hess = 4 * max(d, inter) ** 2 + 4 * max(d, inter) ** 2  # the accumulating one + the solver's copy
@@ -118,18 +146,19 @@ def memory_plan(
     }
 
 
-def format_plan(name: str, config, host_GiB: float | None = None, **kw) -> list[str]:
-    p = param_counts(config)
+def format_plan(name: str, config, adapter: ModelAdapter, host_GiB: float | None = None, **kw) -> list[str]:
+    """`rsq plan`'s lines for one model; ``kw``: :class:`Workload` fields."""
+    p = param_counts(config, adapter)
     lines = [
         f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
         f"{config.intermediate_size}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
         f"/{getattr(config, 'num_key_value_heads', config.num_attention_heads)}, "
-        f"head_dim {resolve(config).head_dim(config)}, "
+        f"head_dim {adapter.head_dim(config)}, "
         f"tied embeddings {bool(getattr(config, 'tie_word_embeddings', False))}"
     ]
-    for site in rotation_plan(config):
+    for site in rotation_plan(config, adapter):
         lines.append(f"  rotation {site.name:<18} order {site.order:>6}: {site.recipe}")
-    mem = memory_plan(config, **kw)
+    mem = memory_plan(config, adapter, **kw)
     for k, v in mem.items():
         lines.append(f"  {k:<42} {v:10.2f}")
     if host_GiB is not None:
@@ -185,14 +214,12 @@ def available_bytes() -> int | None:
     return None
 
 
-def eval_bytes(config, seqlen: int, batch: int, act_bytes: int = 4) -> int:
+def eval_bytes(config, adapter: ModelAdapter, seqlen: int, batch: int, act_bytes: int = 4) -> int:
     """Working memory of one perplexity forward of ``batch`` windows beyond the weights: the
     residual stream and MLP intermediates of a layer, the attention scores, and the chunked
     log-likelihood (rsq.eval.perplexity bounds a head chunk's logits to LOGITS_BUDGET)."""
-    from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
-
     d, inter = config.hidden_size, config.intermediate_size
-    heads = resolve(config).num_heads(config)
+    heads = adapter.num_heads(config)
     tokens = batch * seqlen
     layer = tokens * (6 * d + 3 * inter) * act_bytes + batch * heads * seqlen * seqlen * 4
     chunk = min(seqlen, positions_per_chunk(batch, config.vocab_size, LOGITS_BUDGET))
@@ -200,79 +227,77 @@ def eval_bytes(config, seqlen: int, batch: int, act_bytes: int = 4) -> int:
     return layer + logits + tokens * d * 4  # + the kept last hidden states
 
 
-def host_memory_plan(
-    config,
-    cfg,
-    *,
-    ppl_seqlen: int | None,
-    ppl_batch: int,
-    baseline: int = 0,
-    from_gguf: bool = False,
-    text_chars: int = 0,
-    streamed: bool = False,
-    ppl_windows: int = 0,
-) -> dict[str, int]:
+def host_memory_plan(config, adapter: ModelAdapter, cfg, job: JobShape, *, baseline: int = 0) -> dict[str, int]:
     """Predicted peak resident bytes of a CPU job per stage (each includes ``baseline``, the
-    process's resident set before loading): load, quantize, perplexity, save. ``text_chars``: the
-    characters of all the text the job tokenizes. ``streamed``: the model is read layer by layer
-    (rsq.io.streaming): the ends (embeddings, norm, head) stay resident, a decoder layer only during
-    its turn (counted twice: the layer with its codes and its shard being written, and a float64
-    rotation copy of one linear), and the ``ppl_windows`` evaluation windows' hidden states ride
-    along the layers; the shards are joined below rsq.checkpoint.save.MERGE_BELOW bytes."""
-    from rsq.config import TORCH_DTYPES
-
-    p = param_counts(config)
+    process's resident set before loading): load, quantize, perplexity, save. ``job``: its
+    evaluation (``ppl_seqlen``, ``ppl_batch_size``: an int here) and the text it tokenizes
+    (``text_chars``). A GGUF source (the embedded default too) is read dequantized to float32 unless
+    ``job.preloaded``. ``job.streamed``: the model is read layer by layer (rsq.io.streaming): the
+    ends (embeddings, norm, head) stay resident, a decoder layer only during its turn (counted
+    twice: the layer with its codes and its shard being written, and a float64 rotation copy of one
+    linear), and the ``job.ppl_windows`` evaluation windows' hidden states ride along the layers;
+    the shards are joined below rsq.checkpoint.save.MERGE_BELOW bytes."""
+    p = param_counts(config, adapter)
     wb = TORCH_DTYPES[cfg.dtype].itemsize
     model = p["total"] * wb
-    d, inter = config.hidden_size, config.intermediate_size
-    heads = resolve(config).num_heads(config)
+    d = config.hidden_size
+    from_gguf = not job.preloaded and (not cfg.model or str(cfg.model).endswith(".gguf"))
     # loading: transformers holds the checkpoint's tensors (a GGUF file dequantized to float32)
     # beside the model it fills
-    load = model + (p["total"] * 4 if from_gguf else model)
-    stages = {"load": load}
+    stages = {"load": model + (p["total"] * 4 if from_gguf else model)}
     ends = (p["embed"] + p["lm_head"] + d) * wb
-    layer = p["per_layer"] * wb
-    if streamed:
+    if job.streamed:
         stages["load"] = 2 * ends  # one tensor read beside the ends already read
     codes = 0
     if cfg.quantizes:
-        n, t = cfg.calib.nsamples * cfg.importance.expand, cfg.calib.seqlen
-        store = n * t * d * wb
-        reuse = cfg.solver.algorithm != "rtn" and cfg.importance.expand == 1 and cfg.offload in ("auto", "cpu")
-        acts = store * (2 if reuse else 1) if cfg.offload != "disk" and cfg.importance.expand == 1 else 0
-        bs = min(cfg.batch_size, n)
-        width = max(d, inter)
-        hess = 0 if cfg.solver.algorithm == "rtn" else 3 * 4 * width * width
-        inflight = bs * t * (3 * inter + 6 * d) * 4 + bs * heads * t * t * 4
-        if cfg.importance.strategy == "attncon":
-            inflight += 3 * heads * min(cfg.importance.query_chunk, t) * t * 4
-        codes = p["linear_per_layer"] * config.num_hidden_layers  # uint8 codes kept for the checkpoint
-        stages["quantize"] = model + acts + hess + inflight + codes
-        if streamed:
-            evals = ppl_windows * (ppl_seqlen or 0) * d * wb
-            stages["quantize"] = ends + 2 * layer + acts + hess + inflight + evals
-            codes = 0
-        if cfg.rotation.enabled:
-            # rsq.rotation.rotate.rotate_ends: each end (vocab x d) is rotated in float64 (its copy and
-            # the product, 16 bytes a weight) beside the model; a tied head is untied first. Measured
-            # on a streamed Qwen2.5-0.5B shape (152k vocabulary): 3.6 GiB against 1.7 predicted without it
-            untied = 0 if p["lm_head"] else p["embed"] * wb
-            base = ends if streamed else model
-            stages["quantize"] = max(stages["quantize"], base + untied + 2 * p["embed"] * 8)
-    if ppl_seqlen is not None:
-        stages["perplexity"] = model + codes + eval_bytes(config, ppl_seqlen, ppl_batch)
-        if streamed:
-            stages["perplexity"] = ends + ppl_windows * ppl_seqlen * d * wb + eval_bytes(config, ppl_seqlen, ppl_batch)
+        stages["quantize"], codes = _quantize_bytes(config, adapter, cfg, job, p)
+    if job.ppl_seqlen is not None:
+        work = eval_bytes(config, adapter, job.ppl_seqlen, job.ppl_batch_size)
+        stages["perplexity"] = model + codes + work
+        if job.streamed:
+            stages["perplexity"] = ends + (job.ppl_windows or 0) * job.ppl_seqlen * d * wb + work
     # saving: the checkpoint's tensors, then safetensors' serialised copy of them
     rest = (p["embed"] + p["lm_head"]) * wb
-    packed = memory_plan(config, bits=cfg.grid.bits, group_size=cfg.grid.group_size)["checkpoint_GiB"] * GiB
+    work = Workload(bits=cfg.grid.bits, group_size=cfg.grid.group_size)
+    packed = memory_plan(config, adapter, work)["checkpoint_GiB"] * GiB
     stages["save"] = model + codes + int(packed - (p["embed"] + p["lm_head"]) * 2 + rest) * 2
-    if streamed:
-        from rsq.checkpoint.save import MERGE_BELOW
-
+    if job.streamed:
         stages["save"] = ends + 2 * min(int(packed - (p["embed"] + p["lm_head"]) * 2 + rest), MERGE_BELOW)
-    after_tokenizing = baseline + LIBRARIES + TOKENIZE_PER_CHAR * text_chars
+    after_tokenizing = baseline + LIBRARIES + TOKENIZE_PER_CHAR * job.text_chars
     return {k: int(v + (baseline + LIBRARIES if k == "load" else after_tokenizing)) for k, v in stages.items()}
+
+
+def _quantize_bytes(config, adapter: ModelAdapter, cfg, job: JobShape, p: dict) -> tuple[int, int]:
+    """(the quantize stage's peak bytes, the uint8 codes kept for an in-memory checkpoint)."""
+    wb = TORCH_DTYPES[cfg.dtype].itemsize
+    model = p["total"] * wb
+    d, inter = config.hidden_size, config.intermediate_size
+    heads = adapter.num_heads(config)
+    ends = (p["embed"] + p["lm_head"] + d) * wb
+    n, t = cfg.calib.nsamples * cfg.importance.expand, cfg.calib.seqlen
+    store = n * t * d * wb
+    reuse = cfg.solver.algorithm != "rtn" and cfg.importance.expand == 1 and cfg.offload in ("auto", "cpu")
+    acts = store * (2 if reuse else 1) if cfg.offload != "disk" and cfg.importance.expand == 1 else 0
+    bs = min(cfg.batch_size, n)
+    width = max(d, inter)
+    hess = 0 if cfg.solver.algorithm == "rtn" else 3 * 4 * width * width
+    inflight = bs * t * (3 * inter + 6 * d) * 4 + bs * heads * t * t * 4
+    if cfg.importance.strategy == "attncon":
+        inflight += 3 * heads * min(cfg.importance.query_chunk, t) * t * 4
+    codes = p["linear_per_layer"] * config.num_hidden_layers  # uint8 codes kept for the checkpoint
+    peak = model + acts + hess + inflight + codes
+    if job.streamed:
+        evals = (job.ppl_windows or 0) * (job.ppl_seqlen or 0) * d * wb
+        peak = ends + 2 * p["per_layer"] * wb + acts + hess + inflight + evals
+        codes = 0
+    if cfg.rotation.enabled:
+        # rsq.rotation.rotate.rotate_ends: each end (vocab x d) is rotated in float64 (its copy and
+        # the product, 16 bytes a weight) beside the model; a tied head is untied first. Measured
+        # on a streamed Qwen2.5-0.5B shape (152k vocabulary): 3.6 GiB against 1.7 predicted without it
+        untied = 0 if p["lm_head"] else p["embed"] * wb
+        base = ends if job.streamed else model
+        peak = max(peak, base + untied + 2 * p["embed"] * 8)
+    return peak, codes
 
 
 def _gib(n: float) -> float:
@@ -280,47 +305,28 @@ def _gib(n: float) -> float:
 
 
 def fit_host_memory(
-    config,
-    cfg,
-    *,
-    device,
-    ppl_seqlen: int | None,
-    ppl_batch_size: int | None,
-    ranks: int = 1,
-    enforce: bool = True,
-    preloaded: bool = False,
-    text_chars: int = 0,
-    streamed: bool = False,
-    ppl_windows: int | None = None,
+    config, adapter: ModelAdapter, cfg, job: JobShape, *, device, ranks: int = 1, enforce: bool = True
 ) -> dict:
     """The evaluation batch and the predicted peak host memory of a job; on a CPU job whose
     prediction exceeds the available memory, MemoryBudgetError naming options that fit."""
-    from functools import partial
-
-    from rsq.errors import MemoryBudgetError
-
     baseline = _rss_bytes()
-    from_gguf = not preloaded and (not cfg.model or str(cfg.model).endswith(".gguf"))
-    if ppl_windows is None:  # every window of the text: about 4 characters per token
-        ppl_windows = text_chars // (4 * ppl_seqlen) if ppl_seqlen else 0
-    plan_of = partial(
-        host_memory_plan,
-        config,
-        baseline=baseline,
-        from_gguf=from_gguf,
-        text_chars=text_chars,
-        streamed=streamed,
-        ppl_windows=ppl_windows,
-    )
+    if job.ppl_windows is None:  # every window of the text: about 4 characters per token
+        job = replace(job, ppl_windows=job.text_chars // (4 * job.ppl_seqlen) if job.ppl_seqlen else 0)
+
+    def plan_of(c, seqlen: int | None, batch: int) -> dict[str, int]:
+        return host_memory_plan(
+            config, adapter, c, replace(job, ppl_seqlen=seqlen, ppl_batch_size=batch), baseline=baseline
+        )
+
     avail = available_bytes()
-    batch = ppl_batch_size
+    batch = job.ppl_batch_size
     if batch is None:  # the most, up to 4, that fits
         batch = 4
-        if ppl_seqlen is not None and avail is not None:
-            while batch > 1 and plan_of(cfg, ppl_seqlen=ppl_seqlen, ppl_batch=batch)["perplexity"] > avail:
+        if job.ppl_seqlen is not None and avail is not None:
+            while batch > 1 and plan_of(cfg, job.ppl_seqlen, batch)["perplexity"] > avail:
                 batch //= 2
-    stages = plan_of(cfg, ppl_seqlen=ppl_seqlen, ppl_batch=batch)
-    if preloaded:
+    stages = plan_of(cfg, job.ppl_seqlen, batch)
+    if job.preloaded:
         stages.pop("load")
     peak = max(stages.values())
     plan = {
@@ -330,49 +336,56 @@ def fit_host_memory(
         "available_GiB": None if avail is None else _gib(avail),
         "ppl_batch_size": batch,
         "applies": str(device) == "cpu" and ranks == 1,
-        "streamed": streamed,
+        "streamed": job.streamed,
     }
     if enforce and plan["applies"] and avail is not None and peak > avail:
+        tips = _host_tips(plan_of, cfg, stages, avail, job.ppl_seqlen, batch)
         raise MemoryBudgetError(
             f"this job needs about {_gib(peak):.1f} GiB of host memory (largest stage: "
             f"{max(stages, key=stages.get)}), but only {_gib(avail):.1f} GiB is available: "
-            + _advice(plan_of, cfg, stages, avail, ppl_seqlen, batch)
+            f"try {', '.join(tips) if tips else 'a machine with more memory'} (or --device cuda on a GPU)"
         )
     return plan
 
 
-def _advice(plan_of, cfg, stages, avail, ppl_seqlen, batch) -> str:
-    """Options that bring the prediction under ``avail`` (the first value that works per knob)."""
-    from dataclasses import replace
+def _smaller_calibration(cfg, fits, divisors: tuple[int, ...]) -> list[str]:
+    """The first --nsamples (nsamples / each divisor, then 1) and the first --seqlen (halved,
+    quartered, then 128) whose trial config ``fits``."""
+    tips = []
+    for n in (*(cfg.calib.nsamples // k for k in divisors), 1):
+        if 1 <= n < cfg.calib.nsamples and fits(replace(cfg, calib=replace(cfg.calib, nsamples=n))):
+            tips.append(f"--nsamples {n}")
+            break
+    for t in (cfg.calib.seqlen // 2, cfg.calib.seqlen // 4, 128):
+        if 2 <= t < cfg.calib.seqlen and fits(replace(cfg, calib=replace(cfg.calib, seqlen=t))):
+            tips.append(f"--seqlen {t}")
+            break
+    return tips
 
+
+def _shorter_windows(ppl_seqlen: int, fits) -> list[str]:
+    """The first --ppl-seqlen (halving, then 128) for which ``fits(seqlen)``."""
+    for t in (ppl_seqlen // 2, ppl_seqlen // 4, 128):
+        if 2 <= t < ppl_seqlen and fits(t):
+            return [f"--ppl-seqlen {t}"]
+    return []
+
+
+def _host_tips(plan_of, cfg, stages, avail, ppl_seqlen, batch) -> list[str]:
+    """Options that bring the prediction under ``avail`` (the first value that works per knob)."""
     tips = []
     if "quantize" in stages and stages["quantize"] > avail:
-        for n in (cfg.calib.nsamples // 2, cfg.calib.nsamples // 4, cfg.calib.nsamples // 8, 1):
-            if 1 <= n < cfg.calib.nsamples:
-                trial = replace(cfg, calib=replace(cfg.calib, nsamples=n))
-                if plan_of(trial, ppl_seqlen=None, ppl_batch=1)["quantize"] <= avail:
-                    tips.append(f"--nsamples {n}")
-                    break
-        for t in (cfg.calib.seqlen // 2, cfg.calib.seqlen // 4, 128):
-            if 2 <= t < cfg.calib.seqlen:
-                trial = replace(cfg, calib=replace(cfg.calib, seqlen=t))
-                if plan_of(trial, ppl_seqlen=None, ppl_batch=1)["quantize"] <= avail:
-                    tips.append(f"--seqlen {t}")
-                    break
+        tips += _smaller_calibration(cfg, lambda trial: plan_of(trial, None, 1)["quantize"] <= avail, (2, 4, 8))
         if cfg.offload != "disk":
             tips.append("--offload disk")
     if "perplexity" in stages and stages["perplexity"] > avail and ppl_seqlen:
         if batch > 1:
             tips.append("--ppl-batch-size 1")
-        for t in (ppl_seqlen // 2, ppl_seqlen // 4, 128):
-            if 2 <= t < ppl_seqlen and plan_of(cfg, ppl_seqlen=t, ppl_batch=1)["perplexity"] <= avail:
-                tips.append(f"--ppl-seqlen {t}")
-                break
-    fit = ", ".join(tips) if tips else "a machine with more memory"
-    return f"try {fit} (or --device cuda on a GPU)"
+        tips += _shorter_windows(ppl_seqlen, lambda t: plan_of(cfg, t, 1)["perplexity"] <= avail)
+    return tips
 
 
-def eval_batch_that_fits(config, seqlen: int, device) -> int:
+def eval_batch_that_fits(config, adapter: ModelAdapter, seqlen: int, device) -> int:
     """Perplexity windows per forward for rsq eval: the most, up to 4, whose working memory fits."""
     if str(device) != "cpu":
         return 4
@@ -380,8 +393,8 @@ def eval_batch_that_fits(config, seqlen: int, device) -> int:
     batch = 4
     if avail is None:
         return batch
-    model = param_counts(config)["total"] * 4
-    while batch > 1 and _rss_bytes() + model + eval_bytes(config, seqlen, batch) > avail:
+    model = param_counts(config, adapter)["total"] * 4
+    while batch > 1 and _rss_bytes() + model + eval_bytes(config, adapter, seqlen, batch) > avail:
         batch //= 2
     return batch
 
@@ -391,8 +404,6 @@ def eval_batch_that_fits(config, seqlen: int, device) -> int:
 
 def device_free_bytes(device) -> int:
     """Free memory of a CUDA device now (torch.cuda.mem_get_info), bytes."""
-    import torch
-
     return int(torch.cuda.mem_get_info(device)[0])
 
 
@@ -402,17 +413,15 @@ def device_free_bytes(device) -> int:
 DEVICE_MARGIN = 1.25
 
 
-def device_memory_plan(config, cfg, *, ppl_seqlen: int | None, ppl_batch: int, streamed: bool = False) -> dict:
+def device_memory_plan(config, adapter: ModelAdapter, cfg, job: JobShape) -> dict:
     """Predicted peak device memory per stage, bytes. quantize: one layer, its Hessians and a batch
     in flight (rsq.plan.memory_plan), plus the calibration activations where --offload device keeps
     them there (auto puts them there only if they use under a quarter of the free memory, so they
-    never decide whether a job fits). perplexity: the whole model on the device plus one forward's
-    working memory (eval_bytes); a streamed run evaluates layer by layer (as its quantize stage)."""
-    from rsq.config import TORCH_DTYPES
-
+    never decide whether a job fits). perplexity (``job.ppl_seqlen`` windows, ``job.ppl_batch_size``
+    a forward): the whole model on the device plus one forward's working memory (eval_bytes); a
+    streamed run evaluates layer by layer (as its quantize stage)."""
     nbytes = TORCH_DTYPES[cfg.dtype].itemsize
-    mem = memory_plan(
-        config,
+    work = Workload(
         nsamples=cfg.calib.nsamples * cfg.importance.expand,
         seqlen=cfg.calib.seqlen,
         bits=cfg.grid.bits,
@@ -421,38 +430,27 @@ def device_memory_plan(config, cfg, *, ppl_seqlen: int | None, ppl_batch: int, s
         batch=cfg.batch_size,
         group_size=cfg.grid.group_size,
     )
+    mem = memory_plan(config, adapter, work)
     key = "device_peak_if_activations_on_device_GiB" if cfg.offload == "device" else "device_peak_estimate_GiB"
     stages = {}
     if cfg.quantizes:
         stages["quantize"] = int(mem[key] * GiB)
-    if ppl_seqlen:
-        work = eval_bytes(config, ppl_seqlen, ppl_batch)
-        if streamed:
+    if job.ppl_seqlen:
+        work = eval_bytes(config, adapter, job.ppl_seqlen, job.ppl_batch_size)
+        if job.streamed:
             stages["perplexity"] = int(mem["layer_on_device_GiB"] * GiB) + work
         else:
-            stages["perplexity"] = param_counts(config)["total"] * nbytes + work
+            stages["perplexity"] = param_counts(config, adapter)["total"] * nbytes + work
     return stages
 
 
-def fit_device_memory(
-    config,
-    cfg,
-    *,
-    device,
-    ppl_seqlen: int | None,
-    ppl_batch_size: int,
-    streamed: bool = False,
-    enforce: bool = True,
-) -> dict:
-    """The predicted peak device memory of a job against the chosen CUDA device's free memory;
-    MemoryBudgetError naming options that fit where it does not (before anything is written).
-    On the CPU: the prediction only (``applies`` false)."""
-    from dataclasses import replace
+def fit_device_memory(config, adapter: ModelAdapter, cfg, job: JobShape, *, device, enforce: bool = True) -> dict:
+    """The predicted peak device memory of a job (``job.ppl_batch_size``: an int) against the
+    chosen CUDA device's free memory; MemoryBudgetError naming options that fit where it does not
+    (before anything is written). On the CPU: the prediction only (``applies`` false)."""
 
-    from rsq.errors import MemoryBudgetError
-
-    def plan_of(c, seqlen=ppl_seqlen, batch=ppl_batch_size):
-        return device_memory_plan(config, c, ppl_seqlen=seqlen, ppl_batch=batch, streamed=streamed)
+    def plan_of(c, seqlen=job.ppl_seqlen, batch=job.ppl_batch_size):
+        return device_memory_plan(config, adapter, c, replace(job, ppl_seqlen=seqlen, ppl_batch_size=batch))
 
     stages = plan_of(cfg)
     peak = max(stages.values(), default=0)
@@ -468,36 +466,8 @@ def fit_device_memory(
     }
     if not (enforce and applies and peak > budget):
         return record
-    tips = []
     over = {k for k, v in stages.items() if v > budget}
-    if "quantize" in over:
-        if cfg.offload == "device":
-            trial = replace(cfg, offload="cpu")
-            if plan_of(trial).get("quantize", 0) <= budget:
-                tips.append("--offload cpu")
-        for b in (cfg.batch_size // 2, cfg.batch_size // 4, 1):
-            if 1 <= b < cfg.batch_size and plan_of(replace(cfg, batch_size=b)).get("quantize", 0) <= budget:
-                tips.append(f"--batch-size {b}")
-                break
-        for n in (cfg.calib.nsamples // 2, cfg.calib.nsamples // 4, 1):
-            trial = replace(cfg, calib=replace(cfg.calib, nsamples=n))
-            if 1 <= n < cfg.calib.nsamples and plan_of(trial).get("quantize", 0) <= budget:
-                tips.append(f"--nsamples {n}")
-                break
-        for t in (cfg.calib.seqlen // 2, cfg.calib.seqlen // 4, 128):
-            trial = replace(cfg, calib=replace(cfg.calib, seqlen=t))
-            if 2 <= t < cfg.calib.seqlen and plan_of(trial).get("quantize", 0) <= budget:
-                tips.append(f"--seqlen {t}")
-                break
-    if "perplexity" in over and ppl_seqlen:
-        if ppl_batch_size > 1 and plan_of(cfg, batch=1)["perplexity"] <= budget:
-            tips.append("--ppl-batch-size 1")
-        for t in (ppl_seqlen // 2, ppl_seqlen // 4, 128):
-            if 2 <= t < ppl_seqlen and plan_of(cfg, seqlen=t, batch=1)["perplexity"] <= budget:
-                tips.append(f"--ppl-seqlen {t}")
-                break
-        if not streamed:
-            tips.append("--ppl none (then rsq eval)")
+    tips = _device_tips(plan_of, cfg, over, budget, job)
     fit = ", ".join(tips) if tips else "a GPU with more free memory"
     raise MemoryBudgetError(
         f"this job needs about {_gib(peak):.1f} GiB of memory on {device} (largest stage: "
@@ -505,3 +475,27 @@ def fit_device_memory(
         f"but only {_gib(free):.1f} GiB is free there (the plan keeps {DEVICE_MARGIN:.2f}x headroom): "
         f"try {fit}, or --device cpu"
     )
+
+
+def _device_tips(plan_of, cfg, over: set, budget: int, job: JobShape) -> list[str]:
+    """Options that bring the stages in ``over`` under ``budget`` (the first value that works per knob)."""
+    tips = []
+    if "quantize" in over:
+
+        def fits(trial) -> bool:
+            return plan_of(trial).get("quantize", 0) <= budget
+
+        if cfg.offload == "device" and fits(replace(cfg, offload="cpu")):
+            tips.append("--offload cpu")
+        for b in (cfg.batch_size // 2, cfg.batch_size // 4, 1):
+            if 1 <= b < cfg.batch_size and fits(replace(cfg, batch_size=b)):
+                tips.append(f"--batch-size {b}")
+                break
+        tips += _smaller_calibration(cfg, fits, (2, 4))
+    if "perplexity" in over and job.ppl_seqlen:
+        if job.ppl_batch_size > 1 and plan_of(cfg, batch=1)["perplexity"] <= budget:
+            tips.append("--ppl-batch-size 1")
+        tips += _shorter_windows(job.ppl_seqlen, lambda t: plan_of(cfg, seqlen=t, batch=1)["perplexity"] <= budget)
+        if not job.streamed:
+            tips.append("--ppl none (then rsq eval)")
+    return tips

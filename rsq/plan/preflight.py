@@ -16,7 +16,10 @@ import tempfile
 from functools import reduce
 from pathlib import Path
 
+from rsq.calib.datasets import load_text
 from rsq.errors import ConfigError
+from rsq.models.adapter import ModelAdapter
+from rsq.models.registry import resolve
 
 FORCE_FLAG = "--force-seqlen"
 
@@ -119,14 +122,12 @@ def check_context(config, lengths: dict[str, int], force: bool) -> None:
             )
 
 
-def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = False) -> None:
-    """The options against the model's config (before any weight is read)."""
-    from rsq.models.registry import resolve
-    from rsq.plan.memory import layer_linear_shapes
-
-    resolve(config)  # UnsupportedModelError
+def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = False) -> ModelAdapter:
+    """The options against the model's config (before any weight is read); returns the model
+    family's adapter (UnsupportedModelError for a family rsq does not know), looked up here once."""
+    adapter = resolve(config)
     if cfg.quantizes and cfg.grid.kind != "e8p":
-        widths = {name: shape[1] for name, shape in layer_linear_shapes(config).items()}
+        widths = {name: shape[1] for name, shape in adapter.linear_shapes(config).items()}
         check_group_size(cfg.grid.group_size, widths)
     lengths = {}
     if cfg.quantizes:
@@ -134,14 +135,13 @@ def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = Fal
     if ppl_seqlen is not None:
         lengths["--ppl-seqlen"] = ppl_seqlen
     check_context(config, lengths, force_seqlen)
+    return adapter
 
 
 def load_sources(cfg, ppl_sources, calib: bool = True) -> dict:
     """Every text source of the job, read (and UTF-8 checked) now: {source: TextSplit}. c4 shards
     are read lazily on first use (their readers raise ConfigError naming the shard). ``calib``
     False: the calibration comes as tokens (rsq.quantize(calibration=...)), not from a source."""
-    from rsq.calib.datasets import load_text
-
     texts = {cfg.calib.source: load_text(cfg.calib.source, cfg.calib.data_dir)} if calib else {}
     for source in ppl_sources:
         if source not in texts:

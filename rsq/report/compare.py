@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsq.errors import ConfigError
-from rsq.report.plotting import plain_log_yaxis
+from rsq.report.plotting import plain_log_yaxis, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,7 @@ def load_run(path: str | Path) -> Run:
         raise ConfigError(f"run directory {p} does not exist: pass directories written by rsq quantize")
     results = _read_json(p / "results.json") if (p / "results.json").is_file() else None
     if results is not None:
-        method = str(results.get("method", "?"))
-        grid = (results.get("config") or {}).get("grid") or {}
-        bits = UNQUANTIZED_BITS if method == "fp16" else int(grid.get("bits", UNQUANTIZED_BITS))
-        run = Run(p.name, p, method, bits, grid.get("group_size") if method != "fp16" else None)
-        imp = ((results.get("config") or {}).get("importance") or {}).get("strategy")
-        if method == "rsq" and imp:
-            run.detail = imp
-        run.ppl.update(_ppl_entries(results.get("perplexity") or {}))
-        run.seconds = (results.get("timings") or {}).get("total")
-        run.sources.append("results.json")
+        run = _run_from_results(p, results)
     else:
         ck = _checkpoint_bits(p)
         method, bits, gs = ck if ck else ("unquantized", UNQUANTIZED_BITS, None)
@@ -153,39 +144,58 @@ def load_run(path: str | Path) -> Run:
         if f.name in SKIP_JSON or f.name.startswith("tokenizer"):
             continue
         data = _read_json(f)
-        if not data:
-            continue
-        kind = data.get("kind")
-        if kind == "lm_eval":
-            for name, t in (data.get("tasks") or {}).items():
-                if t.get("value") is not None:
-                    run.tasks[name] = float(t["value"])
-                    run.task_metric[name] = str(t.get("metric"))
-            avg = data.get("average")
-            run.average = float(avg) if isinstance(avg, (int, float)) and not math.isnan(avg) else None
-        elif kind == "longctx":
-            for name, b in (data.get("benchmarks") or {}).items():
-                if b.get("score") is not None:
-                    run.bench[name] = float(b["score"])
-            for task, r in (data.get("tasks") or {}).items():
-                run.retrieval[task] = {
-                    "accuracy": r.get("accuracy"),
-                    "by_position": r.get("by_position") or {},
-                    "lengths": r.get("lengths") or [],
-                    "positions": r.get("positions") or [],
-                    "cell_n": _cell_counts(r),
-                }
-        elif "perplexity" in data and "method" not in data and isinstance(data["perplexity"], dict):
-            run.ppl.update(_ppl_entries(data["perplexity"]))
-        else:
-            continue
-        run.sources.append(f.name)
+        if data and _add_evaluation(run, data):
+            run.sources.append(f.name)
     if not run.sources:
         raise ConfigError(
             f"{p} has no results.json and no evaluation JSON (rsq lm-eval/longctx/eval --json-out): pass a run "
             "directory of rsq quantize, or write evaluations into it first"
         )
     return run
+
+
+def _run_from_results(p: Path, results: dict) -> Run:
+    """A run from its results.json (rsq quantize's): method, bits, perplexities, time."""
+    method = str(results.get("method", "?"))
+    grid = (results.get("config") or {}).get("grid") or {}
+    bits = UNQUANTIZED_BITS if method == "fp16" else int(grid.get("bits", UNQUANTIZED_BITS))
+    run = Run(p.name, p, method, bits, grid.get("group_size") if method != "fp16" else None)
+    imp = ((results.get("config") or {}).get("importance") or {}).get("strategy")
+    if method == "rsq" and imp:
+        run.detail = imp
+    run.ppl.update(_ppl_entries(results.get("perplexity") or {}))
+    run.seconds = (results.get("timings") or {}).get("total")
+    run.sources.append("results.json")
+    return run
+
+
+def _add_evaluation(run: Run, data: dict) -> bool:
+    """Add one evaluation JSON (lm-eval, longctx or perplexity) to ``run``; False for other JSON."""
+    kind = data.get("kind")
+    if kind == "lm_eval":
+        for name, t in (data.get("tasks") or {}).items():
+            if t.get("value") is not None:
+                run.tasks[name] = float(t["value"])
+                run.task_metric[name] = str(t.get("metric"))
+        avg = data.get("average")
+        run.average = float(avg) if isinstance(avg, (int, float)) and not math.isnan(avg) else None
+    elif kind == "longctx":
+        for name, b in (data.get("benchmarks") or {}).items():
+            if b.get("score") is not None:
+                run.bench[name] = float(b["score"])
+        for task, r in (data.get("tasks") or {}).items():
+            run.retrieval[task] = {
+                "accuracy": r.get("accuracy"),
+                "by_position": r.get("by_position") or {},
+                "lengths": r.get("lengths") or [],
+                "positions": r.get("positions") or [],
+                "cell_n": _cell_counts(r),
+            }
+    elif "perplexity" in data and "method" not in data and isinstance(data["perplexity"], dict):
+        run.ppl.update(_ppl_entries(data["perplexity"]))
+    else:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- table
@@ -259,8 +269,6 @@ def _metric_name(runs: list[Run], task: str) -> str:
 
 
 def _plt():
-    from rsq.report.plotting import pyplot
-
     plt = pyplot()
 
     return plt
@@ -272,6 +280,29 @@ def _ppl_points(runs: list[Run], key: str, method: str) -> dict[int, list[float]
         if r.method == method and r.quantized and key in r.ppl and math.isfinite(r.ppl[key]):
             pts.setdefault(r.bits, []).append(r.ppl[key])
     return pts
+
+
+def _draw_method(ax, i: int, method: str, pts: dict, color, bars: bool) -> None:
+    """One method's perplexities ``pts`` (bits -> values): a bar at ``i`` with its runs as dots and
+    the mean written on top, or a line of means over the bit widths with the runs as dots."""
+    xs = sorted(pts)
+    ys = [sum(pts[b]) / len(pts[b]) for b in xs]
+    if bars:
+        ax.bar(i, ys[0], width=0.6, color=color, alpha=0.85)
+        ax.plot([i] * len(pts[xs[0]]), pts[xs[0]], "o", color="black", markersize=4, zorder=3)
+        ax.annotate(
+            f"{ys[0]:.1f}",
+            (i, max(pts[xs[0]])),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    else:
+        ax.plot(xs, ys, "o-", color=color, label=method, markersize=7, linewidth=2)
+        for b in xs:
+            ax.plot([b] * len(pts[b]), pts[b], ".", color=color, markersize=4)
 
 
 def plot_ppl_vs_bits(runs: list[Run], out: Path) -> Path | None:
@@ -292,27 +323,8 @@ def plot_ppl_vs_bits(runs: list[Run], out: Path) -> Path | None:
             plain_log_yaxis(ax)
         for i, method in enumerate(methods):
             pts = _ppl_points(runs, key, method)
-            if not pts:
-                continue
-            xs = sorted(pts)
-            ys = [sum(pts[b]) / len(pts[b]) for b in xs]
-            color = colors[i % len(colors)]
-            if bars:
-                ax.bar(i, ys[0], width=0.6, color=color, alpha=0.85)
-                ax.plot([i] * len(pts[xs[0]]), pts[xs[0]], "o", color="black", markersize=4, zorder=3)
-                ax.annotate(
-                    f"{ys[0]:.1f}",
-                    (i, max(pts[xs[0]])),
-                    ha="center",
-                    va="bottom",
-                    fontsize=9,
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                )
-            else:
-                ax.plot(xs, ys, "o-", color=color, label=method, markersize=7, linewidth=2)
-                for b in xs:
-                    ax.plot([b] * len(pts[b]), pts[b], ".", color=color, markersize=4)
+            if pts:
+                _draw_method(ax, i, method, pts, colors[i % len(colors)], bars)
         refs = [r for r in runs if not r.quantized and key in r.ppl]
         for j, r in enumerate(refs):
             ax.axhline(

@@ -18,6 +18,8 @@ from torch import nn
 from rsq.config import RotationConfig
 from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
+from rsq.report.plotting import plain_log_yaxis, pyplot
+from rsq.rotation import rotate_model
 
 SITES = ("q_proj", "o_proj", "up_proj", "down_proj")  # one linear per distinct input
 
@@ -72,8 +74,6 @@ def activation_stats(model: nn.Module, windows: torch.Tensor, device: torch.devi
 
 def compare_rotation(model: nn.Module, windows: torch.Tensor, device: torch.device, cfg: RotationConfig) -> dict:
     """Stats of the model as given and of a rotated copy."""
-    from rsq.rotation import rotate_model
-
     before = activation_stats(model, windows, device)
     rotated = copy.deepcopy(model)
     record = rotate_model(rotated, resolve(rotated), cfg)
@@ -82,11 +82,7 @@ def compare_rotation(model: nn.Module, windows: torch.Tensor, device: torch.devi
 
 
 def plot_stats(stats: dict, path: Path) -> None:
-    from rsq.report.plotting import pyplot
-
     plt = pyplot()
-
-    from rsq.report.plotting import plain_log_yaxis
 
     fig, axes = plt.subplots(2, len(SITES), figsize=(4 * len(SITES), 6), sharex=True)
     for col, site in enumerate(SITES):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from rsq.errors import MissingDependencyError
+
 MATPLOTLIB_MIN = "3.7"
 
 
 def require_matplotlib() -> None:
     """MissingDependencyError (one line: what to install) when matplotlib is missing or too old."""
-    from rsq.errors import MissingDependencyError
-
     try:
         import matplotlib
     except ImportError:

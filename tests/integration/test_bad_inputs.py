@@ -285,10 +285,11 @@ def test_group_size_advice_on_the_default_models_widths():
     """SmolLM2-135M's widths (576 and 1536, from its embedded config) with --group-size 9."""
     from rsq.errors import ConfigError
     from rsq.io.loading import load_config
-    from rsq.plan.memory import layer_linear_shapes
+    from rsq.models.registry import resolve
     from rsq.plan.preflight import check_group_size
 
-    widths = {name: shape[1] for name, shape in layer_linear_shapes(load_config(None)).items()}
+    config = load_config(None)
+    widths = {name: shape[1] for name, shape in resolve(config).linear_shapes(config).items()}
     assert set(widths.values()) == {576, 1536}
     import re
 
@@ -434,7 +435,8 @@ def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path
 
     import rsq.plan.memory
     from rsq.io.loading import load_config
-    from rsq.plan.memory import host_memory_plan
+    from rsq.models.registry import resolve
+    from rsq.plan.memory import JobShape, host_memory_plan
 
     cfg = replace(_cfg(llama), batch_size=8, calib=CalibConfig(nsamples=512, seqlen=512))
     from rsq.calib.datasets import load_text
@@ -442,9 +444,10 @@ def test_job_beyond_available_memory_fails_with_options_that_fit(llama, tmp_path
     text = load_text("wikitext2")
     chars = len(text.calib) + len(text.eval)
     config = load_config(llama)
-    big = host_memory_plan(config, cfg, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
+    job = JobShape(ppl_seqlen=32, ppl_batch_size=4, text_chars=chars)
+    big = host_memory_plan(config, resolve(config), cfg, job)["quantize"]
     one = replace(cfg, calib=CalibConfig(nsamples=1, seqlen=512))
-    small = host_memory_plan(config, one, ppl_seqlen=32, ppl_batch=4, text_chars=chars)["quantize"]
+    small = host_memory_plan(config, resolve(config), one, job)["quantize"]
     avail = rsq.plan.memory._rss_bytes() + (big + small) // 2  # room for some of the 512 windows, not all
     monkeypatch.setattr(rsq.plan.memory, "available_bytes", lambda: avail)
     argv = ["quantize", llama, "--method", "gptq", "--nsamples", "512", "--seqlen", "512", "--batch-size", "8",
@@ -470,6 +473,7 @@ def test_large_vocabulary_evaluation_is_chunked():
     positions x vocabulary (4 x 511 x 151936 float32 logits were 1.2 GB, times the copies)."""
     from rsq.eval.perplexity import LOGITS_BUDGET, positions_per_chunk
     from rsq.models.bundled import load_bundled_config
+    from rsq.models.registry import resolve
     from rsq.plan.memory import LOGITS_COPIES, eval_bytes
 
     config = load_bundled_config("qwen2.5-0.5b")
@@ -477,7 +481,7 @@ def test_large_vocabulary_evaluation_is_chunked():
     step = positions_per_chunk(4, config.vocab_size)
     assert 4 * step * config.vocab_size * 4 <= LOGITS_BUDGET < 4 * (step + 1) * config.vocab_size * 4
     whole = 4 * 511 * config.vocab_size * 4 * LOGITS_COPIES
-    assert eval_bytes(config, 512, 4) < whole / 4
+    assert eval_bytes(config, resolve(config), 512, 4) < whole / 4
 
 
 def test_chunked_nll_equals_whole_logits():
@@ -501,5 +505,5 @@ def test_eval_batch_follows_the_option(llama, monkeypatch):
     seen = []
     real = rsq.eval.runner.perplexity
     monkeypatch.setattr(rsq.eval.runner, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
-    rsq.eval.runner.run_eval(llama, ("wikitext2",), 32, 3, batch_size=2)
+    rsq.eval.runner.run_eval(llama, ("wikitext2",), seqlen=32, max_windows=3, batch_size=2)
     assert seen == [2]

@@ -6,6 +6,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+import rsq.cli.cmd_demo
 import rsq.io.loading
 import rsq.job.weights
 from rsq.cli.main import main
@@ -29,7 +30,7 @@ def test_rtn_computes_no_activations_and_rounds_the_source_weights(tiny_model_di
     w = load_file(str(next(src.glob("*.safetensors"))))["model.layers.1.mlp.down_proj.weight"].double()
     scale = w.abs().max(1, keepdim=True).values / 3
     expected = torch.clamp(torch.round(w / scale), -4, 3) * scale
-    from rsq.eval.runner import load_any
+    from rsq.io.hf import load_any
 
     net = load_any(str(tmp_path / "o"))[0]
     got = net.get_submodule("model.layers.1.mlp.down_proj").dequantize_weight().double()
@@ -46,6 +47,7 @@ def test_demo_loads_the_model_once(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rsq.io.loading, "load_model", counting)
     monkeypatch.setattr(rsq.job.weights, "load_model", counting)  # the job's own loader (imported by name)
+    monkeypatch.setattr(rsq.cli.cmd_demo, "load_model", counting)  # the demo's (imported by name)
     argv = ["demo", "--methods", "fp16,fp16", "--max-windows", "1", "--out", str(tmp_path / "d")]  # fmt: skip
     assert main(argv) == 0
     assert len(calls) == 1

@@ -14,7 +14,8 @@ from rsq.config import CalibConfig, GridConfig, RSQConfig, SolverConfig
 from rsq.errors import MemoryBudgetError
 from rsq.io.loading import load_config
 from rsq.job.run import run_quantize
-from rsq.plan.memory import DEVICE_MARGIN, device_memory_plan, fit_device_memory
+from rsq.models.registry import resolve
+from rsq.plan.memory import DEVICE_MARGIN, JobShape, device_memory_plan, fit_device_memory
 
 CUDA = torch.device("cuda")  # only named: nothing here touches a GPU
 
@@ -40,26 +41,27 @@ def _cfg(model, **kw):
 
 def test_refusal_names_options_that_fit(llama, monkeypatch):
     config = load_config(llama)
+    adapter, job = resolve(config), JobShape(ppl_seqlen=None, ppl_batch_size=1)
     cfg = _cfg(llama, offload="device")
-    need = device_memory_plan(config, cfg, ppl_seqlen=None, ppl_batch=1)["quantize"]
-    offloaded = device_memory_plan(config, replace(cfg, offload="cpu"), ppl_seqlen=None, ppl_batch=1)["quantize"]
+    need = device_memory_plan(config, adapter, cfg, job)["quantize"]
+    offloaded = device_memory_plan(config, adapter, replace(cfg, offload="cpu"), job)["quantize"]
     assert offloaded < need  # the calibration activations (64 x 64 x 64 floats, twice) count on the device
     free = int((need + offloaded) / 2 * DEVICE_MARGIN)  # fits offloaded with the headroom, not need
     monkeypatch.setattr(rsq.plan.memory, "device_free_bytes", lambda device: free)
     with pytest.raises(MemoryBudgetError) as err:
-        fit_device_memory(config, cfg, device=CUDA, ppl_seqlen=None, ppl_batch_size=1)
+        fit_device_memory(config, adapter, cfg, job, device=CUDA)
     msg = str(err.value)
     assert "on cuda" in msg and "--offload cpu" in msg and "--device cpu" in msg and "\n" not in msg
     # the advice fits: the same job with it passes the check
-    record = fit_device_memory(config, replace(cfg, offload="cpu"), device=CUDA, ppl_seqlen=None, ppl_batch_size=1)
+    record = fit_device_memory(config, adapter, replace(cfg, offload="cpu"), job, device=CUDA)
     assert record["applies"] and record["predicted_peak_GiB"] * DEVICE_MARGIN <= record["free_GiB"]
     # the headroom: free memory just above the prediction is refused, the prediction x DEVICE_MARGIN passes
     monkeypatch.setattr(rsq.plan.memory, "device_free_bytes", lambda device: need + 1)
     with pytest.raises(MemoryBudgetError):
-        fit_device_memory(config, cfg, device=CUDA, ppl_seqlen=None, ppl_batch_size=1)
+        fit_device_memory(config, adapter, cfg, job, device=CUDA)
     monkeypatch.setattr(rsq.plan.memory, "device_free_bytes", lambda device: int(need * DEVICE_MARGIN) + 1)
-    assert fit_device_memory(config, cfg, device=CUDA, ppl_seqlen=None, ppl_batch_size=1)["applies"]
-    cpu = fit_device_memory(config, cfg, device=torch.device("cpu"), ppl_seqlen=None, ppl_batch_size=1)
+    assert fit_device_memory(config, adapter, cfg, job, device=CUDA)["applies"]
+    cpu = fit_device_memory(config, adapter, cfg, job, device=torch.device("cpu"))
     assert not cpu["applies"] and cpu["free_GiB"] is None
 
 

@@ -14,6 +14,7 @@ import json
 import torch
 
 import rsq
+from rsq.checkpoint.dense import dense_linears
 from rsq.cli.cmd_eval import add_parsers
 from rsq.config import (
     CalibConfig,
@@ -23,7 +24,6 @@ from rsq.config import (
     RSQConfig,
     SolverConfig,
 )
-from rsq.eval.runner import dense_linears
 from rsq.formats.uniform import QuantLinear
 from rsq.io.loading import load_model
 from rsq.job.run import run_quantize

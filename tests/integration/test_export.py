@@ -295,5 +295,8 @@ def test_rsq_checkpoint_with_exportable_rotations_exports(tiny_model_dir, tmp_pa
     # compressed-tensors): the same perplexity as the source checkpoint, up to float32 summation order
     from rsq.eval.runner import run_eval
 
-    ppl = [run_eval(str(d), ("wikitext2",), 64, 2, device="cpu")["perplexity"]["wikitext2"] for d in (ckpt, out)]
+    ppl = [
+        run_eval(str(d), ("wikitext2",), seqlen=64, max_windows=2, device="cpu")["perplexity"]["wikitext2"]
+        for d in (ckpt, out)
+    ]
     assert abs(ppl[1] / ppl[0] - 1) < 1e-5, ppl

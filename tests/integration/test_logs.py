@@ -81,7 +81,7 @@ def test_quiet_and_terminal_print_no_lines(llama, tmp_path, capsys, monkeypatch)
 def test_rtn_relative_loss_is_the_relative_weight_error(llama, tmp_path, capsys):
     """The logged relative loss against an independent oracle: for RTN it is ||W_hat - W||^2 / ||W||^2,
     W from the source model's file, W_hat the saved checkpoint's weight as rsq eval loads it."""
-    from rsq.eval.runner import load_any
+    from rsq.io.hf import load_any
 
     assert _quantize(llama, tmp_path / "o", "--log-format", "json", method="rtn") == 0
     first = json.loads(capsys.readouterr().err.splitlines()[0])

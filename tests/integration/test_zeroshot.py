@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from rsq.errors import ConfigError
-from rsq.eval.runner import load_any
 from rsq.eval.zeroshot import LOCAL_TASKS, _task_manager, run_lm_eval, sample_records, summarize
+from rsq.io.hf import load_any
 
 TASK = "rsq_facts"
 # Same weights, same fp32 CPU kernels and the same batch composition on both sides: agreement is
@@ -223,12 +223,15 @@ def test_bad_inputs_are_config_errors(model_dir, tmp_path):
 
 
 def test_cli_eval_tasks_and_ppl_load_the_model_once(model_dir, monkeypatch, capsys):
+    import rsq.cli.cmd_eval
     import rsq.eval.runner
     from rsq.cli.main import main
 
     calls = []
     real = rsq.eval.runner.load_any
-    monkeypatch.setattr(rsq.eval.runner, "load_any", lambda m, **kw: calls.append(m) or real(m, **kw))
+    counted = lambda m, **kw: calls.append(m) or real(m, **kw)  # noqa: E731
+    monkeypatch.setattr(rsq.eval.runner, "load_any", counted)  # run_eval's loader
+    monkeypatch.setattr(rsq.cli.cmd_eval, "load_any", counted)  # the eval commands' loader
     assert (
         main(
             [

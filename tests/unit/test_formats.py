@@ -129,3 +129,14 @@ def test_save_load_logits_match(name, tiny_model_dir, tmp_path):
         a, b = model(input_ids=ids).logits, loaded(input_ids=ids).logits
     # the same weights (bitwise, tested above); only the float32 matmul order of the modules differs
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+
+
+def test_builtin_formats_registered_whatever_is_imported_first():
+    """A format module imported directly registers itself first; the registry still lists every
+    built-in format, in BUILTIN's order (this failed when the registry loaded builtins only if empty)."""
+    import subprocess
+    import sys
+
+    code = "import rsq.formats.e8p\nfrom rsq.formats import format_names\nprint(','.join(format_names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "uniform,nf,e8p", out
