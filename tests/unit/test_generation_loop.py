@@ -1,0 +1,170 @@
+"""rsq's decode loop (rsq/generation/loop.py) against transformers' ``generate`` (CPU).
+
+The oracle is transformers' own greedy ``generate(do_sample=False)`` on the same model: the loop
+must give the same tokens, exactly (same forward, same float32 arithmetic on the CPU; only the
+static cache is longer than the dynamic one, and its extra positions are masked out).
+The tiny Llama's weights are N(0, 0.15) so that greedy decoding does not settle on one repeated
+token (with the default 0.02 it does, and a wrong position or mask would go unnoticed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rsq.errors import ConfigError
+from rsq.generation import cache_length, decoder, generate
+from tests.conftest import tiny_model
+
+PROMPT = 7
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    for p in m.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0, 0.15, generator=gen)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+def _hf(model, ids, n, mask=None, eos=None):
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids) if mask is None else mask,
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+            eos_token_id=eos,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_tokens_equal_transformers_generate(model, ids, batch):
+    x = ids[:batch]
+    ref = _hf(model, x, 24)
+    got = generate(model, x, 24, ignore_eos=True)
+    assert got.shape == (batch, PROMPT + 24)
+    assert torch.equal(got, ref)
+    assert len(set(ref[0, PROMPT:].tolist())) > 5  # a varied sequence: positions and cache matter
+
+
+@pytest.mark.parametrize("every", [1, 4, 16])
+def test_eos_stopping_equals_transformers_generate(model, ids, every):
+    """Rows end at different steps; ended rows get the pad token; the output stops with the last row
+    (the loop looks every ``every`` tokens, then drops what it generated past that point)."""
+    free = _hf(model, ids, 40)[:, PROMPT:]
+    # an EOS pair that ends row 0 early and row 1 later; row 2 ends with one of them or at the limit
+    eos = [int(free[0, 3]), int(free[1, 11])]
+    ends = [next((i for i, t in enumerate(row) if t in eos), 39) for row in free.tolist()]
+    assert ends[0] <= 3 and 3 < ends[1] <= 11 and ends[0] != max(ends)
+    ref = _hf(model, ids, 40, eos=eos)
+    assert ref.shape[1] == PROMPT + max(ends) + 1  # the oracle stops with the last row
+    got = generate(model, ids, 40, eos_token_id=eos, pad_token_id=0, eos_every=every)
+    assert torch.equal(got, ref)
+    assert (got[0, PROMPT + ends[0] + 1 :] == 0).all()  # padded after its end
+
+
+def test_eos_never_met_runs_to_the_limit(model, ids):
+    free = _hf(model, ids, 20)
+    unseen = next(t for t in range(3, 512) if t not in set(free[:, PROMPT:].flatten().tolist()))
+    got = generate(model, ids, 20, eos_token_id=unseen, pad_token_id=0)
+    assert torch.equal(got, free)
+
+
+def test_eos_from_generation_config(model, ids):
+    free = _hf(model, ids[:1], 20)
+    eos = int(free[0, PROMPT + 5])
+    model.generation_config.eos_token_id = eos
+    try:
+        got = generate(model, ids[:1], 20, pad_token_id=0)
+        ignored = generate(model, ids[:1], 20, ignore_eos=True)
+    finally:
+        model.generation_config.eos_token_id = None
+    first = free[0, PROMPT:].tolist().index(eos)
+    assert torch.equal(got, free[:, : PROMPT + first + 1])
+    assert torch.equal(ignored, free)
+
+
+def test_left_padded_batch_equals_transformers_generate(model, ids):
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    x = ids.masked_fill(mask == 0, 0)
+    ref = _hf(model, x, 20, mask=mask)
+    got = generate(model, x, 20, attention_mask=mask, ignore_eos=True)
+    assert torch.equal(got, ref)
+    # the mask is used: the same ids unmasked continue differently
+    assert not torch.equal(generate(model, x, 20, ignore_eos=True)[1], got[1])
+
+
+def test_right_padding_and_bad_arguments_are_refused(model, ids):
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with pytest.raises(ConfigError, match="left"):
+        generate(model, ids, 4, attention_mask=mask)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(model, ids, 0)
+    with pytest.raises(ConfigError, match="batch, tokens"):
+        generate(model, ids[0], 4)
+
+
+def test_cache_sized_per_call_and_reused_within_a_size(model, ids):
+    """A short call after a long one gets a short cache (it never attends over the long one); calls
+    whose prompt + new tokens round to the same multiple of 256 reuse one cache."""
+    dec = decoder(model)
+    long = torch.randint(3, 512, (3, 300), generator=torch.Generator().manual_seed(2))
+    stats: dict = {}
+    generate(model, long, 20, ignore_eos=True, stats=stats)
+    assert stats["cache_len"] == cache_length(320) == 512
+    assert dec.cache.layers[0].keys.shape[2] == 512
+
+    short = generate(model, ids, 20, ignore_eos=True, stats=stats)
+    assert stats["cache_len"] == 256 and stats["new_cache"]
+    assert dec.cache.layers[0].keys.shape[2] == 256  # the attention's key length of every step
+    assert torch.equal(short, _hf(model, ids, 20))  # nothing of the long call leaks in
+
+    cache = dec.cache
+    again = generate(model, ids, 30, ignore_eos=True, stats=stats)  # 37 positions: same size
+    assert not stats["new_cache"] and dec.cache is cache
+    assert torch.equal(again, _hf(model, ids, 30))
+    generate(model, ids[:1], 30, ignore_eos=True, stats=stats)  # another batch size: another cache
+    assert stats["new_cache"] and dec.cache.layers[0].keys.shape[:3] == (1, 2, 256)
+
+
+def test_sampling_reduces_to_greedy_and_is_seeded(model, ids):
+    greedy = generate(model, ids, 12, ignore_eos=True)
+    top1 = generate(model, ids, 12, ignore_eos=True, temperature=0.7, top_k=1)
+    assert torch.equal(top1, greedy)
+    nucleus = generate(model, ids, 12, ignore_eos=True, temperature=0.7, top_p=1e-6)
+    assert torch.equal(nucleus, greedy)
+    a = generate(model, ids, 12, ignore_eos=True, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate(model, ids, 12, ignore_eos=True, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, greedy)
+
+
+def test_compiled_step_gives_eager_tokens_and_compiles_once(model, ids):
+    """The step under torch.compile (aot_eager on the CPU: the traced graph run op for op), whole
+    graph (fullgraph=True), gives the eager tokens; a second call of the same shapes reuses it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ref = _hf(model, ids, 10)
+    got = generate(model, ids, 10, ignore_eos=True, compile=True, backend="aot_eager")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(got, ref)
+    again = generate(model, ids, 12, ignore_eos=True, compile=True, backend="aot_eager")
+    assert counters["stats"]["unique_graphs"] == graphs  # same batch, same cache size: no recompile
+    assert torch.equal(again, _hf(model, ids, 12))
