@@ -168,3 +168,47 @@ def test_compiled_step_gives_eager_tokens_and_compiles_once(model, ids):
     again = generate(model, ids, 12, ignore_eos=True, compile=True, backend="aot_eager")
     assert counters["stats"]["unique_graphs"] == graphs  # same batch, same cache size: no recompile
     assert torch.equal(again, _hf(model, ids, 12))
+
+
+@pytest.fixture(scope="module")
+def rsq_model(model, tiny_tokenizer_dir, tmp_path_factory):
+    """The module's model quantized by rsq (4-bit GPTQ with QuaRot's rotations: packed linears and
+    online Hadamards) and loaded back with rsq.load."""
+    from transformers import AutoTokenizer
+
+    import rsq
+    from rsq.config import CalibConfig, GridConfig, ImportanceConfig, RotationConfig, RSQConfig
+    from rsq.io.loading import load_model
+    from rsq.job.run import run_quantize
+
+    src, ckpt = tmp_path_factory.mktemp("gen-src"), tmp_path_factory.mktemp("gen-ckpt") / "ckpt"
+    model.save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(src)
+    cfg = RSQConfig(
+        model=str(src),
+        method="quarot",
+        grid=GridConfig(bits=4),
+        rotation=RotationConfig(enabled=True),
+        importance=ImportanceConfig(strategy="uniform"),
+        calib=CalibConfig(nsamples=4, seqlen=64),
+        batch_size=4,
+    )
+    run_quantize(cfg, ckpt, ppl_sources=(), preloaded=load_model(str(src)))
+    loaded, _ = rsq.load(ckpt)
+    return loaded
+
+
+def test_rsq_model_greedy_tokens_equal_transformers_generate(rsq_model, ids):
+    from torch._dynamo.utils import counters
+
+    from rsq.nn.linear import QuantizedLinear
+
+    assert any(isinstance(m, QuantizedLinear) for m in rsq_model.modules())
+    ref = _hf(rsq_model, ids, 16)
+    assert torch.equal(generate(rsq_model, ids, 16, ignore_eos=True), ref)
+    assert torch.equal(generate(rsq_model, ids[:1], 16, ignore_eos=True), _hf(rsq_model, ids[:1], 16))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(rsq_model, ids, 16, ignore_eos=True, compile=True, backend="aot_eager")  # fullgraph
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(compiled, ref)
