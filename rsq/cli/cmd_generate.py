@@ -39,7 +39,15 @@ def add_parsers(sub) -> None:
         default=None,
         help="static KV cache + torch.compile'd decode step (CUDA graphs on a GPU), 8-10x eager's tokens/s on "
         "a GPU; greedy tokens equal the eager path's; the first call compiles (warm-up reported once) "
-        "(default: on for CUDA, off on the CPU; --no-compile: eager decoding with the dynamic cache)",
+        "(default: on for CUDA, off on the CPU; --no-compile: eager decoding)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("rsq", "hf"),
+        default=None,
+        help="rsq: rsq's own decode loop (rsq.generation.generate: static cache sized to the call, no host "
+        "sync per token); hf: transformers' generate (with --no-compile, its dynamic cache) "
+        "(default: rsq on CUDA, hf on the CPU)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
@@ -77,6 +85,15 @@ class StepClock:
         return f"{first}, then {rate:.1f} tokens/s"
 
 
+def loop_summary(stats: dict) -> str | None:
+    """The rsq loop's timings (rsq.generation.generate's ``stats``) as StepClock.summary words."""
+    if not stats or stats.get("steps", 0) < 2:
+        return None
+    rate = stats["steps"] / stats["decode_s"]
+    first = f"prefill + first token {stats['prefill_s']:.2f} s, first decode step {stats['first_step_s']:.1f} s"
+    return f"{first}, then {rate:.1f} tokens/s"
+
+
 def generate(
     model,
     tokenizer,
@@ -91,17 +108,23 @@ def generate(
     compile_backend: str = "inductor",
     fullgraph: bool = False,
     clock: StepClock | None = None,
+    loop: str = "hf",
+    stats: dict | None = None,
 ) -> tuple[list[int], str]:
     """(new token ids, their text without special tokens) continuing ``prompt`` (batch of one).
 
-    ``compile``: static cache + compiled decode step (rsq.generation.decode_kwargs).
-    ``clock``: records when each token arrives (:class:`StepClock`)."""
+    ``loop``: "rsq" (rsq.generation.generate; ``stats`` gets its timings) or "hf" (transformers'
+    generate; ``compile``: static cache + compiled decode step, rsq.generation.decode_kwargs;
+    ``clock`` records when each token arrives, :class:`StepClock`)."""
     import torch
 
     from rsq.errors import ConfigError
     from rsq.eval.longctx import encode_prompt
-    from rsq.generation import decode_kwargs
+    from rsq.generation import LoopOptions, Sampling, decode_kwargs, decoder
+    from rsq.generation import generate as rsq_generate
 
+    if loop not in ("rsq", "hf"):
+        raise ConfigError(f"--loop must be rsq or hf, got {loop!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -116,6 +139,21 @@ def generate(
         if temperature > 0
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     )
+    if loop == "rsq":
+        gen = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+        out = rsq_generate(
+            model,
+            ids,
+            max_new_tokens,
+            eos_token_id=() if ignore_eos else None,
+            pad_token_id=pad,
+            sampling=Sampling(temperature, generator=gen),
+            options=LoopOptions(compile=compile, backend=compile_backend, timed=stats is not None),
+        )
+        if stats is not None:
+            stats.update(decoder(model).stats)
+        new = out[0, ids.shape[1] :].tolist()
+        return new, tokenizer.decode(new, skip_special_tokens=True)
     fast = decode_kwargs(device, compile, backend=compile_backend, fullgraph=fullgraph)
     if temperature > 0:
         torch.manual_seed(seed)  # HF sampling draws from the global generator
@@ -151,9 +189,14 @@ def cmd_generate(args) -> int:
     device = resolve_device(args.device)
     model.to(device)
     compile = compile_by_default(device) if args.compile is None else args.compile
+    loop = args.loop or ("rsq" if device.type == "cuda" else "hf")
     if compile:
-        print("[static cache, compiled decoding (--no-compile: eager); the first step compiles]", file=sys.stderr)
-    clock = StepClock()
+        print(
+            f"[{loop} loop, static cache, compiled decoding (--no-compile: eager); the first step compiles]",
+            file=sys.stderr,
+        )
+    clock = StepClock() if loop == "hf" else None
+    stats: dict = {}
     t0 = time.perf_counter()
     new, text = generate(
         model,
@@ -166,9 +209,11 @@ def cmd_generate(args) -> int:
         ignore_eos=args.ignore_eos,
         compile=compile,
         clock=clock,
+        loop=loop,
+        stats=stats if loop == "rsq" else None,
     )
     seconds = time.perf_counter() - t0
     print(text)
-    steps = clock.summary()
+    steps = clock.summary() if clock is not None else loop_summary(stats)
     print(f"[{len(new)} tokens in {seconds:.1f} s{'; ' + steps if steps else ''}]", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ and the settings for transformers' ``generate`` (:func:`decode_kwargs`).
 * :mod:`rsq.generation.settings` — ``generate`` keyword arguments for a static cache + compiled step.
 """
 
-from rsq.generation.loop import cache_length, decoder, generate
+from rsq.generation.loop import LoopOptions, Sampling, cache_length, decoder, generate
 from rsq.generation.settings import compile_by_default, decode_kwargs
 
-__all__ = ["generate", "cache_length", "decoder", "decode_kwargs", "compile_by_default"]
+__all__ = ["generate", "Sampling", "LoopOptions", "cache_length", "decoder", "decode_kwargs", "compile_by_default"]

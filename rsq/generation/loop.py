@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ class Decoder:
     key: tuple | None = None  # (batch, cache_len, dtype, device) of ``cache``
     step: Callable | None = None
     step_key: tuple | None = None  # (compile, backend, fullgraph, sample)
-    allocations: int = 0  # caches allocated so far (tests read it)
+    allocations: int = 0  # caches allocated so far
+    graph_breaks: bool = False  # the step did not compile as one graph: compiled with breaks
+    stats: dict | None = None  # the last call's: cache_len, new_cache, compiled, new_tokens (+ timings)
 
 
 _DECODERS: weakref.WeakKeyDictionary[nn.Module, Decoder] = weakref.WeakKeyDictionary()
@@ -130,9 +133,35 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
     return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
 
 
-def _eos_ids(model: nn.Module, eos_token_id, ignore_eos: bool) -> list[int]:
-    if ignore_eos:
-        return []
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: ``temperature`` 0 is greedy (argmax); > 0 samples after top-k
+    and top-p (None: off), drawing from ``generator`` (None: the device's default)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """``compile``: None = on CUDA with Triton (CUDA graphs, ``mode="reduce-overhead"``); True off
+    CUDA compiles without graphs; False = eager. ``fullgraph``: the step compiles whole or fails.
+    ``eos_every``: tokens between the host's reads of the end-of-sequence flags.
+    ``cache_multiple``: the static cache holds prompt + new tokens rounded up to this.
+    ``timed``: record prefill / first step / decode seconds in ``decoder(model).stats`` (three
+    device synchronisations per call)."""
+
+    compile: bool | None = None
+    backend: str = "inductor"
+    fullgraph: bool = True
+    eos_every: int = EOS_EVERY
+    cache_multiple: int = CACHE_MULTIPLE
+    timed: bool = False
+
+
+def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
@@ -146,6 +175,22 @@ def _pad_id(model: nn.Module, pad_token_id, eos: Sequence[int]) -> int:
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return int(pad_token_id)
+
+
+def _check(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, options: LoopOptions):
+    if input_ids.dim() != 2:
+        raise ConfigError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sampling.temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {sampling.temperature}")
+    if options.eos_every < 1 or options.cache_multiple < 1:
+        raise ConfigError("eos_every and cache_multiple must be >= 1")
+    param = next(model.parameters())
+    if param.device != input_ids.device:
+        raise ConfigError(
+            f"input_ids are on {input_ids.device}, the model on {param.device}: move them with .to(model.device)"
+        )
 
 
 def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -166,10 +211,11 @@ def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) ->
     return mask
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """A token per row from float logits: temperature, then top-k, then top-p (transformers' order),
     drawn as argmax(p / Exp(1)) (no host synchronisation, unlike ``torch.multinomial``)."""
-    logits = logits / temperature
+    logits = logits / sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -180,8 +226,83 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
         drop[:, -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    race = torch.empty_like(probs).exponential_(1, generator=sampling.generator)
     return torch.argmax(probs / race, dim=-1)
+
+
+class _Tokens:
+    """The output buffer (prompt + new tokens, on the device), the step's one-token input, and the
+    end-of-sequence state: rows that ended (``done``) and, per step, whether all had (``all_done``)."""
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int, sampling: Sampling):
+        batch, self.prompt = input_ids.shape
+        device = input_ids.device
+        self.out = torch.empty(batch, self.prompt + max_new_tokens, dtype=input_ids.dtype, device=device)
+        self.out[:, : self.prompt] = input_ids
+        self.current = torch.empty(batch, 1, dtype=input_ids.dtype, device=device)  # fixed strides
+        self.eos = torch.tensor(eos, device=device, dtype=input_ids.dtype) if eos else None
+        self.pad, self.sampling = pad, sampling
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.all_done = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)
+
+    def take(self, t: int, y: torch.Tensor) -> None:
+        """Record new token ``t`` from the step's output ``y`` (tokens, or float logits to sample)."""
+        tok = _pick(y, self.sampling) if self.sampling.temperature > 0 else y
+        if self.eos is not None:
+            tok = torch.where(self.done, self.pad, tok)
+            self.done.logical_or_(torch.isin(tok, self.eos))
+            self.all_done[t] = self.done.all()
+        self.out[:, self.prompt + t] = tok
+        self.current[:, 0] = tok
+
+    def ended_before(self, t: int) -> bool:
+        """Whether every row has ended within the first ``t`` new tokens (reads the device)."""
+        return self.eos is not None and bool(self.all_done[:t].any())
+
+    def result(self, max_new_tokens: int) -> torch.Tensor:
+        n = max_new_tokens
+        if self.eos is not None:
+            ended = torch.nonzero(self.all_done).flatten()
+            if ended.numel():
+                n = int(ended[0]) + 1
+        return self.out[:, : self.prompt + n]
+
+
+def _positions(mask: torch.Tensor | None, batch: int, prompt: int, length: int, device):
+    """(prompt position ids, the (batch, cache length) attention mask or None), as transformers
+    computes positions: real tokens count from 0, pads sit at 1."""
+    if mask is None:
+        return torch.arange(prompt, device=device).expand(batch, prompt), None
+    full = torch.ones(batch, length, dtype=torch.bool, device=device)
+    full[:, :prompt] = mask
+    return (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1), full
+
+
+def _clock(device: torch.device, timed: bool) -> Callable[[], float]:
+    def now() -> float:
+        if timed and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def _first_step(dec: Decoder, model: nn.Module, args: tuple, device) -> torch.Tensor:
+    """The call's first step, which compiles the step when it is new: a model whose forward does
+    not trace as one graph (fullgraph) is compiled again with graph breaks allowed, once, with a
+    warning (tracing fails before anything runs, so the cache is untouched)."""
+    compile, backend, fullgraph, sample = dec.step_key
+    if not (compile and fullgraph) or dec.graph_breaks:
+        return dec.step(*args)
+    from torch._dynamo.exc import Unsupported
+
+    try:
+        return dec.step(*args)
+    except Unsupported as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"the decode step does not compile as one graph ({first}); compiling it with graph breaks")
+        dec.step, dec.graph_breaks = _make_step(model, sample, compile, backend, False, device), True
+        return dec.step(*args)
 
 
 def generate(
@@ -191,135 +312,62 @@ def generate(
     *,
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    ignore_eos: bool = False,
     pad_token_id: int | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    compile: bool | None = None,
-    backend: str = "inductor",
-    fullgraph: bool = True,
-    eos_every: int = EOS_EVERY,
-    cache_multiple: int = CACHE_MULTIPLE,
-    stats: dict | None = None,
+    sampling: Sampling | None = None,
+    options: LoopOptions | None = None,
 ) -> torch.Tensor:
     """Prompt + new tokens, (batch, prompt + n) with n <= ``max_new_tokens``: the layout of
-    transformers' ``model.generate(input_ids, max_new_tokens=...)``, and the same greedy tokens.
+    transformers' ``model.generate(input_ids, max_new_tokens=...)``, and its greedy tokens.
 
     ``attention_mask``: 1 for prompt tokens, 0 for left padding (batched prompts of different
-    lengths). ``eos_token_id``: None = the model's generation_config's; rows that ended get
-    ``pad_token_id`` (None: the generation_config's, else the first EOS id), and generation stops
-    when every row has ended (checked every ``eos_every`` tokens; the tokens past the last row's end
-    are dropped). ``ignore_eos``: always ``max_new_tokens`` tokens.
-    ``temperature`` 0 is greedy; > 0 samples (``top_k``, ``top_p``, ``generator``).
-    ``compile``: None = on CUDA with Triton (CUDA graphs); True elsewhere compiles without graphs.
-    ``stats``: a dict to fill with ``cache_len``, ``new_cache``, ``compiled``, ``new_tokens`` and
-    timings (``prefill_s``, ``first_step_s``, ``decode_s``, ``steps``; these synchronise the device
-    three times per call)."""
-    if input_ids.dim() != 2:
-        raise ConfigError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if eos_every < 1:
-        raise ConfigError(f"eos_every must be >= 1, got {eos_every}")
+    lengths). ``eos_token_id``: None = the model's generation_config's; ``()`` = none (always
+    ``max_new_tokens`` tokens). Rows that ended get ``pad_token_id`` (None: the generation_config's,
+    else the first EOS id); generation stops when every row has ended (the host looks every
+    ``options.eos_every`` tokens and drops the tokens past that point). ``sampling``: greedy when
+    None. ``options``: :class:`LoopOptions`. ``decoder(model).stats`` describes the call after it."""
+    sampling, options = sampling or Sampling(), options or LoopOptions()
+    _check(model, input_ids, max_new_tokens, sampling, options)
     device = input_ids.device
-    param = next(model.parameters())
-    if param.device != device:
-        raise ConfigError(f"input_ids are on {device}, the model on {param.device}: move them with .to(model.device)")
-    if compile is None:
-        compile = compile_by_default(device)
-    sample = temperature > 0
+    compile = compile_by_default(device) if options.compile is None else bool(options.compile)
     mask = _check_mask(attention_mask, input_ids)
-    eos = _eos_ids(model, eos_token_id, ignore_eos)
-    pad = _pad_id(model, pad_token_id, eos)
+    eos = _eos_ids(model, eos_token_id)
     batch, prompt = input_ids.shape
-    timed = stats is not None
-
-    def now() -> float:
-        if timed and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    now = _clock(device, options.timed)
 
     dec = decoder(model)
-    dtype = getattr(model, "dtype", param.dtype)
     before = dec.allocations
-    cache, length = _cache_for(dec, model, batch, prompt + max_new_tokens, cache_multiple, device, dtype)
-    step_key = (bool(compile), backend, fullgraph, sample)
+    dtype = getattr(model, "dtype", next(model.parameters()).dtype)
+    cache, length = _cache_for(dec, model, batch, prompt + max_new_tokens, options.cache_multiple, device, dtype)
+    sample = sampling.temperature > 0
+    step_key = (compile, options.backend, options.fullgraph, sample)
     if dec.step is None or dec.step_key != step_key:
-        dec.step, dec.step_key = _make_step(model, sample, bool(compile), backend, fullgraph, device), step_key
-    cache_name, wants_cache_position = _forward_names(model)
-
-    # positions as transformers computes them: count of real tokens before, pads at 1
-    if mask is None:
-        full_mask = None
-        positions = torch.arange(prompt, device=device).expand(batch, prompt)
-    else:
-        full_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-        full_mask[:, :prompt] = mask
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
-    out = torch.empty(batch, prompt + max_new_tokens, dtype=input_ids.dtype, device=device)
-    out[:, :prompt] = input_ids
-    eos_t = torch.tensor(eos, device=device, dtype=input_ids.dtype) if eos else None
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    all_done = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)
-
-    current = torch.empty(batch, 1, dtype=input_ids.dtype, device=device)  # the step's input, fixed strides
-
-    def take(t: int, logits_or_token: torch.Tensor) -> None:
-        tok = _pick(logits_or_token, temperature, top_k, top_p, generator) if sample else logits_or_token
-        if eos_t is not None:
-            tok = torch.where(done, pad, tok)
-            done.logical_or_(torch.isin(tok, eos_t))
-            all_done[t] = done.all()
-        out[:, prompt + t] = tok
-        current[:, 0] = tok
+        dec.step = _make_step(model, sample, compile, options.backend, options.fullgraph, device)
+        dec.step_key = step_key
+    positions, full_mask = _positions(mask, batch, prompt, length, device)
+    tokens = _Tokens(input_ids, max_new_tokens, eos, _pad_id(model, pad_token_id, eos), sampling)
 
     t0 = now()
     with torch.no_grad():
-        kw = {cache_name: cache}
-        if wants_cache_position:
-            kw["cache_position"] = torch.arange(prompt, device=device)
-        logits = model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=full_mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **kw,
-        ).logits[:, -1, :]
-        take(0, logits.float() if sample else torch.argmax(logits, dim=-1))
-        t1 = now()
+        prefill = _make_step(model, sample, False, options.backend, False, device)  # eager: prompts vary
+        tokens.take(0, prefill(input_ids, positions, torch.arange(prompt, device=device), full_mask, cache))
+        t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
-        n = max_new_tokens
-        t2, ran = t1, 0
+        ran = 0
         for t in range(1, max_new_tokens):
-            if eos_t is not None and t % eos_every == 0 and bool(all_done[:t].any()):
+            if t % options.eos_every == 0 and tokens.ended_before(t):
                 break
-            y = dec.step(current, position_ids, cache_position, full_mask, cache)
-            take(t, y)
+            args = (tokens.current, position_ids, cache_position, full_mask, cache)
+            tokens.take(t, dec.step(*args) if t > 1 else _first_step(dec, model, args, device))
             position_ids.add_(1)
             cache_position.add_(1)
             ran = t
             if t == 1:
                 t2 = now()
-        if eos_t is not None:
-            ended = torch.nonzero(all_done).flatten()
-            if ended.numel():
-                n = int(ended[0]) + 1
+        out = tokens.result(max_new_tokens)
         t3 = now()
-    if timed:
-        stats.update(
-            cache_len=length,
-            new_cache=dec.allocations > before,
-            compiled=bool(compile),
-            new_tokens=n,
-            prefill_s=t1 - t0,
-            first_step_s=t2 - t1,
-            decode_s=t3 - t2,
-            steps=max(0, ran - 1),  # the steps decode_s times (all after the first)
-        )
-    return out[:, : prompt + n]
+    dec.stats = dict(cache_len=length, new_cache=dec.allocations > before, compiled=compile)
+    dec.stats.update(new_tokens=out.shape[1] - prompt)
+    if options.timed:  # decode_s times the steps after the first (which may compile)
+        dec.stats.update(prefill_s=t1 - t0, first_step_s=t2 - t1, decode_s=t3 - t2, steps=max(0, ran - 1))
+    return out

@@ -8,11 +8,13 @@ token (with the default 0.02 it does, and a wrong position or mask would go unno
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from rsq.errors import ConfigError
-from rsq.generation import cache_length, decoder, generate
+from rsq.generation import LoopOptions, Sampling, cache_length, decoder, generate
 from tests.conftest import tiny_model
 
 PROMPT = 7
@@ -53,7 +55,7 @@ def _hf(model, ids, n, mask=None, eos=None):
 def test_greedy_tokens_equal_transformers_generate(model, ids, batch):
     x = ids[:batch]
     ref = _hf(model, x, 24)
-    got = generate(model, x, 24, ignore_eos=True)
+    got = generate(model, x, 24, eos_token_id=())
     assert got.shape == (batch, PROMPT + 24)
     assert torch.equal(got, ref)
     assert len(set(ref[0, PROMPT:].tolist())) > 5  # a varied sequence: positions and cache matter
@@ -70,7 +72,7 @@ def test_eos_stopping_equals_transformers_generate(model, ids, every):
     assert ends[0] <= 3 and 3 < ends[1] <= 11 and ends[0] != max(ends)
     ref = _hf(model, ids, 40, eos=eos)
     assert ref.shape[1] == PROMPT + max(ends) + 1  # the oracle stops with the last row
-    got = generate(model, ids, 40, eos_token_id=eos, pad_token_id=0, eos_every=every)
+    got = generate(model, ids, 40, eos_token_id=eos, pad_token_id=0, options=LoopOptions(eos_every=every))
     assert torch.equal(got, ref)
     assert (got[0, PROMPT + ends[0] + 1 :] == 0).all()  # padded after its end
 
@@ -88,7 +90,7 @@ def test_eos_from_generation_config(model, ids):
     model.generation_config.eos_token_id = eos
     try:
         got = generate(model, ids[:1], 20, pad_token_id=0)
-        ignored = generate(model, ids[:1], 20, ignore_eos=True)
+        ignored = generate(model, ids[:1], 20, eos_token_id=())
     finally:
         model.generation_config.eos_token_id = None
     first = free[0, PROMPT:].tolist().index(eos)
@@ -102,10 +104,10 @@ def test_left_padded_batch_equals_transformers_generate(model, ids):
     mask[2, :1] = 0
     x = ids.masked_fill(mask == 0, 0)
     ref = _hf(model, x, 20, mask=mask)
-    got = generate(model, x, 20, attention_mask=mask, ignore_eos=True)
+    got = generate(model, x, 20, attention_mask=mask, eos_token_id=())
     assert torch.equal(got, ref)
     # the mask is used: the same ids unmasked continue differently
-    assert not torch.equal(generate(model, x, 20, ignore_eos=True)[1], got[1])
+    assert not torch.equal(generate(model, x, 20, eos_token_id=())[1], got[1])
 
 
 def test_right_padding_and_bad_arguments_are_refused(model, ids):
@@ -124,32 +126,35 @@ def test_cache_sized_per_call_and_reused_within_a_size(model, ids):
     whose prompt + new tokens round to the same multiple of 256 reuse one cache."""
     dec = decoder(model)
     long = torch.randint(3, 512, (3, 300), generator=torch.Generator().manual_seed(2))
-    stats: dict = {}
-    generate(model, long, 20, ignore_eos=True, stats=stats)
+    generate(model, long, 20, eos_token_id=())
+    stats = dec.stats
     assert stats["cache_len"] == cache_length(320) == 512
     assert dec.cache.layers[0].keys.shape[2] == 512
 
-    short = generate(model, ids, 20, ignore_eos=True, stats=stats)
+    short = generate(model, ids, 20, eos_token_id=())
+    stats = dec.stats
     assert stats["cache_len"] == 256 and stats["new_cache"]
     assert dec.cache.layers[0].keys.shape[2] == 256  # the attention's key length of every step
     assert torch.equal(short, _hf(model, ids, 20))  # nothing of the long call leaks in
 
     cache = dec.cache
-    again = generate(model, ids, 30, ignore_eos=True, stats=stats)  # 37 positions: same size
+    again = generate(model, ids, 30, eos_token_id=())  # 37 positions: same size
+    stats = dec.stats
     assert not stats["new_cache"] and dec.cache is cache
     assert torch.equal(again, _hf(model, ids, 30))
-    generate(model, ids[:1], 30, ignore_eos=True, stats=stats)  # another batch size: another cache
+    generate(model, ids[:1], 30, eos_token_id=())  # another batch size: another cache
+    stats = dec.stats
     assert stats["new_cache"] and dec.cache.layers[0].keys.shape[:3] == (1, 2, 256)
 
 
 def test_sampling_reduces_to_greedy_and_is_seeded(model, ids):
-    greedy = generate(model, ids, 12, ignore_eos=True)
-    top1 = generate(model, ids, 12, ignore_eos=True, temperature=0.7, top_k=1)
+    greedy = generate(model, ids, 12, eos_token_id=())
+    top1 = generate(model, ids, 12, eos_token_id=(), sampling=Sampling(0.7, top_k=1))
     assert torch.equal(top1, greedy)
-    nucleus = generate(model, ids, 12, ignore_eos=True, temperature=0.7, top_p=1e-6)
+    nucleus = generate(model, ids, 12, eos_token_id=(), sampling=Sampling(0.7, top_p=1e-6))
     assert torch.equal(nucleus, greedy)
-    a = generate(model, ids, 12, ignore_eos=True, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    b = generate(model, ids, 12, ignore_eos=True, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    a = generate(model, ids, 12, eos_token_id=(), sampling=Sampling(1.0, generator=torch.Generator().manual_seed(5)))
+    b = generate(model, ids, 12, eos_token_id=(), sampling=Sampling(1.0, generator=torch.Generator().manual_seed(5)))
     assert torch.equal(a, b) and not torch.equal(a, greedy)
 
 
@@ -161,13 +166,36 @@ def test_compiled_step_gives_eager_tokens_and_compiles_once(model, ids):
     torch._dynamo.reset()
     counters.clear()
     ref = _hf(model, ids, 10)
-    got = generate(model, ids, 10, ignore_eos=True, compile=True, backend="aot_eager")
+    got = generate(model, ids, 10, eos_token_id=(), options=LoopOptions(compile=True, backend="aot_eager"))
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1
     assert torch.equal(got, ref)
-    again = generate(model, ids, 12, ignore_eos=True, compile=True, backend="aot_eager")
+    again = generate(model, ids, 12, eos_token_id=(), options=LoopOptions(compile=True, backend="aot_eager"))
     assert counters["stats"]["unique_graphs"] == graphs  # same batch, same cache size: no recompile
     assert torch.equal(again, _hf(model, ids, 12))
+
+
+def test_a_step_with_a_graph_break_compiles_with_breaks(model, ids):
+    """fullgraph=True on a model whose forward breaks the graph (a hook here): one warning, then the
+    step compiles with the break and still gives transformers' tokens."""
+    from rsq.generation import loop
+
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *a: torch._dynamo.graph_break())
+    loop._DECODERS.pop(model, None)
+    torch._dynamo.reset()
+    try:
+        options = LoopOptions(compile=True, backend="aot_eager")
+        with pytest.warns(UserWarning, match="one graph"):
+            got = generate(model, ids, 6, eos_token_id=(), options=options)
+        assert decoder(model).graph_breaks
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            again = generate(model, ids, 6, eos_token_id=(), options=options)
+        ref = _hf(model, ids, 6)
+    finally:
+        hook.remove()
+        loop._DECODERS.pop(model, None)
+    assert torch.equal(got, ref) and torch.equal(again, ref)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +223,7 @@ def rsq_model(model, tiny_tokenizer_dir, tmp_path_factory):
     )
     run_quantize(cfg, ckpt, ppl_sources=(), preloaded=load_model(str(src)))
     loaded, _ = rsq.load(ckpt)
+    loaded.rsq_test_dir = ckpt
     return loaded
 
 
@@ -205,10 +234,36 @@ def test_rsq_model_greedy_tokens_equal_transformers_generate(rsq_model, ids):
 
     assert any(isinstance(m, QuantizedLinear) for m in rsq_model.modules())
     ref = _hf(rsq_model, ids, 16)
-    assert torch.equal(generate(rsq_model, ids, 16, ignore_eos=True), ref)
-    assert torch.equal(generate(rsq_model, ids[:1], 16, ignore_eos=True), _hf(rsq_model, ids[:1], 16))
+    assert torch.equal(generate(rsq_model, ids, 16, eos_token_id=()), ref)
+    assert torch.equal(generate(rsq_model, ids[:1], 16, eos_token_id=()), _hf(rsq_model, ids[:1], 16))
     torch._dynamo.reset()
     counters.clear()
-    compiled = generate(rsq_model, ids, 16, ignore_eos=True, compile=True, backend="aot_eager")  # fullgraph
+    options = LoopOptions(compile=True, backend="aot_eager")  # fullgraph=True: the whole step
+    compiled = generate(rsq_model, ids, 16, eos_token_id=(), options=options)
     assert counters["stats"]["unique_graphs"] >= 1
     assert torch.equal(compiled, ref)
+
+
+def test_cli_rsq_loop_prints_the_hf_loops_text(rsq_model, capsys):
+    """`rsq generate --loop rsq` (the default on CUDA) prints what `--loop hf` prints, greedy and with
+    the tokenizer's EOS; it reports the loop's step timings."""
+    from rsq.cli.main import main
+
+    texts = []
+    for loop in ("hf", "rsq"):
+        assert (
+            main(["generate", str(rsq_model.rsq_test_dir), "The tower is", "--max-new-tokens", "12", "--loop", loop])
+            == 0
+        )
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert "then" in captured.err and "tokens/s" in captured.err  # the rsq loop's summary
+
+
+def test_loop_summary_words():
+    from rsq.cli.cmd_generate import loop_summary
+
+    assert loop_summary({}) is None
+    text = loop_summary(dict(prefill_s=0.5, first_step_s=10.0, decode_s=1.0, steps=100))
+    assert text == "prefill + first token 0.50 s, first decode step 10.0 s, then 100.0 tokens/s"
