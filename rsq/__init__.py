@@ -6,6 +6,8 @@ Public API (everything else is import-by-path and may change):
 * ``quantize(config, out, model=..., tokenizer=..., calibration=...)`` — quantize and write a
   checkpoint; returns its directory (rsq.api);
 * ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.api);
+* ``generate(model, input_ids, max_new_tokens)`` — rsq's decode loop: prompt + new tokens as
+  transformers' ``generate`` returns them, a compiled step with CUDA graphs on a GPU (rsq.generation);
 * ``decode_kwargs(device)`` — ``generate`` settings for fast decoding: static cache + compiled
   decode step on a GPU, {} on the CPU (rsq.generation).
 """
@@ -18,6 +20,6 @@ _install_hook()  # AutoModelForCausalLM.from_pretrained(rsq checkpoint) works af
 
 
 from rsq.api import load, quantize  # noqa: E402
-from rsq.generation import decode_kwargs  # noqa: E402
+from rsq.generation import decode_kwargs, generate  # noqa: E402
 
-__all__ = ["RSQConfig", "quantize", "load", "decode_kwargs", "__version__"]
+__all__ = ["RSQConfig", "quantize", "load", "generate", "decode_kwargs", "__version__"]
