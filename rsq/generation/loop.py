@@ -353,11 +353,13 @@ def generate(
         t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
-        ran = 0
+        ran, graphs = 0, compile and device.type == "cuda"
         for t in range(1, max_new_tokens):
             if t % options.eos_every == 0 and tokens.ended_before(t):
                 break
             args = (tokens.current, position_ids, cache_position, full_mask, cache)
+            if graphs:  # a new CUDA-graph iteration: the last step's outputs are copied already
+                torch.compiler.cudagraph_mark_step_begin()
             tokens.take(t, dec.step(*args) if t > 1 else _first_step(dec, model, args, device))
             position_ids.add_(1)
             cache_position.add_(1)

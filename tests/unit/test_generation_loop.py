@@ -173,6 +173,10 @@ def test_compiled_step_gives_eager_tokens_and_compiles_once(model, ids):
     again = generate(model, ids, 12, eos_token_id=(), options=LoopOptions(compile=True, backend="aot_eager"))
     assert counters["stats"]["unique_graphs"] == graphs  # same batch, same cache size: no recompile
     assert torch.equal(again, _hf(model, ids, 12))
+    decoder(model).cache = decoder(model).key = None  # a new cache of the same size (new addresses)
+    third = generate(model, ids, 12, eos_token_id=(), options=LoopOptions(compile=True, backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] == graphs  # no guard on the cache's addresses
+    assert torch.equal(third, again)
 
 
 def test_a_step_with_a_graph_break_compiles_with_breaks(model, ids):
