@@ -271,3 +271,47 @@ def test_loop_summary_words():
     assert loop_summary({}) is None
     text = loop_summary(dict(prefill_s=0.5, first_step_s=10.0, decode_s=1.0, steps=100))
     assert text == "prefill + first token 0.50 s, first decode step 10.0 s, then 100.0 tokens/s"
+
+
+def _is_greedy(model, out: torch.Tensor, prompt: int) -> None:
+    """Each new token of ``out`` is the argmax of an eager forward (no cache) over the tokens before
+    it, within 1e-3 of the largest logit: the compiled step's kernels (inductor, CUDA graphs) may
+    differ from eager ones in the last bits, so exact equality to transformers is not the oracle."""
+    with torch.no_grad():
+        logits = model(input_ids=out[:, :-1]).logits.float()[:, prompt - 1 :]
+    best = logits.max(-1).values
+    chosen = logits.gather(-1, out[:, prompt:, None])[..., 0]
+    assert (chosen >= best - 1e-3 * best.abs().max()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", ["llama", "rsq"])
+def test_cuda_default_compiles_the_step_into_cuda_graphs(model, rsq_model, ids, which):
+    """On CUDA the default compiles the step (inductor, mode="reduce-overhead"): greedy tokens, no
+    CUDA graph skipped (no input mutation or CPU tensor spoils the graph), and a second call of the
+    same shapes compiles nothing new."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    m = copy.deepcopy(model if which == "llama" else rsq_model).cuda()
+    x = ids.cuda()
+    torch._dynamo.reset()
+    counters.clear()
+    out = generate(m, x, 24, eos_token_id=())
+    assert decoder(m).stats["compiled"] and counters["stats"]["unique_graphs"] >= 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    _is_greedy(m, out, PROMPT)
+    graphs = counters["stats"]["unique_graphs"]
+    again = generate(m, x, 24, eos_token_id=())
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(again, out)
+    free = out[:, PROMPT:]
+    eos = [int(free[0, 3]), int(free[1, 9])]
+    ended = generate(m, x, 24, eos_token_id=eos, pad_token_id=0)
+    ends = [next((i for i, t in enumerate(row) if t in eos), 23) for row in free.tolist()]
+    assert ended.shape[1] == PROMPT + max(ends) + 1
+    for r, e in enumerate(ends):
+        assert torch.equal(ended[r, : PROMPT + e + 1], out[r, : PROMPT + e + 1])
+        assert (ended[r, PROMPT + e + 1 :] == 0).all()
