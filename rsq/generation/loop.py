@@ -129,8 +129,13 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(_dynamo.config, name):
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    mode = "reduce-overhead" if _graphs(True, backend, device) else None
     return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+
+
+def _graphs(compile: bool, backend: str, device) -> bool:
+    """Whether the compiled step replays as CUDA graphs (inductor's mode="reduce-overhead" on CUDA)."""
+    return compile and backend == "inductor" and torch.device(device).type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -353,7 +358,7 @@ def generate(
         t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
-        ran, graphs = 0, compile and device.type == "cuda"
+        ran, graphs = 0, _graphs(compile, options.backend, device)
         for t in range(1, max_new_tokens):
             if t % options.eos_every == 0 and tokens.ended_before(t):
                 break

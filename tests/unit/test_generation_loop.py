@@ -315,3 +315,11 @@ def test_cuda_default_compiles_the_step_into_cuda_graphs(model, rsq_model, ids, 
     for r, e in enumerate(ends):
         assert torch.equal(ended[r, : PROMPT + e + 1], out[r, : PROMPT + e + 1])
         assert (ended[r, PROMPT + e + 1 :] == 0).all()
+
+
+def test_cuda_graphs_only_for_inductor_on_cuda():
+    from rsq.generation.loop import _graphs
+
+    assert _graphs(True, "inductor", "cuda:0")
+    assert not _graphs(True, "aot_eager", "cuda")  # other backends take no mode
+    assert not _graphs(True, "inductor", "cpu") and not _graphs(False, "inductor", "cuda")
