@@ -1,7 +1,7 @@
 """Generation speed of rsq checkpoints against the bf16 model they replace (tokens/s, same run).
 
     python3 bench/generate_speed.py [--work /tmp/rsq-gen] [--layers 32] [--formats 4,3,e8p]
-        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--eager] [--json FILE]
+        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--loop rsq,hf] [--eager] [--json FILE]
 
 1. Builds a Llama-3-8B-shaped model (rsq's bundled config, no download) with random N(0, 0.02)
    weights in bf16 on the GPU; --layers keeps fewer decoder layers.
@@ -14,16 +14,24 @@
    embeddings, norms and lm_head stay bf16 (what rsq quantize does).
 3. Loads each checkpoint with ``rsq.load(DIR, device="cuda")``; the bf16 model is the in-memory one
    (the same weights ``from_pretrained`` would load).
-4. For every batch size, for bf16 and each checkpoint: transformers ``generate`` with
-   ``rsq.generation.decode_kwargs(device, True)`` (static cache + torch.compile'd decode step, CUDA
-   graphs), greedy, --new tokens forced (min_new_tokens), a --prompt-token random prompt; the first
-   call (compile + capture) is reported as warm-up, a second is discarded, the third is timed.
-   tokens/s = batch x new / wall time of that call (its prefill included). --eager times the
-   eager dynamic-cache path instead.
-5. Time to first token: ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of
-   3 after one warm-up.
+4. For every batch size, for bf16 and each checkpoint, and for each decode loop of --loop (a comma
+   list; default rsq):
+   * ``rsq``: rsq's own loop, ``rsq.generation.generate`` (StaticCache sized to prompt + new rounded
+     up to 256, eager prefill, the one-token step compiled with mode="reduce-overhead" (CUDA
+     graphs), no host sync per token);
+   * ``hf``: transformers ``generate`` with ``rsq.generation.decode_kwargs(device, True)`` (static
+     cache + torch.compile'd decode step, CUDA graphs).
+   Greedy, --new tokens forced (EOS ignored), a --prompt-token random prompt; the first call (compile
+   + capture) is reported as warm-up, a second is discarded, the third is timed. tokens/s = batch x
+   new / wall time of that call (its prefill included); for the rsq loop, ``step_ms`` is the mean
+   time of the decode steps after the first (rsq.generation's timed stats, a fourth call). --eager
+   times eager decoding instead (hf: the dynamic cache; rsq: the step uncompiled).
+5. Time to first token, measured after every decode measurement (a 2048-token prompt leaves a
+   static cache of that size behind in transformers' generate, which later calls would attend
+   over): ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of 3 after one
+   warm-up, with the first loop of --loop.
 
-Ratios are to bf16 measured in the same run. A --deadline (seconds) stops starting new measurements;
+Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
 one decode (the first batch size, each model) to FILE.
 """
@@ -116,7 +124,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def generate_once(model, ids, new: int, fast: dict):
+def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False):
+    """One greedy generation of exactly ``new`` tokens with ``loop``; ``fast``: the hf loop's
+    generate kwargs, or the rsq loop's compile flag."""
+    if loop == "rsq":
+        from rsq.generation import LoopOptions, generate
+
+        return generate(model, ids, new, eos_token_id=(), options=LoopOptions(compile=fast, timed=timed))
     return model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -132,52 +146,70 @@ def generate_once(model, ids, new: int, fast: dict):
     )
 
 
-def time_decode(model, batch: int, prompt: int, new: int, fast: dict, device) -> dict:
+def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device) -> dict:
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     times = []
     for _ in range(3):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = generate_once(model, ids, new, fast)
+            out = generate_once(model, ids, new, loop, fast)
         _sync(device)
         times.append(time.perf_counter() - t0)
     assert out.shape == (batch, prompt + new), out.shape
-    return {
+    r = {
         "warmup_s": times[0],
         "seconds": times[2],
         "tokens_per_s": batch * new / times[2],
         "ms_per_step": times[2] / new * 1e3,
     }
+    if loop == "rsq":
+        from rsq.generation import decoder
+
+        with torch.no_grad():
+            generate_once(model, ids, new, loop, fast, timed=True)
+        stats = decoder(model).stats
+        r.update(step_ms=stats["decode_s"] / max(stats["steps"], 1) * 1e3, cache_len=stats["cache_len"])
+        r["prefill_ms"] = stats["prefill_s"] * 1e3
+    return r
 
 
-def time_ttft(model, prompt: int, fast: dict, device) -> float:
+def release(model) -> None:
+    """Drop the rsq loop's cache of ``model`` (the next call allocates one of its own size)."""
+    from rsq.generation import decoder
+
+    dec = decoder(model)
+    dec.cache = dec.key = None
+
+
+def time_ttft(model, prompt: int, loop: str, fast, device) -> float:
     ids = torch.randint(100, 20000, (1, prompt), device=device)
     times = []
     for _ in range(4):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            generate_once(model, ids, 1, fast)
+            generate_once(model, ids, 1, loop, fast)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    release(model)
     return statistics.median(times[1:])
 
 
-def profile_decode(model, batch: int, prompt: int, new: int, fast: dict, device, label: str, path: str) -> None:
+def profile_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device, label: str, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     with torch.no_grad():
-        generate_once(model, ids, new, fast)  # compiled already: warm
+        generate_once(model, ids, new, loop, fast)  # compiled already: warm
         _sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
         with profile(activities=acts) as prof:
-            generate_once(model, ids, new, fast)
+            generate_once(model, ids, new, loop, fast)
             _sync(device)
     sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     with open(path, "a") as f:
-        f.write(f"\n===== {label}: one generate of {new} tokens, batch {batch} =====\n")
+        f.write(f"\n===== {label} ({loop} loop): one generate of {new} tokens, batch {batch} =====\n")
         f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
 
 
@@ -192,7 +224,12 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--ttft", type=int, default=2048, help="prompt tokens of the time-to-first-token test (0: skip)")
-    ap.add_argument("--eager", action="store_true", help="time eager decoding (dynamic cache) instead")
+    ap.add_argument(
+        "--loop",
+        default="rsq",
+        help="comma list of decode loops: rsq (rsq.generation.generate), hf (transformers' generate)",
+    )
+    ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--deadline", type=float, default=1e9, help="start no measurement after this many seconds")
     ap.add_argument("--json", default=None)
@@ -213,7 +250,10 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else "cpu"
     formats = [f for f in args.formats.split(",") if f]
     batches = [int(b) for b in args.batches.split(",")]
-    fast = decode_kwargs(device, not args.eager)
+    loops = [x for x in args.loop.split(",") if x]
+    if not loops or any(x not in ("rsq", "hf") for x in loops):
+        ap.error(f"--loop: a comma list of rsq and hf, got {args.loop!r}")
+    fast = {"rsq": not args.eager, "hf": decode_kwargs(device, not args.eager)}
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
 
     def save():
@@ -238,32 +278,38 @@ def main() -> int:
     def late() -> bool:
         return time.perf_counter() - start > args.deadline
 
-    for batch in batches:
+    for loop in loops:
+        for batch in batches:
+            for name, model in models.items():
+                if late():
+                    break
+                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device)
+                r.update(model=name, batch=batch, loop=loop)
+                cuda = torch.device(device).type == "cuda"
+                r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
+                release(model)
+                record["decode"].append(r)
+                step = f"; steps alone {r['step_ms']:.2f} ms" if "step_ms" in r else ""
+                print(
+                    f"[decode {loop}] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
+                    f"({r['ms_per_step']:.2f} ms/token{step}; first call {r['warmup_s']:.1f} s)",
+                    flush=True,
+                )
+                save()
+            if batch == batches[0] and args.profile:
+                for name, model in models.items():
+                    if late():
+                        break
+                    profile_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile)
+                    release(model)
+    # last: transformers' generate keeps the long prompt's static cache for the calls after it
+    if args.ttft:
         for name, model in models.items():
             if late():
                 break
-            r = time_decode(model, batch, args.prompt, args.new, fast, device)
-            r.update(model=name, batch=batch)
-            r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if torch.device(device).type == "cuda" else 0.0
-            record["decode"].append(r)
-            print(
-                f"[decode] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
-                f"({r['ms_per_step']:.2f} ms/step; first call {r['warmup_s']:.1f} s)",
-                flush=True,
-            )
+            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device)
+            print(f"[ttft {loops[0]}] {name:5s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()
-        if batch == batches[0] and args.ttft:
-            for name, model in models.items():
-                if late():
-                    break
-                record["ttft"][name] = time_ttft(model, args.ttft, fast, device)
-                print(f"[ttft] {name:5s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
-                save()
-        if batch == batches[0] and args.profile:
-            for name, model in models.items():
-                if late():
-                    break
-                profile_decode(model, batch, args.prompt, args.new, fast, device, name, args.profile)
     save()
 
     from rsq.kernels import humming_backend
@@ -272,18 +318,35 @@ def main() -> int:
     record["humming_layers"] = {"converted": sum(built), "fell_back": len(built) - sum(built)}
     print(f"humming layers: {record['humming_layers']}")
     save()
-    bf = {r["batch"]: r["tokens_per_s"] for r in record["decode"] if r["model"] == "bf16"}
-    print(f"\nGPU: {gpu}; {'eager' if args.eager else 'static cache + compiled decode'}; tokens/s (x bf16)")
-    print("| model | " + " | ".join(f"batch {b}" for b in batches) + " | TTFT ms |")
-    print("|---|" + "---|" * (len(batches) + 1))
-    for name in models:
-        cells = []
-        for b in batches:
-            r = next((r for r in record["decode"] if r["model"] == name and r["batch"] == b), None)
-            cells.append("-" if r is None else f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / bf[b]:.2f}x)")
-        t = record["ttft"].get(name)
-        ttft = "-" if t is None else f"{t * 1e3:.0f} ({record['ttft']['bf16'] / t:.2f}x)"
-        print(f"| {name} | " + " | ".join(cells) + f" | {ttft} |")
+    mode = "eager" if args.eager else "static cache + compiled decode"
+    for loop in loops:
+        rows = {(r["model"], r["batch"]): r for r in record["decode"] if r["loop"] == loop}
+        print(f"\nGPU: {gpu}; {loop} loop, {mode}; tokens/s (x bf16, same loop)")
+        ttft_col = loop == loops[0] and record["ttft"]
+        print("| model | " + " | ".join(f"batch {b}" for b in batches) + (" | TTFT ms |" if ttft_col else " |"))
+        print("|---|" + "---|" * (len(batches) + (1 if ttft_col else 0)))
+        for name in models:
+            cells = []
+            for b in batches:
+                r, base = rows.get((name, b)), rows.get(("bf16", b))
+                ratio = f" ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if r and base else ""
+                cells.append("-" if r is None else f"{r['tokens_per_s']:.0f}{ratio}")
+            line = f"| {name} | " + " | ".join(cells) + " |"
+            if ttft_col:
+                t, t0 = record["ttft"].get(name), record["ttft"].get("bf16")
+                line += " - |" if t is None else f" {t * 1e3:.0f}" + (f" ({t0 / t:.2f}x)" if t0 else "") + " |"
+            print(line)
+    if set(loops) == {"rsq", "hf"}:
+        print("\nrsq loop tokens/s / hf loop tokens/s (same model, same batch)")
+        print("| model | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        print("|---|" + "---|" * len(batches))
+        by = {(r["loop"], r["model"], r["batch"]): r["tokens_per_s"] for r in record["decode"]}
+        for name in models:
+            cells = []
+            for b in batches:
+                a, h = by.get(("rsq", name, b)), by.get(("hf", name, b))
+                cells.append("-" if a is None or h is None else f"{a / h:.2f}x")
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

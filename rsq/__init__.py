@@ -6,13 +6,15 @@ Public API (everything else is import-by-path and may change):
 * ``quantize(config, out, model=..., tokenizer=..., calibration=...)`` — quantize and write a
   checkpoint; returns its directory (rsq.api);
 * ``load(path)`` — (model, tokenizer) from an rsq checkpoint (rsq.api);
+* ``generate(model, input_ids, max_new_tokens)`` — rsq's decode loop: prompt + new tokens as
+  transformers' ``generate`` returns them, a compiled step with CUDA graphs on a GPU (rsq.generation);
 * ``decode_kwargs(device)`` — ``generate`` settings for fast decoding: static cache + compiled
   decode step on a GPU, {} on the CPU (rsq.generation).
 """
 
 from rsq.api import load, quantize
 from rsq.config import RSQConfig
-from rsq.generation import decode_kwargs
+from rsq.generation import decode_kwargs, generate
 from rsq.io.hf import install_hook as _install_hook
 from rsq.version import __version__
 
@@ -25,4 +27,4 @@ from rsq.version import __version__
 # rsq.io.hf.uninstall_hook takes it back earlier). Nothing else is patched at import.
 _install_hook()
 
-__all__ = ["RSQConfig", "quantize", "load", "decode_kwargs", "__version__"]
+__all__ = ["RSQConfig", "quantize", "load", "generate", "decode_kwargs", "__version__"]

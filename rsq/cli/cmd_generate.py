@@ -11,7 +11,8 @@ import torch
 
 from rsq.errors import CheckpointFormatError, ConfigError
 from rsq.eval.longctx import encode_prompt
-from rsq.generation import compile_by_default, decode_kwargs
+from rsq.generation import LoopOptions, Sampling, compile_by_default, decode_kwargs, decoder
+from rsq.generation import generate as rsq_generate
 from rsq.io.hf import load_any
 from rsq.models.device import resolve_device
 
@@ -48,7 +49,15 @@ def add_parsers(sub) -> None:
         default=None,
         help="static KV cache + torch.compile'd decode step (CUDA graphs on a GPU), 8-10x eager's tokens/s on "
         "a GPU; greedy tokens equal the eager path's; the first call compiles (warm-up reported once) "
-        "(default: on for CUDA, off on the CPU; --no-compile: eager decoding with the dynamic cache)",
+        "(default: on for CUDA, off on the CPU; --no-compile: eager decoding)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("rsq", "hf"),
+        default=None,
+        help="rsq: rsq's own decode loop (rsq.generation.generate: static cache sized to the call, no host "
+        "sync per token); hf: transformers' generate (with --no-compile, its dynamic cache) "
+        "(default: rsq on CUDA, hf on the CPU)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
@@ -86,6 +95,15 @@ class StepClock:
         return f"{first}, then {rate:.1f} tokens/s"
 
 
+def loop_summary(stats: dict) -> str | None:
+    """The rsq loop's timings (rsq.generation.generate's ``stats``) as StepClock.summary words."""
+    if not stats or stats.get("steps", 0) < 2:
+        return None
+    rate = stats["steps"] / stats["decode_s"]
+    first = f"prefill + first token {stats['prefill_s']:.2f} s, first decode step {stats['first_step_s']:.1f} s"
+    return f"{first}, then {rate:.1f} tokens/s"
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     """How :func:`generate` decodes. ``compile``: static cache + compiled decode step
@@ -99,16 +117,28 @@ class GenerateOptions:
     compile: bool = False
     compile_backend: str = "inductor"
     fullgraph: bool = False
+    loop: str = "hf"
 
 
 def generate(
-    model, tokenizer, prompt: str, options: GenerateOptions | None = None, *, clock: StepClock | None = None, **fields
+    model,
+    tokenizer,
+    prompt: str,
+    options: GenerateOptions | None = None,
+    *,
+    clock: StepClock | None = None,
+    stats: dict | None = None,
+    **fields,
 ) -> tuple[list[int], str]:
     """(new token ids, their text without special tokens) continuing ``prompt`` (batch of one), as
     ``options`` (:class:`GenerateOptions`; ``fields`` replace some of its fields) say.
-    ``clock``: records when each token arrives (:class:`StepClock`)."""
+    ``options.loop``: "rsq" (rsq.generation.generate; ``stats`` gets its timings) or "hf"
+    (transformers' generate; ``compile``: static cache + compiled decode step,
+    rsq.generation.decode_kwargs; ``clock`` records when each token arrives, :class:`StepClock`)."""
     opts = replace(options or GenerateOptions(), **fields)
     max_new_tokens, temperature, chat = opts.max_new_tokens, opts.temperature, opts.chat
+    if opts.loop not in ("rsq", "hf"):
+        raise ConfigError(f"--loop must be rsq or hf, got {opts.loop!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -123,6 +153,21 @@ def generate(
         if temperature > 0
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     )
+    if opts.loop == "rsq":
+        gen = torch.Generator(device).manual_seed(opts.seed) if temperature > 0 else None
+        out = rsq_generate(
+            model,
+            ids,
+            max_new_tokens,
+            eos_token_id=() if opts.ignore_eos else None,
+            pad_token_id=pad,
+            sampling=Sampling(temperature, generator=gen),
+            options=LoopOptions(compile=opts.compile, backend=opts.compile_backend, timed=stats is not None),
+        )
+        if stats is not None:
+            stats.update(decoder(model).stats)
+        new = out[0, ids.shape[1] :].tolist()
+        return new, tokenizer.decode(new, skip_special_tokens=True)
     fast = decode_kwargs(device, opts.compile, backend=opts.compile_backend, fullgraph=opts.fullgraph)
     if temperature > 0:
         torch.manual_seed(opts.seed)  # HF sampling draws from the global generator
@@ -153,9 +198,14 @@ def cmd_generate(args) -> int:
     device = resolve_device(args.device)
     model.to(device)
     compile = compile_by_default(device) if args.compile is None else args.compile
+    loop = args.loop or ("rsq" if device.type == "cuda" else "hf")
     if compile:
-        print("[static cache, compiled decoding (--no-compile: eager); the first step compiles]", file=sys.stderr)
-    clock = StepClock()
+        print(
+            f"[{loop} loop, static cache, compiled decoding (--no-compile: eager); the first step compiles]",
+            file=sys.stderr,
+        )
+    clock = StepClock() if loop == "hf" else None
+    stats: dict = {}
     t0 = time.perf_counter()
     new, text = generate(
         model,
@@ -168,9 +218,11 @@ def cmd_generate(args) -> int:
         ignore_eos=args.ignore_eos,
         compile=compile,
         clock=clock,
+        loop=loop,
+        stats=stats if loop == "rsq" else None,
     )
     seconds = time.perf_counter() - t0
     print(text)
-    steps = clock.summary()
+    steps = clock.summary() if clock is not None else loop_summary(stats)
     print(f"[{len(new)} tokens in {seconds:.1f} s{'; ' + steps if steps else ''}]", file=sys.stderr)
     return 0

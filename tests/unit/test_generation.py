@@ -1,4 +1,4 @@
-"""Compiled decoding's defaults (rsq/generation.py) and the step clock of `rsq generate` (CPU)."""
+"""Compiled decoding's defaults (rsq/generation/settings.py) and the step clock of `rsq generate` (CPU)."""
 
 from __future__ import annotations
 
