@@ -7,8 +7,13 @@
 For each rsq checkpoint directory CKPT (uniform grid, 4 bits for vLLM's CPU kernel): export it with
 ``rsq export --format FORMAT`` (default compressed-tensors; ``gptq`` for ``--online-rotations none``
 checkpoints: vLLM's AutoGPTQ config, 4/8-bit symmetric) into a temporary directory, through the same
-``rsq.checkpoint.exporters.export`` the CLI calls; on held-out WikiText (the
-test split, the first ``windows`` windows of ``seqlen`` tokens, tokenized once here) compute the
+``rsq.checkpoint.exporters.export`` the CLI calls; on WikiText windows (default ``--text eval``:
+rsq's own perplexity windows, i.e. the first ``windows`` non-overlapping windows of ``seqlen``
+tokens of the evaluation text ``rsq quantize`` / ``rsq eval`` score, held out from calibration, so
+``--windows 8 --seqlen 512`` are exactly the windows of a checkpoint's results.json perplexity with
+``--max-windows 8``; ``--text file-start``: the first windows of the raw test file's first 200,000
+characters, the windows of session 9's runs, which with the test-file split lie in the calibration
+articles) compute the
 prompt log-probability perplexity and greedy continuations of three prompts with ``rsq.load``
 (float32 and bfloat16); then load the export in vLLM, in a subprocess of the vLLM venv's python
 (one engine at a time), with ``LLM(model=EXPORT, dtype="bfloat16", max_model_len=1024,
@@ -169,21 +174,25 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--control", action="store_true", help="also run transform exports with an identity op")
     ap.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq"))
+    ap.add_argument("--text", default="eval", choices=("eval", "file-start"), help="which windows (see above)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoTokenizer
 
-    from rsq.calib.datasets import find_wikitext_files
+    from rsq.calib.datasets import eval_windows, find_wikitext_files, load_text, tokenize
     from rsq.checkpoint.exporters import export
 
     _, test = find_wikitext_files()
     rows = []
     for ckpt in args.ckpts:
         tok = AutoTokenizer.from_pretrained(ckpt)
-        ids = tok(test.read_text(encoding="utf-8")[:200_000]).input_ids
-        windows = [ids[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.windows)]
+        if args.text == "eval":  # rsq's perplexity windows (rsq.eval.perplexity scores the same ones)
+            windows = eval_windows(tokenize(tok, load_text("wikitext2").eval), args.seqlen, args.windows).tolist()
+        else:
+            ids = tok(test.read_text(encoding="utf-8")[:200_000]).input_ids
+            windows = [ids[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.windows)]
         prompts = [tok(p).input_ids for p in PROMPTS]
         with tempfile.TemporaryDirectory(prefix="rsq-vllm-") as tmp:
             out = Path(tmp) / "export"
