@@ -241,6 +241,7 @@ def main() -> int:
                     "vllm_vs_rsq_fp32": round(eng["ppl"] / ref["ppl"] - 1, 5),
                     "greedy_vllm_vs_rsq_fp32": _agree(eng["greedy"], ref["greedy"]),
                     "greedy_vllm_vs_rsq_bf16": _agree(eng["greedy"], ref16["greedy"]),
+                    "greedy_rsq_bf16_vs_rsq_fp32": _agree(ref16["greedy"], ref["greedy"]),  # the bf16 baseline
                     "greedy_text_vllm": [tok.decode(g) for g in eng["greedy"]],
                     "greedy_text_rsq": [tok.decode(g) for g in ref["greedy"]],
                     "vllm": eng["vllm"],
