@@ -153,6 +153,27 @@ def rsq_side(ckpt: Path, windows: list[list[int]], prompts: list[list[int]], new
     return {"ppl": math.exp(nll / count), "tokens": count, "greedy": greedy}
 
 
+def _margins(ckpt: Path, prompts: list[list[int]], ref: list[list[int]], got: list[list[int]]) -> list:
+    """Where greedy ``got`` first leaves ``ref`` (rsq float32's), rsq float32's logit of its own token minus
+    its logit of ``got``'s token at that position (None where they agree): a gap near bfloat16's rounding
+    of the logits (~1e-2 relative) is a near tie that any bf16 engine may break either way."""
+    import torch
+
+    import rsq
+
+    model, _ = rsq.load(ckpt, dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for p, r, g in zip(prompts, ref, got):
+            n = next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), None)
+            if n is None:
+                out.append(None)
+                continue
+            logits = model(input_ids=torch.tensor([p + r[:n]])).logits[0, -1].float()
+            out.append(round(float(logits[r[n]] - logits[g[n]]), 4))
+    return out
+
+
 def _agree(a: list[list[int]], b: list[list[int]]) -> str:
     """Greedy agreement: for each prompt, the number of leading tokens that match."""
     same = []
@@ -242,6 +263,7 @@ def main() -> int:
                     "greedy_vllm_vs_rsq_fp32": _agree(eng["greedy"], ref["greedy"]),
                     "greedy_vllm_vs_rsq_bf16": _agree(eng["greedy"], ref16["greedy"]),
                     "greedy_rsq_bf16_vs_rsq_fp32": _agree(ref16["greedy"], ref["greedy"]),  # the bf16 baseline
+                    "fp32_logit_gap_at_vllm_divergence": _margins(ckpt, prompts, ref["greedy"], eng["greedy"]),
                     "greedy_text_vllm": [tok.decode(g) for g in eng["greedy"]],
                     "greedy_text_rsq": [tok.decode(g) for g in ref["greedy"]],
                     "vllm": eng["vllm"],
