@@ -254,7 +254,7 @@ def main() -> int:
                     "format": args.format,
                     "bits": summary["bits"],
                     "transforms": summary.get("transforms", []),
-                    "hadacore": label,
+                    "hadacore": label if job["transform"] else "n/a (no transform)",
                     "tokens": eng["tokens"],
                     "ppl_rsq_fp32": round(ref["ppl"], 4),
                     "ppl_rsq_bf16": round(ref16["ppl"], 4),
