@@ -18,7 +18,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository instead of bench/ (whose kernels.py would shadow the `kernels` package transformers imports)
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from rsq.config import GridConfig  # noqa: E402
 from rsq.io.loading import load_model  # noqa: E402

@@ -205,7 +205,7 @@ def clip_search_pruned(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, 
             k1 = min(n, k0 + kb)
             buf, out_b, out_c = (b[: k1 - k0, : wr.shape[0]] for b in bufs)
             sr, zr = S[k0:k1, r0 : r0 + rb, None], Z[k0:k1, r0 : r0 + rb, None]
-            e = fake_quantize(wr, sr, zr, bits, out=buf).sub_(wr).abs_()
+            e = _clip_error(wr, sr, zr, bits, sym, buf)
             pb, pc = _half_powers(e, hb, out_b, out_c)
             mb[k0:k1, r0 : r0 + rb] = pb.sum(dim=-1)
             mc[k0:k1, r0 : r0 + rb] = pc.sum(dim=-1)
@@ -235,6 +235,19 @@ def clip_search_pruned(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, 
     # the loop's choice: the first k of least error; NaN never wins; none below inf keeps candidate 0
     pick = torch.nan_to_num(exact, nan=float("inf")).argmin(dim=0)
     return S[pick, every], Z[pick, every]
+
+
+def _clip_error(w, s, z, bits: int, symmetric: bool, out: torch.Tensor) -> torch.Tensor:
+    """|fake_quantize(w, s, z) - w| with the zero point folded into the clamp bounds: clamp(r + z, 0, m) - z
+    equals clamp(r, -z, m - z) exactly because r = round(w / s) and z are integers of magnitude below
+    2^24 (|w / s| <= (2^bits - 1) / p; z in [0, 2^bits - 1]), so every sum is exact; NaN stays NaN."""
+    out = torch.div(w, s, out=out).round_()
+    if symmetric:  # one zero point for every row: scalar bounds
+        zero = float(1 << (bits - 1))
+        out.clamp_(-zero, max_code(bits) - zero)
+    else:
+        out.clamp_(-z, max_code(bits) - z)
+    return out.mul_(s).sub_(w).abs_()
 
 
 def _exact_errors(w, rows, s, z, bits: int, q: float) -> torch.Tensor:
