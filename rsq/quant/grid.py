@@ -134,7 +134,10 @@ def clip_search_loop(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, cf
 #     errors it is within ~1% of S_q, leaving ~5 of 80 candidates per row to evaluate exactly.
 
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: ATen splits elementwise work over threads above this many elements
-_BLOCK = 1 << 17  # elements per buffer of the bound pass (3 buffers of 512 KiB: a core's L2 cache)
+# elements per buffer of the bound pass and per chunk of exact sums (4 MiB): large enough that the
+# search makes no more op calls than the loop (each call synchronises the threads: costly on a
+# shared, loaded CPU), small enough that memory does not grow with the matrix
+_BLOCK = 1 << 20
 _VEC_STEP = 32  # elements per step of ATen's vectorized CPU loop: 2 x 16 float32 lanes (AVX-512); AVX2's 16 divides it
 
 
@@ -195,7 +198,7 @@ def clip_search_pruned(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, 
     lam = 0.5 / (hb / 2 + 0.5 - q)
     mb = torch.empty(n, rows, dtype=torch.float64)
     mc = torch.empty(n, rows, dtype=torch.float64)
-    # blocks of (candidates, rows, cols) small enough for the three buffers to stay in a core's cache
+    # blocks of (candidates, rows, cols) of at most _BLOCK elements
     rb = max(1, min(rows, _BLOCK // cols))
     kb = max(1, min(n, _BLOCK // (rb * cols)))
     bufs = [torch.empty(kb, rb, cols) for _ in range(3)]
@@ -227,7 +230,7 @@ def clip_search_pruned(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, 
     exact[first, every] = _exact_errors(w, every, S[first, every], Z[first, every], bits, q)
     best = exact.min(dim=0).values
     # round 2: every candidate whose bound does not exceed that row's exact best
-    keep = ~(lower > best * margin + tiny)
+    keep = ~(lower > best.double() * margin + tiny)
     keep[first, every] = False
     ks, rs = keep.nonzero(as_tuple=True)
     if ks.numel():
@@ -252,7 +255,19 @@ def _clip_error(w, s, z, bits: int, symmetric: bool, out: torch.Tensor) -> torch
 
 def _exact_errors(w, rows, s, z, bits: int, q: float) -> torch.Tensor:
     """sum |fake_quantize(w[r]) - w[r]|^q for each (row r, scale s, zero z), as the loop computes it:
-    the same ops, with zero rows padding the pow so that ATen vectorizes every element of it."""
+    the same ops, in chunks of rows, with zero rows padding each pow so that ATen vectorizes every
+    element of it."""
+    cols = w.shape[1]
+    step = max(1, _BLOCK // cols)
+    return torch.cat(
+        [
+            _exact_chunk(w, rows[a : a + step], s[a : a + step], z[a : a + step], bits, q)
+            for a in range(0, rows.numel(), step)
+        ]
+    )
+
+
+def _exact_chunk(w, rows, s, z, bits: int, q: float) -> torch.Tensor:
     count, cols = rows.numel(), w.shape[1]
     padded = count
     while not _pow_all_vectorized(padded * cols):
