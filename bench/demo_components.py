@@ -1,6 +1,6 @@
 """The demo's solve components before and after issue 32, on the demo model's own weights.
 
-    PYTHONPATH=. python3 bench/demo_components.py [--layers 0,15,29] [--threads 2] [--bits 3] [--group-size -1]
+    PYTHONPATH=. python3 bench/demo_components.py [--layers 0,15,29] [--threads 1,2] [--bits 3] [--group-size -1]
 
 1. MSE clip search: for every linear of the chosen layers of the embedded SmolLM2-135M, times
    rsq.quant.grid.clip_search_loop (one torch pass per candidate, the code before issue 32) and
@@ -67,17 +67,23 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0,15,29")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", default=str(torch.get_num_threads()), help="thread counts, e.g. 1,2")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=-1)
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     grid = GridConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asym)
     model, _ = load_model(None, torch.float32)
     layers = [int(i) for i in args.layers.split(",")]
-    print(f"{args.threads} threads, {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'}")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        print(f"\n## {threads} threads, {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'}\n")
+        clip_components(model, layers, grid, args.repeats)
+        gptq_components(model, layers, grid, args.repeats)
+
+
+def clip_components(model, layers, grid, repeats: int) -> None:
     print("| linear | rows x cols | loop s | pruned s | ratio | identical |")
     print("|---|---|---|---|---|---|")
     total_loop = total_new = 0.0
@@ -92,7 +98,7 @@ def main() -> None:
             xmin = torch.minimum(w.min(dim=1).values, zeros)
             xmax = torch.maximum(w.max(dim=1).values, zeros)
             t_loop = t_new = float("inf")
-            for _ in range(args.repeats):  # alternate, so that load changes hit both alike
+            for _ in range(repeats):  # alternate, so that load changes hit both alike
                 t, ref = best_of(lambda: G.clip_search_loop(w, xmin, xmax, grid), 1)
                 t_loop = min(t_loop, t)
                 t, new = best_of(lambda: G.find_params(w, grid), 1)
@@ -106,7 +112,6 @@ def main() -> None:
         f"\nclip search total {total_loop:.2f} s loop vs {total_new:.2f} s pruned: {total_loop / total_new:.2f}x; "
         f"30 layers: {total_loop * scale:.1f} s vs {total_new * scale:.1f} s per quantizing method\n"
     )
-    gptq_components(model, layers, grid, args.repeats)
 
 
 def gptq_components(model, layers, grid, repeats: int) -> None:
