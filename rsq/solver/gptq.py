@@ -193,7 +193,9 @@ def _gptq_block(ops: ScalarOps, inner: int, W1: torch.Tensor, U1: torch.Tensor, 
                 L1,
                 max_code(ops.grid.bits),
             )
-        else:
+        elif not W1.is_cuda:
+            C1[:, j1:j2], Q1[:, j1:j2], E1[:, j1:j2] = _sub_block_rows(ops, W1, U1, S1, Z1, L1, j1, j2)
+        else:  # column by column (the graphed path captures this form)
             for i in range(j1, j2):
                 w = W1[:, i]
                 c, q = ops.round(w, S1[:, i], Z1[:, i])
@@ -205,6 +207,25 @@ def _gptq_block(ops: ScalarOps, inner: int, W1: torch.Tensor, U1: torch.Tensor, 
         if j2 < B:
             W1[:, j2:] -= E1[:, j1:j2] @ U1[j1:j2, j2:]
     return C1, Q1, E1, L1
+
+
+def _sub_block_rows(ops: ScalarOps, W1, U1, S1, Z1, L1, j1: int, j2: int):
+    """Columns j1..j2 of a CPU block as _gptq_block's column loop computes them, on the transposed
+    sub-block so that each column is a contiguous row: the same elementwise operations on the same
+    values (identical results, tests/unit/test_gptq.py), ~1.7x faster on CPU, where each of a
+    column's ~15 small ops otherwise touches one cache line per row. Returns the sub-block's
+    (codes, W_hat, errors), (rows, j2 - j1); adds the losses to L1 in place."""
+    Wt, St, Zt = (t[:, j1:j2].T.contiguous() for t in (W1, S1, Z1))
+    Ct, Qt, Et = torch.empty_like(Wt), torch.empty_like(Wt), torch.empty_like(Wt)
+    for i in range(j2 - j1):
+        w = Wt[i]
+        c, q = ops.round(w, St[i], Zt[i])
+        Ct[i], Qt[i] = c, q
+        err = (w - q) / U1[j1 + i, j1 + i]
+        L1 += err * err / 2
+        Wt[i:] -= U1[j1 + i, j1 + i : j2][:, None] * err[None, :]
+        Et[i] = err
+    return Ct.T, Qt.T, Et.T
 
 
 class _GraphedBlock:

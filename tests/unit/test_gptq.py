@@ -141,3 +141,47 @@ def test_inverse_cholesky_factor_is_upper_and_inverts():
     assert torch.equal(U, U.triu()) and (torch.diag(U) > 0).all()
     # float32 factorisation of a matrix with condition ~1e4: ~1e-7 * 1e4 relative
     assert torch.allclose(U.double().T @ U.double() @ Hd, torch.eye(40, dtype=torch.float64), atol=1e-3)
+
+
+def column_loop_block(ops, inner, W1, U1, S1, Z1):
+    """rsq.solver.gptq._gptq_block's CPU path as of main 8416d03 (strided columns), the oracle of the
+    row-major sub-block loop that replaced it."""
+    W1 = W1.clone()
+    U1 = U1.contiguous()
+    B = W1.shape[1]
+    C1, Q1, E1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    L1 = torch.zeros(W1.shape[0], dtype=W1.dtype)
+    for j1 in range(0, B, inner):
+        j2 = min(j1 + inner, B)
+        for i in range(j1, j2):
+            w = W1[:, i]
+            c, q = ops.round(w, S1[:, i], Z1[:, i])
+            C1[:, i], Q1[:, i] = c, q
+            err = (w - q) / U1[i, i]
+            L1 += err * err / 2
+            W1[:, i:j2] -= err[:, None] * U1[i, i:j2][None, :]
+            E1[:, i] = err
+        if j2 < B:
+            W1[:, j2:] -= E1[:, j1:j2] @ U1[j1:j2, j2:]
+    return C1, Q1, E1, L1
+
+
+@pytest.mark.parametrize(
+    "grid", [GridConfig(bits=3), GridConfig(bits=4, symmetric=False), GridConfig(kind="nf", bits=3)], ids=str
+)
+@pytest.mark.parametrize("rows,width,inner", [(300, 128, 16), (64, 40, 7), (17, 16, 1000)])
+def test_cpu_block_equals_the_column_loop(grid, rows, width, inner):
+    """The CPU sub-block runs on transposed copies: bit-identical codes, W_hat, errors and losses."""
+    from rsq.solver.gptq import _gptq_block
+
+    g = torch.Generator().manual_seed(rows)
+    W = torch.randn(rows, width, generator=g)
+    U = torch.linalg.cholesky(random_hessian(width, seed=rows) + torch.eye(width)).T.contiguous()
+    ops = grid.format.ops(grid, torch.device("cpu"), "auto")
+    if grid.kind == "nf":
+        S, Z = nf_find_params(W, grid).expand(rows, width), torch.zeros(rows, width)
+    else:
+        s, z = find_params(W, grid)
+        S, Z = s.expand(rows, width), z.expand(rows, width)
+    got, want = _gptq_block(ops, inner, W, U, S, Z), column_loop_block(ops, inner, W, U, S, Z)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
