@@ -48,7 +48,7 @@ from rsq.job.stages import (
 from rsq.job.state import RunState
 from rsq.job.store import STATE_FILE, RunStore, _Interrupted, can_resume, check_output, partial_dir
 from rsq.job.weights import open_weights
-from rsq.log import LayerLog, eval_done, gpu_peak_gib
+from rsq.log import LayerLog, eval_done, gpu_peak_gib, host_peak_gib
 from rsq.loss_outliers import RAW_RATIO, REL_RATIO, find_loss_outliers, outlier_line
 from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
@@ -221,7 +221,7 @@ def _execute(job: Job) -> dict | None:
     adapter = job.adapter
     model, tokenizer, weights = open_weights(cfg, adapter, job.opts.preloaded, job.streamed)
     job.timings["load"] = time.perf_counter() - t0
-    job.host_peaks["load"] = measured_peak_gib()
+    job.host_peaks["load"] = host_peak_gib()
     first = adapter.get_layers(model)[0]
     for name in adapter.linears:
         cfg.grid.check_width(first.get_submodule(name).in_features, name)
@@ -243,7 +243,7 @@ def _execute(job: Job) -> dict | None:
     streamed_layers = n_layers if weights.streamed else None
     save_checkpoint(model, tokenizer, job.store.part, cfg, state, rotation_record, streamed=streamed_layers)
     job.timings["save"] = time.perf_counter() - t0
-    job.host_peaks["save"] = measured_peak_gib()
+    job.host_peaks["save"] = host_peak_gib()
     job.timings["total"] = time.perf_counter() - t_start
     results = _results(job, state, ppl, rotation_record, weights.streamed, adapter.layers)
     job.store.finalize(results, state.importance_maps)
@@ -309,7 +309,7 @@ def _quantize(job: Job, model, adapter, weights, plan) -> tuple[RunState, dict[s
             _layer_reporter(job, state, len(adapter.get_layers(model))),
         )
     job.timings["quantize"] = time.perf_counter() - t0
-    job.host_peaks["quantize"] = measured_peak_gib()
+    job.host_peaks["quantize"] = host_peak_gib()
     if cfg.rotation.enabled:  # the rotation ran inside the loop: report it as its own stage
         inner = state.timings.get("rotate", 0.0)
         job.timings["rotate"] = job.timings.get("rotate", 0.0) + inner
@@ -381,7 +381,7 @@ def _evaluate(job: Job, model, adapter, evals: dict[str, EvalPass] | None) -> di
         _check_ppl(ppl[source], source, job.cfg)
         eval_done(source, ppl[source], wins.shape[0], wins.shape[1], time.perf_counter() - t_source)
     job.timings["perplexity"] = time.perf_counter() - t0
-    job.host_peaks["perplexity"] = measured_peak_gib()
+    job.host_peaks["perplexity"] = host_peak_gib()
     return ppl
 
 
@@ -418,7 +418,7 @@ def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None,
         "gpu_peak_GiB": state.gpu_peaks,  # stage -> the run's peak GPU memory up to it (empty on CPU)
         "host_memory": {
             **{k: v for k, v in job.memory.items() if k != "device_memory"},
-            "measured_peak_GiB": measured_peak_gib(),
+            "measured_peak_GiB": host_peak_gib(),
             "measured_by_stage_GiB": job.host_peaks,
         },
         # predicted (rsq.plan.memory.device_memory_plan) beside measured (torch's peak allocation; null on CPU)
@@ -472,10 +472,3 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def measured_peak_gib() -> float:
-    """This process's peak resident memory so far (ru_maxrss; KiB on Linux), GiB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
