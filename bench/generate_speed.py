@@ -50,8 +50,6 @@ from types import SimpleNamespace
 import torch
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
-# bench/kernels.py would shadow the `kernels` package transformers probes for: drop bench/ from the path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
 sys.path.insert(0, os.path.dirname(_BENCH))
 
 

@@ -31,17 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-# bench/kernels.py would shadow the `kernels` package that transformers imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-import rsq.importance.layer as importance_layer  # noqa: E402
-import rsq.job.stages as pipeline  # noqa: E402  (where the layer stages look these names up)
-from rsq.checkpoint.schema import dequantize_result  # noqa: E402
-from rsq.config import RSQConfig  # noqa: E402
-from rsq.job.run import run_quantize  # noqa: E402
-from rsq.solver.hessian import HessianAccumulator  # noqa: E402
+import rsq.importance.layer as importance_layer
+import rsq.job.stages as pipeline  # where the layer stages look these names up
+from rsq.checkpoint.schema import dequantize_result
+from rsq.config import RSQConfig
+from rsq.job.run import run_quantize
+from rsq.solver.hessian import HessianAccumulator
 
 MASSIVE = 10.0  # a token is massive when its norm is > MASSIVE x its sequence's median token norm
 

@@ -311,7 +311,18 @@ def main() -> None:
         with profile(activities=acts) as prof:
             state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+        averages = prof.key_averages()
+        table = averages.table(sort_by=key, row_limit=60, max_name_column_width=90)
+        # the stages' named ranges (rsq.job.state.timed): host wall inside each against the device
+        # time of the kernels it launched; a stage whose device time is far below its wall waits
+        # on the host (launches, copies, synchronizations)
+        lines = ["stage ranges: calls, host total (s), device total (s)"]
+        for ev in averages:
+            if ev.key.startswith("rsq:"):
+                dev = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0))
+                lines.append(f"  {ev.key:24s} {ev.count:6d} {ev.cpu_time_total / 1e6:10.2f} {dev / 1e6:10.2f}")
+        Path(args.profile).write_text("\n".join(lines) + "\n\n" + table)
+        print("\n".join(lines), flush=True)
     else:
         state = quantize_layers(model, cfg, windows, adapter=adapter, weight_fn=weight_fn, progress=progress)
     sync()

@@ -46,8 +46,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path.pop(0)  # bench/kernels.py would shadow the `kernels` package transformers imports
 PROMPTS = ("The capital of France is", "In 1905, Albert Einstein", "The history of the Roman Empire")
 
 

@@ -47,7 +47,9 @@ def timed(state: RunState, key: str | None) -> Iterator[None]:
     sync()
     t0 = time.perf_counter()
     try:
-        yield
+        # a named range for torch.profiler (bench/quantize_speed.py --profile sums device time per stage)
+        with torch.profiler.record_function(f"rsq:{key}"):
+            yield
     finally:
         sync()
         state.timings[key] = state.timings.get(key, 0.0) + time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """Weight-only quantized matmul kernels vs bf16 torch.matmul on Llama-3-8B linear shapes.
 
 Run from the repository root on a CUDA machine:
-    python3 bench/kernels.py [--quick] [--m 1] [--sweep] [--no-e2e]
+    python3 bench/kernel_speed.py [--quick] [--m 1] [--sweep] [--no-e2e]
 
 For each (out x in) shape, tokens M in {1, 4, 16, 64, 2048}, bits in {4, 3, 2} and group size in
 {per channel, 128}, every matching kernel is first checked against rsq/kernels/reference.py
@@ -666,7 +666,7 @@ def main() -> None:
     args = ap.parse_args()
     only = set(args.only or ("scalar", "e8p", "hadamard"))
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+        raise SystemExit("bench/kernel_speed.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     all_cases = list(cases(args.quick, args.m)) if "scalar" in only else []
     if args.workers > 1:
