@@ -110,7 +110,7 @@ def main() -> None:
                 row = {"shape": name, "n": n, "k": k, "bits": bits, "m": m, "bf16_us": t_bf16 * 1e6}
                 row.update(default_us=t_def * 1e6, default_x=t_bf16 / t_def, default=default)
                 best, t_best, tried, failed = default, t_def, 0, 0
-                cands = sample_test_tuning_configs(lc, ComputeConfig(), sample_size=args.samples)
+                cands = sample_test_tuning_configs(lc, ComputeConfig(gemm_type="dense"), sample_size=args.samples)
                 for cfg in cands:
                     if time.perf_counter() - t_start > args.deadline:
                         break
