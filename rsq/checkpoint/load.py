@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rsq.checkpoint.dense import enable_dense_cache
+from rsq.checkpoint.dense import dequantize_once
 from rsq.checkpoint.schema import FORMAT_VERSION, GUARD, GUARD_KEY, QUANT_METHOD
 from rsq.config import TORCH_DTYPES, GridConfig
 from rsq.errors import CheckpointFormatError, ConfigError
@@ -175,7 +175,7 @@ def load_quantized(
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
     attach_online_rotations(model, qc)
     if not packed:
-        enable_dense_cache(model)
+        dequantize_once(model, keep_packed=True)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
