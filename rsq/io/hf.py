@@ -35,6 +35,7 @@ from rsq.config import TORCH_DTYPES
 from rsq.errors import RSQError
 from rsq.io import loading
 from rsq.io.hub import push_folder
+from rsq.models.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,8 @@ def _quantizer_class(base: type) -> type:
             from rsq.checkpoint.load import attach_online_rotations
 
             qc = self.quantization_config.to_dict()
-            attach_online_rotations(model, qc)
+            # transformers built the model: its family is looked up once, here
+            attach_online_rotations(model, qc, resolve(model.config))
             model.requires_grad_(False)
             adopt(model, qc)
             from rsq.checkpoint.dense import dequantize_once
