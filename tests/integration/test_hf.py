@@ -195,7 +195,7 @@ def test_dequantize_once_both_modes_compute_the_reference_formula(ckpts, kind):
     assert not torch.equal(*logits[torch.bfloat16])  # float32 compute vs bfloat16 compute
 
 
-def test_save_pretrained_is_the_class_s_and_push_to_hub_pushes_a_complete_checkpoint(ckpts, tmp_path, monkeypatch):
+def test_save_and_push_are_the_class_s_not_the_instance_s(ckpts, tmp_path, monkeypatch):
     """No method is set on the instance: save_pretrained / push_to_hub come from the model's class
     (RSQModelMixin on the transformers class, same name), for both loaders."""
     from rsq.io import hf
