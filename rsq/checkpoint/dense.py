@@ -1,121 +1,71 @@
-"""Dequantize once: the two ways a loaded checkpoint computes with W_hat instead of its packed codes.
+"""Dequantize once: a loaded checkpoint's packed linears compute with W_hat instead of unpacking their
+codes on every call. One function, :func:`dequantize_once`, with one parameter for what differs:
 
-* :func:`enable_dense_cache` (what rsq.load and from_pretrained do): see below.
-* :func:`dense_linears` (``--dense`` of rsq eval / longctx / generate): every packed linear is
-  replaced by an ``nn.Linear`` holding W_hat in the model's dtype, for every device and backend.
+* ``keep_packed=True`` (what rsq.load and from_pretrained do): every packed linear keeps its packed
+  buffers and turns on its own dense mode (``QuantizedLinear.dense_cache``, rsq/nn/linear.py): off
+  the GPU kernels its first call on a device dequantizes W_hat once, in float32 (exactly the
+  reference kernel's W_hat), and keeps it; later calls are one matmul. state_dict, save_pretrained
+  and the GPU kernels are unchanged. :func:`disable_dense_cache` goes back to the packed path.
+* ``keep_packed=False`` (``--dense`` of rsq eval / longctx / generate): every packed linear is
+  replaced by an ``nn.Linear`` holding W_hat in the model's dtype, for every device and backend (an
+  online rotation on its input moves with it).
 
-Dense-weight cache for loaded checkpoints where no GPU kernel runs.
-
-On a CPU (or on CUDA without Triton) a packed linear goes through the pure-torch reference, which
-unpacks and dequantizes W_hat on every call: a decoding step re-dequantizes every layer. With the
-cache, the first call on a device dequantizes W_hat once (float32, exactly the reference's W_hat)
-and keeps it; later calls are one matmul. Same function as the reference (x in float32 @ W_hat^T +
-bias, cast back to x's dtype), up to the matmul's summation order.
-
-The cache is a plain attribute (no buffer): state_dict, save_pretrained and the packed buffers are
-unchanged. Calls on CUDA with Triton, and QuantLinears with a forced ``backend``, keep the packed
-kernels. :func:`disable_dense_cache` restores the packed reference path (kernel tests use it).
+Both take W_hat from ``QuantizedLinear.dense_weight`` (the float32 reference W_hat, cast). The same
+function as the packed path: the CPU reference kernel also computes x @ W_hat^T from W_hat
+dequantized in float32, only on every call (a decoding step re-dequantizes every layer). A float32
+model computes bit for bit the same in both modes; a 16-bit model computes in float32 with the
+cache and in its own dtype with ``nn.Linear``.
 """
 
 from __future__ import annotations
 
-import types
+from collections.abc import Iterator
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rsq.kernels import has_triton
+from rsq.nn.linear import QuantizedLinear
 from rsq.rotation.online import attach_online_rotation
 
-_ATTR = "_rsq_dense"
+
+def _packed(model: nn.Module) -> Iterator[tuple[nn.Module, str, QuantizedLinear]]:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedLinear):
+                yield parent, name, child
 
 
-def _packed_key(module: nn.Module, x: torch.Tensor) -> tuple:
-    packed = getattr(module, "qweight", None)
-    if packed is None:
-        packed = module.codes
-    return (x.device, packed.data_ptr(), module.scales.data_ptr(), module.scales._version, packed._version)
-
-
-def _cached_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if (x.is_cuda and has_triton()) or getattr(self, "backend", None) is not None:
-        return type(self).forward(self, x)
-    if torch.compiler.is_compiling():
-        # no data_ptr/_version keys in a graph: use the W_hat an eager call (the prefill) cached on
-        # this device, else the packed path (one custom op per linear, rsq/kernels/ops.py)
-        cached = getattr(self, _ATTR, None)
-        if cached is None or cached[1].device != x.device:
-            return type(self).forward(self, x)
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), cached[1], bias).to(x.dtype)
-    key = _packed_key(self, x)
-    cached = self.__dict__.get(_ATTR)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            weight = self.dequantize_weight(torch.float32).to(x.device)
-        cached = (key, weight)
-        self.__dict__[_ATTR] = cached
-    bias = None if self.bias is None else self.bias.float()
-    return F.linear(x.float(), cached[1], bias).to(x.dtype)
-
-
-def _packed(model: nn.Module):
-    for module in model.modules():
-        if not isinstance(module, nn.Linear) and hasattr(module, "dequantize_weight"):
-            yield module
-
-
-def enable_dense_cache(model: nn.Module) -> int:
-    """Route the model's packed linears through the dense cache off the GPU kernels; returns how many."""
+def dequantize_once(model: nn.Module, keep_packed: bool = True) -> int:
+    """Make every packed linear of ``model`` compute with W_hat dequantized once (the module
+    docstring: ``keep_packed`` keeps the packed modules with a lazy float32 cache, else they are
+    replaced by ``nn.Linear`` in the model's dtype); returns how many packed linears."""
+    dtype = None if keep_packed else next(p.dtype for p in model.parameters() if p.is_floating_point())
     count = 0
-    for module in _packed(model):
-        module.forward = types.MethodType(_cached_forward, module)
+    for parent, name, child in _packed(model):
         count += 1
+        if keep_packed:
+            child.dense_cache = True
+            continue
+        bias = None if child.bias is None else child.bias.to(dtype)
+        dense = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
+        dense.weight = nn.Parameter(child.dense_weight(dtype), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias, requires_grad=False)
+        rotation = getattr(child, "online_rotation", None)
+        if rotation is not None:
+            attach_online_rotation(dense, rotation.spec)
+        setattr(parent, name, dense)
     return count
 
 
 def disable_dense_cache(model: nn.Module) -> int:
     """Back to the packed path on every call (drops cached weights); returns how many modules."""
     count = 0
-    for module in _packed(model):
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop(_ATTR, None)
+    for _, _, module in _packed(model):
+        module.dense_cache, module.dense_weight_cache = False, None
         count += 1
     return count
 
 
 def cached_weights(model: nn.Module) -> int:
     """How many packed linears currently hold a dense W_hat."""
-    return sum(_ATTR in m.__dict__ for m in _packed(model))
-
-
-def dense_linears(model: nn.Module) -> int:
-    """Replace every packed linear (a module with ``dequantize_weight``) by an ``nn.Linear`` holding
-    W_hat in the model's floating dtype; return how many were replaced. An online rotation on the
-    packed linear's input moves to the dense one.
-
-    The same function: the CPU reference kernel also computes x @ W_hat^T from W_hat dequantized in
-    float32, only on every call; once is much faster for generation on CPU (one decoding step
-    re-dequantizes every layer) and costs the dense weights' memory. Float32 models agree up to the
-    summation order of the matmul.
-    """
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) or not hasattr(child, "dequantize_weight"):
-                continue
-            with torch.no_grad():
-                weight = child.dequantize_weight(torch.float32).to(dtype)
-                bias = None if child.bias is None else child.bias.to(dtype)
-            dense = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
-            dense.weight = nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                dense.bias = nn.Parameter(bias, requires_grad=False)
-            rotation = getattr(child, "online_rotation", None)
-            if rotation is not None:
-                attach_online_rotation(dense, rotation.spec)
-            setattr(parent, name, dense)
-            count += 1
-    return count
+    return sum(module.dense_weight_cache is not None for _, _, module in _packed(model))

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rsq.checkpoint.dense import enable_dense_cache
+from rsq.checkpoint.dense import dequantize_once
 from rsq.checkpoint.schema import FORMAT_VERSION, GUARD, GUARD_KEY, QUANT_METHOD
 from rsq.config import TORCH_DTYPES, GridConfig
 from rsq.errors import CheckpointFormatError, ConfigError
+from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
 from rsq.rotation.online import OnlineRotation, attach_online_rotation
 
@@ -108,9 +109,10 @@ def replace_quantized_modules(model: torch.nn.Module, qc: dict, tensors: dict, d
         setattr(parent, child, _quant_module(qc, full, tensors, getattr(parent, child), dtype))
 
 
-def attach_online_rotations(model: torch.nn.Module, qc: dict) -> None:
-    """Attach the checkpoint's recorded online rotations to every decoder layer."""
-    layers = resolve(model.config).get_layers(model)
+def attach_online_rotations(model: torch.nn.Module, qc: dict, adapter: ModelAdapter) -> None:
+    """Attach the checkpoint's recorded online rotations to every decoder layer (``adapter``: the
+    model family's, from the caller that looked it up)."""
+    layers = adapter.get_layers(model)
     rotation = qc.get("rotation") or {}
     for site in rotation.get("online", []):
         if site["kind"] in ("skipped", "per_head"):
@@ -141,7 +143,7 @@ def load_quantized(
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours, not a transformers quantizer
-    adapter = resolve(config)
+    adapter = resolve(config)  # the public API starts from a directory: its family looked up once, here
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_quantized_modules(model, qc, tensors, dtype)
@@ -173,9 +175,9 @@ def load_quantized(
 
     if tied:
         model.get_submodule(adapter.lm_head).weight = model.get_submodule(adapter.embed).weight
-    attach_online_rotations(model, qc)
+    attach_online_rotations(model, qc, adapter)
     if not packed:
-        enable_dense_cache(model)
+        dequantize_once(model, keep_packed=True)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from rsq.checkpoint.schema import FORMAT_VERSION, QUANT_METHOD, quantized_module_tensors
 from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.io.hf import finish_config_dict, source_dtype
+from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
 from rsq.version import __version__
 
@@ -114,7 +115,16 @@ def write_layer_shard(
     return target
 
 
-def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation_record, streamed: int | None = None):
+def save_checkpoint(
+    model,
+    tokenizer,
+    out: Path,
+    cfg: RSQConfig,
+    state,
+    rotation_record,
+    streamed: int | None = None,
+    adapter: ModelAdapter | None = None,
+):
     """Write the checkpoint into ``out`` (a fresh directory). Returns {file: bytes}.
 
     ``streamed`` = the number of decoder layers when their shards are already in ``out``
@@ -137,7 +147,8 @@ def save_checkpoint(model, tokenizer, out: Path, cfg: RSQConfig, state, rotation
             sizes[filename] = (out / filename).stat().st_size
         weight_map = split.tensor_to_filename if split.is_sharded else None
     else:
-        layers = resolve(model.config).layers + "."
+        # the job passes its adapter; a caller with a bare model (bench scripts) has it looked up
+        layers = (adapter or resolve(model.config)).layers + "."
         tensors = checkpoint_state_dict(model, state.results, cfg, dtype, rest, skip=layers)
         sizes, weight_map = _finish_streamed(out, tensors, streamed)
     if weight_map is not None:

@@ -119,7 +119,7 @@ def cmd_plan(args) -> int:
                     format_plan(
                         f"{name} (ranks={ranks})",
                         config,
-                        resolve(config),
+                        resolve(config),  # `rsq plan` starts from a config: one lookup per model
                         nsamples=args.nsamples,
                         seqlen=args.seqlen,
                         bits=args.bits,

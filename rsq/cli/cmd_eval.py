@@ -45,16 +45,16 @@ def _pct(v: float | None) -> str:
 
 def _load(model: str | None, dtype: str | None, dense: bool = False, packed: bool = False):
     """(model, tokenizer) via rsq's loader; ``dtype`` casts the floating-point weights afterwards;
-    ``dense`` replaces the packed linears by dense ones (:func:`rsq.checkpoint.dense.dense_linears`)."""
+    ``dense`` replaces the packed linears by dense ones (:func:`rsq.checkpoint.dense.dequantize_once`)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     net, tok = load_any(model, packed=packed)
     if dtype is not None:
         net.to(TORCH_DTYPES[dtype])
     if dense:
-        from rsq.checkpoint.dense import dense_linears  # nn.Linear for packed ones: loads the kernels
+        from rsq.checkpoint.dense import dequantize_once  # nn.Linear for packed ones: loads the kernels
 
-        dense_linears(net)
+        dequantize_once(net, keep_packed=False)
     return net, tok
 
 

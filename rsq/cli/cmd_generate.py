@@ -192,9 +192,9 @@ def cmd_generate(args) -> int:
     if tokenizer is None:
         raise CheckpointFormatError(f"{args.ckpt} has no tokenizer files: copy the base model's tokenizer into it")
     if args.dense:
-        from rsq.checkpoint.dense import dense_linears  # nn.Linear for packed ones: loads the kernels
+        from rsq.checkpoint.dense import dequantize_once  # nn.Linear for packed ones: loads the kernels
 
-        dense_linears(model)
+        dequantize_once(model, keep_packed=False)
     device = resolve_device(args.device)
     model.to(device)
     compile = compile_by_default(device) if args.compile is None else args.compile

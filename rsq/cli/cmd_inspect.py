@@ -9,6 +9,7 @@ from rsq.calib.datasets import load_text, sample_windows, tokenize
 from rsq.config import RotationConfig
 from rsq.io.loading import load_model
 from rsq.models.device import resolve_device
+from rsq.models.registry import resolve
 from rsq.report.outliers import activation_stats, compare_rotation, plot_stats, summary_table
 from rsq.report.plotting import require_matplotlib
 
@@ -33,12 +34,13 @@ def cmd_inspect(args) -> int:
     require_matplotlib()  # before any work: the plots are part of the output
 
     model, tok = load_model(args.model)
+    adapter = resolve(model.config)  # the command starts from a model name: its family, looked up once
     windows = sample_windows(tokenize(tok, load_text("wikitext2").calib), args.nsamples, args.seqlen, seed=0)
     device = resolve_device(args.device)
     if args.rotate:
-        stats = compare_rotation(model, windows, device, RotationConfig(enabled=True, seed=args.rotate_seed))
+        stats = compare_rotation(model, adapter, windows, device, RotationConfig(enabled=True, seed=args.rotate_seed))
     else:
-        stats = {"before": activation_stats(model, windows, device)}
+        stats = {"before": activation_stats(model, adapter, windows, device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(stats, indent=2))

@@ -56,6 +56,7 @@ def run_eval(
     texts = {source: load_text(source, opts.data_dir) for source in sources}
     net, tokenizer = loaded if loaded is not None else load_any(model)
     preflight.check_context(net.config, {"--seqlen": seqlen}, opts.force_seqlen)
+    # evaluation starts from a model name or a loaded model: its family looked up once, here
     batch = opts.batch_size or eval_batch_that_fits(net.config, resolve(net), seqlen, dev)
     ppl = {}
     for source in sources:

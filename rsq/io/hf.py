@@ -10,9 +10,9 @@
   that transformers reads first) set to :data:`GUARD`, which is no safetensors name: plain
   transformers raises a ValueError quoting it, which names rsq and the command to use. rsq's
   quantizer drops the key before transformers resolves the weights file.
-* Models built by either loader carry an ``hf_quantizer`` and an instance ``save_pretrained`` that
-  writes a checkpoint both loaders read back (quantization_config, the guard, a neutral
-  ``_name_or_path``).
+* Models built by either loader carry an ``hf_quantizer`` and the class :func:`rsq_model_class`
+  makes (:class:`RSQModelMixin` on the transformers class), whose ``save_pretrained`` writes a
+  checkpoint both loaders read back (quantization_config, the guard, a neutral ``_name_or_path``).
 
 The module swap itself is :func:`rsq.checkpoint.load.replace_quantized_modules`; this file only
 adapts it to transformers' interface (so it follows the number-format registry when that lands).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import types
+import tempfile
 from importlib.abc import Loader
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -35,6 +35,7 @@ from rsq.config import TORCH_DTYPES
 from rsq.errors import RSQError
 from rsq.io import loading
 from rsq.io.hub import push_folder
+from rsq.models.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def finish_config_dict(config: dict, model) -> dict:
     return config
 
 
-def _patch_config_file(path: Path, model) -> None:
+def complete_config_file(path: Path, model) -> None:
+    """config.json in ``path`` completed as an rsq checkpoint (:func:`finish_config_dict`), if it
+    holds an rsq quantization_config."""
     cfg_file = path / "config.json"
     config = json.loads(cfg_file.read_text())
     qc = config.get("quantization_config") or {}
@@ -103,35 +106,57 @@ def _patch_config_file(path: Path, model) -> None:
     cfg_file.write_text(json.dumps(finish_config_dict(config, model), indent=2, default=str))
 
 
-def _save_pretrained(self, save_directory, *args, **kwargs):
-    """PreTrainedModel.save_pretrained, then config.json completed as an rsq checkpoint
-    (transformers drops ``transformers_weights`` on save; without it plain transformers would load
-    the packed checkpoint as random weights)."""
-    push = kwargs.pop("push_to_hub", False)
-    type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    _patch_config_file(Path(save_directory), self)
-    if push:
-        push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
+class RSQModelMixin:
+    """What the class of a model with rsq's quantized modules adds to its transformers class.
+
+    ``save_pretrained`` is transformers' own (the rsq quantizer says the model is serializable and
+    the state dict is the packed buffers), then config.json completed as an rsq checkpoint:
+    transformers drops ``transformers_weights`` on save, and without that guard plain transformers
+    would load the packed checkpoint as random weights; transformers has no quantizer hook for
+    top-level config keys. ``push_to_hub`` saves that way and uploads (rsq.io.hub.push_folder).
+
+    :func:`adopt` gives a model the class :func:`rsq_model_class` makes: this mixin first, then
+    the model's transformers class, under the same name (config.json's ``architectures`` stay
+    transformers'). The methods are the class's, found through the MRO; none is set on the instance.
+    """
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        complete_config_file(Path(save_directory), self)
+        if push_to_hub:
+            push_folder(Path(save_directory), kwargs.get("repo_id") or Path(save_directory).name)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(Path(tmp), repo_id, private=kwargs.get("private"))
 
 
-def _push_to_hub(self, repo_id: str, *args, **kwargs):
-    import tempfile
+_MODEL_CLASSES: dict[type, type] = {}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        self.save_pretrained(tmp)
-        return push_folder(Path(tmp), repo_id, private=kwargs.get("private"))
+
+def rsq_model_class(cls: type) -> type:
+    """``cls`` with :class:`RSQModelMixin` first in its MRO, same name and module (one per class)."""
+    if issubclass(cls, RSQModelMixin):
+        return cls
+    if cls not in _MODEL_CLASSES:
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        _MODEL_CLASSES[cls] = type(cls.__name__, (RSQModelMixin, cls), names)
+    return _MODEL_CLASSES[cls]
 
 
 def adopt(model, qc: dict) -> None:
-    """Make a model with rsq modules save and report itself as an rsq checkpoint."""
+    """Make a model with rsq modules save and report itself as an rsq checkpoint: its
+    quantization_config and ``hf_quantizer`` (as transformers' from_pretrained sets them for a
+    quantized model) and its class :func:`rsq_model_class` (the one place an rsq-loaded model's
+    class is set; rsq.load and the quantizer's from_pretrained hook both come here)."""
     register()
     model.config.quantization_config = RSQQuantizationConfig.from_dict(dict(qc))
     if getattr(model, "hf_quantizer", None) is None:
         model.hf_quantizer = RSQHfQuantizer(model.config.quantization_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.push_to_hub = types.MethodType(_push_to_hub, model)
+    model.__class__ = rsq_model_class(type(model))
 
 
 def load_adopted(path, **kwargs):
@@ -314,12 +339,13 @@ def _quantizer_class(base: type) -> type:
             from rsq.checkpoint.load import attach_online_rotations
 
             qc = self.quantization_config.to_dict()
-            attach_online_rotations(model, qc)
+            # transformers built the model: its family is looked up once, here
+            attach_online_rotations(model, qc, resolve(model.config))
             model.requires_grad_(False)
             adopt(model, qc)
-            from rsq.checkpoint.dense import enable_dense_cache
+            from rsq.checkpoint.dense import dequantize_once
 
-            enable_dense_cache(model)
+            dequantize_once(model, keep_packed=True)
             return model
 
         def is_serializable(self, *args, **kwargs):

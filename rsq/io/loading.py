@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rsq.errors import ConfigError, MissingDependencyError, UnsupportedModelError
+from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,15 @@ def _remove_offloading(net) -> None:
         remove_dispatch(net)
 
 
-def load_model(model: str | None, dtype: torch.dtype = torch.float32):
+def load_model(model: str | None, dtype: torch.dtype = torch.float32, adapter: ModelAdapter | None = None):
     """(model, tokenizer) on CPU in ``dtype``, eval mode. Checks the architecture before loading
-    weights so an unsupported model fails fast."""
+    weights so an unsupported model fails fast; ``adapter``: the family's, when the caller has
+    already looked it up (the job's preflight), and so checked it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(model)
-    resolve(config)  # UnsupportedModelError before any weight is read
+    if adapter is None:  # a caller that starts from a name (public API, CLI): checked here
+        resolve(config)  # UnsupportedModelError before any weight is read
     name, extra = _from_pretrained_args(model)
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})

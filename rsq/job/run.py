@@ -241,7 +241,9 @@ def _execute(job: Job) -> dict | None:
     job.store.drop_stale_shards()
     n_layers = len(adapter.get_layers(model))
     streamed_layers = n_layers if weights.streamed else None
-    save_checkpoint(model, tokenizer, job.store.part, cfg, state, rotation_record, streamed=streamed_layers)
+    save_checkpoint(
+        model, tokenizer, job.store.part, cfg, state, rotation_record, streamed=streamed_layers, adapter=adapter
+    )
     job.timings["save"] = time.perf_counter() - t0
     job.host_peaks["save"] = host_peak_gib()
     job.timings["total"] = time.perf_counter() - t_start

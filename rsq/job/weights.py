@@ -53,5 +53,5 @@ def open_weights(cfg: RSQConfig, adapter: ModelAdapter, preloaded: tuple | None,
         weights = LayerStreamer(source, model, adapter, dtype)
         weights.load_ends()  # the decoder layers stay on meta until their turn
         return model, load_tokenizer_and_generation(source.path, model), weights
-    model, tokenizer = load_model(cfg.model or None, dtype)
+    model, tokenizer = load_model(cfg.model or None, dtype, adapter)
     return model, tokenizer, InMemoryWeights()

@@ -110,7 +110,7 @@ def _num_kv_heads(config) -> int:
 
 def _biases(config) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o_proj bias, MLP bias) as the family's adapter declares them."""
-    return resolve(config).biases(config)
+    return resolve(config).biases(config)  # param_count takes a bare config (public helper)
 
 
 def param_count(config) -> int:

@@ -125,7 +125,7 @@ def check_context(config, lengths: dict[str, int], force: bool) -> None:
 def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = False) -> ModelAdapter:
     """The options against the model's config (before any weight is read); returns the model
     family's adapter (UnsupportedModelError for a family rsq does not know), looked up here once."""
-    adapter = resolve(config)
+    adapter = resolve(config)  # the job's one lookup: rsq.job passes this adapter along
     if cfg.quantizes and cfg.grid.kind != "e8p":
         widths = {name: shape[1] for name, shape in adapter.linear_shapes(config).items()}
         check_group_size(cfg.grid.group_size, widths)

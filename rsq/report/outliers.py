@@ -17,7 +17,6 @@ from torch import nn
 
 from rsq.config import RotationConfig
 from rsq.models.adapter import ModelAdapter
-from rsq.models.registry import resolve
 from rsq.report.plotting import plain_log_yaxis, pyplot
 from rsq.rotation import rotate_model
 
@@ -53,9 +52,8 @@ def _record_inputs(model: nn.Module, adapter: ModelAdapter, sink: dict) -> Itera
 
 
 @torch.no_grad()
-def activation_stats(model: nn.Module, windows: torch.Tensor, device: torch.device) -> dict:
+def activation_stats(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device) -> dict:
     """{site: {"max_over_rms": [per layer], "kurtosis": [per layer]}} over the given windows."""
-    adapter = resolve(model)
     sink: dict = {}
     model.to(device)
     with _record_inputs(model, adapter, sink):
@@ -72,12 +70,14 @@ def activation_stats(model: nn.Module, windows: torch.Tensor, device: torch.devi
     return out
 
 
-def compare_rotation(model: nn.Module, windows: torch.Tensor, device: torch.device, cfg: RotationConfig) -> dict:
-    """Stats of the model as given and of a rotated copy."""
-    before = activation_stats(model, windows, device)
+def compare_rotation(
+    model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device, cfg: RotationConfig
+) -> dict:
+    """Stats of the model as given and of a rotated copy (the same family: the same ``adapter``)."""
+    before = activation_stats(model, adapter, windows, device)
     rotated = copy.deepcopy(model)
-    record = rotate_model(rotated, resolve(rotated), cfg)
-    after = activation_stats(rotated, windows, device)
+    record = rotate_model(rotated, adapter, cfg)
+    after = activation_stats(rotated, adapter, windows, device)
     return {"before": before, "after": after, "rotation": record}
 
 

@@ -14,7 +14,7 @@ import json
 import torch
 
 import rsq
-from rsq.checkpoint.dense import dense_linears
+from rsq.checkpoint.dense import dequantize_once
 from rsq.cli.cmd_eval import add_parsers
 from rsq.config import (
     CalibConfig,
@@ -48,7 +48,7 @@ def test_dense_linears_keep_the_function_and_the_online_rotation(tiny_model_dir,
     ckpt = _quarot_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt")
     packed, _ = rsq.load(ckpt)
     dense = copy.deepcopy(packed)
-    assert dense_linears(dense) == 2 * 7
+    assert dequantize_once(dense, keep_packed=False) == 2 * 7
     assert not any(isinstance(m, QuantLinear) for m in dense.modules())
     down = dense.model.layers[0].mlp.down_proj
     assert type(down) is torch.nn.Linear and hasattr(down, "online_rotation")
@@ -56,7 +56,7 @@ def test_dense_linears_keep_the_function_and_the_online_rotation(tiny_model_dir,
     with torch.no_grad():
         ref, got = packed(input_ids=ids).logits, dense(input_ids=ids).logits
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
-    assert dense_linears(dense) == 0  # nothing left to replace
+    assert dequantize_once(dense, keep_packed=False) == 0  # nothing left to replace
 
 
 def test_cli_longctx_dense_gives_the_same_answers(tiny_model_dir, tmp_path):

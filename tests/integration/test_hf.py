@@ -1,6 +1,7 @@
 """rsq checkpoints in transformers: from_pretrained after `import rsq` builds rsq.load's model; plain
 transformers raises naming rsq (never a silently random model); save_pretrained round trips."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rsq
-from rsq.checkpoint.dense import cached_weights, disable_dense_cache
+from rsq.checkpoint.dense import cached_weights, dequantize_once, disable_dense_cache
 from rsq.config import GridConfig
-from rsq.io.hf import GUARD, GUARD_KEY, neutral_name
+from rsq.io.hf import GUARD, GUARD_KEY, RSQModelMixin, neutral_name
+from rsq.nn.linear import QuantizedLinear
 from tests.integration.test_checkpoint import _quantize
 
 GRIDS = {
@@ -159,6 +161,63 @@ def test_dense_cache_same_function_as_packed_path(ckpts, kind):
     _same_tensors(model, packed)  # the cache is no state
     disable_dense_cache(model)
     assert cached_weights(model) == 0 and torch.equal(_logits(model, ids), ref)
+
+
+@pytest.mark.parametrize("kind", list(GRIDS))
+def test_dequantize_once_both_modes_compute_the_reference_formula(ckpts, kind):
+    """dequantize_once's two modes against the formula both had before they were one function:
+    kept packed, each module computes F.linear(x in float32, W_hat float32, bias float32) cast back
+    to x's dtype; replaced, each nn.Linear holds W_hat (float32 reference) cast to the model dtype.
+    Exact: the same operations on the same tensors. A float32 model then gives bit-identical logits
+    in both modes (same dtype); a bfloat16 one computes in float32 with the cache only."""
+    ids = torch.randint(0, 512, (2, 16))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cache, _ = rsq.load(ckpts[kind])  # dequantize_once(keep_packed=True) inside
+        cache.to(dtype)
+        packed = {n: m for n, m in cache.named_modules() if isinstance(m, QuantizedLinear)}
+        assert len(packed) == 14 and all(m.dense_cache for m in packed.values())
+        for name, m in packed.items():
+            x = torch.randn(3, m.in_features).to(dtype)
+            bias = None if m.bias is None else m.bias.float()
+            want = torch.nn.functional.linear(x.float(), m.dequantize_weight(torch.float32), bias).to(dtype)
+            assert torch.equal(m.forward(x), want), name  # forward: no online-rotation pre-hook
+        replaced = copy.deepcopy(cache)
+        weights = {n: m.dequantize_weight(torch.float32).to(dtype) for n, m in packed.items()}
+        assert dequantize_once(replaced, keep_packed=False) == 14
+        for name, w in weights.items():
+            linear = replaced.get_submodule(name)
+            assert type(linear) is torch.nn.Linear and linear.weight.dtype == dtype, name
+            assert torch.equal(linear.weight, w), name
+            assert (linear.bias is None) == (packed[name].bias is None), name
+        logits[dtype] = _logits(cache, ids), _logits(replaced, ids)
+    assert torch.equal(*logits[torch.float32])
+    assert not torch.equal(*logits[torch.bfloat16])  # float32 compute vs bfloat16 compute
+
+
+def test_save_and_push_are_the_class_s_not_the_instance_s(ckpts, tmp_path, monkeypatch):
+    """No method is set on the instance: save_pretrained / push_to_hub come from the model's class
+    (RSQModelMixin on the transformers class, same name), for both loaders."""
+    from rsq.io import hf
+
+    pushed = {}
+
+    def fake_push(folder, repo_id, **kwargs):
+        pushed[repo_id] = json.loads((folder / "config.json").read_text())
+        return "url"
+
+    monkeypatch.setattr(hf, "push_folder", fake_push)
+    for model in (rsq.load(ckpts["uniform"])[0], AutoModelForCausalLM.from_pretrained(str(ckpts["uniform"]))):
+        assert isinstance(model, RSQModelMixin) and type(model).__name__ == "LlamaForCausalLM"
+        assert "save_pretrained" not in vars(model) and "push_to_hub" not in vars(model)
+        assert not any("forward" in vars(m) for m in model.modules())  # no instance forward either
+        assert model.push_to_hub("org/name") == "url"
+        cfg = pushed.pop("org/name")
+        assert cfg[GUARD_KEY] == GUARD and cfg["quantization_config"]["quant_method"] == "rsq"
+        model.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="org/other")
+        assert pushed.pop("org/other")[GUARD_KEY] == GUARD
+    copy.deepcopy(model).save_pretrained(tmp_path / "copy")  # a deep copy keeps the class
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())[GUARD_KEY] == GUARD
 
 
 def test_source_dtype(tmp_path):
