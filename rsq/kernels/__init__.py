@@ -40,8 +40,8 @@ def dispatch(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
     tensors, bias = layer.kernel_inputs(x)
     if torch.compiler.is_compiling():
-        meta = (layer.format_name, layer.bits, layer.in_features, layer.group_size, layer.out_features)
-        return ops.quant_linear(x, list(tensors), bias, *meta, backend)
+        shape = [layer.bits, layer.in_features, layer.group_size, layer.out_features]
+        return ops.quant_linear(x, list(tensors), bias, layer.format_name, shape, backend)
     return run_backend(x, tensors, bias, layer, backend)
 
 

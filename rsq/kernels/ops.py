@@ -29,21 +29,20 @@ def quant_linear(
     tensors: list[Tensor],
     bias: Tensor | None,
     format_name: str,
-    bits: int,
-    in_features: int,
-    group_size: int,
-    out_features: int,
+    shape: list[int],
     backend: str | None,
 ) -> Tensor:
     """y (..., out) = x (..., in) @ W_hat^T + bias for a layer of ``format_name`` whose packed buffers
-    are ``tensors`` (the format's order; backend: None = the fastest that matches)."""
+    are ``tensors`` (the format's order); ``shape`` = [bits, in_features, group_size, out_features];
+    backend: None = the fastest that matches."""
+    bits, in_features, group_size, out_features = shape
     layer = Layer(format_name, bits, group_size, in_features, out_features)
     return run_backend(x, tensors, bias, layer, backend)
 
 
 @quant_linear.register_fake
-def _(x, tensors, bias, format_name, bits, in_features, group_size, out_features, backend):
-    return x.new_empty(*x.shape[:-1], out_features)
+def _(x, tensors, bias, format_name, shape, backend):
+    return x.new_empty(*x.shape[:-1], shape[3])
 
 
 @torch.library.custom_op("rsq::hadamard", mutates_args=())

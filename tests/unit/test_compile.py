@@ -105,13 +105,13 @@ def test_quant_linear_inductor():
 def test_opcheck_quant_linear_uniform(bias):
     layer = uniform_layer(3, 128, bias=bias)
     tensors = [layer.qweight, layer.scales, layer.qzeros]
-    args = (torch.randn(5, 256), tensors, layer.bias, "uniform", 3, 256, 128, 48, None)
+    args = (torch.randn(5, 256), tensors, layer.bias, "uniform", [3, 256, 128, 48], None)
     torch.library.opcheck(ops.quant_linear, args)
 
 
 def test_opcheck_e8p_and_hadamard():
     layer = e8p_layer()
-    args = (torch.randn(6, 256), [layer.codes, layer.scales], layer.bias, "e8p", 2, 256, -1, 48, None)
+    args = (torch.randn(6, 256), [layer.codes, layer.scales], layer.bias, "e8p", [2, 256, -1, 48], None)
     torch.library.opcheck(ops.quant_linear, args)
     for kind, size, head_dim, width in (("full", 96, 1, 96), ("cross_head", 4, 16, 64), ("block", 96, 32, 96)):
         torch.library.opcheck(ops.hadamard, (torch.randn(3, width), kind, size, head_dim))
