@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsq.calib.datasets import find_wikitext_files
+from rsq.calib.datasets import find_wikitext_files, read_text
 
 TINY = {
     # hidden 64 = 4·16, intermediate 96 = 12·8 (non-power-of-2 online Hadamard), GQA 4/2
@@ -78,7 +78,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
     _, test = find_wikitext_files()
     assert test is not None, "tests need ../shared/data/wikitext-2-raw/wiki.test.raw (or RSQ_DATA_DIR)"
-    text = test.read_text(encoding="utf-8")[:300_000]
+    text = read_text(test)[:300_000]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>"]))

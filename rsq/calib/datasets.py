@@ -125,7 +125,7 @@ def split_articles(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The text of ``path`` (UTF-8, universal newlines: the distributed copy has CRLF line endings);
     ConfigError naming the file (and the byte offset of the first bad byte) when it is unreadable."""
     try:
@@ -160,14 +160,16 @@ def load_text(source: str, data_dir: str | None = None) -> TextSplit:
                 f"text source {source!r} is not one of {', '.join(SOURCES)} nor an existing file: "
                 "pass a path to a plain text file or a source name"
             )
-        text = _read(path)
+        text = read_text(path)
         return TextSplit(text, text, {"source": str(path), "split": "whole file for both (overlap)"})
 
     train, test = find_wikitext_files(data_dir)
     if test is not None:
-        test_text = _read(test)
+        test_text = read_text(test)
         if train is not None:
-            return TextSplit(_read(train), test_text, {"source": "wikitext2", "train": str(train), "test": str(test)})
+            return TextSplit(
+                read_text(train), test_text, {"source": "wikitext2", "train": str(train), "test": str(test)}
+            )
         articles = split_articles(test_text)
         half = len(articles) // 2
         return TextSplit(

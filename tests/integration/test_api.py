@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import rsq
-from rsq.calib.datasets import find_wikitext_files, sample_windows, tokenize
+from rsq.calib.datasets import find_wikitext_files, read_text, sample_windows, tokenize
 from rsq.cli.main import make_parser
 from rsq.cli.options import build_config
 from rsq.config import CalibConfig, GridConfig, RSQConfig
@@ -19,7 +19,7 @@ from rsq.recipe import config_from_recipe, write_recipe
 
 def _texts(n=40):
     _, test = find_wikitext_files()
-    lines = [ln for ln in test.read_text(encoding="utf-8").splitlines() if len(ln) > 200]
+    lines = [ln for ln in read_text(test).splitlines() if len(ln) > 200]
     return lines[:n]
 
 

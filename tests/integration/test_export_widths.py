@@ -225,7 +225,7 @@ def test_smollm2_rotated_export_decompresses_to_rsq_logits(tmp_path, bits):
     for every solver. Tolerance: the weights are bit-identical; 30 layers of float32 matmuls and
     two Hadamard implementations in different summation orders on each side: 1e-4 of the largest
     logit (measured: see bench/NOTES-checkpoints.md), and the same argmax at every position."""
-    from rsq.calib.datasets import find_wikitext_files
+    from rsq.calib.datasets import find_wikitext_files, read_text
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "ct"
     cfg = RSQConfig.for_method(
@@ -243,7 +243,7 @@ def test_smollm2_rotated_export_decompresses_to_rsq_logits(tmp_path, bits):
     assert qc["transform_config"]["config_groups"]["rsq_online_hadamard"]["head_dim"] == 512
 
     _, test = find_wikitext_files()
-    ids = tok(test.read_text(encoding="utf-8")[:4000], return_tensors="pt").input_ids[:, :256]
+    ids = tok(read_text(test)[:4000], return_tensors="pt").input_ids[:, :256]
     loaded, _ = rsq.load(ckpt)
     ref = _logits(loaded, ids)
     del loaded

@@ -32,7 +32,7 @@ def test_packaged_wikitext_is_found_offline(fresh_clone, monkeypatch):
     text = datasets.load_text("wikitext2")
     assert text.description["test"] == str(datasets.PACKAGED_WIKITEXT)
     # the shipped bytes are the distributed file (sha256 from shared/data/README.md)
-    raw = datasets._read(datasets.PACKAGED_WIKITEXT)
+    raw = datasets.read_text(datasets.PACKAGED_WIKITEXT)
     assert hashlib.sha256(raw.replace("\n", "\r\n").encode()).hexdigest() == datasets.PACKAGED_WIKITEXT_SHA256
     assert (
         "articles 0..30, evaluation = articles 31..61 (of 62)" in text.description["split"]
