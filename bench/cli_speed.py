@@ -141,7 +141,10 @@ def main() -> int:
     if args.llmc_child:
         return llmc_child(*args.llmc_child, args)
 
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the children run in it: every path absolute
+    for key in ("data_dir", "tokenizer"):  # local directories made absolute (a hub id stays as it is)
+        if Path(getattr(args, key)).exists():
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
     model_dir, out = work / "model", work / "q"
     if not (model_dir / "config.json").is_file():
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +207,7 @@ def _config(model_dir: Path):
 def run_baseline(model_dir: Path, out: Path, args) -> dict | None:
     """The same command with another rsq checkout first on PYTHONPATH (run before this checkout's
     own run would bias nothing: each is a fresh process on the same saved model)."""
-    quant = run_rsq(model_dir, out, args, env={"PYTHONPATH": args.baseline_pythonpath})
+    quant = run_rsq(model_dir, out, args, checkout=args.baseline_pythonpath)
     if quant is None:
         return None
     t = json.loads((out / "results.json").read_text())["timings"]
@@ -222,27 +225,33 @@ def predicted(model_dir: Path, args) -> dict:
     return memory_plan(config, resolve(config), nsamples=args.nsamples, seqlen=args.seqlen, bits=3)
 
 
-def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
+REPO = Path(__file__).resolve().parents[1]  # this checkout: its rsq is the one timed
+
+
+def run_timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, int]:
     """Run ``cmd``; (wall seconds, its peak RSS in GiB, exit code). The peak comes from wait4's rusage
     of that child alone (RUSAGE_CHILDREN would report the largest child so far)."""
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     return wall, usage.ru_maxrss / 1024**2, os.waitstatus_to_exitcode(status)
 
 
 def run_rsq(
-    model_dir: Path, out: Path, args, method: str = "rsq", env: dict | None = None
+    model_dir: Path, out: Path, args, method: str = "rsq", checkout: str | Path = REPO
 ) -> tuple[float, float] | None:
+    """`rsq quantize` with the rsq of ``checkout`` (this one by default): first on PYTHONPATH, and the
+    child started outside any checkout (``python3 -m`` puts its working directory first)."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(str(out) + ".partial", ignore_errors=True)
     cmd = [sys.executable, "-m", "rsq", "quantize", str(model_dir), "--method", method, "--bits", "3"]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
     cmd += ["--dtype", "bfloat16", "--ppl", "wikitext2", "--max-windows", "8", "--data-dir", args.data_dir]
     cmd += ["--out", str(out), *args.extra.split()]
-    wall, peak, code = run_timed(cmd, env)
+    path = os.pathsep.join(p for p in (str(Path(checkout).resolve()), os.environ.get("PYTHONPATH")) if p)
+    wall, peak, code = run_timed(cmd, {"PYTHONPATH": path}, cwd=out.parent)
     if code:
         print(f"rsq quantize failed with exit code {code}")
         return None

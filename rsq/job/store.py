@@ -238,7 +238,7 @@ class RunStore:
             self.drain(state)  # the previous layer's files are on disk (or its error is raised)
             write = self._layer_writer(index, state)
             if self._pool is None:
-                write()
+                self._guarded(write)
             else:
                 self._pending = (index, self._pool.submit(self._guarded, write))
         if self.stop_after is not None and index >= self.stop_after:

@@ -257,12 +257,12 @@ def test_background_reads_and_writes_give_the_same_bytes(model_dirs, tmp_path, m
     assert {"io_wait_read", "io_wait_write"} <= set(b["timings"]["stages"])
 
 
-@pytest.mark.parametrize("fail_at", [0, 1])
-def test_a_failed_background_write_is_the_run_error(model_dirs, tmp_path, monkeypatch, fail_at):
+@pytest.mark.parametrize("fail_at,overlap", [(0, True), (1, True), (1, False)])
+def test_a_failed_background_write_is_the_run_error(model_dirs, tmp_path, monkeypatch, fail_at, overlap):
     """A shard write that fails on the writer thread (here: disk full half-way through) stops the
     run with its own error; nothing half-written is left: no output directory, no temporary file,
     and state.json claims only the layers whose files are all on disk (none: no partial directory).
-    The resumed run then gives the uninterrupted run's checkpoint."""
+    The resumed run then gives the uninterrupted run's checkpoint. The same without the thread."""
     from rsq.job import store as store_mod
 
     monkeypatch.setattr(save_mod, "MERGE_BELOW", 0)
@@ -279,7 +279,7 @@ def test_a_failed_background_write_is_the_run_error(model_dirs, tmp_path, monkey
     monkeypatch.setattr(store_mod, "write_layer_shard", failing)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
-        run_quantize(cfg, out, ppl_sources=())
+        run_quantize(cfg, out, ppl_sources=(), overlap_io=overlap)
     part = partial_dir(out)
     assert not out.exists()
     if fail_at == 0:
