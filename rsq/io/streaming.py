@@ -231,6 +231,8 @@ class LayerStreamer:
         _assign(self.model, self.source.read(names, self.dtype), "")
         if self.source.tied:
             self.model.get_submodule(self.adapter.lm_head).weight = self.model.get_submodule(self.adapter.embed).weight
+        if self._pool is not None and self._n_layers:  # layer 0 is read during the calibration capture
+            self._ahead = (0, self._pool.submit(self._read_layer, 0))
 
     def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
         prefix = f"{self.adapter.layers}.{index}."

@@ -226,16 +226,19 @@ def _execute(job: Job) -> dict | None:
     t0 = time.perf_counter()
     adapter = job.adapter
     model, tokenizer, weights = open_weights(cfg, adapter, job.opts.preloaded, job.streamed, job.opts.overlap_io)
-    job.timings["load"] = time.perf_counter() - t0
-    job.host_peaks["load"] = host_peak_gib()
-    first = adapter.get_layers(model)[0]
-    for name in adapter.linears:
-        cfg.grid.check_width(first.get_submodule(name).in_features, name)
-    _windows(job, tokenizer)
-    plan = _rotation(job, model, adapter)
-    job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
-    job.store.session.clock(t_start)
-    state, evals = _quantize(job, model, adapter, weights, plan)
+    try:  # the layer loop closes the weight source; a failure before it must too (a read in flight)
+        job.timings["load"] = time.perf_counter() - t0
+        job.host_peaks["load"] = host_peak_gib()
+        first = adapter.get_layers(model)[0]
+        for name in adapter.linears:
+            cfg.grid.check_width(first.get_submodule(name).in_features, name)
+        _windows(job, tokenizer)
+        plan = _rotation(job, model, adapter)
+        job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
+        job.store.session.clock(t_start)
+        state, evals = _quantize(job, model, adapter, weights, plan)
+    finally:
+        weights.close()
     rotation_record = None
     if cfg.rotation.enabled:
         rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
