@@ -29,8 +29,9 @@ class ActivationStore:
     """(N, T, D) activations on the compute device, in host memory, or memory-mapped on disk.
 
     Layer propagation writes outputs back in place (sequences are independent), so one buffer
-    serves the whole run. ``location``: "device", "cpu" or "disk". ``check_finite`` False: NaN/Inf
-    are kept (evaluation hidden states, whose NaN becomes a NaN perplexity and its own error).
+    serves the whole run. ``location``: "device", "cpu" or "disk". ``check_finite``: NaN/Inf
+    written are an error at the next :meth:`check` (once per pass, not per batch); False: they are
+    kept (evaluation hidden states, whose NaN becomes a NaN perplexity and its own error).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class ActivationStore:
     ):
         self.shape = (n, t, d)
         self.check_finite = check_finite
+        self._finite: torch.Tensor | None = None  # all values set since the last check() finite
         self.dtype = dtype
         self.device = torch.device(device)
         self.location = location
@@ -73,16 +75,25 @@ class ActivationStore:
         return self.data[start:stop].to(self.device, non_blocking=True)
 
     def set(self, start: int, stop: int, value: torch.Tensor) -> None:
-        if self.check_finite and not torch.isfinite(value).all():
-            raise CalibrationError(
-                "NaN/Inf in calibration activations: the model overflows in this dtype or its weights "
-                "are corrupt; rerun with --dtype float32, or check the model files"
-            )
+        """Write sequences start..stop. With ``check_finite`` NaN/Inf are noted on the device (no
+        host sync per batch) and raised by :meth:`check`, which each filling pass calls once."""
+        if self.check_finite:
+            ok = torch.isfinite(value).all()
+            self._finite = ok if self._finite is None else self._finite & ok
         if self.location == "disk":
             v = value.detach().to("cpu", self.dtype)
             self.data[start:stop] = (v.view(torch.int16) if self._np_dtype is np.int16 else v).numpy()
         else:
             self.data[start:stop].copy_(value.detach(), non_blocking=True)
+
+    def check(self) -> None:
+        """CalibrationError if a value written since the last check was NaN/Inf (one host sync)."""
+        finite, self._finite = self._finite, None
+        if finite is not None and not bool(finite):
+            raise CalibrationError(
+                "NaN/Inf in calibration activations: the model overflows in this dtype or its weights "
+                "are corrupt; rerun with --dtype float32, or check the model files"
+            )
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, int]]:
         for start in range(0, len(self), batch_size):
@@ -166,6 +177,7 @@ def capture_layer0_inputs(
                 except _StopForward:
                     pass
                 store.set(start, stop, sink["hidden"])
+        store.check()
     finally:
         for module, original in moved:
             module.to(original)
@@ -187,7 +199,12 @@ def _move_pre_layer_modules(model: nn.Module, layers: nn.ModuleList, device: tor
 
 
 def forward_until(
-    layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict, fn, raw: bool = False
+    layer: nn.Module,
+    module: nn.Module | tuple[nn.Module, ...],
+    hidden: torch.Tensor,
+    kwargs: dict,
+    fn,
+    raw: bool = False,
 ) -> None:
     """Run ``layer`` only until ``module`` is called; call ``fn(input)`` with its input.
 
@@ -195,20 +212,24 @@ def forward_until(
     rotation), or with ``raw`` what it is called with (before its pre-hooks). The module itself
     does not run: stopping early skips it and the rest of the layer, e.g. the whole MLP when
     collecting the q/k/v Hessian. ``layer`` may be any module (a layer, an MLP) and ``kwargs`` its
-    keyword arguments.
+    keyword arguments. ``module`` may be several modules that read the same input (a sequential
+    group, e.g. k, v, q): the forward stops at whichever the layer calls first, so none of them
+    runs (stopping at k_proj alone would compute q_proj, which Llama's attention calls first).
     """
+    modules = module if isinstance(module, (tuple, list)) else (module,)
 
     def hook(mod, args):
         fn(args[0])
         raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook, prepend=raw)
+    handles = [m.register_forward_pre_hook(hook, prepend=raw) for m in modules]
     try:
         layer_forward(layer, hidden, kwargs)
     except _StopForward:
         return
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     raise RuntimeError("the layer finished without calling the hooked module")  # internal invariant
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def quantization_config(cfg: RSQConfig, rotation_record: dict | None, modules: l
 
 
 def checkpoint_state_dict(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
     results: dict,
     cfg: RSQConfig,
     dtype: torch.dtype,
@@ -67,12 +68,15 @@ def checkpoint_state_dict(
     keep ``dtype``, so the quantized weights stay exactly those of the in-memory model).
     ``model`` may be one decoder layer whose names start with ``prefix`` in the whole model (a
     streamed run writes each layer as it finishes); ``skip``: a name prefix left out (the decoder
-    layers, when only the model's ends are written). Tensors on ``meta`` are never written."""
+    layers, when only the model's ends are written). Tensors on ``meta`` are never written.
+    ``model`` may also be its state dict (a finished layer's tensors, written on a background thread
+    after the layer itself was released)."""
     dot = f"{prefix}." if prefix else ""
     quantized = {k for k in results if k.startswith(dot)}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for rel, tensor in model.state_dict().items():
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    for rel, tensor in state.items():
         name = dot + rel
         module = name.rsplit(".", 1)[0]
         if module in quantized or tensor.device.type == "meta" or (skip and name.startswith(skip)):
@@ -84,7 +88,7 @@ def checkpoint_state_dict(
             tensor = tensor.to(rest_dtype)
         out[name] = tensor.detach().contiguous()
     for full in sorted(k for k in quantized if not (skip and k.startswith(skip))):
-        bias = model.get_submodule(full[len(dot) :]).bias
+        bias = state.get(f"{full[len(dot) :]}.bias")  # the module's bias parameter, if it has one
         for key, t in quantized_module_tensors(results[full], cfg.grid, bias, dtype).items():
             out[f"{full}.{key}"] = t.contiguous()
     return out
@@ -103,10 +107,18 @@ def layer_shard_name(index: int, n_layers: int) -> str:
 
 
 def write_layer_shard(
-    layer: torch.nn.Module, index: int, prefix: str, n_layers: int, results: dict, cfg: RSQConfig, out: Path
+    layer: torch.nn.Module | Mapping[str, torch.Tensor],
+    index: int,
+    prefix: str,
+    n_layers: int,
+    results: dict,
+    cfg: RSQConfig,
+    out: Path,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """One finished decoder layer's checkpoint tensors, written atomically into ``out``."""
-    dtype = next(layer.parameters()).dtype
+    """One finished decoder layer's checkpoint tensors, written atomically into ``out``. ``layer``:
+    the layer or its state dict (then with ``dtype``, the run's: that of its parameters)."""
+    dtype = dtype or next(layer.parameters()).dtype
     tensors = checkpoint_state_dict(layer, results, cfg, dtype, rest_dtype_of(cfg, dtype), prefix=f"{prefix}.{index}")
     target = out / layer_shard_name(index, n_layers)
     tmp = target.with_name(target.name + ".tmp")

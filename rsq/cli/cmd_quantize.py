@@ -46,7 +46,7 @@ def add_parsers(sub) -> None:
         "--in-memory",
         action="store_true",
         help="load the whole model into host memory; by default a local directory of safetensors weights is "
-        "streamed layer by layer (host memory about two layers, whatever the model's size)",
+        "streamed layer by layer (host memory about three layers, whatever the model's size)",
     )
     add_ppl_options(q, "--ppl-seqlen")
     q.set_defaults(func=cmd_quantize)

@@ -10,8 +10,9 @@ quantized sources (a ``quantization_config``) and ``.bin`` weights keep the in-m
 Host memory held by a streamed model: the model's ends (embeddings, final norm, lm_head), which
 stay resident for the calibration capture and the evaluation, plus the decoder layers between
 :meth:`LayerStreamer.fetch` and :meth:`LayerStreamer.release` — one at a time in
-rsq.job.loop.run_layers. Each fetch opens the layer's files and closes them again, so the
-memory-mapped pages it touched leave the resident set with it.
+rsq.job.loop.run_layers — and, with ``prefetch``, the next layer's tensors, read on a background
+thread while the current layer is worked on (at most one layer ahead). Each read opens the layer's
+files and closes them again, so the memory-mapped pages it touched leave the resident set with it.
 
 Before the first layer, :meth:`StreamSource.check` reads only the files' headers (safe_open
 metadata) and refuses missing, truncated or unreadable files, tensors the index lists but its shard
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,8 +139,9 @@ class StreamSource:
                 "incomplete or from another architecture"
             )
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors in ``dtype``; each file is opened for the call and closed after it."""
+    def read(self, names: list[str], dtype: torch.dtype, pin: bool = False) -> dict[str, torch.Tensor]:
+        """The named tensors in ``dtype``; each file is opened for the call and closed after it.
+        ``pin``: into pinned (page-locked) host memory, converted on the way where needed."""
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
@@ -149,7 +152,11 @@ class StreamSource:
                 with safe_open(str(f), framework="pt") as handle:
                     for k in keys:
                         t = handle.get_tensor(k)
-                        out[k] = t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+                        want = dtype if t.is_floating_point() else t.dtype
+                        if pin:  # one copy into page-locked memory, the dtype conversion on the way
+                            out[k] = torch.empty(t.shape, dtype=want, pin_memory=True).copy_(t)
+                        else:
+                            out[k] = t if t.dtype == want else t.to(want)
             except Exception as exc:  # safetensors raises its own error types for damaged data
                 raise CheckpointFormatError(f"{f} is unreadable ({type(exc).__name__}: {exc})") from exc
         return out
@@ -189,13 +196,32 @@ def materialized_bytes(module: nn.Module) -> int:
 
 class LayerStreamer:
     """A weight source (rsq.job.weights.WeightSource) that fills decoder layer ``i`` of a skeleton
-    model from the source just before its turn and empties it (back to meta) after it."""
+    model from the source just before its turn and empties it (back to meta) after it.
+
+    ``prefetch``: while layer i is at its turn, a background thread reads layer i + 1's tensors
+    (at most one layer ahead), so the loop waits on the disk only where the read is slower than a
+    layer's work. ``pin``: the tensors are read into pinned host memory (a CUDA run: its copies to
+    the device run at full speed and may be asynchronous). The tensors are the same either way:
+    prefetching changes when a layer is read, never what is read."""
 
     streamed = True
-    timing_key = "stream"
+    timing_key = "io_wait_read"  # the time the loop waits for a layer's tensors
 
-    def __init__(self, source: StreamSource, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype):
+    def __init__(
+        self,
+        source: StreamSource,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        dtype: torch.dtype,
+        *,
+        prefetch: bool = False,
+        pin: bool = False,
+    ):
         self.source, self.model, self.adapter, self.dtype = source, model, adapter, dtype
+        self.pin = pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsq-read") if prefetch else None
+        self._ahead: tuple[int, Future] | None = None  # (layer index, its read in flight)
+        self._n_layers = len(adapter.get_layers(model))
 
     def load_ends(self) -> None:
         """Materialize everything outside the decoder layers (embeddings, final norm, lm_head),
@@ -205,14 +231,45 @@ class LayerStreamer:
         _assign(self.model, self.source.read(names, self.dtype), "")
         if self.source.tied:
             self.model.get_submodule(self.adapter.lm_head).weight = self.model.get_submodule(self.adapter.embed).weight
+        if self._pool is not None and self._n_layers:  # layer 0 is read during the calibration capture
+            self._ahead = (0, self._pool.submit(self._read_layer, 0))
+
+    def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
+        prefix = f"{self.adapter.layers}.{index}."
+        names = [n for n in self.source.expected if n.startswith(prefix)]
+        return self.source.read(names, self.dtype, pin=self.pin)
 
     def fetch(self, index: int, layer: nn.Module) -> None:
-        prefix = f"{self.adapter.layers}.{index}"
-        names = [n for n in self.source.expected if n.startswith(prefix + ".")]
-        _assign(layer, self.source.read(names, self.dtype), prefix)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            tensors = ahead[1].result()  # the read's error, if any, is raised here
+        else:
+            if ahead is not None:  # not the layer asked for (not reached by the loop): let it finish
+                ahead[1].cancel() or _quiet_result(ahead[1])
+            tensors = self._read_layer(index)
+        _assign(layer, tensors, f"{self.adapter.layers}.{index}")
+        if self._pool is not None and index + 1 < self._n_layers:
+            self._ahead = (index + 1, self._pool.submit(self._read_layer, index + 1))
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
+
+    def close(self) -> None:
+        """Wait for a read still in flight (its result is dropped) and stop the reader thread."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel() or _quiet_result(ahead[1])
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _quiet_result(future: Future) -> None:
+    """Wait for ``future``; its error is logged, not raised (a read nobody needs any more)."""
+    try:
+        future.result()
+    except Exception as exc:  # the loop failed or stopped before it needed this layer
+        log.debug("a prefetched layer read that was not needed failed: %s", exc)
 
 
 def open_streamed(path: Path, config, adapter: ModelAdapter, dtype: torch.dtype) -> tuple[nn.Module, StreamSource]:

@@ -2,6 +2,13 @@
 
     for each layer i:  weights.fetch(i) -> stages (rotate, restore, quantize, propagate, eval)
                        -> store.finish(i) -> weights.release(i)
+    then               store.drain() (the finished layers' files are on disk)
+    finally            stages, weight source and store closed (nothing left in flight)
+
+The weight source may read layer i + 1 on a background thread during layer i's turn and the store
+may write layer i's files on another while layer i + 1 is worked on (rsq.io.streaming,
+rsq.job.store); the time the loop waits on each is its own stage ("io_wait_read", "io_wait_write"),
+and the layer's copies to the compute device and back are "layer_copy".
 
 Everything a mode changes is a collaborator chosen before the first layer (rsq.job.run): where the
 weights live (:mod:`rsq.job.weights`: in memory, or streamed from safetensors files), what is
@@ -38,6 +45,12 @@ class NoStore:
     def release(self, index: int, state: RunState) -> None:
         pass
 
+    def drain(self, state: RunState | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def run_layers(
     model: nn.Module,
@@ -61,11 +74,13 @@ def run_layers(
             with timed(state, weights.timing_key):
                 weights.fetch(i, layer)
             home = next(layer.parameters()).device  # where the layer lives between its turns
-            layer.to(device)
+            with timed(state, "layer_copy"):
+                layer.to(device, non_blocking=True)  # from pinned memory (a prefetched layer): asynchronous
             reports = [stage(i, layer) for stage in stages]
-            layer.to(home, non_blocking=True)  # to pinned host memory, asynchronously, from a GPU
+            with timed(state, "layer_copy"):
+                layer.to(home, non_blocking=True)  # to pinned host memory, asynchronously, from a GPU
+                sync()  # the layer's codes and weights have reached the host
             report = next((r for r in reports if r is not None), None)
-            sync()  # the layer's codes and weights have reached the host
             if report is not None:
                 report.seconds = time.perf_counter() - t0
                 state.layers.append(report)
@@ -74,10 +89,13 @@ def run_layers(
             weights.release(i, layer)
             if progress is not None:
                 progress(i + 1, len(layers), f"layer {i}")
+        store.drain(state)
     finally:
         sync()
         for stage in stages:
             stage.close()
+        weights.close()
+        store.close()
     return state
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import random
 import time
@@ -77,7 +78,10 @@ class JobOptions:
     ``stream``: read the model layer by layer from its safetensors files and write each finished
     layer's shard as it finishes (rsq.io.streaming), so host memory does not grow with the model;
     None (default) streams a local safetensors directory, False loads the whole model (the only
-    path for GGUF files, hub ids and quantized sources), True refuses a source that cannot stream."""
+    path for GGUF files, hub ids and quantized sources), True refuses a source that cannot stream.
+    ``overlap_io``: a streamed model's next layer is read, and each finished layer's files are
+    written, on background threads while the device works (False: in the loop, one after the other;
+    the same files either way). The environment variable RSQ_OVERLAP_IO=0 turns it off too."""
 
     resume: bool = False
     overwrite: bool = False
@@ -93,9 +97,11 @@ class JobOptions:
     dist_ctx: DistContext | None = None
     calibration: torch.Tensor | None = None
     stream: bool | None = None
+    overlap_io: bool = True
 
     def __post_init__(self) -> None:
         self.ppl_sources = tuple(self.ppl_sources)
+        self.overlap_io = self.overlap_io and os.environ.get("RSQ_OVERLAP_IO", "1") != "0"
         self.dist_ctx = self.dist_ctx or DistContext()
 
     @property
@@ -167,7 +173,7 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
     shape = replace(shape, ppl_batch_size=memory["ppl_batch_size"])
     # a GPU job beyond the device's free memory stops here
     memory["device_memory"] = fit_device_memory(config, adapter, cfg, shape, device=device, enforce=opts.check_memory)
-    store = RunStore(out, cfg, saved, writer=ctx.is_main)
+    store = RunStore(out, cfg, saved, writer=ctx.is_main, background=opts.overlap_io)
     store.stop_after = opts.stop_after_layer
     return Job(cfg, opts, store, streamed, texts, memory, adapter)
 
@@ -219,17 +225,20 @@ def _execute(job: Job) -> dict | None:
     job.device = resolve_device(job.run_cfg.device)
     t0 = time.perf_counter()
     adapter = job.adapter
-    model, tokenizer, weights = open_weights(cfg, adapter, job.opts.preloaded, job.streamed)
-    job.timings["load"] = time.perf_counter() - t0
-    job.host_peaks["load"] = host_peak_gib()
-    first = adapter.get_layers(model)[0]
-    for name in adapter.linears:
-        cfg.grid.check_width(first.get_submodule(name).in_features, name)
-    _windows(job, tokenizer)
-    plan = _rotation(job, model, adapter)
-    job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
-    job.store.session.clock(t_start)
-    state, evals = _quantize(job, model, adapter, weights, plan)
+    model, tokenizer, weights = open_weights(cfg, adapter, job.opts.preloaded, job.streamed, job.opts.overlap_io)
+    try:  # the layer loop closes the weight source; a failure before it must too (a read in flight)
+        job.timings["load"] = time.perf_counter() - t0
+        job.host_peaks["load"] = host_peak_gib()
+        first = adapter.get_layers(model)[0]
+        for name in adapter.linears:
+            cfg.grid.check_width(first.get_submodule(name).in_features, name)
+        _windows(job, tokenizer)
+        plan = _rotation(job, model, adapter)
+        job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
+        job.store.session.clock(t_start)
+        state, evals = _quantize(job, model, adapter, weights, plan)
+    finally:
+        weights.close()
     rotation_record = None
     if cfg.rotation.enabled:
         rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record

@@ -110,6 +110,7 @@ class Calibration:
         self.kwargs: dict = {}
         self.passes: LayerPasses | None = None
         self.cache: ActivationStore | None = None
+        self.down_cache: ActivationStore | None = None
 
     captures = True
 
@@ -126,14 +127,18 @@ class Calibration:
     def begin(self, layer: nn.Module) -> LayerPasses:
         if self.passes is None:  # after every capture (the evaluation windows' too): it sizes itself
             self.cache = _reuse_cache(self.adapter, self.layer0, self.cfg, self.store)
-            self.passes = LayerPasses(self.adapter, self.store, self.kwargs, self.cfg.batch_size, self.cache)
+            self.down_cache = _down_cache(self.adapter, self.layer0, self.cfg, self.store, self.cache)
+            self.passes = LayerPasses(
+                self.adapter, self.store, self.kwargs, self.cfg.batch_size, self.cache, self.down_cache
+            )
         self.passes.begin(layer)
         return self.passes
 
     def close(self) -> None:
         self.store.close()
-        if self.cache is not None:
-            self.cache.close()
+        for buffer in (self.cache, self.down_cache):
+            if buffer is not None:
+                buffer.close()
 
 
 class NoActivations:
@@ -269,6 +274,7 @@ class Propagate(Stage):
         with timed(self.state, "propagate"):
             for a, b in store.batches(self.calib.cfg.batch_size):
                 store.set(a, b, passes.output(a, b))
+            store.check()  # one host sync per layer, not one per batch
 
     def close(self) -> None:
         self.calib.close()
@@ -346,6 +352,38 @@ def _reuse_cache(adapter: ModelAdapter, layer0: nn.Module, cfg: RSQConfig, store
     if store.location != "device" or choose_location("auto", n, t, d, store.dtype, store.device) != "device":
         return None
     return ActivationStore(n, t, d, store.dtype, store.device, "device")
+
+
+# the down_proj inputs are kept on a CPU device only up to this size (tests and tiny models): the
+# host memory plan of larger CPU runs does not count them
+DOWN_CACHE_HOST_BYTES = 256 * 2**20
+
+
+def _down_cache(adapter: ModelAdapter, layer0: nn.Module, cfg: RSQConfig, store: ActivationStore, cache):
+    """The (N, T, MLP width) buffer the down pass keeps down_proj's inputs in, so that propagation
+    does not compute the gate and up products again (rsq.calib.blockpass): beside a reuse cache on
+    the GPU where it and the layer's working set fit in 80 % of the free memory (Llama-3-8B at
+    256 x 4096: 30 GB; Qwen2.5-7B: 40 GB), on a CPU device up to DOWN_CACHE_HOST_BYTES; else None
+    (the propagation recomputes them)."""
+    if cache is None:
+        return None
+    down = layer0.get_submodule(adapter.down_proj)
+    n, t, d = store.shape
+    inter, size = down.in_features, torch.finfo(store.dtype).bits // 8
+    need = n * t * inter * size
+    if store.device.type == "cpu":
+        return ActivationStore(n, t, inter, store.dtype, store.device, "cpu") if need <= DOWN_CACHE_HOST_BYTES else None
+    if store.device.type != "cuda" or cache.location != "device":
+        return None
+    # the layer (and its copy being written back), two Hessians of the widest input, the solver's
+    # copy, and a batch's MLP intermediates in flight (with the importance / attention's scratch)
+    layer_bytes = sum(p.numel() for p in layer0.parameters()) * size
+    width = max(d, inter)
+    working = 2 * layer_bytes + 3 * 4 * width * width + 4 * cfg.batch_size * t * (3 * inter + 4 * d) * size
+    free, _ = torch.cuda.mem_get_info(store.device)
+    if need + working > 0.8 * free:
+        return None
+    return ActivationStore(n, t, inter, store.dtype, store.device, "device")
 
 
 def _window_fn(windows: torch.Tensor, expand: int) -> Callable[[int], torch.Tensor]:

@@ -17,7 +17,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from rsq import jsonsafe
 from rsq.checkpoint.save import layer_shard_name, write_layer_shard
 from rsq.config import RSQConfig
 from rsq.errors import CheckpointFormatError, ConfigError
-from rsq.job.state import LayerReport, RunState
+from rsq.job.state import LayerReport, RunState, timed
 from rsq.models.adapter import ModelAdapter
 from rsq.plan.preflight import check_output_location
 from rsq.solver.result import QuantResult
@@ -139,9 +140,10 @@ class RunStore:
     ``saved``: the state of the unfinished run to continue (check_output), or None.
     ``streamed``: each finished layer's checkpoint shard is written as it finishes and its codes
     are dropped from memory (they are on disk); otherwise the codes stay for the final save.
-    ``stop_after``: testing aid, raise :class:`_Interrupted` once that layer is saved."""
+    ``stop_after``: testing aid, raise :class:`_Interrupted` once that layer is saved.
+    ``background``: finished layers' files are written on a writer thread (:meth:`finish`)."""
 
-    def __init__(self, out: Path, cfg: RSQConfig, saved: dict | None, *, writer: bool = True):
+    def __init__(self, out: Path, cfg: RSQConfig, saved: dict | None, *, writer: bool = True, background: bool = True):
         self.out, self.cfg, self.saved, self.writer = Path(out), cfg, saved, writer
         self.part = partial_dir(self.out)
         self.start = 0 if saved is None else int(saved["finished_layers"])
@@ -150,6 +152,9 @@ class RunStore:
         self.stop_after: int | None = None
         self.adapter: ModelAdapter | None = None
         self.layers: list[nn.Module] = []
+        # the writer thread of the finished layers' files, and the write in flight (layer, future)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rsq-write") if writer and background else None
+        self._pending: tuple[int, Future] | None = None
 
     def create(self) -> None:
         """The partial directory: kept when resuming, else made fresh (whatever was there goes)."""
@@ -223,23 +228,63 @@ class RunStore:
     # -- per layer ------------------------------------------------------------------------------
     def finish(self, index: int, state: RunState) -> None:
         """Layer ``index`` was quantized in this session: its shard (streamed), its files and
-        state.json (so a killed run resumes after it)."""
+        state.json (so a killed run resumes after it), written in that order. With ``background``
+        they are written on the writer thread while the loop goes on to the next layer: what they
+        hold is taken now, at most one layer is in flight, and a write's error is raised here at
+        the next layer or by :meth:`drain`. state.json is written last, so it never claims a layer
+        whose files are not on disk."""
         self.session.layer_done(index)
         if self.writer:
-            if self.streamed:  # the checkpoint's shard first: state.json then says it is there
-                self._write_shard(index, state)
-            self._save_layer(index, state)
+            self.drain(state)  # the previous layer's files are on disk (or its error is raised)
+            write = self._layer_writer(index, state)
+            if self._pool is None:
+                self._guarded(write)
+            else:
+                self._pending = (index, self._pool.submit(self._guarded, write))
         if self.stop_after is not None and index >= self.stop_after:
+            self.drain(state)
             raise _Interrupted(index)
+
+    def drain(self, state: RunState | None = None) -> None:
+        """Wait until the finished layers' files are on disk; a background write's error is raised
+        here. The wait is billed to ``state.timings["io_wait_write"]``."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        with timed(state or RunState(), "io_wait_write"):
+            pending[1].result()
+
+    def close(self) -> None:
+        """After the loop, also after a failure: nothing is left writing into the partial directory
+        (a failure's cleanup may remove it). An error of a write nobody waited for is logged."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending[1].result()
+            except Exception as exc:  # the run is already failing: its own error is the one raised
+                log.error("writing layer %d's files failed too: %s", pending[0], exc)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _guarded(self, write) -> None:
+        """A background write; on failure its temporary files go (a resumed run never sees them)."""
+        try:
+            write()
+        except BaseException:
+            for tmp in self.part.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def release(self, index: int, state: RunState) -> None:
         """A streamed run is done with layer ``index``: a layer finished by an earlier in-memory
         session gets its shard now (from the same codes and the same rotated layer, so bit-identical
-        to writing it when it finished), then the codes leave memory (they are on disk)."""
+        to writing it when it finished), then the codes leave memory (they are on disk, or held by
+        the writer until they are)."""
         if not self.streamed:
             return
         if index < self.start and self.writer and not (self.part / self._shard_name(index)).is_file():
-            self._write_shard(index, state)
+            self._write_shard(index, state.results, self.layers[index])
         for full in self._names(index):
             res = state.results.get(full)
             if res is not None:
@@ -248,24 +293,34 @@ class RunStore:
     def _shard_name(self, index: int) -> str:
         return layer_shard_name(index, len(self.layers))
 
-    def _write_shard(self, index: int, state: RunState) -> None:
+    def _write_shard(self, index: int, results: dict, layer, dtype: torch.dtype | None = None) -> None:
         n = len(self.layers)
-        write_layer_shard(self.layers[index], index, self.adapter.layers, n, state.results, self.cfg, self.part)
+        write_layer_shard(layer, index, self.adapter.layers, n, results, self.cfg, self.part, dtype)
 
-    def _save_layer(self, index: int, state: RunState) -> None:
+    def _layer_writer(self, index: int, state: RunState):
+        """A function writing layer ``index``'s files from what they hold now: the layer's tensors
+        (a streamed run releases the layer before the write ends), its results (shallow copies: the
+        codes are dropped from ``state`` at release) and state.json's text."""
         prefix = f"{self.adapter.layers}.{index}."
-        tensors = {}
-        for name, res in state.results.items():
-            if name.startswith(prefix):
-                tensors[f"{name}.codes"] = res.codes.contiguous()
-                tensors[f"{name}.scale"] = res.scale.contiguous()
-                tensors[f"{name}.zero"] = res.zero.contiguous()
-        if index in state.importance_maps:  # kept so a resumed run's importance.safetensors is complete
-            tensors["importance"] = state.importance_maps[index].contiguous()
-        tmp = self.part / f"layer-{index:04d}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.part / f"layer-{index:04d}.safetensors")
-        record = {
+        results = {k: replace(r) for k, r in state.results.items() if k.startswith(prefix)}
+        importance = state.importance_maps.get(index)
+        record = jsonsafe.dumps(self._record(index, state))
+        shard = None
+        if self.streamed:  # the state dict's tensors outlive the layer's release to meta
+            layer = self.layers[index]
+            dense = {f"{k[len(prefix) :]}.weight" for k in results}  # W_hat: the shard holds the codes
+            tensors = {k: t for k, t in layer.state_dict().items() if k not in dense}
+            shard = (tensors, next(layer.parameters()).dtype)
+
+        def write() -> None:
+            if shard is not None:  # the checkpoint's shard first: state.json then says it is there
+                self._write_shard(index, results, *shard)
+            self._save_layer(index, results, importance, record)
+
+        return write
+
+    def _record(self, index: int, state: RunState) -> dict:
+        return {
             "config": self.cfg.to_dict(),
             "finished_layers": index + 1,
             "layers": [vars(r) for r in state.layers],
@@ -274,8 +329,20 @@ class RunStore:
             "sessions": self.session.all(),
             "streamed": self.streamed,  # a streamed run's checkpoint shards are in the directory too
         }
+
+    def _save_layer(self, index: int, results: dict, importance: torch.Tensor | None, record: str) -> None:
+        tensors = {}
+        for name, res in results.items():
+            tensors[f"{name}.codes"] = res.codes.contiguous()
+            tensors[f"{name}.scale"] = res.scale.contiguous()
+            tensors[f"{name}.zero"] = res.zero.contiguous()
+        if importance is not None:  # kept so a resumed run's importance.safetensors is complete
+            tensors["importance"] = importance.contiguous()
+        tmp = self.part / f"layer-{index:04d}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.part / f"layer-{index:04d}.safetensors")
         tmp = self.part / (STATE_FILE + ".tmp")
-        tmp.write_text(jsonsafe.dumps(record))
+        tmp.write_text(record)
         os.replace(tmp, self.part / STATE_FILE)
 
     # -- the end --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from rsq.config import TORCH_DTYPES, RSQConfig
 from rsq.io.loading import load_model
 from rsq.io.streaming import LayerStreamer, load_tokenizer_and_generation
 from rsq.models.adapter import ModelAdapter
+from rsq.models.device import resolve_device
 
 
 class WeightSource(Protocol):
@@ -25,6 +26,8 @@ class WeightSource(Protocol):
     def fetch(self, index: int, layer: nn.Module) -> None: ...
 
     def release(self, index: int, layer: nn.Module) -> None: ...
+
+    def close(self) -> None: ...  # after the last layer, or a failure: nothing left in flight
 
 
 class InMemoryWeights:
@@ -39,18 +42,26 @@ class InMemoryWeights:
     def release(self, index: int, layer: nn.Module) -> None:
         pass
 
+    def close(self) -> None:
+        pass
 
-def open_weights(cfg: RSQConfig, adapter: ModelAdapter, preloaded: tuple | None, streamed: tuple | None):
+
+def open_weights(
+    cfg: RSQConfig, adapter: ModelAdapter, preloaded: tuple | None, streamed: tuple | None, prefetch: bool = True
+):
     """(model, tokenizer, weight source): ``preloaded`` = (model, tokenizer) as given; ``streamed``
     = (skeleton, checked StreamSource) from rsq.io.streaming.open_streamed, its ends loaded now;
-    else the whole model from ``cfg.model`` (rsq.io.loading)."""
+    else the whole model from ``cfg.model`` (rsq.io.loading). ``prefetch``: a streamed model's next
+    layer is read on a background thread during the current layer's turn, into pinned memory for a
+    CUDA device."""
     dtype = TORCH_DTYPES[cfg.dtype]
     if preloaded is not None:
         model, tokenizer = preloaded
         return model, tokenizer, InMemoryWeights()
     if streamed is not None:
         model, source = streamed
-        weights = LayerStreamer(source, model, adapter, dtype)
+        pin = prefetch and resolve_device(cfg.device).type == "cuda"
+        weights = LayerStreamer(source, model, adapter, dtype, prefetch=prefetch, pin=pin)
         weights.load_ends()  # the decoder layers stay on meta until their turn
         return model, load_tokenizer_and_generation(source.path, model), weights
     model, tokenizer = load_model(cfg.model or None, dtype, adapter)

@@ -125,9 +125,10 @@ def memory_plan(config, adapter: ModelAdapter, work: Workload | None = None, **f
         packed += out_f * in_f * bits / 8 + out_f * groups * (weight_bytes + 1)
     packed = packed * config.num_hidden_layers + (p["embed"] + p["lm_head"]) * weight_bytes
     ends = (p["embed"] + p["lm_head"] + d) * weight_bytes
-    # a streamed run (rsq.io.streaming) holds the ends, ~2 layers (the layer at its turn with its codes
-    # and its shard being written) and, where they do not fit the device, the calibration activations
-    streamed = ends + 2 * layer + acts + STREAM_OVERHEAD
+    # a streamed run (rsq.io.streaming) holds the ends, ~3 layers (the layer at its turn, the next one
+    # read ahead into pinned memory, the last finished one's codes and shard with the writer thread)
+    # and, where they do not fit the device, the calibration activations
+    streamed = ends + 3 * layer + acts + STREAM_OVERHEAD
     return {
         "model_weights_host_GiB": p["total"] * weight_bytes / GiB,
         "layer_on_device_GiB": layer / GiB,
@@ -138,6 +139,10 @@ def memory_plan(config, adapter: ModelAdapter, work: Workload | None = None, **f
         # on the device, the attention output is shared between the calibration passes through a second
         # activation-sized buffer (rsq.job.stages._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
         "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + 2 * acts) / GiB,
+        # where it also fits (rsq.job.stages._down_cache: the layer's working set + this within 80 % of
+        # the free memory), the down pass keeps down_proj's inputs for the propagation: opportunistic,
+        # like the activations on the device, so not in the peaks above (30 GB at 8B, 256 x 4096)
+        "down_inputs_if_kept_GiB": nsamples * seqlen * inter * act_bytes / ranks / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,
         "host_in_memory_peak_GiB": (p["total"] * weight_bytes + STREAM_OVERHEAD) / GiB,
@@ -234,9 +239,10 @@ def host_memory_plan(config, adapter: ModelAdapter, cfg, job: JobShape, *, basel
     (``text_chars``). A GGUF source (the embedded default too) is read dequantized to float32 unless
     ``job.preloaded``. ``job.streamed``: the model is read layer by layer (rsq.io.streaming): the
     ends (embeddings, norm, head) stay resident, a decoder layer only during its turn (counted
-    twice: the layer with its codes and its shard being written, and a float64 rotation copy of one
-    linear), and the ``job.ppl_windows`` evaluation windows' hidden states ride along the layers;
-    the shards are joined below rsq.checkpoint.save.MERGE_BELOW bytes."""
+    three times: the layer with its codes, the next layer read ahead, the last one's shard being
+    written; that also covers a float64 rotation copy of one linear), and the ``job.ppl_windows``
+    evaluation windows' hidden states ride along the layers; the shards are joined below
+    rsq.checkpoint.save.MERGE_BELOW bytes."""
     p = param_counts(config, adapter)
     wb = TORCH_DTYPES[cfg.dtype].itemsize
     model = p["total"] * wb
@@ -288,7 +294,9 @@ def _quantize_bytes(config, adapter: ModelAdapter, cfg, job: JobShape, p: dict) 
     peak = model + acts + hess + inflight + codes
     if job.streamed:
         evals = (job.ppl_windows or 0) * (job.ppl_seqlen or 0) * d * wb
-        peak = ends + 2 * p["per_layer"] * wb + acts + hess + inflight + evals
+        # the layer at its turn, the next one read ahead and the last one's files being written
+        # (rsq.io.streaming, rsq.job.store: background reader and writer, one layer each)
+        peak = ends + 3 * p["per_layer"] * wb + acts + hess + inflight + evals
         codes = 0
     if cfg.rotation.enabled:
         # rsq.rotation.rotate.rotate_ends: each end (vocab x d) is rotated in float64 (its copy and

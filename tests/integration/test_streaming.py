@@ -189,3 +189,126 @@ def test_resume_may_switch_between_streamed_and_in_memory(model_dirs, tmp_path, 
     run_quantize(cfg, out, ppl_sources=(), resume=True, stream=then)
     _assert_same_checkpoint(tmp_path / "full", out)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+
+
+# -- the reads and writes off the loop's path (rsq.io.streaming prefetch, rsq.job.store writer)
+
+
+def _files(ckpt: Path) -> dict[str, object]:
+    """Every file of a finished directory but results.json (its timings differ run to run): its
+    bytes; a safetensors file as (header, data bytes), the header parsed (safetensors writes the
+    metadata map in a hash order that differs between two writes of the same file)."""
+    import struct
+
+    out = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.name != "results.json":
+            raw = p.read_bytes()
+            if p.suffix == ".safetensors":
+                n = struct.unpack("<Q", raw[:8])[0]
+                out[p.name] = (json.loads(raw[8 : 8 + n]), raw[8 + n :])
+            else:
+                out[p.name] = raw
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_background_reads_and_writes_give_the_same_bytes(model_dirs, tmp_path, monkeypatch, family):
+    """The oracle is the same job with the reads and writes in the loop (overlap_io=False): every
+    file of the output byte for byte, the per-layer shards kept apart; and the work really moved to
+    the reader and writer threads (layer i + 1 read while layer i is worked on)."""
+    import threading
+
+    from rsq.io.streaming import LayerStreamer
+    from rsq.job import store as store_mod
+
+    monkeypatch.setattr(save_mod, "MERGE_BELOW", 0)  # keep the per-layer shards and the index
+    seen = []
+    read, write = LayerStreamer._read_layer, store_mod.write_layer_shard
+
+    def reading(self, index):
+        seen.append(("read", index, threading.current_thread().name))
+        return read(self, index)
+
+    def writing(layer, index, *args, **kw):
+        seen.append(("write", index, threading.current_thread().name))
+        return write(layer, index, *args, **kw)
+
+    monkeypatch.setattr(LayerStreamer, "_read_layer", reading)
+    monkeypatch.setattr(store_mod, "write_layer_shard", writing)
+    cfg = _cfg(model_dirs(family))
+    a = run_quantize(cfg, tmp_path / "sync", ppl_seqlen=32, ppl_max_windows=3, ppl_batch_size=2, overlap_io=False)
+    assert {thread for *_, thread in seen} == {threading.main_thread().name}
+    seen.clear()
+    b = run_quantize(cfg, tmp_path / "overlap", ppl_seqlen=32, ppl_max_windows=3, ppl_batch_size=2)
+    assert sorted(seen) == sorted(
+        [("read", i, "rsq-read_0") for i in range(3)]  # layer 0 during the calibration capture
+        + [("write", i, "rsq-write_0") for i in range(3)]
+    )  # fmt: skip
+    # layer 2 was read before layer 0's shard was written: the read ran during layer 1's turn at latest
+    assert seen.index(("read", 2, "rsq-read_0")) < seen.index(("write", 1, "rsq-write_0"))
+    sync, overlap = _files(tmp_path / "sync"), _files(tmp_path / "overlap")
+    assert len([n for n in sync if n.startswith("model-")]) == 4  # 3 layers + the ends
+    assert sync.keys() == overlap.keys()
+    for name in sync:
+        assert sync[name] == overlap[name], name
+    assert a["perplexity"] == b["perplexity"] and a["modules"] == b["modules"]
+    # the time the loop waited on the reader and the writer is in the stage split
+    assert {"io_wait_read", "io_wait_write"} <= set(b["timings"]["stages"])
+
+
+@pytest.mark.parametrize("fail_at,overlap", [(0, True), (1, True), (1, False)])
+def test_a_failed_background_write_is_the_run_error(model_dirs, tmp_path, monkeypatch, fail_at, overlap):
+    """A shard write that fails on the writer thread (here: disk full half-way through) stops the
+    run with its own error; nothing half-written is left: no output directory, no temporary file,
+    and state.json claims only the layers whose files are all on disk (none: no partial directory).
+    The resumed run then gives the uninterrupted run's checkpoint. The same without the thread."""
+    from rsq.job import store as store_mod
+
+    monkeypatch.setattr(save_mod, "MERGE_BELOW", 0)
+    cfg = _cfg(model_dirs("qwen2"))
+    run_quantize(cfg, tmp_path / "full", ppl_sources=())
+    write = store_mod.write_layer_shard
+
+    def failing(layer, index, prefix, n, results, cfg_, out, *args):
+        if index == fail_at:
+            (out / f"{save_mod.layer_shard_name(index, n)}.tmp").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        return write(layer, index, prefix, n, results, cfg_, out, *args)
+
+    monkeypatch.setattr(store_mod, "write_layer_shard", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        run_quantize(cfg, out, ppl_sources=(), overlap_io=overlap)
+    part = partial_dir(out)
+    assert not out.exists()
+    if fail_at == 0:
+        assert not part.exists()  # nothing resumable: nothing left
+        return
+    assert not list(part.glob("*.tmp"))
+    assert json.loads((part / "state.json").read_text())["finished_layers"] == fail_at
+    assert sorted(p.name for p in part.glob("model-*.safetensors")) == ["model-00001-of-00004.safetensors"]
+    monkeypatch.setattr(store_mod, "write_layer_shard", write)
+    run_quantize(cfg, out, ppl_sources=(), resume=True)
+    _assert_same_checkpoint(tmp_path / "full", out)
+
+
+def test_a_failed_background_read_is_the_run_error(model_dirs, tmp_path, monkeypatch):
+    """A layer read that fails on the reader thread (a shard damaged after the check) is the run's
+    error, raised when the loop reaches that layer; the layers before it are resumable."""
+    from rsq.errors import CheckpointFormatError
+    from rsq.io.streaming import StreamSource
+
+    read = StreamSource.read
+
+    def damaged(self, names, dtype, pin=False):
+        if any(n.startswith("model.layers.2.") for n in names):
+            raise CheckpointFormatError("shard damaged (test)")
+        return read(self, names, dtype, pin)
+
+    monkeypatch.setattr(StreamSource, "read", damaged)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointFormatError, match="damaged"):
+        run_quantize(_cfg(model_dirs("llama"), "gptq"), out, ppl_sources=())
+    assert not out.exists()
+    assert json.loads((partial_dir(out) / "state.json").read_text())["finished_layers"] == 2

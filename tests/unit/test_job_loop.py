@@ -36,6 +36,9 @@ class Weights:
     def release(self, index, layer):
         self.log.append(("release", index))
 
+    def close(self):
+        self.log.append(("weights.close",))
+
 
 class Store:
     def __init__(self, log):
@@ -46,6 +49,12 @@ class Store:
 
     def release(self, index, state):
         self.log.append(("store.release", index))
+
+    def drain(self, state=None):
+        self.log.append(("drain",))
+
+    def close(self):
+        self.log.append(("store.close",))
 
 
 class Recorder(Stage):
@@ -85,8 +94,11 @@ def test_the_loop_calls_its_collaborators_in_order():
         ("finish", 1, 1),  # the report is in the state before the store saves it
         ("store.release", 1),
         ("release", 1),
+        ("drain",),  # after the last layer: its files are on disk before anything else
         ("restore.close",),
         ("quantize.close",),
+        ("weights.close",),  # nothing left reading or writing in the background
+        ("store.close",),
     ]
     assert [r.index for r in state.layers] == [1]
 
@@ -96,8 +108,8 @@ def test_stages_are_closed_when_a_stage_fails():
     stages = [Recorder("a", log, fail_at=1)]
     with pytest.raises(RuntimeError, match="stage failed"):
         run_layers(Model(3), Adapter(), Weights(log), stages, Store(log), RunState(), torch.device("cpu"))
-    assert log[-1] == ("a.close",)
-    assert ("fetch", 2) not in log
+    assert log[-3:] == [("a.close",), ("weights.close",), ("store.close",)]
+    assert ("fetch", 2) not in log and ("drain",) not in log  # a failed run is not drained: closed
 
 
 def test_progress_counts_every_layer():
