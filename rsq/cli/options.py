@@ -148,8 +148,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         ImportanceConfig,
         "unrotated",
         "token weights of a down_proj whose input no online rotation reaches (--online-rotations none, a "
-        "width without a Hadamard): weighted (the strategy's) or uniform",
-        choices=UNROTATED_WEIGHTS,
+        f"width without a Hadamard): {' or '.join(UNROTATED_WEIGHTS)} (the strategy's weights, or none)",
     )
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
     top = {f.name: f.default for f in dataclasses.fields(RSQConfig)}

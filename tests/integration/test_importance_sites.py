@@ -77,3 +77,18 @@ def test_rotated_down_proj_keeps_its_weights_bit_for_bit(tiny_model_dir, tmp_pat
     _run(_cfg(model, online, "weighted"), tmp_path / "weighted", monkeypatch)
     a, b = _tensors(tmp_path / "uniform"), _tensors(tmp_path / "weighted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--importance-cap", "0.5"], "--importance-cap 0.5"), (["--unrotated-weights", "some"], "--unrotated-weights")],
+)
+def test_bad_values_fail_in_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, flags, needle):
+    from rsq.cli.main import main
+
+    out, model = tmp_path / "o", str(tiny_model_dir("llama"))
+    capsys.readouterr()  # the fixture's own output (saving the tiny model)
+    assert main(["quantize", model, *flags, "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[-1], err
+    assert not out.exists() and not (tmp_path / "o.partial").exists()
