@@ -1,6 +1,7 @@
 """The cost of serveable rotations: gptq / quarot / rsq under each --online-rotations setting, and what exports.
 
     python3 bench/online_settings.py --out DIR [--model M] [--device cuda] [--jobs 8] [--seeds 0,1,2] [--bits 2,3,4]
+        [--rsq-variant "--unrotated-weights uniform"]
 
 Every cell is the command a user runs, `python3 -m rsq quantize MODEL --method M --bits B --seed S
 --online-rotations O --out DIR/cells/<name>` (the reference protocol of ../shared/reference-figures.md:
@@ -10,6 +11,9 @@ no rotation, so it runs once per (bits, seed). Then, for seed 0 of every (method
 exports: `rsq export --format compressed-tensors` and `--format gptq`, each directory's size on disk,
 and the compressed-tensors export's perplexity through transformers' own loader (`rsq eval DIR` loads
 a non-rsq directory with AutoModelForCausalLM). A refused export records its one-line message.
+
+--rsq-variant FLAGS adds a third method row, ``rsqv``: rsq with FLAGS appended in every setting (e.g.
+``--unrotated-weights uniform`` or ``--importance-cap 10``, issue 33), judged like rsq (rsqv < quarot < gptq).
 
 Writes DIR/online_settings.json and prints a markdown table: mean ± std over seeds per (bits, method,
 setting), the cost of `export` / `none` against `exact`, whether rsq < quarot < gptq holds, and the
@@ -38,7 +42,7 @@ def rsq(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rsq", *args], capture_output=True, text=True, env=env)
 
 
-def cells(bits: list[int], seeds: list[int]) -> list[tuple[str, list[str]]]:
+def cells(bits: list[int], seeds: list[int], variant: list[str] | None = None) -> list[tuple[str, list[str]]]:
     out = []
     for b in bits:
         for s in seeds:
@@ -47,6 +51,8 @@ def cells(bits: list[int], seeds: list[int]) -> list[tuple[str, list[str]]]:
                 for o in SETTINGS:
                     flags = ["--method", m, "--bits", str(b), "--seed", str(s), "--online-rotations", o]
                     out.append((f"{m}-{o}-b{b}-s{s}", flags))
+                    if m == "rsq" and variant:
+                        out.append((f"rsqv-{o}-b{b}-s{s}", flags + variant))
     return out
 
 
@@ -99,7 +105,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summarize(results: list[dict], exports: list[dict], bits: list[int]) -> str:
+def summarize(results: list[dict], exports: list[dict], bits: list[int], variant: str = "") -> str:
     by = {}
     for r in results:
         if "ppl" not in r:
@@ -110,23 +116,28 @@ def summarize(results: list[dict], exports: list[dict], bits: list[int]) -> str:
     for b in bits:
         g = by.get(f"gptq-b{b}", [])
         lines.append(f"| {b} | gptq | {mean_std(g)} | (no rotation) | | |")
-        for m in ("quarot", "rsq"):
+        for m in ("quarot", "rsq", "rsqv"):
             vals = {o: by.get(f"{m}-{o}-b{b}", []) for o in SETTINGS}
+            if not any(vals.values()):
+                continue
             cost = []
             for o in ("export", "none"):
                 if vals[o] and vals["exact"]:
                     cost.append(f"{statistics.mean(vals[o]) / statistics.mean(vals['exact']) - 1:+.1%}")
             cells_ = " | ".join(mean_std(vals[o]) for o in SETTINGS)
-            lines.append(f"| {b} | {m} | {cells_} | {' / '.join(cost)} |")
+            name = f"rsq {variant}" if m == "rsqv" else m
+            lines.append(f"| {b} | {name} | {cells_} | {' / '.join(cost)} |")
         for o in SETTINGS:
-            r, q = by.get(f"rsq-{o}-b{b}"), by.get(f"quarot-{o}-b{b}")
-            if r and q and g:
-                order = statistics.mean(r) < statistics.mean(q) < statistics.mean(g)
-                per_seed = sum(a < c for a, c in zip(r, q))
-                lines.append(
-                    f"|  | {b}-bit `{o}`: rsq < quarot < gptq (means) {'holds' if order else 'FAILS'}; "
-                    f"rsq < quarot in {per_seed}/{len(r)} seeds | | | | |"
-                )
+            for m in ("rsq", "rsqv"):
+                r, q = by.get(f"{m}-{o}-b{b}"), by.get(f"quarot-{o}-b{b}")
+                if r and q and g:
+                    order = statistics.mean(r) < statistics.mean(q) < statistics.mean(g)
+                    per_seed = sum(a < c for a, c in zip(r, q))
+                    who = f"rsq {variant}" if m == "rsqv" else "rsq"
+                    lines.append(
+                        f"|  | {b}-bit `{o}`: {who} < quarot < gptq (means) {'holds' if order else 'FAILS'}; "
+                        f"{who} < quarot in {per_seed}/{len(r)} seeds | | | | |"
+                    )
     lines += ["", "| cell (seed 0) | rsq ppl | rsq weights | compressed-tensors | gptq |", "|---|---|---|---|---|"]
     for e in exports:
 
@@ -153,13 +164,17 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument(
+        "--rsq-variant", default="", help='extra rsq flags for a third row, e.g. "--unrotated-weights uniform"'
+    )
     ap.add_argument("--only", default=None, help="run only the cells whose name matches this regex (e.g. a CPU subset)")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     model = [args.model] if args.model else []
     t0 = time.time()
-    todo = [c for c in cells(bits, seeds) if not args.only or re.search(args.only, c[0])]
+    variant = args.rsq_variant.split()
+    todo = [c for c in cells(bits, seeds, variant) if not args.only or re.search(args.only, c[0])]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda c: run_cell(model, args.device, args.out, *c), todo))
     t_cells = time.time() - t0
@@ -168,13 +183,14 @@ def main() -> int:
         exports = list(pool.map(lambda c: export_cell(c, args.device, args.out), firsts))
     report = {
         "protocol": PROTOCOL,
+        "rsq_variant": variant,
         "device": args.device,
         "cells": results,
         "exports": exports,
         "wall_s": {"cells": t_cells, "exports": time.time() - t0 - t_cells},
     }
     (args.out / "online_settings.json").write_text(json.dumps(report, indent=2))
-    print(summarize(results, exports, bits))
+    print(summarize(results, exports, bits, args.rsq_variant))
     print(f"\ncells {t_cells:.0f} s, exports {report['wall_s']['exports']:.0f} s ({args.jobs} parallel jobs)")
     failed = [r for r in results if "error" in r]
     for r in failed:

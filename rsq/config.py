@@ -31,6 +31,7 @@ TORCH_DTYPES = {
 DTYPES = tuple(TORCH_DTYPES)
 KERNELS = ("auto", "reference")
 ONLINE_SETTINGS = ("exact", "export", "none")
+UNROTATED_WEIGHTS = ("weighted", "uniform")  # token weights of a down_proj whose input is not rotated
 # the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
 EVAL_SEQLEN = 512  # tokens per perplexity window
 EVAL_WINDOWS = 40  # at most this many windows (0 = all)
@@ -157,8 +158,18 @@ class ImportanceConfig:
     quantile: float = 0.0  # 0 = plain min/max; q > 0 uses the q and 1-q quantiles
     expand: int = 1  # dataset expansion factor F by cyclic rolls (spec §5)
     query_chunk: int = 512  # attncon: queries per chunk (memory O(chunk * T) per head)
+    # robust weighting (issue 33): cap = K > 0 caps each token's weight at K x its sequence's median
+    # weight, then renormalises to mean 1 (scored strategies; 0 = off). unrotated = "uniform" gives
+    # the down_proj uniform weights wherever no online rotation reaches its input (--online-rotations
+    # none, a width without a Hadamard, no rotation), "weighted" keeps the strategy's weights there.
+    cap: float = 0.0
+    unrotated: str = "weighted"
 
     def __post_init__(self) -> None:
+        if self.cap != 0 and not self.cap >= 1:
+            raise ConfigError(f"--importance-cap {self.cap} must be 0 (off) or >= 1 (a multiple of the median weight)")
+        if self.unrotated not in UNROTATED_WEIGHTS:
+            raise ConfigError(f"unknown --unrotated-weights {self.unrotated!r}: use {' or '.join(UNROTATED_WEIGHTS)}")
         if not 0 <= self.r_min <= self.r_max:
             raise ConfigError(f"need 0 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if self.r_max <= 0:

@@ -18,6 +18,7 @@ from rsq.config import (
     KERNELS,
     METHODS,
     ONLINE_SETTINGS,
+    UNROTATED_WEIGHTS,
     CalibConfig,
     GridConfig,
     ImportanceConfig,
@@ -132,6 +133,23 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     )
     _opt(p, "--power", ImportanceConfig, "power", "raise raw scores to this power", type=float)
     _opt(p, "--quantile", ImportanceConfig, "quantile", "min-max on the q and 1-q quantiles", type=float)
+    _opt(
+        p,
+        "--importance-cap",
+        ImportanceConfig,
+        "cap",
+        "cap each token's weight at K x its sequence's median weight, then renormalise to mean 1 "
+        "(scored strategies such as attncon; 0 = off)",
+        type=float,
+    )
+    _opt(
+        p,
+        "--unrotated-weights",
+        ImportanceConfig,
+        "unrotated",
+        "token weights of a down_proj whose input no online rotation reaches (--online-rotations none, a "
+        f"width without a Hadamard): {' or '.join(UNROTATED_WEIGHTS)} (the strategy's weights, or none)",
+    )
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
     top = {f.name: f.default for f in dataclasses.fields(RSQConfig)}
     p.add_argument(

@@ -9,6 +9,7 @@ scores into Hessian weights w (B, T) with mean 1 per sequence (spec §3.2 steps 
     r  = r_min + (r_max - r_min) (s - lo) / (hi - lo), clamped to [r_min, r_max]
          lo, hi = min, max of s over the sequence (or its q and 1-q quantiles)
     w  = r / mean_t(r)
+    w  <- min(w, K median_t(w)), then w / mean_t(w)   (optional cap K, ImportanceConfig.cap)
 
 0/1 position masks skip the first three steps (they are only renormalised to mean 1) and
 ``uniform`` returns exact ones. :func:`compute_weights` is the one entry point.
@@ -365,7 +366,8 @@ def to_weights(
 
     bounded: s <- s**cfg.power (if != 1), negate if ``reverse``, min–max per sequence to
         [r_min, r_max] (cfg.quantile = q > 0: the q and 1-q quantiles instead of min and max, then
-        clamp), then w = r / mean(r). A sequence whose range is zero (all scores equal) gets ones.
+        clamp), then w = r / mean(r); with cfg.cap = K > 0, :func:`cap_weights` (w at most K x the
+        sequence's median). A sequence whose range is zero (all scores equal) gets ones.
     not bounded (0/1 masks): only w = s / mean(s); ``reverse`` is not allowed.
     Raises CalibrationError (naming the strategy) on NaN/Inf scores.
     Example: s = [0, 1, 3], [r_min, r_max] = [0.005, 1] -> r = [0.005, 0.3367, 1]
@@ -403,7 +405,28 @@ def to_weights(
     r = torch.where(flat, 1.0, r)
     if flat.any():
         log.debug("importance %r: %d sequence(s) with constant scores get weight 1", label, int(flat.sum()))
-    return r / r.mean(dim=1, keepdim=True)
+    w = r / r.mean(dim=1, keepdim=True)
+    return cap_weights(w, cfg.cap) if cfg.cap else w
+
+
+def cap_weights(w: torch.Tensor, k: float) -> torch.Tensor:
+    """Cap each weight at ``k`` times its sequence's median, then renormalise to mean 1 per sequence.
+
+    w: (B, T) positive weights; k >= 1. For k >= 1 the cap leaves the median where it was, so after
+    the renormalisation no token weighs more than k times the median of its sequence. Made for the
+    attention sinks: attncon gives the first tokens 5-97x the median weight, and they are the tokens
+    with massive activations that dominate the Hessian of a linear whose input is not rotated (issue
+    33). The median is torch's (the lower of the two middle values for an even T). A sequence whose
+    median is not positive is returned unchanged (the cap would zero it).
+    Example: w = [4, 1, 1, 1, 1, 1] (mean 1.5 before normalising), k = 2 -> [2, 1, 1, 1, 1, 1]
+    -> [12/7, 6/7, 6/7, 6/7, 6/7, 6/7].
+    """
+    if k < 1:
+        raise ValueError(f"cap k must be >= 1, got {k}")
+    med = w.median(dim=1, keepdim=True).values
+    capped = torch.minimum(w, k * med)
+    capped = torch.where(med > 0, capped, w)
+    return capped / capped.mean(dim=1, keepdim=True)
 
 
 def _check_finite(s: torch.Tensor, label: str, what: str) -> None:

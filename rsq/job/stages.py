@@ -183,7 +183,8 @@ class QuantizeLayer(Stage):
         rel_losses: dict[str, float] = {}
         position = 0  # module number within the layer: decides its owner rank
         for group in self.adapter.groups:
-            H = None if passes is None else self._hessian(group, layer, passes, weights)
+            site_weights = self._site_weights(layer, group, weights)
+            H = None if passes is None else self._hessian(group, layer, passes, site_weights)
             with timed(self.state, "solve"):
                 energy = {name: _energy(layer.get_submodule(name).weight.data, H) for name in group}
                 position = self._solve_group(index, layer, group, H, position, losses)
@@ -213,6 +214,13 @@ class QuantizeLayer(Stage):
                 "min": allw.min().item(),
             }
         return weights, summary
+
+    def _site_weights(self, layer: nn.Module, group, weights):
+        """The token weights of ``group``'s Hessian: None (uniform) for a down_proj that no online
+        rotation reaches when ``importance.unrotated`` is "uniform" (issue 33), else ``weights``."""
+        if weights is None or self.cfg.importance.unrotated != "uniform" or tuple(group) != (self.adapter.down_proj,):
+            return weights
+        return weights if hasattr(layer.get_submodule(self.adapter.down_proj), "online_rotation") else None
 
     def _hessian(self, group, layer: nn.Module, passes: LayerPasses, weights) -> torch.Tensor | None:
         if self.cfg.solver.algorithm == "rtn":

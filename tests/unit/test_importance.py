@@ -21,6 +21,7 @@ from rsq.importance import (
     ImportanceContext,
     attention_received,
     attention_received_naive,
+    cap_weights,
     compute_weights,
     expand_rolls,
     rolled_window,
@@ -355,3 +356,68 @@ def test_expand_not_divisible():
     for fn in (lambda: expand_rolls(ids, 4), lambda: rolled_window(ids, 0, 4)):
         with pytest.raises(ConfigError, match="T = 10"):
             fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# --importance-cap (issue 33): weights capped at K x the sequence median, then mean 1 again
+
+
+def _cap_oracle(w: torch.Tensor, k: float) -> torch.Tensor:
+    """Per sequence in float64 Python: lower median, min(w, k*median), divide by the mean."""
+    out = []
+    for row in w.double().tolist():
+        med = sorted(row)[(len(row) - 1) // 2]  # torch.median's lower middle value
+        capped = [min(v, k * med) for v in row] if med > 0 else row
+        mean = sum(capped) / len(capped)
+        out.append([v / mean for v in capped])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t", [7, 64])  # odd and even lengths (lower median)
+@pytest.mark.parametrize("k", [1.0, 2.5, 10.0])
+def test_cap_weights_against_oracle(t, k):
+    g = torch.Generator().manual_seed(31)
+    w = torch.rand(3, t, generator=g) + 0.01
+    w[:, 0] *= 80.0  # an attention-sink-like first token
+    w = w / w.mean(dim=1, keepdim=True)
+    got = cap_weights(w, k)
+    torch.testing.assert_close(got.double(), _cap_oracle(w, k), rtol=RTOL, atol=0)
+    torch.testing.assert_close(got.mean(dim=1), torch.ones(3), rtol=RTOL, atol=0)
+    ratio = got.amax(dim=1) / got.median(dim=1).values
+    assert (ratio <= k * (1 + RTOL)).all()  # the promise: no token above k x the median
+    assert (ratio >= k * (1 - RTOL)).all()  # and here the sink was above it, so the cap binds
+
+
+def test_cap_weights_worked_example_and_no_op():
+    w = torch.tensor([[4.0, 1, 1, 1, 1, 1]])
+    torch.testing.assert_close(cap_weights(w, 2.0), torch.tensor([[12 / 7] + [6 / 7] * 5]), rtol=RTOL, atol=0)
+    flat = torch.rand(2, 9, generator=torch.Generator().manual_seed(3)) + 1.0  # max < 2 x median
+    flat = flat / flat.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(cap_weights(flat, 2.0), flat, rtol=RTOL, atol=1e-7)
+    zero_median = torch.tensor([[0.0, 0.0, 0.0, 4.0]])  # the cap would zero it: left as it is
+    assert torch.equal(cap_weights(zero_median, 3.0), zero_median)
+    with pytest.raises(ValueError, match=">= 1"):
+        cap_weights(w, 0.5)
+
+
+def test_to_weights_with_cap_is_cap_of_uncapped_weights():
+    s = torch.rand(4, 50, generator=torch.Generator().manual_seed(32))
+    s[:, :2] += 30.0  # two sink tokens per sequence
+    for reverse in (False, True):
+        plain = to_weights(s, ImportanceConfig(), reverse=reverse)
+        capped = to_weights(s, ImportanceConfig(cap=4.0), reverse=reverse)
+        torch.testing.assert_close(capped.double(), _cap_oracle(plain, 4.0), rtol=RTOL, atol=0)
+    # masks are 0/1 (median 0 for most): the cap applies to scored strategies only
+    ctx = ImportanceContext(x=torch.randn(2, 16, 4), cfg=ImportanceConfig(cap=2.0))
+    assert torch.equal(compute_weights("firstn", ctx), compute_weights("firstn", ImportanceContext(x=ctx.x)))
+
+
+@pytest.mark.parametrize("cap", [0.5, -1.0, float("nan")])
+def test_cap_below_one_is_refused(cap):
+    with pytest.raises(ConfigError, match="--importance-cap"):
+        ImportanceConfig(cap=cap)
+
+
+def test_unknown_unrotated_weights_is_refused():
+    with pytest.raises(ConfigError, match="--unrotated-weights"):
+        ImportanceConfig(unrotated="capped")
