@@ -13,9 +13,10 @@ Pre-norm residual blocks (adapter.prenorm_residual: Llama, Mistral, Qwen2)::
 let one buffer carry the work forward: the o pass stores o_proj's input (the attention output, which
 no longer changes once q/k/v are quantized); the MLP-in pass replaces it by h = x + o_proj(that),
 with o_proj now quantized; the down pass and the propagation start from h. Where a second buffer
-of the MLP's width fits (``down_cache``), the down pass also keeps down_proj's input
-act(gate(n)) * up(n) (gate and up are final by then) and the propagation is h + down_proj(that):
-the gate and up products are not computed twice. Every tensor is computed
+of the MLP's width fits (``down_cache``, the first K sequences where not all of them fit), the
+down pass also keeps down_proj's input act(gate(n)) * up(n) (gate and up are final by then) and the
+propagation of those sequences is h + down_proj(that): their gate and up products are not computed
+twice. Every tensor is computed
 by the same modules in the same order as the layer's own forward, so the result is the same; the
 first use in a run is still checked against the generic path on one batch, and a block that does
 not match (e.g. a model type whose layer has extra norms) falls back to the generic path for the
@@ -101,7 +102,7 @@ class LayerPasses:
                     self.cache.set(a, b, h)
             elif self.reusing and self.state == "resid" and group == (a_.down_proj,):
                 n = self._sub(a_.mlp_norm)(self.cache.get(a, b))
-                if self.down_cache is None:
+                if not self._down_kept(b):
                     x = _until(self._mlp(), members, n, {})
                 else:  # kept for the propagation: down_proj called on it is the MLP's output
                     raw = _until(self._mlp(), members, n, {}, raw=True)
@@ -124,7 +125,7 @@ class LayerPasses:
         """The layer's output for sequences a..b (its current weights)."""
         if self.reusing and self.state == "resid":
             h = self.cache.get(a, b)
-            if self.down_ready:  # the MLP's output from its down_proj input, kept by the down pass
+            if self.down_ready and self._down_kept(b):  # the MLP's output from down_proj's kept input
                 out = h + self._sub(self.adapter.down_proj)(self.down_cache.get(a, b))
             else:
                 out = h + self._mlp()(self._sub(self.adapter.mlp_norm)(h))
@@ -133,6 +134,10 @@ class LayerPasses:
             ):
                 return out
         return layer_forward(self.layer, self.store.get(a, b), self.kwargs)
+
+    def _down_kept(self, stop: int) -> bool:
+        """Whether the down cache holds sequences ..stop (it keeps the first K that fit)."""
+        return self.down_cache is not None and stop <= len(self.down_cache)
 
     def _agrees(self, fast: torch.Tensor, generic: torch.Tensor, what: str, key: str = "mlp_in") -> bool:
         """First use in a run: the shared-work tensor against the generic path's. Both run the same

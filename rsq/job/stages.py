@@ -368,30 +368,36 @@ DOWN_CACHE_HOST_BYTES = 256 * 2**20
 
 
 def _down_cache(adapter: ModelAdapter, layer0: nn.Module, cfg: RSQConfig, store: ActivationStore, cache):
-    """The (N, T, MLP width) buffer the down pass keeps down_proj's inputs in, so that propagation
-    does not compute the gate and up products again (rsq.calib.blockpass): beside a reuse cache on
-    the GPU where it and the layer's working set fit in 80 % of the free memory (Llama-3-8B at
-    256 x 4096: 30 GB; Qwen2.5-7B: 40 GB), on a CPU device up to DOWN_CACHE_HOST_BYTES; else None
-    (the propagation recomputes them)."""
+    """The (K, T, MLP width) buffer the down pass keeps down_proj's inputs in, so that propagation
+    does not compute the gate and up products again for those sequences (rsq.calib.blockpass): the
+    first K of the N calibration sequences, K a multiple of the batch size, as many as fit (all of
+    them where they do): beside a reuse cache on the GPU within 80 % of the free memory less the
+    layer's working set (Llama-3-8B at 256 x 4096: all 30 GB on an H100; Qwen2.5-7B's 40 GB: all on
+    an H200, most on an H100), on a CPU device up to DOWN_CACHE_HOST_BYTES; None where not even one
+    batch fits (the propagation recomputes them all)."""
     if cache is None:
         return None
     down = layer0.get_submodule(adapter.down_proj)
     n, t, d = store.shape
     inter, size = down.in_features, torch.finfo(store.dtype).bits // 8
-    need = n * t * inter * size
+    per_sequence = t * inter * size
     if store.device.type == "cpu":
-        return ActivationStore(n, t, inter, store.dtype, store.device, "cpu") if need <= DOWN_CACHE_HOST_BYTES else None
-    if store.device.type != "cuda" or cache.location != "device":
+        budget = DOWN_CACHE_HOST_BYTES
+    elif store.device.type != "cuda" or cache.location != "device":
         return None
-    # the layer (and its copy being written back), two Hessians of the widest input, the solver's
-    # copy, and a batch's MLP intermediates in flight (with the importance / attention's scratch)
-    layer_bytes = sum(p.numel() for p in layer0.parameters()) * size
-    width = max(d, inter)
-    working = 2 * layer_bytes + 3 * 4 * width * width + 4 * cfg.batch_size * t * (3 * inter + 4 * d) * size
-    free, _ = torch.cuda.mem_get_info(store.device)
-    if need + working > 0.8 * free:
+    else:
+        # the layer (and its copy being written back), two Hessians of the widest input, the solver's
+        # copy, and a batch's MLP intermediates in flight (with the importance / attention's scratch)
+        layer_bytes = sum(p.numel() for p in layer0.parameters()) * size
+        width = max(d, inter)
+        working = 2 * layer_bytes + 3 * 4 * width * width + 4 * cfg.batch_size * t * (3 * inter + 4 * d) * size
+        free, _ = torch.cuda.mem_get_info(store.device)
+        budget = 0.8 * free - working
+    keep = min(n, int(budget // per_sequence) // cfg.batch_size * cfg.batch_size)
+    if keep < 1:
         return None
-    return ActivationStore(n, t, inter, store.dtype, store.device, "device")
+    location = "cpu" if store.device.type == "cpu" else "device"
+    return ActivationStore(keep, t, inter, store.dtype, store.device, location)
 
 
 def _window_fn(windows: torch.Tensor, expand: int) -> Callable[[int], torch.Tensor]:

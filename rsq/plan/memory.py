@@ -140,8 +140,9 @@ def memory_plan(config, adapter: ModelAdapter, work: Workload | None = None, **f
         # activation-sized buffer (rsq.job.stages._reuse_cache: measured 24.5 GiB at 8B, bench/NOTES-memory.md)
         "device_peak_if_activations_on_device_GiB": (layer + hess + inflight + 2 * acts) / GiB,
         # where it also fits (rsq.job.stages._down_cache: the layer's working set + this within 80 % of
-        # the free memory), the down pass keeps down_proj's inputs for the propagation: opportunistic,
-        # like the activations on the device, so not in the peaks above (30 GB at 8B, 256 x 4096)
+        # the free memory), the down pass keeps down_proj's inputs for the propagation (all of them, or
+        # the first sequences that fit): opportunistic, like the activations on the device, so not in
+        # the peaks above; this is the most it takes (30 GB at 8B, 256 x 4096)
         "down_inputs_if_kept_GiB": nsamples * seqlen * inter * act_bytes / ranks / GiB,
         "checkpoint_GiB": packed / GiB,
         "bf16_model_GiB": p["total"] * 2 / GiB,

@@ -41,17 +41,22 @@ def _run(family, reuse: bool, adapter_change=None, rotate=False, dtype=torch.flo
     return state, model
 
 
-@pytest.mark.parametrize("keep_down", [True, False])
+@pytest.mark.parametrize("keep_down", ["all", "part", "none"])
 @pytest.mark.parametrize("family,rotate", [("llama", False), ("llama", True), ("qwen2", True)])
 def test_reused_attention_gives_the_same_codes(family, rotate, keep_down, monkeypatch):
     """Same modules, same order: the codes of every linear are identical to full layer passes (the
     rotated llama has an online Hadamard before down_proj, which the MLP-only passes must apply),
-    with the down_proj inputs kept for the propagation or recomputed."""
+    with the down_proj inputs kept for the propagation (all of them, or the first batch only: the
+    budget holds 3 of the 5 sequences, rounded down to the batch size 2) or recomputed."""
     import rsq.calib.blockpass as bp
     import rsq.job.stages as stages
 
-    if not keep_down:
-        monkeypatch.setattr(stages, "DOWN_CACHE_HOST_BYTES", 0)
+    inter = tiny_model(family).config.intermediate_size
+    budget = {"all": stages.DOWN_CACHE_HOST_BYTES, "part": 3 * 32 * inter * 4, "none": 0}[keep_down]
+    monkeypatch.setattr(stages, "DOWN_CACHE_HOST_BYTES", budget)
+    kept = []
+    real_cache = stages._down_cache
+    monkeypatch.setattr(stages, "_down_cache", lambda *a: kept.append(real_cache(*a)) or kept[-1])
 
     calls = []
     real = bp.layer_forward
@@ -59,6 +64,7 @@ def test_reused_attention_gives_the_same_codes(family, rotate, keep_down, monkey
     fast, _ = _run(family, True, rotate=rotate)
     # whole-layer forwards: only the first-use check of the output (1 batch), not 2 layers x 3 batches
     assert len(calls) == 1
+    assert [None if c is None else len(c) for c in kept] == [{"all": 5, "part": 2, "none": None}[keep_down]]
     full, _ = _run(family, False, rotate=rotate)
     assert fast.results.keys() == full.results.keys()
     for k in full.results:
