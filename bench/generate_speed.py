@@ -1,7 +1,8 @@
 """Generation speed of rsq checkpoints against the bf16 model they replace (tokens/s, same run).
 
     python3 bench/generate_speed.py [--work /tmp/rsq-gen] [--layers 32] [--formats 4,3,e8p]
-        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--loop rsq,hf] [--eager] [--json FILE]
+        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--loop rsq,hf] [--fuse on,off]
+        [--eager] [--json FILE]
 
 1. Builds a Llama-3-8B-shaped model (rsq's bundled config, no download) with random N(0, 0.02)
    weights in bf16 on the GPU; --layers keeps fewer decoder layers.
@@ -30,6 +31,12 @@
    static cache of that size behind in transformers' generate, which later calls would attend
    over): ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of 3 after one
    warm-up, with the first loop of --loop.
+
+--fuse (a comma list of on/off; default on): each rsq checkpoint is timed with its sibling
+projections fused (q/k/v and gate/up as one GEMM each, rsq.generation.fuse_siblings; what the rsq
+loop does on CUDA by default) and/or unfused (rsq.generation.unfuse), in the same run, for both
+loops; with both, the rows are "<format> fused" and "<format> unfused" and a last table gives
+fused / unfused tokens/s. TTFT and --profile use the first setting.
 
 Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
@@ -122,13 +129,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False):
+def set_fusion(model, fuse: bool | None) -> None:
+    """Sibling projections fused (True) or not (False) before a measurement; None: leave as is (bf16)."""
+    from rsq.generation import fuse_siblings, unfuse
+
+    if fuse:
+        report = fuse_siblings(model)
+        if report.skipped:
+            print(f"[fuse] not fused: {report.skipped[:3]}{' ...' if len(report.skipped) > 3 else ''}", flush=True)
+    elif fuse is False:
+        unfuse(model)
+
+
+def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False, fuse: bool | None = None):
     """One greedy generation of exactly ``new`` tokens with ``loop``; ``fast``: the hf loop's
-    generate kwargs, or the rsq loop's compile flag."""
+    generate kwargs, or the rsq loop's compile flag; ``fuse``: the rsq loop's fusion setting."""
     if loop == "rsq":
         from rsq.generation import LoopOptions, generate
 
-        return generate(model, ids, new, eos_token_id=(), options=LoopOptions(compile=fast, timed=timed))
+        options = LoopOptions(compile=fast, timed=timed, fuse=fuse)
+        return generate(model, ids, new, eos_token_id=(), options=options)
     return model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -144,14 +164,15 @@ def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False):
     )
 
 
-def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device) -> dict:
+def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device, fuse=None) -> dict:
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     times = []
     for _ in range(3):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = generate_once(model, ids, new, loop, fast)
+            out = generate_once(model, ids, new, loop, fast, fuse=fuse)
         _sync(device)
         times.append(time.perf_counter() - t0)
     assert out.shape == (batch, prompt + new), out.shape
@@ -165,9 +186,10 @@ def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, devic
         from rsq.generation import decoder
 
         with torch.no_grad():
-            generate_once(model, ids, new, loop, fast, timed=True)
+            generate_once(model, ids, new, loop, fast, timed=True, fuse=fuse)
         stats = decoder(model).stats
         r.update(step_ms=stats["decode_s"] / max(stats["steps"], 1) * 1e3, cache_len=stats["cache_len"])
+        r["fused_groups"] = stats.get("fused", 0)
         r["prefill_ms"] = stats["prefill_s"] * 1e3
     return r
 
@@ -180,30 +202,32 @@ def release(model) -> None:
     dec.cache = dec.key = None
 
 
-def time_ttft(model, prompt: int, loop: str, fast, device) -> float:
+def time_ttft(model, prompt: int, loop: str, fast, device, fuse=None) -> float:
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (1, prompt), device=device)
     times = []
     for _ in range(4):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            generate_once(model, ids, 1, loop, fast)
+            generate_once(model, ids, 1, loop, fast, fuse=fuse)
         _sync(device)
         times.append(time.perf_counter() - t0)
     release(model)
     return statistics.median(times[1:])
 
 
-def profile_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device, label: str, path: str) -> None:
+def profile_decode(model, batch, prompt, new, loop, fast, device, label: str, path: str, fuse=None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     with torch.no_grad():
-        generate_once(model, ids, new, loop, fast)  # compiled already: warm
+        generate_once(model, ids, new, loop, fast, fuse=fuse)  # compiled already: warm
         _sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
         with profile(activities=acts) as prof:
-            generate_once(model, ids, new, loop, fast)
+            generate_once(model, ids, new, loop, fast, fuse=fuse)
             _sync(device)
     sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     with open(path, "a") as f:
@@ -226,6 +250,11 @@ def main() -> int:
         "--loop",
         default="rsq",
         help="comma list of decode loops: rsq (rsq.generation.generate), hf (transformers' generate)",
+    )
+    ap.add_argument(
+        "--fuse",
+        default="on",
+        help="comma list of on/off: rsq checkpoints with q/k/v and gate/up fused into one GEMM each, and/or not",
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
     ap.add_argument("--device", default="cuda")
@@ -251,6 +280,9 @@ def main() -> int:
     loops = [x for x in args.loop.split(",") if x]
     if not loops or any(x not in ("rsq", "hf") for x in loops):
         ap.error(f"--loop: a comma list of rsq and hf, got {args.loop!r}")
+    fuses = [x for x in args.fuse.split(",") if x]
+    if not fuses or any(x not in ("on", "off") for x in fuses) or len(set(fuses)) != len(fuses):
+        ap.error(f"--fuse: a comma list of on and off, got {args.fuse!r}")
     fast = {"rsq": not args.eager, "hf": decode_kwargs(device, not args.eager)}
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
 
@@ -276,12 +308,20 @@ def main() -> int:
     def late() -> bool:
         return time.perf_counter() - start > args.deadline
 
+    # (row label, model, fusion setting): bf16 once, each checkpoint once per --fuse setting
+    variants = [("bf16", base, None)]
+    for fmt in formats:
+        for f in fuses:
+            label = fmt if len(fuses) == 1 else f"{fmt} {'fused' if f == 'on' else 'unfused'}"
+            variants.append((label, models[fmt], f == "on"))
+    first = {v[1]: v for v in reversed(variants)}  # each model's first setting (TTFT, profile)
+
     for loop in loops:
         for batch in batches:
-            for name, model in models.items():
+            for name, model, fuse in variants:
                 if late():
                     break
-                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device)
+                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse)
                 r.update(model=name, batch=batch, loop=loop)
                 cuda = torch.device(device).type == "cuda"
                 r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
@@ -289,24 +329,26 @@ def main() -> int:
                 record["decode"].append(r)
                 step = f"; steps alone {r['step_ms']:.2f} ms" if "step_ms" in r else ""
                 print(
-                    f"[decode {loop}] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
+                    f"[decode {loop}] {name:11s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
                     f"({r['ms_per_step']:.2f} ms/token{step}; first call {r['warmup_s']:.1f} s)",
                     flush=True,
                 )
                 save()
             if batch == batches[0] and args.profile:
-                for name, model in models.items():
+                for name, model, fuse in first.values():
                     if late():
                         break
-                    profile_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile)
+                    profile_decode(
+                        model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse
+                    )
                     release(model)
     # last: transformers' generate keeps the long prompt's static cache for the calls after it
     if args.ttft:
-        for name, model in models.items():
+        for name, model, fuse in first.values():
             if late():
                 break
-            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device)
-            print(f"[ttft {loops[0]}] {name:5s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
+            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse)
+            print(f"[ttft {loops[0]}] {name:11s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()
     save()
 
@@ -323,7 +365,7 @@ def main() -> int:
         ttft_col = loop == loops[0] and record["ttft"]
         print("| model | " + " | ".join(f"batch {b}" for b in batches) + (" | TTFT ms |" if ttft_col else " |"))
         print("|---|" + "---|" * (len(batches) + (1 if ttft_col else 0)))
-        for name in models:
+        for name, _, _ in variants:
             cells = []
             for b in batches:
                 r, base = rows.get((name, b)), rows.get(("bf16", b))
@@ -339,12 +381,29 @@ def main() -> int:
         print("| model | " + " | ".join(f"batch {b}" for b in batches) + " |")
         print("|---|" + "---|" * len(batches))
         by = {(r["loop"], r["model"], r["batch"]): r["tokens_per_s"] for r in record["decode"]}
-        for name in models:
+        for name, _, _ in variants:
             cells = []
             for b in batches:
                 a, h = by.get(("rsq", name, b)), by.get(("hf", name, b))
                 cells.append("-" if a is None or h is None else f"{a / h:.2f}x")
             print(f"| {name} | " + " | ".join(cells) + " |")
+    if len(fuses) == 2:
+        by = {(r["loop"], r["model"], r["batch"]): r for r in record["decode"]}
+        for loop in loops:
+            print(f"\n{loop} loop: fused / unfused tokens/s (same format, same batch; ms per decode step, rsq loop)")
+            print("| format | " + " | ".join(f"batch {b}" for b in batches) + " |")
+            print("|---|" + "---|" * len(batches))
+            for fmt in formats:
+                cells = []
+                for b in batches:
+                    a, u = by.get((loop, f"{fmt} fused", b)), by.get((loop, f"{fmt} unfused", b))
+                    if a is None or u is None:
+                        cells.append("-")
+                        continue
+                    both = "step_ms" in a and "step_ms" in u
+                    steps = f" ({a['step_ms']:.2f} / {u['step_ms']:.2f} ms)" if both else ""
+                    cells.append(f"{a['tokens_per_s'] / u['tokens_per_s']:.2f}x{steps}")
+                print(f"| {fmt} | " + " | ".join(cells) + " |")
     return 0
 
 

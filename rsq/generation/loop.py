@@ -133,6 +133,20 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
     return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
 
 
+def _fusion(model: nn.Module, device: torch.device, fuse: bool | None) -> int:
+    """Fuse (or, with ``fuse=False``, unfuse) the sibling projections of a quantized model of a
+    family rsq knows (None: fuse on CUDA); the fused groups active now."""
+    from rsq.generation import fusion
+
+    if fuse is False:
+        fusion.unfuse(model)
+        return 0
+    if fuse or (fuse is None and device.type == "cuda"):
+        if fusion.fusable(model):
+            fusion.fuse_siblings(model)
+    return sum(g.active for g in fusion.groups(model))
+
+
 def _graphs(compile: bool, backend: str, device) -> bool:
     """Whether the compiled step replays as CUDA graphs (inductor's mode="reduce-overhead" on CUDA)."""
     return compile and backend == "inductor" and torch.device(device).type == "cuda"
@@ -156,9 +170,12 @@ class LoopOptions:
     ``eos_every``: tokens between the host's reads of the end-of-sequence flags.
     ``cache_multiple``: the static cache holds prompt + new tokens rounded up to this.
     ``timed``: record prefill / first step / decode seconds in ``decoder(model).stats`` (three
-    device synchronisations per call)."""
+    device synchronisations per call). ``fuse``: compute q/k/v and gate/up of a quantized model as
+    one GEMM each (:func:`rsq.generation.fusion.fuse_siblings`, in place; None = on CUDA; False
+    undoes a fusion)."""
 
     compile: bool | None = None
+    fuse: bool | None = None
     backend: str = "inductor"
     fullgraph: bool = True
     eos_every: int = EOS_EVERY
@@ -339,6 +356,7 @@ def generate(
     batch, prompt = input_ids.shape
     now = _clock(device, options.timed)
 
+    fused = _fusion(model, device, options.fuse)
     dec = decoder(model)
     before = dec.allocations
     dtype = getattr(model, "dtype", next(model.parameters()).dtype)
@@ -373,7 +391,7 @@ def generate(
                 t2 = now()
         out = tokens.result(max_new_tokens)
         t3 = now()
-    dec.stats = dict(cache_len=length, new_cache=dec.allocations > before, compiled=compile)
+    dec.stats = dict(cache_len=length, new_cache=dec.allocations > before, compiled=compile, fused=fused)
     dec.stats.update(new_tokens=out.shape[1] - prompt)
     if options.timed:  # decode_s times the steps after the first (which may compile)
         dec.stats.update(prefill_s=t1 - t0, first_step_s=t2 - t1, decode_s=t3 - t2, steps=max(0, ran - 1))
