@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rsq.models.registry import ADAPTERS, resolve
+
 FUSED_ATTR = "sibling"  # QuantizedLinear attribute: (SiblingGroup, index) or None
 
 
@@ -120,8 +122,6 @@ class FusionReport:
 
 
 def _candidates(model: nn.Module) -> list[tuple[int, tuple[str, ...], list[nn.Module]]]:
-    from rsq.models.registry import resolve
-
     adapter = resolve(model)
     out = []
     for i, layer in enumerate(adapter.get_layers(model)):
@@ -140,7 +140,7 @@ def _call_order(name: str) -> int:
 
 
 def _why_not(members: list[nn.Module]) -> str | None:
-    from rsq.nn.linear import QuantizedLinear
+    from rsq.nn.linear import QuantizedLinear  # (rsq.kernels: torch's compiler stack, at first use)
 
     if not all(isinstance(m, QuantizedLinear) and m.format_name == "uniform" for m in members):
         return "not all uniform-format quantized linears"
@@ -216,7 +216,6 @@ def fuse_siblings(model: nn.Module) -> FusionReport:
 def fusable(model: nn.Module) -> bool:
     """Whether ``model`` has quantized linears and a family rsq knows (what :func:`fuse_siblings`
     needs; rsq's decode loop fuses such models only)."""
-    from rsq.models.registry import ADAPTERS
     from rsq.nn.linear import QuantizedLinear
 
     config = getattr(model, "config", None)
@@ -244,7 +243,8 @@ def _unfuse_group(group: SiblingGroup) -> None:
                 if buf is not None:
                     setattr(m, name, buf.clone())  # its own storage again
             setattr(m, FUSED_ATTR, None)
-    humming_backend.forget(*group.fused.buffers())
+    if group.fused is not None:
+        humming_backend.forget(*group.fused.buffers())
     group.fused = None
     group.members = []
     group.active = False

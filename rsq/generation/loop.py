@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from rsq.errors import ConfigError
+from rsq.generation import fusion
 from rsq.generation.settings import compile_by_default
 
 CACHE_MULTIPLE = 256
@@ -136,8 +137,6 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
 def _fusion(model: nn.Module, device: torch.device, fuse: bool | None) -> int:
     """Fuse (or, with ``fuse=False``, unfuse) the sibling projections of a quantized model of a
     family rsq knows (None: fuse on CUDA); the fused groups active now."""
-    from rsq.generation import fusion
-
     if fuse is False:
         fusion.unfuse(model)
         return 0
