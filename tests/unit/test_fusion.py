@@ -198,6 +198,8 @@ def test_fused_step_compiles_as_one_graph_with_static_fused_buffers(checkpoints)
     # qweight, scales, qzeros (+ bias: Qwen2's q/k/v) of 2 groups per layer
     assert len(fused_inputs) == model.config.num_hidden_layers * (4 + 3)
     assert all(n.meta["tensor_dict"].get("_dynamo_static_input_type") for n in fused_inputs)
+    # the compiled step leaves no slice behind (a CUDA graph's outputs are overwritten by its next replay)
+    assert all(g.active and g._outs is None and g._x is None for g in groups(model))
     torch._dynamo.reset()
 
 
@@ -338,3 +340,41 @@ def test_forgetting_converted_layers_of_replaced_buffers():
         assert key not in humming_backend._LAYERS
     finally:
         humming_backend._LAYERS.pop(key, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # hidden 64: the Triton kernels' widths
+def test_cuda_fused_products_and_default_generation(checkpoints, family):
+    """On CUDA (bf16, the format's GPU backends: Triton GEMV at 1 token, humming or Triton tiles at
+    more): each slice within bf16 rounding of the member's own product (relative 1e-2, the humming
+    probe's tolerance), and rsq.generate's default (fused, packed GQA, compiled, CUDA graphs) gives
+    greedy tokens of the unfused eager model without skipping a CUDA graph."""
+    from torch._dynamo.utils import counters
+
+    import rsq
+
+    model, _ = rsq.load(checkpoints[family], device="cuda", dtype=torch.bfloat16)
+    fuse_siblings(model)
+    for m_tokens in (1, 16):
+        x = torch.randn(m_tokens, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        for group in groups(model):
+            outs = [m(x).float() for m in group.members]
+            group.active = False
+            for m, y in zip(group.members, outs):
+                alone = m(x).float()
+                assert (y - alone).norm() <= 1e-2 * alone.norm()
+            group.active = True
+    ids = _ids(2).cuda()
+    torch._dynamo.reset()
+    counters.clear()
+    out = generate(model, ids, 16, eos_token_id=())
+    stats = decoder(model).stats
+    assert stats["compiled"] and stats["fused"] == 2 * model.config.num_hidden_layers and stats["packed_gqa"]
+    assert counters["inductor"]["cudagraph_skips"] == 0 and not decoder(model).graph_breaks
+    unfuse(model)
+    with torch.no_grad():
+        logits = model(input_ids=out[:, :-1]).logits.float()[:, PROMPT - 1 :]
+    best = logits.max(-1).values
+    chosen = logits.gather(-1, out[:, PROMPT:, None])[..., 0]
+    assert (chosen >= best - 2e-2 * best.abs().max()).all()  # bf16 kernels differ in the last bits
