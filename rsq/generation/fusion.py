@@ -43,8 +43,8 @@ FUSED_ATTR = "sibling"  # QuantizedLinear attribute: (SiblingGroup, index) or No
 class SiblingGroup:
     """Linears of one layer that read the same input, computed as one uniform-format GEMM.
 
-    ``fused``: a layer of the members' class over the concatenated buffers (not a child of any module, so
-    it adds nothing to the state dict); ``members``: the modules, whose buffers are row slices of
+    ``fused``: a layer of the members' class over the concatenated buffers (not a child of any
+    module, so it adds nothing to the state dict); ``members``: the modules, whose buffers are row slices of
     ``fused``'s; ``active``: False once the group was switched off."""
 
     def __init__(self, names: tuple[str, ...], members: list[nn.Module], fused: nn.Module):
@@ -88,14 +88,12 @@ class SiblingGroup:
     def intact(self) -> bool:
         """Whether every member's buffers are still the row slices of the fused buffers."""
         for name, fused in self.fused.named_buffers(recurse=False):
-            offset = 0
+            ptr, row = fused.data_ptr(), fused.stride(0) * fused.element_size()
             for member, size in zip(self.members, self.sizes):
                 own = getattr(member, name)
-                if own is None or own.device != fused.device or own.dtype != fused.dtype:
+                if own is None or own.data_ptr() != ptr or own.dtype != fused.dtype or own.device != fused.device:
                     return False
-                if own.data_ptr() != fused[offset:].data_ptr() or own.shape[0] != size:
-                    return False
-                offset += size
+                ptr += size * row
         return True
 
     def _switch_off(self, index: int, x: torch.Tensor, why: str) -> torch.Tensor:
