@@ -235,12 +235,21 @@ def test_save_pretrained_bytes_identical_and_unfuse_restores(checkpoints, family
     assert unfuse(model) == 0  # nothing left to undo
 
 
-def test_fusing_twice_changes_nothing(checkpoints):
+def test_fusing_twice_changes_nothing_and_a_deep_copy_stays_fused(checkpoints):
+    import copy
+
     model = _load(checkpoints["llama"])
     first = fuse_siblings(model)
     ptrs = [g.fused.qweight.data_ptr() for g in groups(model)]
     second = fuse_siblings(model)
     assert second.fused == first.fused and [g.fused.qweight.data_ptr() for g in groups(model)] == ptrs
+    twin = copy.deepcopy(model)  # deepcopy keeps views of one storage views of the copied storage
+    assert len(groups(twin)) == len(ptrs) and all(g.intact() for g in groups(twin))
+    assert groups(twin)[0].members[0] is twin.model.layers[0].self_attn.q_proj
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_logits(twin, ids), _logits(model, ids))
 
 
 def test_members_with_an_online_rotation_or_other_settings_are_not_fused(checkpoints):
