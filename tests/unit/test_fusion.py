@@ -200,6 +200,11 @@ def test_fused_step_compiles_as_one_graph_with_static_fused_buffers(checkpoints)
     assert all(n.meta["tensor_dict"].get("_dynamo_static_input_type") for n in fused_inputs)
     # the compiled step leaves no slice behind (a CUDA graph's outputs are overwritten by its next replay)
     assert all(g.active and g._outs is None and g._x is None for g in groups(model))
+    # through AOT autograd too (functionalized views of the custom op's output), with packed GQA attention
+    torch._dynamo.reset()
+    options = LoopOptions(compile=True, backend="aot_eager", fuse=True, packed_gqa=True)
+    assert torch.equal(generate(model, ids, 10, eos_token_id=(), options=options), ref)
+    assert not decoder(model).graph_breaks and decoder(model).stats["packed_gqa"]
     torch._dynamo.reset()
 
 
