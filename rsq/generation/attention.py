@@ -16,7 +16,11 @@ masks, dropout, extra arguments) is transformers' own ``sdpa`` function, unchang
 :func:`use` registers this function (and transformers' sdpa mask) under :data:`NAME` with
 transformers' attention interfaces (additive: nothing of transformers is replaced) and switches a
 model to it for a ``with`` block; rsq's decode loop does it for each call on CUDA
-(``LoopOptions(packed_gqa=...)``).
+(``LoopOptions(packed_gqa=...)``). With transformers' ``generate`` (checked on the CPU: the same
+greedy tokens, eager and compiled)::
+
+    with rsq.generation.attention.use(model):
+        out = model.generate(ids, max_new_tokens=128, **rsq.decode_kwargs(model.device))
 """
 
 from __future__ import annotations
