@@ -335,6 +335,25 @@ def test_moving_a_fused_model_switches_fusion_off(checkpoints):
     assert (_logits(model, ids) - ref).abs().max() <= 1e-12 * ref.abs().max()
 
 
+def test_cli_fuse_and_packed_gqa_print_the_same_text(checkpoints, capsys, monkeypatch):
+    """`rsq generate --loop rsq --fuse --packed-gqa` (the CUDA defaults, forced on the CPU) prints
+    what `--no-fuse --no-packed-gqa` prints (greedy, the tokenizer's EOS), and did fuse."""
+    from rsq.cli.main import main
+    from rsq.generation import fusion
+
+    reports = []
+    real = fusion.fuse_siblings
+    monkeypatch.setattr(fusion, "fuse_siblings", lambda model: reports.append(real(model)) or reports[-1])
+    texts = []
+    for flags in (["--no-fuse", "--no-packed-gqa"], ["--fuse", "--packed-gqa"]):
+        argv = ["generate", str(checkpoints["mistral"]), "The tower is", "--max-new-tokens", "12", "--loop", "rsq"]
+        assert main(argv + flags) == 0
+        texts.append(capsys.readouterr().out)
+        assert len(reports) == (flags[0] == "--fuse")
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert len(reports[0].fused) == 4 and not reports[0].skipped
+
+
 def test_fusable_only_for_quantized_models_of_known_families(checkpoints):
     assert fusable(_load(checkpoints["qwen2"]))
     assert not fusable(tiny_model("llama"))  # no quantized linears
