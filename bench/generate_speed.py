@@ -1,7 +1,8 @@
 """Generation speed of rsq checkpoints against the bf16 model they replace (tokens/s, same run).
 
     python3 bench/generate_speed.py [--work /tmp/rsq-gen] [--layers 32] [--formats 4,3,e8p]
-        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--loop rsq,hf] [--eager] [--json FILE]
+        [--batches 1,16,64] [--new 128] [--prompt 32] [--ttft 2048] [--loop rsq,hf] [--fuse on,off]
+        [--packed-gqa on,off]        [--eager] [--json FILE]
 
 1. Builds a Llama-3-8B-shaped model (rsq's bundled config, no download) with random N(0, 0.02)
    weights in bf16 on the GPU; --layers keeps fewer decoder layers.
@@ -30,6 +31,16 @@
    static cache of that size behind in transformers' generate, which later calls would attend
    over): ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of 3 after one
    warm-up, with the first loop of --loop.
+
+--fuse (a comma list of on/off; default on): each rsq checkpoint is timed with its sibling
+projections fused (q/k/v and gate/up as one GEMM each, rsq.generation.fuse_siblings; what the rsq
+loop does on CUDA by default) and/or unfused (rsq.generation.unfuse), in the same run, for both
+loops; with both, the rows are "<format> fused" and "<format> unfused" and a last table gives
+fused / unfused tokens/s. --packed-gqa (on/off list; default on): decode attention over the
+unrepeated K/V heads (rsq.generation.attention, the rsq loop's default on CUDA) or transformers'
+sdpa (K/V repeated per query head), for every model, bf16 included; with both, each setting has its
+own rows ("... packed-gqa" / "... repeat-kv") and ratios are to bf16 with the same setting. TTFT and
+--profile use each model's first setting.
 
 Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
@@ -122,13 +133,34 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False):
+def set_fusion(model, fuse: bool | None) -> None:
+    """Sibling projections fused (True) or not (False) before a measurement; None: leave as is (bf16)."""
+    from rsq.generation import fuse_siblings, unfuse
+
+    if fuse:
+        report = fuse_siblings(model)
+        if report.skipped:
+            print(f"[fuse] not fused: {report.skipped[:3]}{' ...' if len(report.skipped) > 3 else ''}", flush=True)
+    elif fuse is False:
+        unfuse(model)
+
+
+def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False, fuse=None, gqa: bool = True):
     """One greedy generation of exactly ``new`` tokens with ``loop``; ``fast``: the hf loop's
-    generate kwargs, or the rsq loop's compile flag."""
+    generate kwargs, or the rsq loop's compile flag; ``fuse``: the rsq loop's fusion setting;
+    ``gqa``: decode attention over unrepeated K/V heads (both loops)."""
+    from rsq.generation import attention
+
     if loop == "rsq":
         from rsq.generation import LoopOptions, generate
 
-        return generate(model, ids, new, eos_token_id=(), options=LoopOptions(compile=fast, timed=timed))
+        options = LoopOptions(compile=fast, timed=timed, fuse=fuse, packed_gqa=gqa)
+        return generate(model, ids, new, eos_token_id=(), options=options)
+    with attention.use(model, gqa):
+        return _hf_generate(model, ids, new, fast)
+
+
+def _hf_generate(model, ids, new: int, fast):
     return model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -144,14 +176,15 @@ def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False):
     )
 
 
-def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device) -> dict:
+def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device, fuse=None, gqa=True) -> dict:
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     times = []
     for _ in range(3):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = generate_once(model, ids, new, loop, fast)
+            out = generate_once(model, ids, new, loop, fast, fuse=fuse, gqa=gqa)
         _sync(device)
         times.append(time.perf_counter() - t0)
     assert out.shape == (batch, prompt + new), out.shape
@@ -165,9 +198,10 @@ def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, devic
         from rsq.generation import decoder
 
         with torch.no_grad():
-            generate_once(model, ids, new, loop, fast, timed=True)
+            generate_once(model, ids, new, loop, fast, timed=True, fuse=fuse, gqa=gqa)
         stats = decoder(model).stats
         r.update(step_ms=stats["decode_s"] / max(stats["steps"], 1) * 1e3, cache_len=stats["cache_len"])
+        r["fused_groups"], r["packed_gqa"] = stats.get("fused", 0), stats.get("packed_gqa")
         r["prefill_ms"] = stats["prefill_s"] * 1e3
     return r
 
@@ -180,30 +214,32 @@ def release(model) -> None:
     dec.cache = dec.key = None
 
 
-def time_ttft(model, prompt: int, loop: str, fast, device) -> float:
+def time_ttft(model, prompt: int, loop: str, fast, device, fuse=None, gqa=True) -> float:
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (1, prompt), device=device)
     times = []
     for _ in range(4):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            generate_once(model, ids, 1, loop, fast)
+            generate_once(model, ids, 1, loop, fast, fuse=fuse, gqa=gqa)
         _sync(device)
         times.append(time.perf_counter() - t0)
     release(model)
     return statistics.median(times[1:])
 
 
-def profile_decode(model, batch: int, prompt: int, new: int, loop: str, fast, device, label: str, path: str) -> None:
+def profile_decode(model, batch, prompt, new, loop, fast, device, label, path, fuse=None, gqa=True) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    set_fusion(model, fuse)
     ids = torch.randint(100, 20000, (batch, prompt), device=device)
     with torch.no_grad():
-        generate_once(model, ids, new, loop, fast)  # compiled already: warm
+        generate_once(model, ids, new, loop, fast, fuse=fuse, gqa=gqa)  # compiled already: warm
         _sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
         with profile(activities=acts) as prof:
-            generate_once(model, ids, new, loop, fast)
+            generate_once(model, ids, new, loop, fast, fuse=fuse, gqa=gqa)
             _sync(device)
     sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     with open(path, "a") as f:
@@ -226,6 +262,16 @@ def main() -> int:
         "--loop",
         default="rsq",
         help="comma list of decode loops: rsq (rsq.generation.generate), hf (transformers' generate)",
+    )
+    ap.add_argument(
+        "--fuse",
+        default="on",
+        help="comma list of on/off: rsq checkpoints with q/k/v and gate/up fused into one GEMM each, and/or not",
+    )
+    ap.add_argument(
+        "--packed-gqa",
+        default="on",
+        help="comma list of on/off: decode attention over unrepeated K/V heads (all models), and/or transformers' sdpa",
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
     ap.add_argument("--device", default="cuda")
@@ -251,6 +297,12 @@ def main() -> int:
     loops = [x for x in args.loop.split(",") if x]
     if not loops or any(x not in ("rsq", "hf") for x in loops):
         ap.error(f"--loop: a comma list of rsq and hf, got {args.loop!r}")
+    fuses = [x for x in args.fuse.split(",") if x]
+    if not fuses or any(x not in ("on", "off") for x in fuses) or len(set(fuses)) != len(fuses):
+        ap.error(f"--fuse: a comma list of on and off, got {args.fuse!r}")
+    gqas = [x for x in args.packed_gqa.split(",") if x]
+    if not gqas or any(x not in ("on", "off") for x in gqas) or len(set(gqas)) != len(gqas):
+        ap.error(f"--packed-gqa: a comma list of on and off, got {args.packed_gqa!r}")
     fast = {"rsq": not args.eager, "hf": decode_kwargs(device, not args.eager)}
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
 
@@ -276,12 +328,24 @@ def main() -> int:
     def late() -> bool:
         return time.perf_counter() - start > args.deadline
 
+    # (row label, model, fusion, packed GQA, the bf16 row of its ratio): per --packed-gqa setting,
+    # bf16 once and each checkpoint once per --fuse setting
+    variants = []
+    for g in gqas:
+        gs = "" if len(gqas) == 1 else (" packed-gqa" if g == "on" else " repeat-kv")
+        variants.append(("bf16" + gs, base, None, g == "on", "bf16" + gs))
+        for fmt in formats:
+            for f in fuses:
+                label = fmt if len(fuses) == 1 else f"{fmt} {'fused' if f == 'on' else 'unfused'}"
+                variants.append((label + gs, models[fmt], f == "on", g == "on", "bf16" + gs))
+    first = {v[1]: v for v in reversed(variants)}  # each model's first setting (TTFT, profile)
+
     for loop in loops:
         for batch in batches:
-            for name, model in models.items():
+            for name, model, fuse, gqa, _ in variants:
                 if late():
                     break
-                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device)
+                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
                 r.update(model=name, batch=batch, loop=loop)
                 cuda = torch.device(device).type == "cuda"
                 r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
@@ -289,24 +353,26 @@ def main() -> int:
                 record["decode"].append(r)
                 step = f"; steps alone {r['step_ms']:.2f} ms" if "step_ms" in r else ""
                 print(
-                    f"[decode {loop}] {name:5s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
+                    f"[decode {loop}] {name:22s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tokens/s "
                     f"({r['ms_per_step']:.2f} ms/token{step}; first call {r['warmup_s']:.1f} s)",
                     flush=True,
                 )
                 save()
             if batch == batches[0] and args.profile:
-                for name, model in models.items():
+                for name, model, fuse, gqa, _ in first.values():
                     if late():
                         break
-                    profile_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile)
+                    profile_decode(
+                        model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
+                    )
                     release(model)
     # last: transformers' generate keeps the long prompt's static cache for the calls after it
     if args.ttft:
-        for name, model in models.items():
+        for name, model, fuse, gqa, _ in first.values():
             if late():
                 break
-            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device)
-            print(f"[ttft {loops[0]}] {name:5s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
+            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
+            print(f"[ttft {loops[0]}] {name:22s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()
     save()
 
@@ -323,15 +389,15 @@ def main() -> int:
         ttft_col = loop == loops[0] and record["ttft"]
         print("| model | " + " | ".join(f"batch {b}" for b in batches) + (" | TTFT ms |" if ttft_col else " |"))
         print("|---|" + "---|" * (len(batches) + (1 if ttft_col else 0)))
-        for name in models:
+        for name, _, _, _, ref in variants:
             cells = []
             for b in batches:
-                r, base = rows.get((name, b)), rows.get(("bf16", b))
+                r, base = rows.get((name, b)), rows.get((ref, b))
                 ratio = f" ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if r and base else ""
                 cells.append("-" if r is None else f"{r['tokens_per_s']:.0f}{ratio}")
             line = f"| {name} | " + " | ".join(cells) + " |"
             if ttft_col:
-                t, t0 = record["ttft"].get(name), record["ttft"].get("bf16")
+                t, t0 = record["ttft"].get(name), record["ttft"].get(ref)
                 line += " - |" if t is None else f" {t * 1e3:.0f}" + (f" ({t0 / t:.2f}x)" if t0 else "") + " |"
             print(line)
     if set(loops) == {"rsq", "hf"}:
@@ -339,12 +405,39 @@ def main() -> int:
         print("| model | " + " | ".join(f"batch {b}" for b in batches) + " |")
         print("|---|" + "---|" * len(batches))
         by = {(r["loop"], r["model"], r["batch"]): r["tokens_per_s"] for r in record["decode"]}
-        for name in models:
+        for name, *_ in variants:
             cells = []
             for b in batches:
                 a, h = by.get(("rsq", name, b)), by.get(("hf", name, b))
                 cells.append("-" if a is None or h is None else f"{a / h:.2f}x")
             print(f"| {name} | " + " | ".join(cells) + " |")
+    by = {(r["loop"], r["model"], r["batch"]): r for r in record["decode"]}
+    gs = {"on": " packed-gqa", "off": " repeat-kv"} if len(gqas) == 2 else {gqas[0]: ""}
+    pairs = []  # (title, [(row, label on, label off)])
+    if len(fuses) == 2:
+        pairs += [
+            (f"fused / unfused{s}", [(fmt, f"{fmt} fused{s}", f"{fmt} unfused{s}") for fmt in formats])
+            for s in gs.values()
+        ]
+    if len(gqas) == 2:
+        names = ["bf16"] + [fmt if len(fuses) == 1 else f"{fmt} {x}" for fmt in formats for x in ("fused", "unfused")]
+        pairs.append(("packed-gqa / repeat-kv", [(n, f"{n} packed-gqa", f"{n} repeat-kv") for n in names]))
+    for loop in loops:
+        for title, rows in pairs:
+            print(f"\n{loop} loop: {title} tokens/s (same model, same batch; ms per decode step, rsq loop)")
+            print("| model | " + " | ".join(f"batch {b}" for b in batches) + " |")
+            print("|---|" + "---|" * len(batches))
+            for row, on, off in rows:
+                cells = []
+                for b in batches:
+                    a, u = by.get((loop, on, b)), by.get((loop, off, b))
+                    if a is None or u is None:
+                        cells.append("-")
+                        continue
+                    both = "step_ms" in a and "step_ms" in u
+                    steps = f" ({a['step_ms']:.2f} / {u['step_ms']:.2f} ms)" if both else ""
+                    cells.append(f"{a['tokens_per_s'] / u['tokens_per_s']:.2f}x{steps}")
+                print(f"| {row} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -59,6 +59,18 @@ def add_parsers(sub) -> None:
         "sync per token); hf: transformers' generate (with --no-compile, its dynamic cache) "
         "(default: rsq on CUDA, hf on the CPU)",
     )
+    p.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rsq loop: compute q/k/v and gate/up as one quantized GEMM each (same weights; default: on for CUDA)",
+    )
+    p.add_argument(
+        "--packed-gqa",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rsq loop: one-token attention over the unrepeated K/V heads of a GQA model (default: on for CUDA)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
 
@@ -118,6 +130,8 @@ class GenerateOptions:
     compile_backend: str = "inductor"
     fullgraph: bool = False
     loop: str = "hf"
+    fuse: bool | None = None  # rsq loop: LoopOptions.fuse
+    packed_gqa: bool | None = None  # rsq loop: LoopOptions.packed_gqa
 
 
 def generate(
@@ -162,7 +176,13 @@ def generate(
             eos_token_id=() if opts.ignore_eos else None,
             pad_token_id=pad,
             sampling=Sampling(temperature, generator=gen),
-            options=LoopOptions(compile=opts.compile, backend=opts.compile_backend, timed=stats is not None),
+            options=LoopOptions(
+                compile=opts.compile,
+                backend=opts.compile_backend,
+                timed=stats is not None,
+                fuse=opts.fuse,
+                packed_gqa=opts.packed_gqa,
+            ),
         )
         if stats is not None:
             stats.update(decoder(model).stats)
@@ -219,6 +239,8 @@ def cmd_generate(args) -> int:
         compile=compile,
         clock=clock,
         loop=loop,
+        fuse=args.fuse,
+        packed_gqa=args.packed_gqa,
         stats=stats if loop == "rsq" else None,
     )
     seconds = time.perf_counter() - t0

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from rsq.errors import ConfigError
+from rsq.generation import attention, fusion
 from rsq.generation.settings import compile_by_default
 
 CACHE_MULTIPLE = 256
@@ -133,6 +134,18 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
     return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
 
 
+def _fusion(model: nn.Module, device: torch.device, fuse: bool | None) -> int:
+    """Fuse (or, with ``fuse=False``, unfuse) the sibling projections of a quantized model of a
+    family rsq knows (None: fuse on CUDA); the fused groups active now."""
+    if fuse is False:
+        fusion.unfuse(model)
+        return 0
+    if fuse or (fuse is None and device.type == "cuda"):
+        if fusion.fusable(model):
+            fusion.fuse_siblings(model)
+    return sum(g.active for g in fusion.groups(model))
+
+
 def _graphs(compile: bool, backend: str, device) -> bool:
     """Whether the compiled step replays as CUDA graphs (inductor's mode="reduce-overhead" on CUDA)."""
     return compile and backend == "inductor" and torch.device(device).type == "cuda"
@@ -156,9 +169,14 @@ class LoopOptions:
     ``eos_every``: tokens between the host's reads of the end-of-sequence flags.
     ``cache_multiple``: the static cache holds prompt + new tokens rounded up to this.
     ``timed``: record prefill / first step / decode seconds in ``decoder(model).stats`` (three
-    device synchronisations per call)."""
+    device synchronisations per call). ``fuse``: compute q/k/v and gate/up of a quantized model as
+    one GEMM each (:func:`rsq.generation.fusion.fuse_siblings`, in place; None = on CUDA; False
+    undoes a fusion). ``packed_gqa``: decode attention over the unrepeated K/V heads of a GQA model
+    (:mod:`rsq.generation.attention`, for the call only; None = on CUDA)."""
 
     compile: bool | None = None
+    fuse: bool | None = None
+    packed_gqa: bool | None = None
     backend: str = "inductor"
     fullgraph: bool = True
     eos_every: int = EOS_EVERY
@@ -339,6 +357,7 @@ def generate(
     batch, prompt = input_ids.shape
     now = _clock(device, options.timed)
 
+    fused = _fusion(model, device, options.fuse)
     dec = decoder(model)
     before = dec.allocations
     dtype = getattr(model, "dtype", next(model.parameters()).dtype)
@@ -351,8 +370,9 @@ def generate(
     positions, full_mask = _positions(mask, batch, prompt, length, device)
     tokens = _Tokens(input_ids, max_new_tokens, eos, _pad_id(model, pad_token_id, eos), sampling)
 
+    gqa = options.packed_gqa if options.packed_gqa is not None else device.type == "cuda"
     t0 = now()
-    with torch.no_grad():
+    with torch.no_grad(), attention.use(model, gqa) as packed:
         prefill = _make_step(model, sample, False, options.backend, False, device)  # eager: prompts vary
         tokens.take(0, prefill(input_ids, positions, torch.arange(prompt, device=device), full_mask, cache))
         t1 = t2 = now()
@@ -374,6 +394,7 @@ def generate(
         out = tokens.result(max_new_tokens)
         t3 = now()
     dec.stats = dict(cache_len=length, new_cache=dec.allocations > before, compiled=compile)
+    dec.stats.update(fused=fused, packed_gqa=packed)
     dec.stats.update(new_tokens=out.shape[1] - prompt)
     if options.timed:  # decode_s times the steps after the first (which may compile)
         dec.stats.update(prefill_s=t1 - t0, first_step_s=t2 - t1, decode_s=t3 - t2, steps=max(0, ran - 1))

@@ -116,6 +116,15 @@ def layer_for(qweight, scales, qzeros, bias, *, bits, in_features, group_size):
     return entry[1]
 
 
+def forget(*tensors) -> None:
+    """Drop the converted layers built from any of ``tensors`` (buffers replaced or freed: e.g. the
+    members of a fused sibling group, rsq/generation/fusion.py), so their copies are freed."""
+    ids = {id(t) for t in tensors if t is not None}
+    with _LOCK:
+        for key in [k for k, (bufs, _) in _LAYERS.items() if any(id(b) in ids for b in bufs if b is not None)]:
+            del _LAYERS[key]
+
+
 def clear_cache() -> None:
     """Forget every converted layer (their memory is freed with them)."""
     _LAYERS.clear()

@@ -32,6 +32,8 @@ class QuantizedLinear(nn.Module):
     ``dense_cache`` turns on the dense mode (the module docstring)."""
 
     format_name: ClassVar[str]
+    # (rsq.generation.fusion.SiblingGroup, index) while fused with its siblings into one GEMM
+    sibling: tuple | None = None
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int):
         super().__init__()
@@ -56,6 +58,9 @@ class QuantizedLinear(nn.Module):
             return self.dequantize_weight(torch.float32).to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sibling = self.sibling
+        if sibling is not None and sibling[0].active:  # its slice of the group's one product
+            return sibling[0].output(sibling[1], x)
         if self.dense_cache and self.backend is None and not (x.is_cuda and has_triton()):
             return self._dense_forward(x)
         return dispatch(x, self, self.backend)
