@@ -58,7 +58,7 @@ class Decoder:
     cache: object | None = None
     key: tuple | None = None  # (batch, cache_len, dtype, device) of ``cache``
     step: Callable | None = None
-    step_key: tuple | None = None  # (compile, backend, fullgraph, sample)
+    step_key: tuple | None = None  # (compile, backend, fullgraph, sample, cuda_graphs)
     allocations: int = 0  # caches allocated so far
     graph_breaks: bool = False  # the step did not compile as one graph: compiled with breaks
     stats: dict | None = None  # the last call's: cache_len, new_cache, compiled, new_tokens (+ timings)
@@ -104,7 +104,9 @@ def _cache_for(dec: Decoder, model: nn.Module, batch: int, needed: int, multiple
     return dec.cache, length
 
 
-def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, fullgraph: bool, device) -> Callable:
+def _make_step(
+    model: nn.Module, sample: bool, compile: bool, backend: str, fullgraph: bool, device, cuda_graphs: bool = True
+) -> Callable:
     cache_name, wants_cache_position = _forward_names(model)
 
     def step(tokens, position_ids, cache_position, attention_mask, cache):
@@ -130,7 +132,7 @@ def _make_step(model: nn.Module, sample: bool, compile: bool, backend: str, full
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(_dynamo.config, name):
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
-    mode = "reduce-overhead" if _graphs(True, backend, device) else None
+    mode = "reduce-overhead" if _graphs(True, backend, device, cuda_graphs) else None
     return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
 
 
@@ -146,9 +148,9 @@ def _fusion(model: nn.Module, device: torch.device, fuse: bool | None) -> int:
     return sum(g.active for g in fusion.groups(model))
 
 
-def _graphs(compile: bool, backend: str, device) -> bool:
+def _graphs(compile: bool, backend: str, device, cuda_graphs: bool = True) -> bool:
     """Whether the compiled step replays as CUDA graphs (inductor's mode="reduce-overhead" on CUDA)."""
-    return compile and backend == "inductor" and torch.device(device).type == "cuda"
+    return cuda_graphs and compile and backend == "inductor" and torch.device(device).type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,9 @@ class LoopOptions:
     device synchronisations per call). ``fuse``: compute q/k/v and gate/up of a quantized model as
     one GEMM each (:func:`rsq.generation.fusion.fuse_siblings`, in place; None = on CUDA; False
     undoes a fusion). ``packed_gqa``: decode attention over the unrepeated K/V heads of a GQA model
-    (:mod:`rsq.generation.attention`, for the call only; None = on CUDA)."""
+    (:mod:`rsq.generation.attention`, for the call only; None = on CUDA). ``cuda_graphs``: False
+    compiles the step on CUDA without CUDA graphs (plain inductor: every kernel launched from the
+    host; for profiling and debugging, slower)."""
 
     compile: bool | None = None
     fuse: bool | None = None
@@ -182,6 +186,7 @@ class LoopOptions:
     eos_every: int = EOS_EVERY
     cache_multiple: int = CACHE_MULTIPLE
     timed: bool = False
+    cuda_graphs: bool = True
 
 
 def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
@@ -314,7 +319,7 @@ def _first_step(dec: Decoder, model: nn.Module, args: tuple, device) -> torch.Te
     """The call's first step, which compiles the step when it is new: a model whose forward does
     not trace as one graph (fullgraph) is compiled again with graph breaks allowed, once, with a
     warning (tracing fails before anything runs, so the cache is untouched)."""
-    compile, backend, fullgraph, sample = dec.step_key
+    compile, backend, fullgraph, sample, cuda_graphs = dec.step_key
     if not (compile and fullgraph) or dec.graph_breaks:
         return dec.step(*args)
     from torch._dynamo.exc import Unsupported
@@ -324,7 +329,8 @@ def _first_step(dec: Decoder, model: nn.Module, args: tuple, device) -> torch.Te
     except Unsupported as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"the decode step does not compile as one graph ({first}); compiling it with graph breaks")
-        dec.step, dec.graph_breaks = _make_step(model, sample, compile, backend, False, device), True
+        dec.step = _make_step(model, sample, compile, backend, False, device, cuda_graphs)
+        dec.graph_breaks = True
         return dec.step(*args)
 
 
@@ -363,9 +369,9 @@ def generate(
     dtype = getattr(model, "dtype", next(model.parameters()).dtype)
     cache, length = _cache_for(dec, model, batch, prompt + max_new_tokens, options.cache_multiple, device, dtype)
     sample = sampling.temperature > 0
-    step_key = (compile, options.backend, options.fullgraph, sample)
+    step_key = (compile, options.backend, options.fullgraph, sample, options.cuda_graphs)
     if dec.step is None or dec.step_key != step_key:
-        dec.step = _make_step(model, sample, compile, options.backend, options.fullgraph, device)
+        dec.step = _make_step(model, sample, compile, options.backend, options.fullgraph, device, options.cuda_graphs)
         dec.step_key = step_key
     positions, full_mask = _positions(mask, batch, prompt, length, device)
     tokens = _Tokens(input_ids, max_new_tokens, eos, _pad_id(model, pad_token_id, eos), sampling)
@@ -378,7 +384,7 @@ def generate(
         t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
-        ran, graphs = 0, _graphs(compile, options.backend, device)
+        ran, graphs = 0, _graphs(compile, options.backend, device, options.cuda_graphs)
         for t in range(1, max_new_tokens):
             if t % options.eos_every == 0 and tokens.ended_before(t):
                 break

@@ -323,3 +323,4 @@ def test_cuda_graphs_only_for_inductor_on_cuda():
     assert _graphs(True, "inductor", "cuda:0")
     assert not _graphs(True, "aot_eager", "cuda")  # other backends take no mode
     assert not _graphs(True, "inductor", "cpu") and not _graphs(False, "inductor", "cuda")
+    assert not _graphs(True, "inductor", "cuda", cuda_graphs=False)  # LoopOptions(cuda_graphs=False)
