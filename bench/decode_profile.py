@@ -42,10 +42,12 @@ any unquantized linear), attention (SDPA/flash/cuDNN/efficient kernels and the K
 into their inputs), norms (rsqrt reductions), RoPE + KV-cache writes, other elementwise (SiLU x mul,
 residual adds, casts, copies), Hadamard (online rotations), sampling/argmax, other.
 
-On the CPU (``--device cpu``, for CI: tools/tests run it on a tiny model) the "kernels" are the
-profiler's leaf operators, each in the category of its outermost classified ancestor (an aten::mm
-inside rsq::quant_linear is quantized GEMM); the wall time comes from perf_counter; the figures
-are not meaningful speeds.
+On the CPU (``--device cpu``; tests/unit/test_decode_profile.py runs the same path on a tiny model)
+the "kernels" are the profiler's operators, each with its self time, in the category of its
+outermost classified ancestor; the eager forwards of rsq's quantized linears and online rotations
+run inside profiler ranges named like their custom ops (rsq::quant_linear, rsq::hadamard), so an
+aten::mm inside a quantized linear is quantized GEMM. The wall time comes from perf_counter. CPU
+figures are a check of the code path, not speeds.
 """
 
 from __future__ import annotations
@@ -337,14 +339,56 @@ def _timed_call(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _profile(fn, device: str) -> list[Kernel]:
+class _CpuLabels:
+    """On the CPU (eager): each quantized linear's and online rotation's forward inside a profiler
+    range named like its custom op (``rsq::quant_linear``, ``rsq::hadamard``: what a compiled
+    graph calls), so that their operators are classified by what they compute. Forward hooks,
+    removed on exit."""
+
+    def __init__(self, model):
+        from rsq.rotation.online import OnlineRotationModule
+
+        self.handles, self.open = [], []
+        for m in model.modules():
+            label = None
+            if isinstance(m, OnlineRotationModule):
+                label = "rsq::hadamard"
+            elif hasattr(m, "format_name") and hasattr(m, "kernel_inputs"):
+                label = "rsq::quant_linear"
+            if label:
+                self.handles.append(m.register_forward_pre_hook(lambda mod, args, label=label: self._enter(label)))
+                self.handles.append(m.register_forward_hook(lambda mod, args, out: self._exit()))
+
+    def _enter(self, label):
+        rf = torch.autograd.profiler.record_function(label)
+        rf.__enter__()
+        self.open.append(rf)
+
+    def _exit(self):
+        self.open.pop().__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        while self.open:
+            self._exit()
+
+
+def _profile(fn, device: str, model=None) -> list[Kernel]:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
     _sync(device)
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        fn()
-        _sync(device)
+    if cuda or model is None:
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            fn()
+            _sync(device)
+    else:
+        with _CpuLabels(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
     return kernels_of(prof.events(), device)
 
 
@@ -390,7 +434,7 @@ def profile_step(
         walls = {
             n: statistics.median(_timed_call(lambda n=n: call(n), device) for _ in range(reps)) for n in (short, long)
         }
-        prof = {n: _profile(lambda n=n: call(n), device) for n in (short, long)}
+        prof = {n: _profile(lambda n=n: call(n), device, model) for n in (short, long)}
         return first, walls, prof
 
     graph_mode = graphs != "off" and cuda
