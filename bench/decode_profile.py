@@ -475,7 +475,9 @@ def profile_step(
         r["note"] = note
         if graphs == "auto" and not graph_mode:
             r["wall_us_with_graphs"] = (first_graph_wall[long] - first_graph_wall[short]) / steps * 1e6
-    folded = fold(prof[long], round(count), steps) if r["kernel_count_integral"] and count >= 1 else None
+    # fold checks the names repeat with this period; a count that is not whole (a kernel that does
+    # not run every step) usually leaves no such window, and then there is no per-layer split
+    folded = fold(prof[long], round(count), steps) if count >= 1 else None
     r["breakdown"] = step_breakdown(folded, layers) if folded else None
     return r
 
@@ -529,6 +531,35 @@ def table(label: str, r: dict) -> str:
         lines.append("(the long call's kernels did not fold into identical steps: no per-layer split)")
     if r.get("note"):
         lines.append("NOTE: " + r["note"])
+    return "\n".join(lines)
+
+
+def summary(cells: list[dict]) -> str:
+    """One row per (model, batch): microseconds per step by category, the kernel sum, the wall
+    time, the gap, and the kernels per step / per layer."""
+    short = {
+        "quantized_gemm": "qGEMM",
+        "bf16_gemm": "bf16 GEMM",
+        "attention": "attn",
+        "norm": "norms",
+        "rope_kv": "RoPE+KV",
+        "elementwise": "elemwise",
+        "hadamard": "Hadamard",
+        "sampling": "argmax",
+        "other": "other",
+    }
+    head = "| model | batch | " + " | ".join(short[c] for c in CATEGORIES) + " | kernels | wall | gap | "
+    head += "kernels/step | kernels/layer |"
+    title = "us per decode step (kernel time by category; wall: CUDA events, CPU: perf_counter; gap = wall - kernels)"
+    lines = ["\n" + title, head]
+    lines.append("|---|---|" + "---|" * (len(CATEGORIES) + 5))
+    for r in cells:
+        lay = (r.get("breakdown") or {}).get("layers")
+        cells_ = " | ".join(f"{r['categories'][c]['us']:.0f}" for c in CATEGORIES)
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {cells_} | {r['kernel_us']:.0f} | {r['wall_us']:.0f} | "
+            f"{r['gap_us']:.0f} | {r['kernels']:.1f} | {lay['kernels_per_layer'] if lay else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -610,6 +641,7 @@ def main() -> int:
             record["cells"].append(r)
             print(table(f"{gpu}: {name}", r), flush=True)
             save()
+    print(summary(record["cells"]))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 
