@@ -12,8 +12,11 @@ first calls' compilation).
 What is measured, per (model, batch):
 1. Warm-up: ``rsq.generation.generate`` (rsq's loop with its CUDA defaults: static cache, fused
    q/k/v + gate/up, packed-GQA decode attention, the step compiled with mode="reduce-overhead", so
-   CUDA graphs) is called once (the first call: compilation, CUDA-graph capture, humming's JIT;
-   reported as ``first_call_s``) and once more per length.
+   CUDA graphs) is called once (the first call: compilation, CUDA-graph capture, humming's layer
+   conversion and JIT; reported as ``first_call_s``, split into the eager prefill (where humming
+   converts and JIT-compiles the layers it runs at M > 1) and the first decode step (dynamo +
+   inductor + Triton JIT + capture), next to the same call's split once warm) and once more per
+   length.
 2. Wall time: calls of ``--short`` and ``--short + --steps`` new tokens (the same prompt, the same
    static cache length, so the same compiled step and graph), each timed with CUDA events around the
    call (on the CPU: perf_counter), median of ``--reps``; per step = (long - short) / steps. The
@@ -59,7 +62,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -392,6 +395,15 @@ def _profile(fn, device: str, model=None) -> list[Kernel]:
     return kernels_of(prof.events(), device)
 
 
+def _humming_layers() -> int:
+    """Quantized layers converted for humming so far in this process (0 without humming)."""
+    try:
+        from rsq.kernels import humming_backend
+    except ImportError:
+        return 0
+    return len(humming_backend._LAYERS)
+
+
 def profile_step(
     model,
     batch: int,
@@ -420,17 +432,24 @@ def profile_step(
     cuda = torch.device(device).type == "cuda"
 
     def run(options):
-        def call(n):
+        def call(n, opts=options):
             with torch.no_grad():
-                return generate(model, ids, n, eos_token_id=(), options=options)
+                return generate(model, ids, n, eos_token_id=(), options=opts)
 
+        def split() -> dict:  # the loop's own timings of the call just made (timed=True)
+            st = decoder(model).stats
+            return {"prefill_s": st["prefill_s"], "first_step_s": st["first_step_s"], "decode_s": st["decode_s"]}
+
+        built = _humming_layers()
         t0 = time.perf_counter()
-        out = call(long)
+        out = call(long, replace(options, timed=True))
         _sync(device)
-        first = time.perf_counter() - t0
+        first = {"total_s": time.perf_counter() - t0, **split()}
+        first["humming_layers_built"] = _humming_layers() - built
         assert out.shape == (batch, prompt + long), out.shape
         call(short)  # warm: both lengths (same cache, same compiled step)
-        call(long)
+        call(long, replace(options, timed=True))
+        first["warm"] = split()  # the same call once compiled: what the first call's extra went to
         walls = {
             n: statistics.median(_timed_call(lambda n=n: call(n), device) for _ in range(reps)) for n in (short, long)
         }
@@ -462,7 +481,8 @@ def profile_step(
         "layers": layers,
         "steps": steps,
         "cuda_graphs": graph_mode,
-        "first_call_s": first,
+        "first_call_s": first["total_s"],
+        "first_call": first,
         "wall_us": wall_us,
         "kernel_us": kernel_us,
         "gap_us": wall_us - kernel_us,
@@ -486,8 +506,14 @@ def table(label: str, r: dict) -> str:
     """The printed table of one :func:`profile_step` result."""
     lay = (r.get("breakdown") or {}).get("layers")
     head = f"\n{label}, batch {r['batch']}: {r['steps']} decode steps"
-    head += f" ({'CUDA graphs' if r['cuda_graphs'] else 'no CUDA graphs'}; first call {r['first_call_s']:.1f} s)"
-    lines = [head]
+    head += f" ({'CUDA graphs' if r['cuda_graphs'] else 'no CUDA graphs'})"
+    f = r["first_call"]
+    lines = [
+        head,
+        f"first call {f['total_s']:.1f} s: prefill {f['prefill_s']:.2f} s (warm {f['warm']['prefill_s']:.2f}), "
+        f"first step {f['first_step_s']:.2f} s (warm {f['warm']['first_step_s'] * 1e3:.1f} ms), "
+        f"humming layers built {f['humming_layers_built']}",
+    ]
     cols = "| category | us/step | kernels/step |"
     if lay:
         cols += f" us/layer (x{r['layers']}) | kernels/layer | us outside: before | after (head) |"
