@@ -113,6 +113,10 @@ def loop_summary(stats: dict) -> str | None:
         return None
     rate = stats["steps"] / stats["decode_s"]
     first = f"prefill + first token {stats['prefill_s']:.2f} s, first decode step {stats['first_step_s']:.1f} s"
+    if stats.get("compiled") and stats.get("new_cache"):
+        # a process's first call: the prefill converts and JIT-compiles the quantized layers' GEMMs
+        # (humming on a GPU), the first step compiles the step and captures its CUDA graph
+        first += " (one-time: kernel JIT + layer conversion in the prefill, compilation + graph capture in the step)"
     return f"{first}, then {rate:.1f} tokens/s"
 
 

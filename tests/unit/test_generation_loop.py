@@ -271,6 +271,9 @@ def test_loop_summary_words():
     assert loop_summary({}) is None
     text = loop_summary(dict(prefill_s=0.5, first_step_s=10.0, decode_s=1.0, steps=100))
     assert text == "prefill + first token 0.50 s, first decode step 10.0 s, then 100.0 tokens/s"
+    cold = loop_summary(dict(prefill_s=40.0, first_step_s=35.0, decode_s=1.0, steps=100, compiled=True, new_cache=True))
+    assert cold.startswith("prefill + first token 40.00 s, first decode step 35.0 s (one-time: ")
+    assert cold.endswith("), then 100.0 tokens/s")
 
 
 def _is_greedy(model, out: torch.Tensor, prompt: int) -> None:
