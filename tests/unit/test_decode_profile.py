@@ -272,3 +272,15 @@ def test_profile_step_on_cpu_rsq_checkpoint(dp, one_thread, tmp_path):
     lay = _check_cell(dp, r, 2)
     assert [n for n, _ in lay["layer_kernels"]].count("rsq::quant_linear") == 7
     assert "quantized_gemm" not in lay["after"] and "bf16_gemm" in lay["after"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profile_step_on_cuda_sees_the_kernels_inside_the_graphs(dp):
+    """The default GPU path (CUDA graphs on): the profiler records the replays' kernels (no
+    fallback note), the step folds and splits into layers, the argmax comes after them."""
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    r = dp.profile_step(model, 2, prompt=8, short=4, steps=8, reps=3, device="cuda", graphs="on")
+    assert r["cuda_graphs"] and "note" not in r
+    assert r["kernels"] >= 5 * 2  # a decoder layer is more than five kernels
+    _check_cell(dp, r, 2)

@@ -320,6 +320,19 @@ def test_cuda_default_compiles_the_step_into_cuda_graphs(model, rsq_model, ids, 
         assert (ended[r, PROMPT + e + 1 :] == 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_without_graphs(model, ids):
+    """LoopOptions(cuda_graphs=False): the step compiled by inductor, launched without CUDA graphs
+    (what bench/decode_profile.py falls back to): greedy tokens, a step of its own."""
+    import copy
+
+    m = copy.deepcopy(model).cuda()
+    out = generate(m, ids.cuda(), 24, eos_token_id=(), options=LoopOptions(cuda_graphs=False))
+    assert decoder(m).stats["compiled"] and decoder(m).step_key[-1] is False
+    _is_greedy(m, out, PROMPT)
+
+
 def test_cuda_graphs_only_for_inductor_on_cuda():
     from rsq.generation.loop import _graphs
 
