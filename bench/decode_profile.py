@@ -395,6 +395,20 @@ def _profile(fn, device: str, model=None) -> list[Kernel]:
     return kernels_of(prof.events(), device)
 
 
+def check_lengths(prompt: int, short: int, steps: int) -> str | None:
+    """What is wrong with these lengths for :func:`profile_step`, or None."""
+    from rsq.generation import cache_length
+
+    if prompt < 1 or short < 2 or steps < 1:
+        return "--prompt >= 1, --short >= 2 (the short call must run the compiled step) and --steps >= 1"
+    if cache_length(prompt + short) != cache_length(prompt + short + steps):
+        return (
+            f"--prompt {prompt} + --short {short} and + {short + steps} new tokens give different static cache "
+            "lengths: lower --steps or --prompt so that both calls share one cache and one compiled step"
+        )
+    return None
+
+
 def _humming_layers() -> int:
     """Quantized layers converted for humming so far in this process (0 without humming)."""
     try:
@@ -418,14 +432,12 @@ def profile_step(
     seed: int = 0,
 ) -> dict:
     """The breakdown of one model's decode step at ``batch`` (the module docstring, steps 1-5)."""
-    from rsq.generation import LoopOptions, cache_length, decoder, generate
+    from rsq.generation import LoopOptions, decoder, generate
 
+    problem = check_lengths(prompt, short, steps)
+    if problem:
+        raise ValueError(problem)
     long = short + steps
-    if cache_length(prompt + short) != cache_length(prompt + long):
-        raise SystemExit(
-            f"--prompt {prompt} + --short {short} and + {long} give different static cache lengths: "
-            "shorten --steps or --prompt so that both calls share one compiled step"
-        )
     layers = layers or model.config.num_hidden_layers
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, min(20000, model.config.vocab_size), (batch, prompt), generator=gen).to(device)
@@ -469,7 +481,7 @@ def profile_step(
         if graphs == "auto":
             note += "; profiled again with the same compiled step without CUDA graphs (cuda_graphs=False)"
             graph_mode = False
-            first_graph_wall = walls
+            first_graph_wall, first_graph_call = walls, first
             first, walls, prof = run(LoopOptions(cuda_graphs=False))
             cats = per_step(prof[short], prof[long], steps)
             count = sum(v["count"] for v in cats.values())
@@ -495,6 +507,7 @@ def profile_step(
         r["note"] = note
         if graphs == "auto" and not graph_mode:
             r["wall_us_with_graphs"] = (first_graph_wall[long] - first_graph_wall[short]) / steps * 1e6
+            r["first_call_with_graphs"] = first_graph_call
     # fold checks the names repeat with this period; a count that is not whole (a kernel that does
     # not run every step) usually leaves no such window, and then there is no per-layer split
     folded = fold(prof[long], round(count), steps) if count >= 1 else None
@@ -627,7 +640,18 @@ def main() -> int:
         ap.error("--device cuda: no CUDA device here; pass --device cpu (a CPU check, not figures)")
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     formats = [f for f in args.formats.split(",") if f]
-    batches = [int(b) for b in args.batches.split(",") if b]
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        ap.error(f"--batches: a comma list of positive integers, got {args.batches!r}")
+    if not batches or min(batches) < 1:
+        ap.error(f"--batches: a comma list of positive integers, got {args.batches!r}")
+    problem = check_lengths(args.prompt, args.short, args.steps)
+    if problem:
+        ap.error(problem)
+    unknown = [f for f in formats if f not in ("2", "3", "4", "8", "e8p")]
+    if unknown:
+        ap.error(f"--formats: 2, 3, 4, 8 (uniform) or e8p, got {', '.join(unknown)}")
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "cells": []}
 
     def save():

@@ -223,6 +223,23 @@ def test_per_step_is_the_difference_over_steps(dp):
     assert ps["attention"] == {"us": 0.0, "count": 0.0}
 
 
+def test_lengths_are_checked(dp):
+    assert dp.check_lengths(32, 8, 32) is None  # 40 and 72 tokens: one 256-position cache
+    assert "--short >= 2" in dp.check_lengths(32, 1, 32)  # a short call with no compiled step
+    assert "different static cache lengths" in dp.check_lengths(200, 8, 64)  # 208 -> 256, 272 -> 512
+
+
+def test_bad_arguments_exit_2_before_building(tmp_path):
+    import subprocess
+
+    for bad in (["--short", "1"], ["--formats", "5"]):
+        cmd = [sys.executable, str(ROOT / "bench" / "decode_profile.py"), "--device", "cpu", "--work", str(tmp_path)]
+        p = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (bad, p.stderr[-500:])
+        assert "error: --" in p.stderr.strip().splitlines()[-1]  # one line naming the argument
+        assert not any(tmp_path.iterdir())  # nothing written
+
+
 @pytest.fixture
 def one_thread():
     n = torch.get_num_threads()
