@@ -43,7 +43,9 @@ Categories (:func:`classify`, a pure function of the kernel name; on the CPU of 
 quantized GEMM (humming, rsq's Triton GEMV/GEMM), bf16 GEMM (cuBLAS/nvjet/cutlass: the lm_head and
 any unquantized linear), attention (SDPA/flash/cuDNN/efficient kernels and the K/V copies fused
 into their inputs), norms (rsqrt reductions), RoPE + KV-cache writes, other elementwise (SiLU x mul,
-residual adds, casts, copies), Hadamard (online rotations), sampling/argmax, other.
+residual adds, casts, copies), Hadamard (online rotations: rsq's Triton Kronecker kernel; the
+"block" and random kinds run as torch matmuls inside rsq::hadamard and show on a GPU as bf16 GEMM,
+kernel names carry no caller), sampling/argmax, other.
 
 On the CPU (``--device cpu``; tests/unit/test_decode_profile.py runs the same path on a tiny model)
 the "kernels" are the profiler's operators, each with its self time, in the category of its
@@ -559,6 +561,7 @@ def table(label: str, r: dict) -> str:
                 f"{lay['per_layer_idle_us']:.2f} us per layer; before: {len(lay['before_kernels'])} kernels, "
                 f"after: {len(lay['after_kernels'])}"
             )
+            lines.append("  one layer (us): " + "; ".join(f"{n[:60]} {u}" for n, u in lay["layer_kernels"]))
             lines.append("  after the layers: " + "; ".join(f"{n[:60]} {u}" for n, u in lay["after_kernels"]))
         lines.append(
             "largest gaps: "
