@@ -408,11 +408,19 @@ def _loss_outliers(cfg: RSQConfig, state: RunState, prefix: str) -> tuple[list[d
     online = cfg.rotation.online if cfg.rotation.enabled else None
     rel = bool(state.layers) and all(getattr(r, "rel_losses", None) for r in state.layers)
     ratio = REL_RATIO if rel else RAW_RATIO
-    outliers = find_loss_outliers(((r.index, r.rel_losses if rel else r.losses) for r in state.layers), ratio)
+    outliers = find_loss_outliers(
+        ((r.index, _quantized(r, r.rel_losses if rel else r.losses)) for r in state.layers), ratio
+    )
     if outliers:
         log.warning(outlier_line(outliers, prefix, cfg.method, online, ratio))
     entries = [{**e, "module": f"{prefix}.{e['layer']}.{e['name']}"} for e in outliers]
     return entries, {"values": "relative" if rel else "raw", "ratio": ratio}
+
+
+def _quantized(report, values: dict) -> dict:
+    """``values`` without the linears the layer kept unquantized (a zero loss is no peer's loss)."""
+    sites = getattr(report, "sites", None) or {}
+    return {k: v for k, v in values.items() if not sites.get(k, {}).get("kept")}
 
 
 def _kept_float(cfg: RSQConfig, state: RunState, prefix: str) -> list[dict]:
