@@ -434,7 +434,7 @@ def _kept_float(cfg: RSQConfig, state: RunState, prefix: str) -> list[dict]:
     ]
     if kept:
         ratio = cfg.importance.outlier_ratio
-        log.info(
+        log.warning(
             "kept in %s (not quantized), input channel peak over %gx the median channel's: %s",
             cfg.dtype,
             ratio,
