@@ -1,7 +1,7 @@
 """The cost of serveable rotations: gptq / quarot / rsq under each --online-rotations setting, and what exports.
 
     python3 bench/online_settings.py --out DIR [--model M] [--device cuda] [--jobs 8] [--seeds 0,1,2] [--bits 2,3,4]
-        [--rsq-variant "--unrotated-weights uniform"]
+        [--rsq-variant "--unrotated-weights uniform"] [--variant-methods rsq,quarot]
 
 Every cell is the command a user runs, `python3 -m rsq quantize MODEL --method M --bits B --seed S
 --online-rotations O --out DIR/cells/<name>` (the reference protocol of ../shared/reference-figures.md:
@@ -14,6 +14,8 @@ a non-rsq directory with AutoModelForCausalLM). A refused export records its one
 
 --rsq-variant FLAGS adds a third method row, ``rsqv``: rsq with FLAGS appended in every setting (e.g.
 ``--unrotated-weights uniform`` or ``--importance-cap 10``, issue 33), judged like rsq (rsqv < quarot < gptq).
+``--variant-methods rsq,quarot`` adds the same FLAGS to quarot too (row ``quarotv``, e.g. for
+``--unrotated-outliers keep-float``); rsqv is then judged against quarotv (rsqv < quarotv < gptq).
 
 Writes DIR/online_settings.json and prints a markdown table: mean ± std over seeds per (bits, method,
 setting), the cost of `export` / `none` against `exact`, whether rsq < quarot < gptq holds, and the
@@ -42,7 +44,9 @@ def rsq(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rsq", *args], capture_output=True, text=True, env=env)
 
 
-def cells(bits: list[int], seeds: list[int], variant: list[str] | None = None) -> list[tuple[str, list[str]]]:
+def cells(
+    bits: list[int], seeds: list[int], variant: list[str] | None = None, variant_methods: tuple[str, ...] = ("rsq",)
+) -> list[tuple[str, list[str]]]:
     out = []
     for b in bits:
         for s in seeds:
@@ -51,8 +55,8 @@ def cells(bits: list[int], seeds: list[int], variant: list[str] | None = None) -
                 for o in SETTINGS:
                     flags = ["--method", m, "--bits", str(b), "--seed", str(s), "--online-rotations", o]
                     out.append((f"{m}-{o}-b{b}-s{s}", flags))
-                    if m == "rsq" and variant:
-                        out.append((f"rsqv-{o}-b{b}-s{s}", flags + variant))
+                    if m in variant_methods and variant:
+                        out.append((f"{m}v-{o}-b{b}-s{s}", flags + variant))
     return out
 
 
@@ -116,7 +120,7 @@ def summarize(results: list[dict], exports: list[dict], bits: list[int], variant
     for b in bits:
         g = by.get(f"gptq-b{b}", [])
         lines.append(f"| {b} | gptq | {mean_std(g)} | (no rotation) | | |")
-        for m in ("quarot", "rsq", "rsqv"):
+        for m in ("quarot", "quarotv", "rsq", "rsqv"):
             vals = {o: by.get(f"{m}-{o}-b{b}", []) for o in SETTINGS}
             if not any(vals.values()):
                 continue
@@ -125,18 +129,20 @@ def summarize(results: list[dict], exports: list[dict], bits: list[int], variant
                 if vals[o] and vals["exact"]:
                     cost.append(f"{statistics.mean(vals[o]) / statistics.mean(vals['exact']) - 1:+.1%}")
             cells_ = " | ".join(mean_std(vals[o]) for o in SETTINGS)
-            name = f"rsq {variant}" if m == "rsqv" else m
+            name = f"{m[:-1]} {variant}" if m.endswith("v") else m
             lines.append(f"| {b} | {name} | {cells_} | {' / '.join(cost)} |")
         for o in SETTINGS:
             for m in ("rsq", "rsqv"):
-                r, q = by.get(f"{m}-{o}-b{b}"), by.get(f"quarot-{o}-b{b}")
+                against = "quarotv" if m == "rsqv" and by.get(f"quarotv-{o}-b{b}") else "quarot"
+                r, q = by.get(f"{m}-{o}-b{b}"), by.get(f"{against}-{o}-b{b}")
                 if r and q and g:
                     order = statistics.mean(r) < statistics.mean(q) < statistics.mean(g)
                     per_seed = sum(a < c for a, c in zip(r, q))
                     who = f"rsq {variant}" if m == "rsqv" else "rsq"
+                    them = f"quarot {variant}" if against == "quarotv" else "quarot"
                     lines.append(
-                        f"|  | {b}-bit `{o}`: {who} < quarot < gptq (means) {'holds' if order else 'FAILS'}; "
-                        f"{who} < quarot in {per_seed}/{len(r)} seeds | | | | |"
+                        f"|  | {b}-bit `{o}`: {who} < {them} < gptq (means) {'holds' if order else 'FAILS'}; "
+                        f"{who} < {them} in {per_seed}/{len(r)} seeds | | | | |"
                     )
     lines += ["", "| cell (seed 0) | rsq ppl | rsq weights | compressed-tensors | gptq |", "|---|---|---|---|---|"]
     for e in exports:
@@ -167,6 +173,7 @@ def main() -> int:
     ap.add_argument(
         "--rsq-variant", default="", help='extra rsq flags for a third row, e.g. "--unrotated-weights uniform"'
     )
+    ap.add_argument("--variant-methods", default="rsq", help="methods that get --rsq-variant's flags: rsq[,quarot]")
     ap.add_argument("--only", default=None, help="run only the cells whose name matches this regex (e.g. a CPU subset)")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
@@ -174,7 +181,8 @@ def main() -> int:
     model = [args.model] if args.model else []
     t0 = time.time()
     variant = args.rsq_variant.split()
-    todo = [c for c in cells(bits, seeds, variant) if not args.only or re.search(args.only, c[0])]
+    methods = tuple(args.variant_methods.split(","))
+    todo = [c for c in cells(bits, seeds, variant, methods) if not args.only or re.search(args.only, c[0])]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda c: run_cell(model, args.device, args.out, *c), todo))
     t_cells = time.time() - t0

@@ -32,6 +32,8 @@ DTYPES = tuple(TORCH_DTYPES)
 KERNELS = ("auto", "reference")
 ONLINE_SETTINGS = ("exact", "export", "none")
 UNROTATED_WEIGHTS = ("weighted", "uniform")  # token weights of a down_proj whose input is not rotated
+# what happens to a down_proj whose input is not rotated and carries a massive activation (issue 33)
+UNROTATED_OUTLIERS = ("off", "keep-float")
 # the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
 EVAL_SEQLEN = 512  # tokens per perplexity window
 EVAL_WINDOWS = 40  # at most this many windows (0 = all)
@@ -164,10 +166,24 @@ class ImportanceConfig:
     # none, a width without a Hadamard, no rotation), "weighted" keeps the strategy's weights there.
     cap: float = 0.0
     unrotated: str = "weighted"
+    # massive activations at an unrotated site (issue 33, rsq/importance/sites.py): "keep-float" leaves
+    # a down_proj that no online rotation reaches unquantized (model dtype, listed in results.json)
+    # when its input's channel_peak (max over channels of max_t |x_tj|, over the median channel's)
+    # exceeds outlier_ratio; "off" quantizes every linear
+    unrotated_outliers: str = "off"
+    outlier_ratio: float = 50.0
 
     def __post_init__(self) -> None:
         if self.cap != 0 and not self.cap >= 1:
             raise ConfigError(f"--importance-cap {self.cap} must be 0 (off) or >= 1 (a multiple of the median weight)")
+        if self.unrotated_outliers not in UNROTATED_OUTLIERS:
+            raise ConfigError(
+                f"unknown --unrotated-outliers {self.unrotated_outliers!r}: use {' or '.join(UNROTATED_OUTLIERS)}"
+            )
+        if not self.outlier_ratio > 1:
+            raise ConfigError(
+                f"--outlier-ratio {self.outlier_ratio} must be > 1 (a multiple of the median channel peak)"
+            )
         if self.unrotated not in UNROTATED_WEIGHTS:
             raise ConfigError(f"unknown --unrotated-weights {self.unrotated!r}: use {' or '.join(UNROTATED_WEIGHTS)}")
         if not 0 <= self.r_min <= self.r_max:

@@ -21,8 +21,10 @@ linear (same name) in the other layers. Why this rule:
   have huge outputs. Pilot (bench/NOTES-importance.md, SmolLM2 rsq 3-bit, 2 x 128 calibration):
   healthy `export` has raw ratios up to 6.6e3x but relative ratios <= 1.4x (down_proj) and <= 3.0x
   (any linear); `none` has one down_proj at 16x relative (3.7e4x raw). Both thresholds come from
-  this one pilot and must be re-checked on the GPU grid (and on the issue's Qwen2 case, where the
-  energy normaliser may hide part of the failure: the broken down_proj's output carries the sink);
+  this one pilot and must be re-checked on the GPU grid. On the issue's Qwen2 case (session 12,
+  Qwen2.5-Coder-1.5B, rsq 3-bit ``none``, 8 x 256 calibration) the relative rule flags exactly the
+  broken down_projs: layers 1, 2 and 26 at 52x, 34x and 173x (relative losses 0.14, 0.095, 0.48
+  against a median of 0.0028), the next highest being layer 3 at 6.8x;
 - at least ``min_peers`` other layers: with fewer (toy models) there is no reference, no verdict.
 
 """
@@ -71,7 +73,8 @@ def advice(method: str, online: str | None) -> str:
     if online == "none":
         return (
             "rotate those inputs online: --online-rotations export (exported as a compressed-tensors "
-            "transform) or exact"
+            "transform) or exact, or keep the down_proj whose input has a massive channel unquantized: "
+            "--unrotated-outliers keep-float (exported to compressed-tensors)"
         )
     if online == "export":
         return "use --online-rotations exact (the full Hadamard on the down_proj input)"

@@ -75,6 +75,22 @@ def convert_linear_gptq(prefix: str, tensors: dict[str, torch.Tensor], in_featur
     return out
 
 
+def check_all_quantized(qc: dict, linears: dict[str, int]) -> None:
+    """ExportError unless every linear of a decoder block is quantized: the GPTQ config quantizes
+    every linear of every block, so a linear kept in float there (``--unrotated-outliers
+    keep-float``, issue 33) has no place in this layout; compressed-tensors lists it as ignored."""
+    blocks = {m.rsplit(".", 2)[0] for m in qc["modules"]}
+    quantized = set(qc["modules"])
+    kept = sorted(n for n in linears if n not in quantized and n.rsplit(".", 2)[0] in blocks)
+    if kept:
+        more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        raise ExportError(
+            f"{kept[0]}{more} is kept unquantized (--unrotated-outliers keep-float), which the GPTQ layout cannot "
+            "hold (its config quantizes every linear of a decoder block): export --format compressed-tensors, "
+            "which lists it under ignore, or re-quantize with --unrotated-outliers off"
+        )
+
+
 def gptq_quantization_config(qc: dict) -> dict:
     return {
         "quant_method": "gptq",
@@ -95,6 +111,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> di
     """Write ``out``: the rsq checkpoint ``src`` in the GPTQ layout (temporary sibling, then renamed)."""
     src, out = Path(src), Path(out)
     config, qc, linears = open_export(src, out, overwrite, NAME)
+    check_all_quantized(qc, linears)
     tensors = read_checkpoint_tensors(src)
     quantized = set(qc["modules"])
     result = {

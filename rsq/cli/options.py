@@ -18,6 +18,7 @@ from rsq.config import (
     KERNELS,
     METHODS,
     ONLINE_SETTINGS,
+    UNROTATED_OUTLIERS,
     UNROTATED_WEIGHTS,
     CalibConfig,
     GridConfig,
@@ -149,6 +150,23 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "unrotated",
         "token weights of a down_proj whose input no online rotation reaches (--online-rotations none, a "
         f"width without a Hadamard): {' or '.join(UNROTATED_WEIGHTS)} (the strategy's weights, or none)",
+    )
+    _opt(
+        p,
+        "--unrotated-outliers",
+        ImportanceConfig,
+        "unrotated_outliers",
+        "a down_proj whose input no online rotation reaches and carries a massive activation (channel peak over "
+        f"--outlier-ratio x the median channel's): {' or '.join(UNROTATED_OUTLIERS)} (quantize it, or keep it "
+        "unquantized in the model dtype; exports: rsq, compressed-tensors)",
+    )
+    _opt(
+        p,
+        "--outlier-ratio",
+        ImportanceConfig,
+        "outlier_ratio",
+        "--unrotated-outliers keep-float: the channel-peak ratio above which a down_proj is kept",
+        type=float,
     )
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)
     top = {f.name: f.default for f in dataclasses.fields(RSQConfig)}

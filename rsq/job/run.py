@@ -152,6 +152,11 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
         ppl_seqlen=opts.eval_seqlen, ppl_max_windows=opts.ppl_max_windows, ppl_batch_size=opts.ppl_batch_size
     )
     device = resolve_device(rank_device(ctx, cfg.device) if ctx.enabled else cfg.device)
+    if ctx.enabled and cfg.importance.unrotated_outliers != "off":
+        raise ConfigError(
+            f"--unrotated-outliers {cfg.importance.unrotated_outliers} decides from every calibration token at once "
+            "and runs in one process: drop --nproc (or use --unrotated-outliers off)"
+        )
     saved = _check_output_on_main(out, cfg, opts)
     config = opts.preloaded[0].config if opts.preloaded is not None else load_config(cfg.model or None)
     adapter = preflight.check_model(config, cfg, ppl_seqlen=opts.eval_seqlen, force_seqlen=opts.force_seqlen)
@@ -403,16 +408,45 @@ def _loss_outliers(cfg: RSQConfig, state: RunState, prefix: str) -> tuple[list[d
     online = cfg.rotation.online if cfg.rotation.enabled else None
     rel = bool(state.layers) and all(getattr(r, "rel_losses", None) for r in state.layers)
     ratio = REL_RATIO if rel else RAW_RATIO
-    outliers = find_loss_outliers(((r.index, r.rel_losses if rel else r.losses) for r in state.layers), ratio)
+    outliers = find_loss_outliers(
+        ((r.index, _quantized(r, r.rel_losses if rel else r.losses)) for r in state.layers), ratio
+    )
     if outliers:
         log.warning(outlier_line(outliers, prefix, cfg.method, online, ratio))
     entries = [{**e, "module": f"{prefix}.{e['layer']}.{e['name']}"} for e in outliers]
     return entries, {"values": "relative" if rel else "raw", "ratio": ratio}
 
 
+def _quantized(report, values: dict) -> dict:
+    """``values`` without the linears the layer kept unquantized (a zero loss is no peer's loss)."""
+    sites = getattr(report, "sites", None) or {}
+    return {k: v for k, v in values.items() if not sites.get(k, {}).get("kept")}
+
+
+def _kept_float(cfg: RSQConfig, state: RunState, prefix: str) -> list[dict]:
+    """The linears --unrotated-outliers keep-float left unquantized, with the statistic that chose
+    them (rsq/importance/sites.py); one log line when there are any."""
+    kept = [
+        {"module": f"{prefix}.{r.index}.{name}", **{k: v for k, v in rec.items() if k != "kept"}}
+        for r in state.layers
+        for name, rec in (getattr(r, "sites", None) or {}).items()
+        if rec.get("kept")
+    ]
+    if kept:
+        ratio = cfg.importance.outlier_ratio
+        log.warning(
+            "kept in %s (not quantized), input channel peak over %gx the median channel's: %s",
+            cfg.dtype,
+            ratio,
+            ", ".join(f"{e['module']} ({e['channel_peak']:.0f}x)" for e in kept),
+        )
+    return kept
+
+
 def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None, streamed: bool, prefix: str) -> dict:
     cfg, store = job.cfg, job.store
     outliers, rule = _loss_outliers(cfg, state, prefix)
+    kept = _kept_float(cfg, state, prefix)
     sessions = store.session.all()
     return {
         "model": describe_source(cfg.model or None),
@@ -440,6 +474,8 @@ def _results(job: Job, state: RunState, ppl: dict, rotation_record: dict | None,
         # modules whose loss is > ratio x the median of the same linear in the other layers
         "loss_outliers": outliers,
         "loss_outlier_rule": rule,
+        # --unrotated-outliers keep-float: linears left in the model dtype, with their input statistics
+        "kept_float": kept,
         "num_layers": len(store.layers),
         "resumed_after_layers": store.start,  # layers taken from an earlier, interrupted run (--resume)
         "ranks": job.opts.dist_ctx.world,

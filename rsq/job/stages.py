@@ -29,6 +29,7 @@ from rsq.config import RSQConfig
 from rsq.distributed import DistContext
 from rsq.errors import NonFiniteError
 from rsq.importance import rolled_window
+from rsq.importance.sites import KEEP_FLOAT, InputStats
 from rsq.job.state import LayerReport, RunState, timed
 from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
@@ -181,17 +182,40 @@ class QuantizeLayer(Stage):
         weights, summary = self._importance(index, layer)
         losses: dict[str, float] = {}
         rel_losses: dict[str, float] = {}
+        sites: dict[str, dict] = {}
         position = 0  # module number within the layer: decides its owner rank
         for group in self.adapter.groups:
             site_weights = self._site_weights(layer, group, weights)
-            H = None if passes is None else self._hessian(group, layer, passes, site_weights)
+            stats = InputStats() if passes is not None and self._unrotated_down(layer, group) else None
+            H = None if passes is None else self._hessian(group, layer, passes, site_weights, stats)
+            keep = self._keep(group, stats, sites)
             with timed(self.state, "solve"):
                 energy = {name: _energy(layer.get_submodule(name).weight.data, H) for name in group}
-                position = self._solve_group(index, layer, group, H, position, losses)
+                position = self._solve_group(index, layer, group, H, position, losses, keep)
                 for name in group:
                     rel_losses[name] = losses[name] / energy[name] if energy[name] > 0 else float("nan")
         _check_losses(index, losses, self.adapter.layers)
-        return LayerReport(index=index, seconds=0.0, losses=losses, importance=summary, rel_losses=rel_losses)
+        return LayerReport(
+            index=index, seconds=0.0, losses=losses, importance=summary, rel_losses=rel_losses, sites=sites or None
+        )
+
+    def _unrotated_down(self, layer: nn.Module, group) -> bool:
+        """Whether ``group`` is the down_proj and no online rotation reaches its input."""
+        if tuple(group) != (self.adapter.down_proj,):
+            return False
+        return not hasattr(layer.get_submodule(self.adapter.down_proj), "online_rotation")
+
+    def _keep(self, group, stats: InputStats | None, sites: dict) -> tuple[str, ...]:
+        """The members of ``group`` left unquantized: an unrotated down_proj whose input's channel
+        peak ratio exceeds importance.outlier_ratio, under --unrotated-outliers keep-float (issue 33).
+        Records the statistics of every unrotated down_proj in ``sites``."""
+        if stats is None:
+            return ()
+        imp = self.cfg.importance
+        record = stats.summary()
+        kept = imp.unrotated_outliers == KEEP_FLOAT and record["channel_peak"] > imp.outlier_ratio
+        sites[group[0]] = {**record, "kept": kept}
+        return tuple(group) if kept else ()
 
     def _importance(self, index: int, layer: nn.Module) -> tuple[list[torch.Tensor] | None, dict | None]:
         if self.weight_fn is None:
@@ -222,7 +246,7 @@ class QuantizeLayer(Stage):
             return weights
         return weights if hasattr(layer.get_submodule(self.adapter.down_proj), "online_rotation") else None
 
-    def _hessian(self, group, layer: nn.Module, passes: LayerPasses, weights) -> torch.Tensor | None:
+    def _hessian(self, group, layer: nn.Module, passes: LayerPasses, weights, stats=None) -> torch.Tensor | None:
         if self.cfg.solver.algorithm == "rtn":
             return None
         solver = self.cfg.solver
@@ -236,12 +260,15 @@ class QuantizeLayer(Stage):
         with timed(self.state, "hessian"):
             for k, x in passes.group_inputs(group):
                 acc.add(x, None if weights is None else weights[k])
+                if stats is not None:
+                    stats.add(x)
         self.ctx.all_reduce_sum(acc.sum)
         acc.nseq = self.calib.n_total
         return acc.finalize()
 
-    def _solve_group(self, index: int, layer: nn.Module, group, H, position: int, losses: dict) -> int:
-        """Solve ``group``'s modules (this rank's share), share the results, write W_hat back."""
+    def _solve_group(self, index: int, layer: nn.Module, group, H, position: int, losses: dict, keep=()) -> int:
+        """Solve ``group``'s modules (this rank's share), share the results, write W_hat back.
+        Members in ``keep`` stay unquantized (no result, loss 0)."""
         cfg, ctx, device = self.cfg, self.ctx, self.calib.device
         modules = [layer.get_submodule(name) for name in group]
         names = [f"{self.adapter.layers}.{index}.{name}" for name in group]
@@ -259,10 +286,13 @@ class QuantizeLayer(Stage):
         else:
             owners = [ctx.owner(position + k) for k in range(len(group))]
             for name, full, module, owner in zip(group, names, modules, owners):
-                if owner == ctx.rank:
+                if owner == ctx.rank and name not in keep:
                     W = module.weight.data.to(device)
                     mine[name] = rtn_result(W, cfg.grid, full, cfg.kernels) if H is None else _solve(W, H, cfg, full)
         for name, full, module, owner in zip(group, names, modules, owners):
+            if name in keep:
+                losses[name] = 0.0
+                continue
             res = share_result(ctx, mine.get(name), owner)
             # W_hat from the codes where they are (the owner's device: no host round trip)
             module.weight.data = dequantize_result(res, cfg.grid).to(module.weight.device, module.weight.dtype)

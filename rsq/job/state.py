@@ -20,6 +20,9 @@ class LayerReport:
     importance: dict | None = None
     # loss / the module's output energy: 2 loss / tr(W H W^T) (GPTQ), loss / ||W||^2 (RTN)
     rel_losses: dict[str, float] | None = None
+    # issue 33: {linear: input statistics (rsq.importance.sites) and whether it was kept unquantized}
+    # for each linear that no online rotation reaches and whose input statistics were taken
+    sites: dict[str, dict] | None = None
 
 
 @dataclass

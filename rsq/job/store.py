@@ -197,6 +197,8 @@ class RunStore:
         if "importance" in tensors:
             state.importance_maps[index] = tensors["importance"]
         for full in self._names(index):
+            if full not in self.saved["results_meta"]:  # kept unquantized (--unrotated-outliers keep-float)
+                continue
             meta = self.saved["results_meta"][full]
             state.results[full] = QuantResult(
                 codes=tensors[f"{full}.codes"],

@@ -32,9 +32,9 @@ def _run(cfg, out, monkeypatch) -> list[tuple[tuple[str, ...], bool]]:
     seen = []
     real = stages.QuantizeLayer._hessian
 
-    def spy(self, group, layer, passes, weights):
+    def spy(self, group, layer, passes, weights, *rest):
         seen.append((tuple(group), weights is not None))
-        return real(self, group, layer, passes, weights)
+        return real(self, group, layer, passes, weights, *rest)
 
     monkeypatch.setattr(stages.QuantizeLayer, "_hessian", spy)
     run_quantize(cfg, out, ppl_sources=())

@@ -70,3 +70,30 @@ def test_line_names_module_setting_and_remedy():
     assert "--online-rotations none" in line and "--online-rotations export" in line
     assert "--online-rotations exact" in outlier_line(found, "model.layers", "quarot", "export")
     assert "--method quarot" in outlier_line(found, "model.layers", "gptq", None)
+
+
+# results.json of the Qwen2-family run of issue 33 (bench/NOTES-importance.md, session 12: Qwen2.5-Coder-1.5B,
+# rsq 3-bit --online-rotations none, seed 0, 8 x 256 calibration): every down_proj's relative loss
+QWEN_NONE_DOWN_REL = [
+    0.0020300399354486486, 0.14366891983632762, 0.09461742283142208, 0.018994249812841684, 0.00016633185183827302,
+    0.0018094718155811647, 0.0018634615431007908, 0.0027487310629437088, 0.0026392984253666954, 0.002626568113460638,
+    0.002425860440475863, 0.002391884685957533, 0.0025529537007343028, 0.002956726802048246, 0.003053816993973659,
+    0.003127335153256921, 0.0029352596148203617, 0.002801894974805784, 0.003671845407358597, 0.0038353422658018925,
+    0.003108683186466837, 0.00385039838364466, 0.002788913189900364, 0.0023062347557216405, 0.002945851453429395,
+    0.0026625094510417395, 0.483477280369206, 0.001697087666860524,
+]  # fmt: skip
+
+
+def test_relative_rule_flags_the_real_qwen_failure():
+    """The broken modules of the real run (relative losses 0.14, 0.095, 0.48 at layers 1, 2, 26; the
+    perplexity cost is in the note) and nothing else; the line names them, the setting and both remedies."""
+    from rsq.loss_outliers import REL_RATIO
+
+    found = find_loss_outliers(enumerate({"mlp.down_proj": v} for v in QWEN_NONE_DOWN_REL), REL_RATIO)
+    assert [e["layer"] for e in found] == [1, 2, 26]
+    # oracle: the median of the other 27 (odd count: the middle one after sorting)
+    others = sorted(v for i, v in enumerate(QWEN_NONE_DOWN_REL) if i != 26)
+    assert found[2]["ratio"] == pytest.approx(QWEN_NONE_DOWN_REL[26] / others[13])
+    line = outlier_line(found, "model.layers", "rsq", "none")
+    assert "model.layers.26.mlp.down_proj (173x)" in line and "\n" not in line
+    assert "--online-rotations export" in line and "--unrotated-outliers keep-float" in line
