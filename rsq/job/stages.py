@@ -186,7 +186,9 @@ class QuantizeLayer(Stage):
         position = 0  # module number within the layer: decides its owner rank
         for group in self.adapter.groups:
             site_weights = self._site_weights(layer, group, weights)
-            stats = InputStats() if passes is not None and self._unrotated_down(layer, group) else None
+            # the input statistics ride on the Hessian pass: RTN has none, so it keeps no module in float
+            hessian_pass = passes is not None and self.cfg.solver.algorithm != "rtn"
+            stats = InputStats() if hessian_pass and self._unrotated_down(layer, group) else None
             H = None if passes is None else self._hessian(group, layer, passes, site_weights, stats)
             keep = self._keep(group, stats, sites)
             with timed(self.state, "solve"):
