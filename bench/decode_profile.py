@@ -628,14 +628,11 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import torch._dynamo
-    from generate_speed import build_model, write_checkpoint
+    from generate_speed import build_model, raise_recompile_limits, write_checkpoint
 
     import rsq
 
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
+    raise_recompile_limits()
     start = time.perf_counter()
     device = args.device
     cuda = torch.device(device).type == "cuda"

@@ -206,6 +206,15 @@ def time_decode(model, batch: int, prompt: int, new: int, loop: str, fast, devic
     return r
 
 
+def raise_recompile_limits() -> None:
+    """One compiled decode step per (model, batch size): more than dynamo's default of 8 recompiles."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+
+
 def release(model) -> None:
     """Drop the rsq loop's cache of ``model`` (the next call allocates one of its own size)."""
     from rsq.generation import decoder
@@ -280,15 +289,10 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="write a profiler table of one batch-1 decode per model here")
     args = ap.parse_args()
 
-    import torch._dynamo
-
     import rsq
     from rsq.generation import decode_kwargs
 
-    # one compiled decode step per (model, batch size): more than dynamo's default of 8 recompiles
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
+    raise_recompile_limits()
     start = time.perf_counter()
     device = args.device
     gpu = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else "cpu"
