@@ -88,6 +88,9 @@ class GridConfig:
             )
 
 
+HESSIAN_MATMULS = ("auto", "split", "single", "fp32")  # SolverConfig.hessian_matmul
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """GPTQ solve (spec §4): block 128, damp 1% of mean diag(H), natural column order."""
@@ -101,8 +104,12 @@ class SolverConfig:
     damp_retries: int = 10  # bounded: raise SingularHessianError after this many extra dampings
     ldlq_tune_iters: int = 10
     hessian_dtype: str = "float32"  # accumulation precision: float32 (spec) or float64
-    # auto: on CUDA, bf16/fp16 activation products on the tensor cores with fp32 accumulation
-    # (the token weights folded in to ~2^-16); fp32: upcast activations first (CPU always does)
+    # How H = X^T (w ⊙ X) is multiplied when the activations X are bf16/fp16 (float32 sums always):
+    # split: half products on the tensor cores, w ⊙ X as hi + lo half parts (two products, the
+    #   weighting exact to ~2^-16); single: one product, w ⊙ X rounded to half (2^-8 for bf16, the
+    #   rounding the bf16 activations themselves carry); fp32: activations upcast first;
+    # auto: split on CUDA, fp32 elsewhere. split/single named explicitly also run off CUDA, as float32
+    #   matmuls of the same half factors (the GPU's arithmetic, for checking it on a CPU).
     hessian_matmul: str = "auto"
     cuda_graphs: bool = True  # replay each GPTQ block as a captured CUDA graph on GPUs
 
@@ -117,8 +124,8 @@ class SolverConfig:
             raise ConfigError(f"damp_frac {self.damp_frac} must be in [0, 1)")
         if self.damp_retries < 0:
             raise ConfigError("damp_retries must be >= 0")
-        if self.hessian_matmul not in ("auto", "fp32"):
-            raise ConfigError(f"hessian_matmul {self.hessian_matmul!r}: use auto or fp32")
+        if self.hessian_matmul not in HESSIAN_MATMULS:
+            raise ConfigError(f"hessian_matmul {self.hessian_matmul!r}: use one of {', '.join(HESSIAN_MATMULS)}")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ConfigError(f"hessian_dtype {self.hessian_dtype!r}: use float32 or float64")
 

@@ -15,6 +15,7 @@ from rsq.config import (
     DTYPES,
     EVAL_SEQLEN,
     EVAL_WINDOWS,
+    HESSIAN_MATMULS,
     KERNELS,
     METHODS,
     ONLINE_SETTINGS,
@@ -86,6 +87,16 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "Hessian accumulation precision: float32 or "
         "float64 (float64 makes data-parallel ranks give the 1-process weights bit for bit)",
         choices=["float32", "float64"],
+    )
+    _opt(
+        p,
+        "--hessian-matmul",
+        SolverConfig,
+        "hessian_matmul",
+        "how the Hessian's products run for bf16/fp16 activations (float32 sums always): split = "
+        "tensor-core products with the token weights exact to ~2^-16 (two products), single = one "
+        "product, weighted inputs rounded to bf16 (2^-8), fp32 = upcast first; auto = split on CUDA, fp32 elsewhere",
+        choices=list(HESSIAN_MATMULS),
     )
     _opt(p, "--calib", CalibConfig, "source", "calibration text: wikitext2, c4 or a path to a text file")
     _opt(p, "--nsamples", CalibConfig, "nsamples", "calibration windows", type=int)

@@ -256,8 +256,10 @@ class QuantizeLayer(Stage):
             layer.get_submodule(group[0]).in_features,
             device=self.calib.store.device,
             dtype=torch.float64 if solver.hessian_dtype == "float64" else torch.float32,
-            half_inputs=solver.hessian_matmul == "auto",
+            half_inputs=solver.hessian_matmul != "fp32",
             kernels=self.cfg.kernels,
+            weighted_parts=1 if solver.hessian_matmul == "single" else 2,
+            emulate=solver.hessian_matmul in ("split", "single"),
         )
         with timed(self.state, "hessian"):
             for k, x in passes.group_inputs(group):

@@ -30,23 +30,33 @@ class HessianAccumulator:
         dtype: torch.dtype = torch.float32,
         half_inputs: bool = False,
         kernels: str = "auto",
+        weighted_parts: int = 2,
+        emulate: bool = False,
     ):
         """kernels: "auto" splits the weighted half activations with a Triton kernel on CUDA
-        (rsq/kernels/triton_hessian.py); "reference" with torch (the kernel's oracle)."""
+        (rsq/kernels/triton_hessian.py); "reference" with torch (the kernel's oracle).
+        weighted_parts (half path): 2 = w ⊙ x as hi + lo half parts (two products, exact to ~2^-16),
+        1 = hi only (one product; w ⊙ x rounded to the activations' half type, 2^-8 relative for
+        bf16). emulate: take the half path off CUDA too, its products as float32 matmuls of the same
+        half factors (exact products, float32 sums: what the tensor cores compute, up to the order
+        of the sums), so the CPU can show what the GPU's arithmetic does to a run."""
+        if weighted_parts not in (1, 2):
+            raise ValueError(f"weighted_parts must be 1 or 2, not {weighted_parts}")
         self.width = width
         self.kernels = kernels
         self.dtype = dtype
+        self.parts = weighted_parts
         self.sum = torch.zeros(width, width, device=device, dtype=dtype)
         self.nseq = 0
         # GPU fast path: products of bf16/fp16 activations on the tensor cores, fp32 accumulation
-        self.half_inputs = half_inputs and self.sum.is_cuda and dtype == torch.float32
+        self.half_inputs = half_inputs and (self.sum.is_cuda or emulate) and dtype == torch.float32
 
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         if x.dim() == 2:
             x = x.unsqueeze(0)
             weights = None if weights is None else weights.unsqueeze(0)
         batch = x.shape[0]
-        if self.half_inputs and x.dtype in (torch.bfloat16, torch.float16) and _half_mm_ok(x.device):
+        if self.half_inputs and x.dtype in (torch.bfloat16, torch.float16) and _half_mm_ok(self.sum.device):
             self._add_half(x.reshape(-1, self.width), weights)
             self.nseq += batch
             return
@@ -61,22 +71,24 @@ class HessianAccumulator:
     def _add_half(self, flat: torch.Tensor, weights: torch.Tensor | None) -> None:
         """H += X^T (w ⊙ X) with X the exact half-precision activations (T, d). w ⊙ X is split into
         hi + lo half parts (hi = half(w⊙x), lo = half(w⊙x - hi)), so the weighting is exact to
-        ~2^-16 relative while every product runs on the tensor cores with fp32 accumulation."""
+        ~2^-16 relative while every product runs on the tensor cores with fp32 accumulation; with
+        one part, lo is dropped (one product: w ⊙ x rounded to half)."""
         xt = flat.T
         if weights is None:
             self._accumulate(xt, flat)
             return
         w = weights.reshape(-1).to(flat.device, torch.float32)
-        if self.kernels == "auto" and has_triton() and flat.is_contiguous():
+        if self.kernels == "auto" and has_triton() and flat.is_cuda and flat.is_contiguous():
             from rsq.kernels.triton_hessian import split_weighted
 
-            hi, lo = split_weighted(flat, w)
+            hi, lo = split_weighted(flat, w, with_lo=self.parts == 2)
         else:
             y = flat.float() * w[:, None]
             hi = y.to(flat.dtype)
-            lo = (y - hi.float()).to(flat.dtype)
+            lo = (y - hi.float()).to(flat.dtype) if self.parts == 2 else None
         self._accumulate(xt, hi)
-        self._accumulate(xt, lo)
+        if lo is not None:
+            self._accumulate(xt, lo)
 
     def _accumulate(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """sum += a @ b, upper block triangle only (a @ b is symmetric up to the lo part's rounding,
@@ -89,6 +101,9 @@ class HessianAccumulator:
 
     def _addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         global _addmm_into_works
+        if not out.is_cuda:  # the emulation: exact products of the half factors, float32 sums
+            out.addmm_(a.float(), b.float())
+            return
         if _addmm_into_works:
             try:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
@@ -122,7 +137,10 @@ _HALF_MM: dict = {}
 
 
 def _half_mm_ok(device: torch.device) -> bool:
-    """Whether torch.mm(..., out_dtype=float32) exists for half inputs here (torch >= 2.8, CUDA)."""
+    """Whether torch.mm(..., out_dtype=float32) exists for half inputs here (torch >= 2.8, CUDA);
+    off CUDA the half path is the emulation (float32 matmuls of the half factors)."""
+    if torch.device(device).type != "cuda":
+        return True
     key = str(device)
     if key not in _HALF_MM:
         try:

@@ -1,0 +1,82 @@
+"""The Hessian's half-precision products (SolverConfig.hessian_matmul), checked on the CPU through
+their emulation: float32 matmuls of the same half factors, i.e. exact products and float32 sums,
+which is what the tensor cores compute (up to the order of the sums)."""
+
+import pytest
+import torch
+
+from rsq.config import RSQConfig, SolverConfig
+from rsq.errors import ConfigError
+from rsq.solver.hessian import HessianAccumulator
+
+
+def _problem(seed=0, tokens=600, width=96):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, tokens, width, generator=g) * torch.rand(width, generator=g) * 5).bfloat16()
+    x[:, 0] *= 40  # a massive-activation token, as at the attention sink
+    w = torch.rand(2, tokens, generator=g) * 3 + 0.1
+    w[:, 0] = 97.0  # and the weight attention concentration gives it
+    return x, w
+
+
+def _finalized(parts, x, w, emulate=True):
+    acc = HessianAccumulator(x.shape[-1], half_inputs=True, weighted_parts=parts, emulate=emulate)
+    acc.add(x, w)
+    return acc.finalize().double()
+
+
+def _exact(x, w):
+    xd = x.double().reshape(-1, x.shape[-1])
+    return (xd.T @ (xd * w.double().reshape(-1, 1))) * (2.0 / x.shape[0])
+
+
+def test_split_products_match_float64():
+    x, w = _problem()
+    H, ref = _finalized(2, x, w), _exact(x, w)
+    # x is exact bf16; hi + lo keeps w ⊙ x to ~2^-16; float32 sums of 1200 terms: ~1e-6 relative
+    assert ((H - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_single_product_within_the_rounding_bound():
+    x, w = _problem(1)
+    H, ref = _finalized(1, x, w), _exact(x, w)
+    # hi = bf16(w ⊙ x) is within 2^-8 of w ⊙ x elementwise (round to nearest, 8-bit significand: u = 2^-8),
+    # so |H - ref| <= 2^-8 * (2/N) sum_t w_t |x_ti| |x_tj| per entry, plus float32 sums (2^-20 slack)
+    xd = x.double().reshape(-1, x.shape[-1]).abs()
+    bound = (xd.T @ (xd * w.double().reshape(-1, 1))) * (2.0 / x.shape[0]) * (2.0**-8 + 2.0**-20)
+    # the upper triangle is computed, the lower mirrored: the bound holds for both
+    assert ((H - ref).abs() <= bound).all()
+    # and it is really the rounded product (not the split): the error is of the bound's order
+    assert ((H - ref).abs().max() / bound.max()).item() > 1e-3
+    assert torch.equal(H, H.T)
+
+
+def test_single_equals_split_without_weights_and_with_unit_weights():
+    x, _ = _problem(2)
+    for w in (None, torch.ones(x.shape[:2])):
+        a = HessianAccumulator(x.shape[-1], half_inputs=True, weighted_parts=1, emulate=True)
+        b = HessianAccumulator(x.shape[-1], half_inputs=True, weighted_parts=2, emulate=True)
+        a.add(x, w)
+        b.add(x, w)
+        # w = 1: hi = x exactly and lo = 0, so both add the same products
+        assert torch.equal(a.finalize(), b.finalize())
+
+
+def test_auto_off_cuda_is_the_float32_path():
+    x, w = _problem(3)
+    fp32 = HessianAccumulator(x.shape[-1])
+    auto = HessianAccumulator(x.shape[-1], half_inputs=True)  # not emulated: the CPU's own path
+    fp32.add(x, w)
+    auto.add(x, w)
+    assert torch.equal(fp32.finalize(), auto.finalize())
+
+
+def test_config_values():
+    assert SolverConfig().hessian_matmul == "auto"
+    for v in ("split", "single", "fp32"):
+        assert SolverConfig(hessian_matmul=v).hessian_matmul == v
+    with pytest.raises(ConfigError, match="hessian_matmul"):
+        SolverConfig(hessian_matmul="tf32")
+    with pytest.raises(ValueError, match="weighted_parts"):
+        HessianAccumulator(8, weighted_parts=3)
+    assert RSQConfig().solver.hessian_matmul == "auto"
