@@ -185,6 +185,12 @@ def main() -> None:
         "gives the one-level block of the earlier version, for comparison)",
     )
     ap.add_argument(
+        "--hessian-matmul",
+        default="auto",
+        choices=["auto", "split", "single", "fp32"],
+        help="SolverConfig.hessian_matmul (split: two products per weighted Hessian, single: one)",
+    )
+    ap.add_argument(
         "--llmc-layers",
         type=int,
         default=None,
@@ -242,7 +248,7 @@ def main() -> None:
     cfg = RSQConfig.for_method(
         "rsq",
         grid={"bits": 3},
-        solver={"inner_block": args.gptq_inner} if args.gptq_inner else {},
+        solver={"hessian_matmul": args.hessian_matmul, **({"inner_block": args.gptq_inner} if args.gptq_inner else {})},
         importance={"expand": args.expand},
         calib={"nsamples": nsamples, "seqlen": seqlen},
         dtype="bfloat16",
@@ -343,6 +349,8 @@ def main() -> None:
         "peak_gpu_GiB": peak_gpu,
         "peak_host_GiB": host_peak_gib(),
         "gpu_peak_by_stage_GiB": state.gpu_peaks,
+        "hessian_matmul": args.hessian_matmul,
+        "losses": {str(r.index): r.losses for r in state.layers},
     }
     if ref is not None:
         ref_w, t_ref = ref
