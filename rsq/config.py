@@ -106,8 +106,9 @@ class SolverConfig:
     hessian_dtype: str = "float32"  # accumulation precision: float32 (spec) or float64
     # How H = X^T (w ⊙ X) is multiplied when the activations X are bf16/fp16 (float32 sums always):
     # split: half products on the tensor cores, w ⊙ X as hi + lo half parts (two products, the
-    #   weighting exact to ~2^-16); single: one product, w ⊙ X rounded to half (2^-8 for bf16, the
-    #   rounding the bf16 activations themselves carry); fp32: activations upcast first;
+    #   weighting exact to ~2^-16); single: one product, the Gram matrix of half(sqrt(w) ⊙ X) (each
+    #   weighted feature rounded once more, 2^-8 for bf16: the size of the rounding bf16 activations
+    #   already carry; still symmetric PSD); fp32: activations upcast first;
     # auto: split on CUDA, fp32 elsewhere. split/single named explicitly also run off CUDA, as float32
     #   matmuls of the same half factors (the GPU's arithmetic, for checking it on a CPU).
     hessian_matmul: str = "auto"

@@ -95,7 +95,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "hessian_matmul",
         "how the Hessian's products run for bf16/fp16 activations (float32 sums always): split = "
         "tensor-core products with the token weights exact to ~2^-16 (two products), single = one "
-        "product, weighted inputs rounded to bf16 (2^-8), fp32 = upcast first; auto = split on CUDA, fp32 elsewhere",
+        "product of the sqrt(weight)-scaled inputs rounded to bf16 (2^-8), fp32 = upcast first; "
+        "auto = split on CUDA, fp32 elsewhere",
         choices=list(HESSIAN_MATMULS),
     )
     _opt(p, "--calib", CalibConfig, "source", "calibration text: wikitext2, c4 or a path to a text file")

@@ -36,9 +36,10 @@ class HessianAccumulator:
         """kernels: "auto" splits the weighted half activations with a Triton kernel on CUDA
         (rsq/kernels/triton_hessian.py); "reference" with torch (the kernel's oracle).
         weighted_parts (half path): 2 = w ⊙ x as hi + lo half parts (two products, exact to ~2^-16),
-        1 = hi only (one product; w ⊙ x rounded to the activations' half type, 2^-8 relative for
-        bf16). emulate: take the half path off CUDA too, its products as float32 matmuls of the same
-        half factors (exact products, float32 sums: what the tensor cores compute, up to the order
+        1 = one product, the Gram matrix of half(sqrt(w) ⊙ x) (each weighted feature rounded once
+        more to the activations' half type: 2^-8 relative for bf16).
+        emulate: take the half path off CUDA too, its products as float32 matmuls of the same half
+        factors (exact products, float32 sums: what the tensor cores compute, up to the order
         of the sums), so the CPU can show what the GPU's arithmetic does to a run."""
         if weighted_parts not in (1, 2):
             raise ValueError(f"weighted_parts must be 1 or 2, not {weighted_parts}")
@@ -78,17 +79,26 @@ class HessianAccumulator:
             self._accumulate(xt, flat)
             return
         w = weights.reshape(-1).to(flat.device, torch.float32)
+        if self.parts == 1:
+            # one product: the Gram matrix of y = half(sqrt(w) ⊙ x), so H stays symmetric positive
+            # semi-definite (rounding only w ⊙ x on one side breaks that: X^T half(w ⊙ X) is not
+            # symmetric, and its mirrored triangle was indefinite beyond any damping on SmolLM2)
+            y = self._weighted(flat, w.sqrt(), with_lo=False)[0]
+            self._accumulate(y.T, y)
+            return
+        hi, lo = self._weighted(flat, w, with_lo=True)
+        self._accumulate(xt, hi)
+        self._accumulate(xt, lo)
+
+    def _weighted(self, flat: torch.Tensor, w: torch.Tensor, with_lo: bool):
+        """hi = half(w ⊙ x) and lo = half(w ⊙ x - hi) (None unless ``with_lo``)."""
         if self.kernels == "auto" and has_triton() and flat.is_cuda and flat.is_contiguous():
             from rsq.kernels.triton_hessian import split_weighted
 
-            hi, lo = split_weighted(flat, w, with_lo=self.parts == 2)
-        else:
-            y = flat.float() * w[:, None]
-            hi = y.to(flat.dtype)
-            lo = (y - hi.float()).to(flat.dtype) if self.parts == 2 else None
-        self._accumulate(xt, hi)
-        if lo is not None:
-            self._accumulate(xt, lo)
+            return split_weighted(flat, w, with_lo=with_lo)
+        y = flat.float() * w[:, None]
+        hi = y.to(flat.dtype)
+        return hi, (y - hi.float()).to(flat.dtype) if with_lo else None
 
     def _accumulate(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """sum += a @ b, upper block triangle only (a @ b is symmetric up to the lo part's rounding,
