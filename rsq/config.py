@@ -258,6 +258,12 @@ class RSQConfig:
             raise ConfigError(f"unknown save_dtype {self.save_dtype!r}: use auto or one of {', '.join(DTYPES)}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"unknown kernels {self.kernels!r}: use {' or '.join(KERNELS)}")
+        if self.solver.algorithm == "rtn" and self.importance.unrotated_outliers != "off":
+            raise ConfigError(
+                f"--unrotated-outliers {self.importance.unrotated_outliers} decides from down_proj input statistics "
+                "that only a Hessian pass gathers, and --method rtn has none: use --unrotated-outliers off with rtn, "
+                "or --method gptq, quarot or rsq"
+            )
         problem = _contradiction(self)
         if problem:
             raise ConfigError(
