@@ -1,7 +1,7 @@
 """The cost of serveable rotations: gptq / quarot / rsq under each --online-rotations setting, and what exports.
 
     python3 bench/online_settings.py --out DIR [--model M] [--device cuda] [--jobs 8] [--seeds 0,1,2] [--bits 2,3,4]
-        [--rsq-variant "--unrotated-weights uniform"] [--variant-methods rsq,quarot]
+        [--rsq-variant "--unrotated-weights weighted"] [--variant-methods rsq,quarot]
 
 Every cell is the command a user runs, `python3 -m rsq quantize MODEL --method M --bits B --seed S
 --online-rotations O --out DIR/cells/<name>` (the reference protocol of ../shared/reference-figures.md:
@@ -12,8 +12,10 @@ exports: `rsq export --format compressed-tensors` and `--format gptq`, each dire
 and the compressed-tensors export's perplexity through transformers' own loader (`rsq eval DIR` loads
 a non-rsq directory with AutoModelForCausalLM). A refused export records its one-line message.
 
---rsq-variant FLAGS adds a third method row, ``rsqv``: rsq with FLAGS appended in every setting (e.g.
-``--unrotated-weights uniform`` or ``--importance-cap 10``, issue 33), judged like rsq (rsqv < quarot < gptq).
+Every row runs rsq's defaults: under ``none`` that includes ``--unrotated-weights auto`` (uniform down_proj
+weights for quarot/rsq at >= 3 bits, weighted at 2 bits; session 13). --rsq-variant FLAGS adds a third method
+row, ``rsqv``: rsq with FLAGS appended in every setting (e.g. ``--unrotated-weights weighted``, the default
+before session 13, or ``--importance-cap 10``, issue 33), judged like rsq (rsqv < quarot < gptq).
 ``--variant-methods rsq,quarot`` adds the same FLAGS to quarot too (row ``quarotv``, e.g. for
 ``--unrotated-outliers keep-float``); rsqv is then judged against quarotv (rsqv < quarotv < gptq).
 
@@ -171,7 +173,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument(
-        "--rsq-variant", default="", help='extra rsq flags for a third row, e.g. "--unrotated-weights uniform"'
+        "--rsq-variant", default="", help='extra rsq flags for a third row, e.g. "--unrotated-weights weighted"'
     )
     ap.add_argument("--variant-methods", default="rsq", help="methods that get --rsq-variant's flags: rsq[,quarot]")
     ap.add_argument("--only", default=None, help="run only the cells whose name matches this regex (e.g. a CPU subset)")

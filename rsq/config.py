@@ -31,7 +31,11 @@ TORCH_DTYPES = {
 DTYPES = tuple(TORCH_DTYPES)
 KERNELS = ("auto", "reference")
 ONLINE_SETTINGS = ("exact", "export", "none")
-UNROTATED_WEIGHTS = ("weighted", "uniform")  # token weights of a down_proj whose input is not rotated
+# token weights of a down_proj whose input is not rotated; "auto" is resolved by resolve_unrotated()
+UNROTATED_WEIGHTS = ("auto", "weighted", "uniform")
+# --unrotated-weights auto is "uniform" from this many bits up (issue 33: SmolLM2 under `none`, 3 seeds,
+# H200: uniform beats weighted and quarot at 3 and 4 bits, loses to both at 2 bits in 3 of 3 seeds)
+AUTO_UNIFORM_MIN_BITS = 3
 # what happens to a down_proj whose input is not rotated and carries a massive activation (issue 33)
 UNROTATED_OUTLIERS = ("off", "keep-float")
 # the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
@@ -171,9 +175,11 @@ class ImportanceConfig:
     # robust weighting (issue 33): cap = K > 0 caps each token's weight at K x its sequence's median
     # weight, then renormalises to mean 1 (scored strategies; 0 = off). unrotated = "uniform" gives
     # the down_proj uniform weights wherever no online rotation reaches its input (--online-rotations
-    # none, a width without a Hadamard, no rotation), "weighted" keeps the strategy's weights there.
+    # none, a width without a Hadamard, no rotation), "weighted" keeps the strategy's weights there,
+    # "auto" (default) is one of the two, chosen from the rest of the config by resolve_unrotated()
+    # and recorded resolved (run_quantize records RSQConfig.resolved())
     cap: float = 0.0
-    unrotated: str = "weighted"
+    unrotated: str = "auto"
     # massive activations at an unrotated site (issue 33, rsq/importance/sites.py): "keep-float" leaves
     # a down_proj that no online rotation reaches unquantized (model dtype, listed in results.json)
     # when its input's channel_peak (max over channels of max_t |x_tj|, over the median channel's)
@@ -266,6 +272,12 @@ class RSQConfig:
             raise ConfigError(f"unknown save_dtype {self.save_dtype!r}: use auto or one of {', '.join(DTYPES)}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"unknown kernels {self.kernels!r}: use {' or '.join(KERNELS)}")
+        if self.solver.algorithm == "rtn" and self.importance.unrotated_outliers != "off":
+            raise ConfigError(
+                f"--unrotated-outliers {self.importance.unrotated_outliers} decides from down_proj input statistics "
+                "that only a Hessian pass gathers, and --method rtn has none: use --unrotated-outliers off with rtn, "
+                "or --method gptq, quarot or rsq"
+            )
         problem = _contradiction(self)
         if problem:
             raise ConfigError(
@@ -316,6 +328,13 @@ class RSQConfig:
     @property
     def quantizes(self) -> bool:
         return self.method != "fp16"
+
+    def resolved(self) -> RSQConfig:
+        """This config with every "auto" choice made (today: importance.unrotated, see
+        :func:`resolve_unrotated`): what a run executes and records."""
+        if self.importance.unrotated != "auto":
+            return self
+        return replace(self, importance=replace(self.importance, unrotated=resolve_unrotated(self)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,6 +389,27 @@ def method_preset(method: str) -> dict[str, Any]:
     if method not in PRESETS:
         raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     return dict(PRESETS[method])
+
+
+def resolve_unrotated(cfg: RSQConfig) -> str:
+    """What ``--unrotated-weights`` means for ``cfg``: its value, or for "auto" "uniform" in a rotated
+    run (quarot, rsq with rotation on) under ``--online-rotations none`` at >= AUTO_UNIFORM_MIN_BITS
+    bits, "weighted" everywhere else.
+
+    Why (issue 33, bench/NOTES-importance.md sessions 12-13): under ``none`` no rotation reaches the
+    down_proj input, and attncon's heaviest tokens (the attention sinks) carry its massive activations;
+    weighting them made rsq worse than quarot at 3 and 4 bits (SmolLM2, 3 seeds; Qwen2.5-Coder-1.5B,
+    one seed), uniform down_proj weights put it ahead. Not at 2 bits (worse in 3 of 3 seeds), and not
+    without rotation: rsq without rotation is the paper's "scale without rotate" ablation, whose
+    weighting must stay as published. exact/export rotate that input online: "weighted" there.
+    """
+    imp = cfg.importance
+    if imp.unrotated != "auto":
+        return imp.unrotated
+    rotated = cfg.method in ("quarot", "rsq") and cfg.rotation.enabled
+    if rotated and cfg.rotation.online == "none" and cfg.grid.bits >= AUTO_UNIFORM_MIN_BITS:
+        return "uniform"
+    return "weighted"
 
 
 def _contradiction(cfg: RSQConfig) -> str | None:

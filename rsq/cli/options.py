@@ -161,7 +161,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         ImportanceConfig,
         "unrotated",
         "token weights of a down_proj whose input no online rotation reaches (--online-rotations none, a "
-        f"width without a Hadamard): {' or '.join(UNROTATED_WEIGHTS)} (the strategy's weights, or none)",
+        f"width without a Hadamard): {', '.join(UNROTATED_WEIGHTS)}; weighted: the strategy's weights, uniform: "
+        "none, auto: uniform for quarot/rsq with rotation under --online-rotations none at 3 bits or more, "
+        "weighted elsewhere (rsq without rotation keeps the paper's weighting); results.json records the choice",
     )
     _opt(
         p,

@@ -117,6 +117,7 @@ def quantize_layers(
     returns per-token weights (B, T) or None for uniform (rsq.importance). ``rotation``: a
     :class:`rsq.rotation.rotate.RotationPlan` applied on the way. ``dist_ctx``: with several ranks,
     this rank handles windows rank, rank+K, ... and Hessians are summed over ranks."""
+    cfg = cfg.resolved()  # "auto" choices made once (e.g. --unrotated-weights)
     adapter = adapter or resolve(model)  # public API: a caller with a bare model has its family looked up
     ctx = dist_ctx or DistContext()
     state = RunState()

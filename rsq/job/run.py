@@ -136,6 +136,7 @@ def run_quantize(cfg: RSQConfig, out: Path, options: JobOptions | None = None, *
     Everything that can be checked before the work is checked first (rsq.plan.preflight): bad
     input raises an RSQError and creates nothing."""
     opts = options or JobOptions(**keywords)
+    cfg = cfg.resolved()  # "auto" choices made once: the run executes and records the resolved config
     job = _prepare(cfg, Path(out), opts)
     try:
         job.store.create()

@@ -25,7 +25,7 @@ from torch import nn
 from rsq.calib.blockpass import LayerPasses
 from rsq.calib.capture import ActivationStore, capture_layer0_inputs, choose_location, layer_forward
 from rsq.checkpoint.schema import dequantize_result
-from rsq.config import RSQConfig
+from rsq.config import RSQConfig, resolve_unrotated
 from rsq.distributed import DistContext
 from rsq.errors import NonFiniteError
 from rsq.importance import rolled_window
@@ -243,8 +243,9 @@ class QuantizeLayer(Stage):
 
     def _site_weights(self, layer: nn.Module, group, weights):
         """The token weights of ``group``'s Hessian: None (uniform) for a down_proj that no online
-        rotation reaches when ``importance.unrotated`` is "uniform" (issue 33), else ``weights``."""
-        if weights is None or self.cfg.importance.unrotated != "uniform" or tuple(group) != (self.adapter.down_proj,):
+        rotation reaches when ``importance.unrotated`` resolves to "uniform" (issue 33), else ``weights``."""
+        uniform = resolve_unrotated(self.cfg) == "uniform"
+        if weights is None or not uniform or tuple(group) != (self.adapter.down_proj,):
             return weights
         return weights if hasattr(layer.get_submodule(self.adapter.down_proj), "online_rotation") else None
 

@@ -92,7 +92,7 @@ def can_resume(out: Path, cfg: RSQConfig) -> bool:
     """Whether ``out`` has an unfinished run of exactly ``cfg`` that ``resume=True`` would continue."""
     state = partial_dir(out) / STATE_FILE
     try:
-        return json.loads(state.read_text())["config"] == cfg.to_dict()
+        return json.loads(state.read_text())["config"] == cfg.resolved().to_dict()
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -123,7 +123,10 @@ def test_gptq_export_unpacks_to_rsqs_model(tiny_model_dir, tmp_path, method, bit
     assert ((got - ref).abs().max() / ref.abs().max()).item() < TOL
     windows = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
     p_rsq, p_gptq = perplexity(loaded, windows, torch.device("cpu")), perplexity(model, windows, torch.device("cpu"))
-    assert f"{p_rsq:.4g}" == f"{p_gptq:.4g}", (p_rsq, p_gptq)
+    # the same integers; the export's fp16 scales move the logits within TOL: perplexity within 1e-4
+    # relative (was "equal to 4 digits", which fails when the two straddle a rounding boundary, e.g.
+    # 517.9497 vs 517.9521: 4.7e-6 apart)
+    assert abs(p_rsq - p_gptq) < 1e-4 * p_rsq, (p_rsq, p_gptq)
 
 
 def test_refusals_leave_nothing(tiny_model_dir, tmp_path, capsys):

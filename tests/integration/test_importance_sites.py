@@ -6,6 +6,8 @@ linear keeps the strategy's weights; where the down_proj input is rotated (``exp
 changes, bit for bit.
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,30 +17,44 @@ from rsq.job import stages
 from rsq.job.run import run_quantize
 
 
-def _cfg(model_dir, online: str, unrotated: str) -> RSQConfig:
+def _cfg(model_dir, online: str, unrotated: str | None, rotate: bool = True) -> RSQConfig:
+    """rsq at 3 bits; ``unrotated`` None leaves --unrotated-weights at its default (auto)."""
     return RSQConfig.for_method(
         "rsq",
         model=str(model_dir),
         grid={"bits": 3},
         calib={"nsamples": 4, "seqlen": 64},
-        rotation={"online": online},
-        importance={"unrotated": unrotated},
+        rotation={"online": online, "enabled": rotate},
+        importance={} if unrotated is None else {"unrotated": unrotated},
         batch_size=2,
     )
 
 
-def _run(cfg, out, monkeypatch) -> list[tuple[tuple[str, ...], bool]]:
-    """Quantize; return (group, weighted?) for every Hessian the job built."""
+_HESSIAN = stages.QuantizeLayer._hessian
+
+
+def _run(cfg, out, monkeypatch, results: list | None = None) -> list[tuple[tuple[str, ...], bool]]:
+    """Quantize; return (group, weighted?) for every Hessian the job built (results.json's dict is
+    appended to ``results`` when given)."""
     seen = []
-    real = stages.QuantizeLayer._hessian
+    real = _HESSIAN  # the unwrapped method: a second _run must not feed the first one's list
 
     def spy(self, group, layer, passes, weights, *rest):
         seen.append((tuple(group), weights is not None))
         return real(self, group, layer, passes, weights, *rest)
 
     monkeypatch.setattr(stages.QuantizeLayer, "_hessian", spy)
-    run_quantize(cfg, out, ppl_sources=())
+    done = run_quantize(cfg, out, ppl_sources=())
+    if results is not None:
+        results.append(done)
     return seen
+
+
+def _recorded(out) -> tuple[str, str, str]:
+    """--unrotated-weights as results.json, the checkpoint's config.json and state say it."""
+    results = json.loads((out / "results.json").read_text())["config"]["importance"]["unrotated"]
+    checkpoint = json.loads((out / "config.json").read_text())["quantization_config"]["rsq_config"]
+    return results, checkpoint["importance"]["unrotated"], RSQConfig.from_dict(checkpoint).importance.unrotated
 
 
 def _tensors(out):
@@ -92,3 +108,40 @@ def test_bad_values_fail_in_one_line_before_any_work(tiny_model_dir, tmp_path, c
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[-1], err
     assert not out.exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_default_is_uniform_only_for_rotated_rsq_under_none_and_recorded_resolved(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--unrotated-weights auto (the default): rsq with rotation under none solves the down_proj with
+    the unweighted Hessian and records "uniform"; rsq without rotation (the paper's "scale without
+    rotate") keeps every Hessian weighted and records "weighted"."""
+    model = tiny_model_dir("llama")
+    down = ("mlp.down_proj",)
+    seen = _run(_cfg(model, "none", None), tmp_path / "auto", monkeypatch)
+    assert [w for g, w in seen if g == down] == [False, False] and all(w for g, w in seen if g != down)
+    assert _recorded(tmp_path / "auto") == ("uniform",) * 3
+    explicit = _run(_cfg(model, "none", "uniform"), tmp_path / "uniform", monkeypatch)
+    assert explicit == seen
+    a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "uniform")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    norot = _run(_cfg(model, "none", None, rotate=False), tmp_path / "norot", monkeypatch)
+    assert len(norot) == 8 and all(w for _, w in norot)
+    assert _recorded(tmp_path / "norot") == ("weighted",) * 3
+
+
+@pytest.mark.parametrize("online", ["export", "exact"])
+def test_default_under_rotated_settings_is_weighted_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch, online):
+    """exact/export: the default runs exactly as the explicit "weighted" did before auto existed:
+    every tensor, the recorded config and the module losses equal."""
+    model = tiny_model_dir("llama")
+    got, want = [], []
+    _run(_cfg(model, online, None), tmp_path / "auto", monkeypatch, got)
+    _run(_cfg(model, online, "weighted"), tmp_path / "weighted", monkeypatch, want)
+    a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "weighted")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got[0]["config"] == want[0]["config"]
+    assert _recorded(tmp_path / "auto") == ("weighted",) * 3
+    losses = [[layer["losses"] for layer in r["layers"]] for r in (got[0], want[0])]
+    assert losses[0] == losses[1]

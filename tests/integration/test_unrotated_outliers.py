@@ -173,3 +173,22 @@ def test_bad_values_exit_2_and_nproc_refused(planted_dir, tmp_path, capsys):
             dist_ctx=DistContext(world=2),
         )
     assert not (tmp_path / "d").exists()
+
+
+def test_rtn_with_keep_float_is_refused_in_one_line(planted_dir, tmp_path, capsys):
+    """RTN builds no Hessian, so no pass gathers the down_proj input statistics that keep-float decides
+    from: the combination would silently keep nothing. Refused at the config, CLI exit 2, nothing written."""
+    capsys.readouterr()
+    out = tmp_path / "o"
+    code = main(
+        ["quantize", str(planted_dir), "--method", "rtn", "--unrotated-outliers", "keep-float", "--out", str(out)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "--unrotated-outliers off" in err and "--method rtn" in err
+    assert not out.exists() and not (tmp_path / "o.partial").exists()
+    with pytest.raises(ConfigError, match="--unrotated-outliers off"):
+        RSQConfig.for_method("rtn", rotation={"enabled": True}, importance={"unrotated_outliers": "keep-float"})
+    # the refusal is about the combination only: rtn alone and keep-float with a solved method build
+    assert RSQConfig.for_method("rtn").importance.unrotated_outliers == "off"
+    assert RSQConfig.for_method("gptq", importance={"unrotated_outliers": "keep-float"}).solver.algorithm != "rtn"
