@@ -606,14 +606,10 @@ def summary(cells: list[dict]) -> str:
 
 
 def main() -> int:
+    from generate_speed import add_model_args, build_models, raise_recompile_limits
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3-8b")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    ap.add_argument("--work", default="/tmp/rsq-gen")
-    ap.add_argument("--formats", default="4,3", help="comma list of 2/3/4/8 (uniform) and e8p; bf16 always")
-    ap.add_argument("--group-size", type=int, default=-1)
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--prompt", type=int, default=32)
+    add_model_args(ap, formats="4,3", batches="1,16")
     ap.add_argument("--short", type=int, default=8, help="new tokens of the short call")
     ap.add_argument("--steps", type=int, default=32, help="decode steps measured (long call = short + steps)")
     ap.add_argument("--reps", type=int, default=5, help="timed calls per length (median)")
@@ -627,10 +623,6 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=1e9, help="start no measurement after this many seconds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-
-    from generate_speed import build_model, raise_recompile_limits, write_checkpoint
-
-    import rsq
 
     raise_recompile_limits()
     start = time.perf_counter()
@@ -660,18 +652,7 @@ def main() -> int:
             tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(args.json)
 
-    t0 = time.perf_counter()
-    base = build_model(args.shape, args.layers, device)
-    record["build"]["bf16_s"] = time.perf_counter() - t0
-    models = {"bf16": base}
-    for fmt in formats:
-        out = Path(args.work) / f"{fmt}-g{args.group_size}"
-        t0 = time.perf_counter()
-        write_checkpoint(base, fmt, args.group_size, out)
-        models[fmt], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
-        record["build"][f"{fmt}_s"] = time.perf_counter() - t0
-        print(f"[{fmt}] written + loaded in {record['build'][f'{fmt}_s']:.1f} s", flush=True)
-    save()
+    models = build_models(args, formats, device, record["build"], save)
     for batch in batches:
         for name, model in models.items():
             if time.perf_counter() - start > args.deadline:

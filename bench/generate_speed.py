@@ -256,16 +256,44 @@ def profile_decode(model, batch, prompt, new, loop, fast, device, label, path, f
         f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(ap: argparse.ArgumentParser, formats: str, batches: str) -> None:
+    """The options that say which models are built and at which batch sizes (this script and
+    bench/decode_profile.py)."""
     ap.add_argument("--shape", default="llama-3-8b")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     ap.add_argument("--work", default="/tmp/rsq-gen")
-    ap.add_argument("--formats", default="4,3,e8p", help="comma list of 2/3/4/8 (uniform) and e8p")
+    ap.add_argument("--formats", default=formats, help="comma list of 2/3/4/8 (uniform) and e8p; bf16 always")
     ap.add_argument("--group-size", type=int, default=-1)
-    ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", default=batches)
     ap.add_argument("--prompt", type=int, default=32)
+
+
+def build_models(args, formats: list[str], device, build: dict, save=lambda: None) -> dict:
+    """{"bf16": the random bf16 model, fmt: its RTN checkpoint written under --work and loaded
+    with rsq.load, ...}; write/load times and sizes go into ``build``, ``save`` runs after each."""
+    import rsq
+
+    t0 = time.perf_counter()
+    base = build_model(args.shape, args.layers, device)
+    build["bf16_s"] = time.perf_counter() - t0
+    models = {"bf16": base}
+    for fmt in formats:
+        out = Path(args.work) / f"{fmt}-g{args.group_size}"
+        build[f"{fmt}_write_s"] = write_checkpoint(base, fmt, args.group_size, out)
+        t0 = time.perf_counter()
+        models[fmt], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
+        build[f"{fmt}_load_s"] = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+        build[f"{fmt}_gb"] = size
+        print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
+        save()
+    return models
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap, formats="4,3,e8p", batches="1,16,64")
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--ttft", type=int, default=2048, help="prompt tokens of the time-to-first-token test (0: skip)")
     ap.add_argument(
         "--loop",
@@ -289,7 +317,6 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="write a profiler table of one batch-1 decode per model here")
     args = ap.parse_args()
 
-    import rsq
     from rsq.generation import decode_kwargs
 
     raise_recompile_limits()
@@ -314,20 +341,8 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=2))
 
-    t0 = time.perf_counter()
-    base = build_model(args.shape, args.layers, device)
-    record["build"]["bf16_s"] = time.perf_counter() - t0
-    models = {"bf16": base}
-    for fmt in formats:
-        out = Path(args.work) / f"{fmt}-g{args.group_size}"
-        record["build"][f"{fmt}_write_s"] = write_checkpoint(base, fmt, args.group_size, out)
-        t0 = time.perf_counter()
-        models[fmt], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
-        record["build"][f"{fmt}_load_s"] = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
-        record["build"][f"{fmt}_gb"] = size
-        print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
-        save()
+    models = build_models(args, formats, device, record["build"], save)
+    base = models["bf16"]
 
     def late() -> bool:
         return time.perf_counter() - start > args.deadline
