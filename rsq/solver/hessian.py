@@ -73,7 +73,7 @@ class HessianAccumulator:
         """H += X^T (w ⊙ X) with X the exact half-precision activations (T, d). w ⊙ X is split into
         hi + lo half parts (hi = half(w⊙x), lo = half(w⊙x - hi)), so the weighting is exact to
         ~2^-16 relative while every product runs on the tensor cores with fp32 accumulation; with
-        one part, lo is dropped (one product: w ⊙ x rounded to half)."""
+        one part (weighted_parts=1), one product: the Gram matrix of half(sqrt(w) ⊙ x)."""
         xt = flat.T
         if weights is None:
             self._accumulate(xt, flat)
