@@ -150,8 +150,14 @@ class RotationConfig:
     # the block-diagonal Sylvester Hadamard a compressed-tensors transform reproduces, no cross-head)
     # or none (only rotations that fold into the weights: the original architecture)
     online: str = "export"
+    # export: the block of the down_proj Hadamard; 0 = the largest power of two dividing the width
+    # (compressed-tensors' Sylvester ``hadamard`` transform), else any Hadamard order rsq builds that
+    # divides the width (e.g. 1792 = 28 x 64 or the whole 8960 of Qwen2.5-1.5B)
+    export_block: int = 0
 
     def __post_init__(self) -> None:
+        if self.export_block < 0:
+            raise ConfigError(f"--export-block {self.export_block} must be 0 (auto) or a block size > 0")
         if self.online not in ONLINE_SETTINGS:
             raise ConfigError(f"unknown --online-rotations {self.online!r}: use {', '.join(ONLINE_SETTINGS)}")
         if self.mode not in ("hadamard", "random"):

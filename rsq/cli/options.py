@@ -126,6 +126,15 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "rotations folded into the weights: the original architecture, any engine runs it)",
         choices=ONLINE_SETTINGS,
     )
+    _opt(
+        p,
+        "--export-block",
+        RotationConfig,
+        "export_block",
+        "--online-rotations export: the block of the down_proj Hadamard, 0 = the largest power of two dividing "
+        "the MLP width, else any Hadamard order that divides it (e.g. 1792 or 8960 for a width of 8960)",
+        type=int,
+    )
     p.add_argument(
         "--center-embeddings",
         action="store_true",

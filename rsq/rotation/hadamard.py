@@ -511,15 +511,19 @@ def sylvester_block(n: int) -> int:
 
 
 def block_hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
-    """y = x @ (I ⊗ H_b/√b)ᵀ along the last dim: Sylvester's H_b on every contiguous block of
-    ``block`` features (a power of two dividing the last dim). This is the matrix
-    compressed-tensors' ``hadamard`` transform builds with ``head_dim=block``, which serving
-    engines apply online. Precision as :func:`hadamard_transform`."""
+    """y = x @ (I ⊗ H_b/√b)ᵀ along the last dim: the Hadamard matrix H_b of :func:`hadamard_matrix`
+    on every contiguous block of ``block`` features (``block`` divides the last dim). For a power of
+    two, H_b is Sylvester's: the matrix compressed-tensors' ``hadamard`` transform builds with
+    ``head_dim=block``, which serving engines apply online; other orders (H_K ⊗ sylvester) are
+    stored with the export as a dense block. Precision as :func:`hadamard_transform`."""
     n = x.shape[-1]
-    if not _is_pow2(block) or n % block:
-        raise ValueError(f"block_hadamard_transform: block {block} must be a power of two dividing {n}")
+    if block < 1 or n % block:
+        raise ValueError(f"block_hadamard_transform: block {block} must divide {n}")
     if not x.is_floating_point():
         raise TypeError(f"block_hadamard_transform needs a floating-point tensor; got {x.dtype}")
+    if not _is_pow2(block):
+        lead = x.shape[:-1]
+        return hadamard_transform(x.reshape(*lead, n // block, block), block).reshape(*lead, n)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-1]
     y = x.reshape(-1, n // block, block).to(compute).contiguous()

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rsq.config import RotationConfig
+from rsq.errors import ConfigError
 from rsq.models.adapter import ModelAdapter
 from rsq.rotation.hadamard import (
     block_hadamard_transform,
@@ -142,14 +143,29 @@ def _plan_down(plan: RotationPlan, adapter: ModelAdapter, inter: int, cfg: Rotat
     if cfg.online == "none":
         return {**site, "kind": "skipped", "reason": "--online-rotations none"}
     if cfg.online == "export":
-        block = sylvester_block(inter)
+        block = export_block(inter, cfg.export_block)
         plan.down = OnlineRotation(adapter.down_proj, "block", inter, head_dim=block)
-        return {**plan.down.to_dict(), "recipe": f"block-diagonal sylvester({block}) x {inter // block}"}
+        return {**plan.down.to_dict(), "recipe": f"block-diagonal {hadamard_kind(block)} x {inter // block}"}
     kind = _site_kind(inter, "full", cfg)
     if kind is None:
         return {**site, "kind": "skipped", "reason": f"no Hadamard of order {inter}"}
     plan.down = OnlineRotation(adapter.down_proj, kind, inter, seed=cfg.seed + 1)
     return {**plan.down.to_dict(), "recipe": hadamard_kind(inter) if kind == "full" else "random orthogonal"}
+
+
+def export_block(width: int, block: int) -> int:
+    """The down_proj Hadamard block of ``--online-rotations export`` for an MLP ``width``: ``block``
+    (``--export-block``), or the largest power of two dividing the width when it is 0; ConfigError
+    naming the orders that would work when ``block`` does not divide the width or has no Hadamard."""
+    if block == 0:
+        return sylvester_block(width)
+    if width % block or not has_hadamard(block):
+        fits = [b for b in range(4, width + 1, 4) if width % b == 0 and has_hadamard(b)]
+        raise ConfigError(
+            f"--export-block {block}: the down_proj input is {width} wide and the block must be a Hadamard "
+            f"order that divides it; use 0 (auto: {sylvester_block(width)}) or one of {', '.join(map(str, fits))}"
+        )
+    return block
 
 
 def _plan_value(plan: RotationPlan, adapter: ModelAdapter, config, cfg: RotationConfig) -> list[dict]:
