@@ -37,7 +37,7 @@ UNROTATED_WEIGHTS = ("auto", "weighted", "uniform")
 # H200: uniform beats weighted and quarot at 3 and 4 bits, loses to both at 2 bits in 3 of 3 seeds)
 AUTO_UNIFORM_MIN_BITS = 3
 # what happens to a down_proj whose input is not rotated and carries a massive activation (issue 33)
-UNROTATED_OUTLIERS = ("off", "keep-float")
+UNROTATED_OUTLIERS = ("auto", "off", "keep-float", "keep-float-on-loss")
 # the evaluation protocol's defaults (spec: perplexity on non-overlapping windows of the held-out text)
 EVAL_SEQLEN = 512  # tokens per perplexity window
 EVAL_WINDOWS = 40  # at most this many windows (0 = all)
@@ -190,8 +190,13 @@ class ImportanceConfig:
     # a down_proj that no online rotation reaches unquantized (model dtype, listed in results.json)
     # when its input's channel_peak (max over channels of max_t |x_tj|, over the median channel's)
     # exceeds outlier_ratio; "off" quantizes every linear
-    unrotated_outliers: str = "off"
+    # "keep-float-on-loss" quantizes such a down_proj and puts its float weights back when its relative
+    # GPTQ loss exceeds outlier_loss_ratio x the largest of the same layer's other linears; "auto"
+    # (default) is keep-float-on-loss in rotated runs under --online-rotations none, off elsewhere
+    # (resolve_unrotated_outliers, recorded resolved)
+    unrotated_outliers: str = "auto"
     outlier_ratio: float = 50.0
+    outlier_loss_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         if self.cap != 0 and not self.cap >= 1:
@@ -199,6 +204,11 @@ class ImportanceConfig:
         if self.unrotated_outliers not in UNROTATED_OUTLIERS:
             raise ConfigError(
                 f"unknown --unrotated-outliers {self.unrotated_outliers!r}: use {' or '.join(UNROTATED_OUTLIERS)}"
+            )
+        if not self.outlier_loss_ratio > 0:
+            raise ConfigError(
+                f"--outlier-loss-ratio {self.outlier_loss_ratio} must be > 0 (a multiple of the layer's largest "
+                "other relative loss)"
             )
         if not self.outlier_ratio > 1:
             raise ConfigError(
@@ -278,10 +288,11 @@ class RSQConfig:
             raise ConfigError(f"unknown save_dtype {self.save_dtype!r}: use auto or one of {', '.join(DTYPES)}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"unknown kernels {self.kernels!r}: use {' or '.join(KERNELS)}")
-        if self.solver.algorithm == "rtn" and self.importance.unrotated_outliers != "off":
+        if self.solver.algorithm == "rtn" and self.importance.unrotated_outliers not in ("off", "auto"):
             raise ConfigError(
                 f"--unrotated-outliers {self.importance.unrotated_outliers} decides from down_proj input statistics "
-                "that only a Hessian pass gathers, and --method rtn has none: use --unrotated-outliers off with rtn, "
+                "or GPTQ losses that only a Hessian pass gives, and --method rtn has none: use --unrotated-outliers "
+                "off with rtn, "
                 "or --method gptq, quarot or rsq"
             )
         problem = _contradiction(self)
@@ -336,11 +347,14 @@ class RSQConfig:
         return self.method != "fp16"
 
     def resolved(self) -> RSQConfig:
-        """This config with every "auto" choice made (today: importance.unrotated, see
-        :func:`resolve_unrotated`): what a run executes and records."""
-        if self.importance.unrotated != "auto":
+        """This config with every "auto" choice made (importance.unrotated and
+        importance.unrotated_outliers: :func:`resolve_unrotated`, :func:`resolve_unrotated_outliers`):
+        what a run executes and records."""
+        imp = self.importance
+        if imp.unrotated != "auto" and imp.unrotated_outliers != "auto":
             return self
-        return replace(self, importance=replace(self.importance, unrotated=resolve_unrotated(self)))
+        chosen = replace(imp, unrotated=resolve_unrotated(self), unrotated_outliers=resolve_unrotated_outliers(self))
+        return replace(self, importance=chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -416,6 +430,24 @@ def resolve_unrotated(cfg: RSQConfig) -> str:
     if rotated and cfg.rotation.online == "none" and cfg.grid.bits >= AUTO_UNIFORM_MIN_BITS:
         return "uniform"
     return "weighted"
+
+
+def resolve_unrotated_outliers(cfg: RSQConfig) -> str:
+    """What ``--unrotated-outliers`` means for ``cfg``: its value, or for "auto" "keep-float-on-loss"
+    in a rotated GPTQ run (quarot, rsq with rotation on) under ``--online-rotations none``, "off"
+    everywhere else.
+
+    Why (issue 33, bench/NOTES-importance.md session 14): under ``none`` a down_proj whose input
+    carries a massive activation can quantize 10-100x worse than its layer's other linears; on
+    Qwen2.5-Coder-1.5B four such modules made rsq and quarot 3-bit models score 80-87 perplexity
+    against plain GPTQ's 31 and full precision's 15.6. The loss rule keeps exactly those in float and
+    nothing on SmolLM2. Not for gptq/rtn/fp16 (the baselines stay as published) nor where an online
+    rotation reaches every down_proj (exact/export: nothing to guard)."""
+    imp = cfg.importance
+    if imp.unrotated_outliers != "auto":
+        return imp.unrotated_outliers
+    rotated = cfg.method in ("quarot", "rsq") and cfg.rotation.enabled and cfg.solver.algorithm != "rtn"
+    return "keep-float-on-loss" if rotated and cfg.rotation.online == "none" else "off"
 
 
 def _contradiction(cfg: RSQConfig) -> str | None:

@@ -19,7 +19,6 @@ from rsq.config import (
     KERNELS,
     METHODS,
     ONLINE_SETTINGS,
-    UNROTATED_OUTLIERS,
     UNROTATED_WEIGHTS,
     CalibConfig,
     GridConfig,
@@ -179,9 +178,11 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "--unrotated-outliers",
         ImportanceConfig,
         "unrotated_outliers",
-        "a down_proj whose input no online rotation reaches and carries a massive activation (channel peak over "
-        f"--outlier-ratio x the median channel's): {' or '.join(UNROTATED_OUTLIERS)} (quantize it, or keep it "
-        "unquantized in the model dtype; exports: rsq, compressed-tensors)",
+        "a down_proj whose input no online rotation reaches: off (quantize it), keep-float (keep it unquantized in "
+        "the model dtype when its input's channel peak is over --outlier-ratio x the median channel's), "
+        "keep-float-on-loss (quantize it and keep it in float when its GPTQ loss is over --outlier-loss-ratio x its "
+        "layer's other linears'), auto (keep-float-on-loss for quarot/rsq with rotation under --online-rotations "
+        "none, off elsewhere); kept modules export to rsq and compressed-tensors, not gptq",
     )
     _opt(
         p,
@@ -189,6 +190,15 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         ImportanceConfig,
         "outlier_ratio",
         "--unrotated-outliers keep-float: the channel-peak ratio above which a down_proj is kept",
+        type=float,
+    )
+    _opt(
+        p,
+        "--outlier-loss-ratio",
+        ImportanceConfig,
+        "outlier_loss_ratio",
+        "--unrotated-outliers keep-float-on-loss: a down_proj whose relative GPTQ loss is over this multiple of "
+        "the largest relative loss of its layer's other linears is kept in float",
         type=float,
     )
     _opt(p, "--expand", ImportanceConfig, "expand", "dataset expansion factor F (cyclic rolls, spec §5)", type=int)

@@ -17,6 +17,15 @@ rotation spreads a massive channel over all channels (that is why the rotated si
 ``token_norm`` = max_t ||x_t|| / median_t ||x_t||, recorded beside it, is the same with or without
 the rotation. The threshold (``ImportanceConfig.outlier_ratio``) comes from the measured values of
 both models (bench/NOTES-importance.md, Session 12).
+
+The statistic is a necessary sign, not a sufficient one: SmolLM2's layer-11 ``down_proj`` has the
+largest channel peak of both models (2331x) and quantizes well. ``--unrotated-outliers
+keep-float-on-loss`` decides from the quantization itself instead: the unrotated ``down_proj`` is
+quantized, and if its relative GPTQ loss exceeds ``ImportanceConfig.outlier_loss_ratio`` times the
+largest relative loss of the same layer's other linears (quantized just before it, same grid), its
+float weights are put back before the layer's outputs are propagated (rsq/job/stages.py). ``auto``
+(the default) is that rule for rotated runs under ``--online-rotations none`` and ``off`` elsewhere
+(:func:`rsq.config.resolve_unrotated_outliers`).
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from __future__ import annotations
 import torch
 
 KEEP_FLOAT = "keep-float"
-UNROTATED_OUTLIERS = ("off", KEEP_FLOAT)
+KEEP_FLOAT_ON_LOSS = "keep-float-on-loss"
+UNROTATED_OUTLIERS = ("auto", "off", KEEP_FLOAT, KEEP_FLOAT_ON_LOSS)
 
 
 class InputStats:

@@ -153,7 +153,7 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
         ppl_seqlen=opts.eval_seqlen, ppl_max_windows=opts.ppl_max_windows, ppl_batch_size=opts.ppl_batch_size
     )
     device = resolve_device(rank_device(ctx, cfg.device) if ctx.enabled else cfg.device)
-    if ctx.enabled and cfg.importance.unrotated_outliers != "off":
+    if ctx.enabled and cfg.importance.unrotated_outliers == "keep-float":
         raise ConfigError(
             f"--unrotated-outliers {cfg.importance.unrotated_outliers} decides from every calibration token at once "
             "and runs in one process: drop --nproc (or use --unrotated-outliers off)"
@@ -433,13 +433,22 @@ def _kept_float(cfg: RSQConfig, state: RunState, prefix: str) -> list[dict]:
         for name, rec in (getattr(r, "sites", None) or {}).items()
         if rec.get("kept")
     ]
-    if kept:
-        ratio = cfg.importance.outlier_ratio
+    by_peak = [e for e in kept if e.get("rule") != "loss"]
+    by_loss = [e for e in kept if e.get("rule") == "loss"]
+    if by_peak:
         log.warning(
             "kept in %s (not quantized), input channel peak over %gx the median channel's: %s",
             cfg.dtype,
-            ratio,
-            ", ".join(f"{e['module']} ({e['channel_peak']:.0f}x)" for e in kept),
+            cfg.importance.outlier_ratio,
+            ", ".join(f"{e['module']} ({e['channel_peak']:.0f}x)" for e in by_peak),
+        )
+    if by_loss:
+        log.warning(
+            "kept in %s (not quantized): no online rotation reaches their input and their GPTQ loss was over "
+            "%gx their layer's other linears' (--unrotated-outliers keep-float-on-loss): %s",
+            cfg.dtype,
+            cfg.importance.outlier_loss_ratio,
+            ", ".join(f"{e['module']} ({e['loss_ratio']:.1f}x)" for e in by_loss),
         )
     return kept
 

@@ -29,7 +29,7 @@ from rsq.config import RSQConfig, resolve_unrotated
 from rsq.distributed import DistContext
 from rsq.errors import NonFiniteError
 from rsq.importance import rolled_window
-from rsq.importance.sites import KEEP_FLOAT, InputStats
+from rsq.importance.sites import KEEP_FLOAT, KEEP_FLOAT_ON_LOSS, InputStats
 from rsq.job.state import LayerReport, RunState, timed
 from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
@@ -191,11 +191,15 @@ class QuantizeLayer(Stage):
             stats = InputStats() if hessian_pass and self._unrotated_down(layer, group) else None
             H = None if passes is None else self._hessian(group, layer, passes, site_weights, stats)
             keep = self._keep(group, stats, sites)
+            guard = stats is not None and not keep and self.cfg.importance.unrotated_outliers == KEEP_FLOAT_ON_LOSS
             with timed(self.state, "solve"):
                 energy = {name: _energy(layer.get_submodule(name).weight.data, H) for name in group}
+                backup = layer.get_submodule(group[0]).weight.data.clone() if guard else None
                 position = self._solve_group(index, layer, group, H, position, losses, keep)
                 for name in group:
                     rel_losses[name] = losses[name] / energy[name] if energy[name] > 0 else float("nan")
+                if guard:
+                    self._guard_loss(index, layer, group[0], backup, losses, rel_losses, sites)
         _check_losses(index, losses, self.adapter.layers)
         return LayerReport(
             index=index, seconds=0.0, losses=losses, importance=summary, rel_losses=rel_losses, sites=sites or None
@@ -218,6 +222,26 @@ class QuantizeLayer(Stage):
         kept = imp.unrotated_outliers == KEEP_FLOAT and record["channel_peak"] > imp.outlier_ratio
         sites[group[0]] = {**record, "kept": kept}
         return tuple(group) if kept else ()
+
+    def _guard_loss(
+        self, index: int, layer: nn.Module, name: str, backup: torch.Tensor, losses: dict, rel_losses: dict, sites: dict
+    ) -> None:
+        """--unrotated-outliers keep-float-on-loss (issue 33): put the unrotated down_proj ``name``'s float
+        weights back when its relative loss exceeds outlier_loss_ratio x the largest relative loss of
+        the layer's other linears (quantized before it with the same grid). Before propagation, so the
+        next layer calibrates on what the saved model computes. The measured loss stays in rel_losses
+        and the site's record says why the module was kept."""
+        others = [v for k, v in rel_losses.items() if k != name and math.isfinite(v) and v > 0]
+        mine = rel_losses[name]
+        ratio = mine / max(others) if others and math.isfinite(mine) else float("nan")
+        record = sites[name]
+        record["loss_ratio"] = ratio
+        if not ratio > self.cfg.importance.outlier_loss_ratio:
+            return
+        record.update(kept=True, rule="loss", quantized_rel_loss=mine)
+        layer.get_submodule(name).weight.data = backup
+        self.state.results.pop(f"{self.adapter.layers}.{index}.{name}", None)
+        losses[name] = 0.0
 
     def _importance(self, index: int, layer: nn.Module) -> tuple[list[torch.Tensor] | None, dict | None]:
         if self.weight_fn is None:
