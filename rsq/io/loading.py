@@ -115,13 +115,17 @@ def _compressed_tensors_config():
     return CompressedTensorsConfig(dequantize=True)
 
 
-def _apply_transforms(net, transform_config: dict) -> None:
+def _apply_transforms(net, transform_config: dict, name: str) -> None:
     """The checkpoint's online transforms (e.g. the down_proj Hadamard of --online-rotations export),
     applied by compressed-tensors' own code, as a serving engine applies them; transformers itself
-    ignores transform_config."""
+    ignores transform_config. Dense types (a non-power-of-two --export-block) then get the matrix
+    stored in the checkpoint, as vLLM applies it (rsq/checkpoint/export.py)."""
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
+    from rsq.checkpoint.export import load_transform_weights
+
     apply_transform_config(net, TransformConfig.model_validate(transform_config))
+    load_transform_weights(net, name)
 
 
 def _remove_offloading(net) -> None:
@@ -164,7 +168,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, adapter: M
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise _load_error(model, exc) from exc
     if compressed and qc.get("transform_config"):
-        _apply_transforms(net, qc["transform_config"])
+        _apply_transforms(net, qc["transform_config"], name)
     if compressed:
         _remove_offloading(net)
     if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
