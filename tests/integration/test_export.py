@@ -358,3 +358,11 @@ def test_non_pow2_export_block_is_a_dense_transform_with_the_stored_matrix(tiny_
     # stored matrix replaces its random one
     via_loader, _ = load_model(str(out))
     assert _rel_err(_logits(via_loader, ids), ref) < TOL
+    card = (out / "README.md").read_text()
+    assert f"dense {block} x {block} GEMM" in card and "Hadacore" not in card
+    # the GPTQ layout runs plain linears: refused as for any online rotation, nothing written
+    from rsq.checkpoint.exporters import export
+
+    with pytest.raises(ExportError, match="re-quantize with --online-rotations none"):
+        export(ckpt, tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "gptq").exists()
