@@ -366,3 +366,22 @@ def test_non_pow2_export_block_is_a_dense_transform_with_the_stored_matrix(tiny_
     with pytest.raises(ExportError, match="re-quantize with --online-rotations none"):
         export(ckpt, tmp_path / "gptq", "gptq")
     assert not (tmp_path / "gptq").exists()
+
+
+def test_block_order_compressed_tensors_cannot_build_is_refused():
+    """A block of order 276 (rsq: a core of order 276; compressed-tensors' table has cores up to 256)
+    would export, but no compressed-tensors loader could attach it: refused in one line. 768 and
+    Qwen2.5-1.5B's 1792 / 8960 (cores 12, 28, 140) pass, as does any power of two."""
+    from rsq.checkpoint.export import check_sites
+    from rsq.rotation.hadamard import has_hadamard
+
+    def qc(width, block):
+        site = {"module": "mlp.down_proj", "kind": "block", "size": width, "head_dim": block, "seed": 0}
+        return {"rotation": {"online": [site]}}
+
+    assert has_hadamard(276)
+    with pytest.raises(ExportError, match=r"cannot build a random-hadamard transform of order 276") as err:
+        check_sites(qc(552, 276))
+    assert "\n" not in str(err.value) and "--export-block" in str(err.value)
+    for width, block in ((1536, 768), (8960, 1792), (8960, 8960), (8960, 256)):
+        check_sites(qc(width, block))
