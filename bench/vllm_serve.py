@@ -36,9 +36,11 @@ not Hadacore. On the CPU that path calls ``layer.cpu_linear`` on the transform m
 (``dispatch_unquantized_gemm`` -> ``cpu_unquantized_gemm``), which vLLM's CPU build sets only on
 linear layers, never on the transform module; the harness gives the module
 ``torch.nn.functional.linear`` there, which is what ``default_unquantized_gemm`` calls on CUDA (the
-weight, the orientation and the 1/sqrt(b) are vLLM's). Its ``--control`` run serves a copy of the
-export whose stored matrix is transposed (H_b instead of H_bᵀ; rsq's non-power-of-two H_b is not
-symmetric), to show the comparison detects the wrong orientation.
+weight, the orientation and the 1/sqrt(b) are vLLM's). Without it the engine fails at its first
+forward: "AttributeError: 'HadamardTransform' object has no attribute 'cpu_linear'" (run once).
+Its ``--control`` run serves a copy of the export whose stored matrix is transposed (H_b instead of
+H_bᵀ; rsq's H_b of 768 or 1536, a paley1 core, is not symmetric), to show the comparison detects the
+wrong orientation.
 
 Why a bench and not a test: vLLM is not an rsq dependency (a 1 GB+ venv of its own, pinned torch),
 and one engine start takes about a minute on two cores.

