@@ -115,17 +115,13 @@ def _compressed_tensors_config():
     return CompressedTensorsConfig(dequantize=True)
 
 
-def _apply_transforms(net, transform_config: dict, name: str) -> None:
+def _apply_transforms(net, transform_config: dict) -> None:
     """The checkpoint's online transforms (e.g. the down_proj Hadamard of --online-rotations export),
     applied by compressed-tensors' own code, as a serving engine applies them; transformers itself
-    ignores transform_config. Dense types (a non-power-of-two --export-block) then get the matrix
-    stored in the checkpoint, as vLLM applies it (rsq/checkpoint/export.py)."""
+    ignores transform_config."""
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
-    from rsq.checkpoint.export import load_transform_weights
-
     apply_transform_config(net, TransformConfig.model_validate(transform_config))
-    load_transform_weights(net, name)
 
 
 def _remove_offloading(net) -> None:
@@ -168,9 +164,16 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, adapter: M
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise _load_error(model, exc) from exc
     if compressed and qc.get("transform_config"):
-        _apply_transforms(net, qc["transform_config"], name)
+        _apply_transforms(net, qc["transform_config"])
     if compressed:
         _remove_offloading(net)
+    if compressed and qc.get("transform_config"):
+        # dense types (a non-power-of-two --export-block): the matrix stored in the checkpoint, as vLLM
+        # applies it, over compressed-tensors' random one; set on plain modules, once offloading is removed
+        # (before it worked as well with compressed-tensors 0.20.1 on the CPU: tests/integration/test_export.py)
+        from rsq.checkpoint.export import load_transform_weights
+
+        load_transform_weights(net, name)
     if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
         # GGUF weights are dequantized on load: the in-memory model is a plain float model
         del net.config.quantization_config

@@ -358,6 +358,22 @@ def test_non_pow2_export_block_is_a_dense_transform_with_the_stored_matrix(tiny_
     # stored matrix replaces its random one
     via_loader, _ = load_model(str(out))
     assert _rel_err(_logits(via_loader, ids), ref) < TOL
+    if block == 48:  # the same where transformers' decompression offloads every module (5.17's route,
+        # tests/integration/test_ct_offload.py): the stored matrix must still reach the transforms
+        import transformers
+        from compressed_tensors.offload import from_accelerate
+
+        real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+        def as_in_5_17(cls, *args, **kw):
+            net = real(cls, *args, **kw)
+            from_accelerate(net)
+            return net
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(as_in_5_17))
+            offloaded, _ = load_model(str(out))
+        assert _rel_err(_logits(offloaded, ids), ref) < TOL
     card = (out / "README.md").read_text()
     assert f"dense {block} x {block} GEMM" in card and "Hadacore" not in card
     # the GPTQ layout runs plain linears: refused as for any online rotation, nothing written
