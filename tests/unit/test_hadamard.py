@@ -453,3 +453,14 @@ def test_export_block_choice_and_config_error():
     assert offered == [4, 8, 12, 16, 24, 32, 48, 96]
     with pytest.raises(ConfigError, match="use 0 \\(auto: 32\\)"):
         export_block(96, 6)  # divides, but no Hadamard of order 6 exists
+
+
+def test_compiled_path_op_runs_a_non_pow2_block():
+    # rsq::hadamard (the op torch.compile'd decoding calls, rsq/kernels/ops.py) on a --export-block
+    # of 768 = paley1(q=11) ⊗ sylvester(64): the same values as the eager transform, a fresh tensor
+    from rsq.kernels import ops  # noqa: F401  (registers rsq::hadamard)
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    x = torch.randn(2, 5, 1536, generator=torch.Generator().manual_seed(0))
+    got = torch.ops.rsq.hadamard(x, "block", 1536, 768)
+    assert torch.equal(got, block_hadamard_transform(x, 768)) and got.data_ptr() != x.data_ptr()
