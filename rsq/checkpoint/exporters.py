@@ -2,7 +2,9 @@
 
     name                bits      --online-rotations   layout (module)
     compressed-tensors  2 3 4 8   none, export, exact* pack-quantized int weights, down_proj block Hadamard
-                                                       as a ``hadamard`` transform (rsq/checkpoint/export.py)
+                                                       as a ``hadamard`` transform (``random-hadamard`` with the
+                                                       matrix stored for a non-power-of-2 --export-block;
+                                                       rsq/checkpoint/export.py)
     gptq                2 3 4 8   none                 GPTQ v1 (rsq/checkpoint/export_gptq.py)
 
     * exact only where every online site is a power-of-2 Sylvester Hadamard (the exporter checks each
@@ -78,7 +80,8 @@ EXPORTERS: dict[str, Exporter] = {
             convert="rsq.checkpoint.export:export_compressed_tensors",
             check="rsq.checkpoint.export:check_sites",
             help="pack-quantized 2/3/4/8-bit int weights (vLLM's compressed-tensors WNA16), the down_proj "
-            "block Hadamard of --online-rotations export as its hadamard transform",
+            "block Hadamard of --online-rotations export as its hadamard transform (a non-power-of-two "
+            "--export-block: random-hadamard with the matrix stored)",
         ),
         Exporter(
             "gptq",

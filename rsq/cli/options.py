@@ -121,8 +121,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         RotationConfig,
         "online",
         "run-time rotations: exact (down_proj Hadamard + cross-head before o_proj), export (down_proj as a "
-        "block-diagonal Sylvester Hadamard that compressed-tensors/vLLM reproduce; no cross-head) or none (only "
-        "rotations folded into the weights: the original architecture, any engine runs it)",
+        "block-diagonal Hadamard that compressed-tensors/vLLM reproduce, see --export-block; no cross-head) or "
+        "none (only rotations folded into the weights: the original architecture, any engine runs it)",
         choices=ONLINE_SETTINGS,
     )
     _opt(
@@ -131,7 +131,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         RotationConfig,
         "export_block",
         "--online-rotations export: the block of the down_proj Hadamard, 0 = the largest power of two dividing "
-        "the MLP width, else any Hadamard order that divides it (e.g. 1792 or 8960 for a width of 8960)",
+        "the MLP width (Sylvester: vLLM's Hadacore kernel), else any Hadamard order that divides it (e.g. 1792 "
+        "or 8960 for a width of 8960; exported as a stored matrix that vLLM applies as a dense GEMM per block)",
         type=int,
     )
     p.add_argument(

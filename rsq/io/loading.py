@@ -167,6 +167,13 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, adapter: M
         _apply_transforms(net, qc["transform_config"])
     if compressed:
         _remove_offloading(net)
+    if compressed and qc.get("transform_config"):
+        # dense types (a non-power-of-two --export-block): the matrix stored in the checkpoint, as vLLM
+        # applies it, over compressed-tensors' random one; set on plain modules, once offloading is removed
+        # (before it worked as well with compressed-tensors 0.20.1 on the CPU: tests/integration/test_export.py)
+        from rsq.checkpoint.export import load_transform_weights
+
+        load_transform_weights(net, name)
     if getattr(net.config, "quantization_config", None) is not None and extra.get("gguf_file"):
         # GGUF weights are dequantized on load: the in-memory model is a plain float model
         del net.config.quantization_config

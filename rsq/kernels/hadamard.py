@@ -25,7 +25,9 @@ def cross_head(
 
 def hadamard_rotate(x: torch.Tensor, kind: str, size: int, head_dim: int) -> torch.Tensor:
     """The Hadamard kinds (full, cross_head, block) of an online rotation on x's last dim: the
-    Triton kernel for bf16/fp16 on CUDA where it supports the size, else the torch transform."""
+    Triton kernel for bf16/fp16 on CUDA where it supports the size, else the torch transform. The
+    ``block`` kind always runs the torch transform: the Triton kernel rotates a whole row (or across
+    heads), not contiguous blocks, and the block may be any Hadamard order (``--export-block``)."""
     if kind == "block":
         return block_hadamard_transform(x, head_dim)
     cross = kind == "cross_head"

@@ -8,9 +8,12 @@ so parameter names are unchanged and forward hooks (Hessian collection) see the 
 kinds:
 * ``full``: x <- H_n x over the whole last dim (n = in_features; down_proj input).
 * ``cross_head``: x viewed as (heads, head_dim) <- (H_heads ⊗ I_head_dim) x (before o_proj).
-* ``block``: x <- (I ⊗ H_b/√b) x, Sylvester's H_b on each contiguous block of b = ``head_dim``
-  features (the ``--online-rotations export`` down_proj site: what compressed-tensors' ``hadamard``
-  transform with ``head_dim=b`` applies, so serving engines reproduce it).
+* ``block``: x <- (I ⊗ H_b/√b) x, the Hadamard H_b of rsq/rotation/hadamard.py's ``hadamard_matrix``
+  on each contiguous block of b = ``head_dim`` features (the ``--online-rotations export`` down_proj
+  site). b a power of two (the default): Sylvester's H_b, what compressed-tensors' ``hadamard``
+  transform with ``head_dim=b`` applies (vLLM: Hadacore); any other order (``--export-block``):
+  H_K ⊗ sylvester, exported with its matrix stored and applied by the engines as a dense GEMM per
+  block. Always the torch transform (rsq/kernels/hadamard.py), never the Triton kernel.
 * ``random_full`` / ``random_cross_head``: the same with a seeded random orthogonal matrix, the
   explicit fallback where no Hadamard of the order exists.
 
@@ -40,7 +43,7 @@ class OnlineRotation:
     module: str  # path inside a decoder layer, e.g. "mlp.down_proj"
     kind: str  # full | cross_head | block | random_full | random_cross_head
     size: int  # order of the orthogonal matrix
-    head_dim: int = 1  # cross_head: width of each head block; block: the Sylvester block size
+    head_dim: int = 1  # cross_head: width of each head block; block: the Hadamard block size
     seed: int = 0  # random_* kinds: seed of the matrix
 
     def to_dict(self) -> dict:

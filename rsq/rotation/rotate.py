@@ -16,9 +16,12 @@ All weight arithmetic runs in float64 and is cast back to the model dtype. Steps
    (skip, or a seeded random orthogonal matrix) is applied explicitly and recorded.
 
 ``RotationConfig.online`` chooses the run-time sites: ``exact`` (5 and 6 as above), ``export`` (5
-as the block-diagonal Sylvester Hadamard I ⊗ H_b/√b, b the largest power of two dividing the width,
-which compressed-tensors' ``hadamard`` transform reproduces; no cross-head part) or ``none`` (no
-run-time rotation at all: only what folds into the weights, so the model keeps its architecture).
+as the block-diagonal Hadamard I ⊗ H_b/√b; no cross-head part) or ``none`` (no run-time rotation at
+all: only what folds into the weights, so the model keeps its architecture). The ``export`` block b
+is ``RotationConfig.export_block`` (``--export-block``): 0 = the largest power of two dividing the
+width, whose Sylvester H_b compressed-tensors' ``hadamard`` transform reproduces (vLLM's Hadacore
+kernel); else any Hadamard order dividing the width (H_b = H_K ⊗ sylvester, e.g. 1792 = 28 x 64 of
+Qwen2.5-1.5B's 8960), which the export stores as a dense matrix (rsq/checkpoint/export.py).
 
 Steps 1-2, the final norm and the embedding / lm_head sides of 4 touch the model's ends
 (:func:`rotate_ends`); 3-6 act on one decoder layer at a time (:func:`rotate_layer`), so the

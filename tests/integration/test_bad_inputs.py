@@ -507,3 +507,23 @@ def test_eval_batch_follows_the_option(llama, monkeypatch):
     monkeypatch.setattr(rsq.eval.runner, "perplexity", lambda m, w, d, b, **k: seen.append(b) or real(m, w, d, b, **k))
     rsq.eval.runner.run_eval(llama, ("wikitext2",), seqlen=32, max_windows=3, batch_size=2)
     assert seen == [2]
+
+
+# -- --export-block that does not fit the MLP width (issue 33)
+
+
+@pytest.mark.parametrize("block,needle", [("40", "--export-block 40"), ("6", "--export-block 6"), ("-4", "-4")])
+def test_export_block_that_does_not_fit(llama, tmp_path, capsys, block, needle):
+    """The tiny Llama's down_proj input is 96 wide: 40 does not divide it, 6 divides it but no
+    Hadamard of order 6 exists; the line names the orders that would work, which then run."""
+    rc = main(["quantize", llama, "--method", "quarot", "--export-block", block, "--out", str(tmp_path / "o"), *FAST])
+    line = _one_error(capsys, rc, needle)
+    _nothing_created(tmp_path)
+    if block != "-4":
+        assert "96" in line and line.endswith("one of 4, 8, 12, 16, 24, 32, 48, 96")
+    if block == "40":
+        argv = ["quantize", llama, "--method", "quarot", "--export-block", "48", "--out", str(tmp_path / "o")]
+        rc = main([*argv, *FAST])
+        assert rc == 0
+        qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+        assert qc["rotation"]["online"][0]["head_dim"] == 48

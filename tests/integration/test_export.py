@@ -300,3 +300,104 @@ def test_rsq_checkpoint_with_exportable_rotations_exports(tiny_model_dir, tmp_pa
         for d in (ckpt, out)
     ]
     assert abs(ppl[1] / ppl[0] - 1) < 1e-5, ppl
+
+
+@pytest.mark.parametrize("block", [48, 96])
+def test_non_pow2_export_block_is_a_dense_transform_with_the_stored_matrix(tiny_model_dir, tmp_path, block):
+    """--export-block 48 / 96 on the tiny Llama (down_proj width 96): the block Hadamard is rsq's
+    paley1(q=11) ⊗ sylvester (not symmetric), exported as a ``random-hadamard`` transform whose
+    matrix is stored. Checked with compressed-tensors' own code: transformers ignores the
+    transform_config (no transform module, logits wrong); ``apply_transform_config`` builds a
+    random-signed matrix (logits still wrong); loading the stored tensor into it (load_state_dict,
+    as a loader that attaches the transforms before the weights would) gives rsq.load's logits to
+    TOL, and the transposed matrix does not (the orientation is tested, not assumed). rsq's own
+    reader of exports (load_model: decompress, attach, overwrite) gives the checkpoint's perplexity."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from compressed_tensors.transform.factory.base import TransformBase
+    from safetensors.torch import load_file
+
+    from rsq.rotation.hadamard import hadamard_matrix
+
+    H = hadamard_matrix(block)
+    assert not torch.equal(H, H.T)  # else H vs Hᵀ would not be tested
+    ckpt, out = tmp_path / "ckpt", tmp_path / "ct"
+    rotation = RotationConfig(enabled=True, online_value=False, export_block=block)
+    _quantize(tiny_model_dir("llama"), ckpt, GridConfig(bits=4, group_size=32), rotation)
+    site = json.loads((ckpt / "config.json").read_text())["quantization_config"]["rotation"]["online"][0]
+    assert (site["kind"], site["head_dim"]) == ("block", block)
+    summary = export_compressed_tensors(ckpt, out)
+    assert summary["transforms"] == ["mlp.down_proj"]
+
+    tc = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]
+    scheme = tc["config_groups"]["rsq_online_hadamard"]
+    assert (scheme["type"], scheme["head_dim"]) == ("random-hadamard", block)
+    key = "model.layers.0.mlp.down_proj.rsq_online_hadamard_input.weight"
+    stored = load_file(out / "model.safetensors")[key]
+    assert stored.dtype == torch.float32 and torch.equal(stored, H.T.float())  # ±1: exact in float32
+
+    loaded, _ = rsq.load(ckpt)
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(4))
+    ref = _logits(loaded, ids)
+    exported = _from_pretrained(out)
+    assert not any(isinstance(m, TransformBase) for m in exported.modules())  # transformers ignored it
+    assert _rel_err(_logits(exported, ids), ref) > 1e-2
+    apply_transform_config(exported, TransformConfig.model_validate(tc))
+    attached = [m for m in exported.modules() if isinstance(m, TransformBase)]
+    assert len(attached) == 2  # one per layer
+    assert not torch.equal(attached[0].weight.detach(), stored)  # compressed-tensors' random signs
+    assert _rel_err(_logits(exported, ids), ref) > 1e-2
+    missing, unexpected = exported.load_state_dict({key: stored}, strict=False)
+    assert not unexpected
+    # the layers share one matrix (compressed-tensors caches it per order), so one stored copy sets all
+    assert all(torch.equal(m.weight.detach(), stored) for m in attached)
+    assert _rel_err(_logits(exported, ids), ref) < TOL
+    exported.load_state_dict({key: stored.T.contiguous()}, strict=False)  # the wrong orientation
+    assert _rel_err(_logits(exported, ids), ref) > 1e-2
+
+    # rsq's reader of exports (rsq eval EXPORT): compressed-tensors decompresses, attaches, and the
+    # stored matrix replaces its random one
+    via_loader, _ = load_model(str(out))
+    assert _rel_err(_logits(via_loader, ids), ref) < TOL
+    if block == 48:  # the same where transformers' decompression offloads every module (5.17's route,
+        # tests/integration/test_ct_offload.py): the stored matrix must still reach the transforms
+        import transformers
+        from compressed_tensors.offload import from_accelerate
+
+        real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+        def as_in_5_17(cls, *args, **kw):
+            net = real(cls, *args, **kw)
+            from_accelerate(net)
+            return net
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(as_in_5_17))
+            offloaded, _ = load_model(str(out))
+        assert _rel_err(_logits(offloaded, ids), ref) < TOL
+    card = (out / "README.md").read_text()
+    assert f"dense {block} x {block} GEMM" in card and "Hadacore" not in card
+    # the GPTQ layout runs plain linears: refused as for any online rotation, nothing written
+    from rsq.checkpoint.exporters import export
+
+    with pytest.raises(ExportError, match="re-quantize with --online-rotations none"):
+        export(ckpt, tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_block_order_compressed_tensors_cannot_build_is_refused():
+    """A block of order 276 (rsq: a core of order 276; compressed-tensors' table has cores up to 256)
+    would export, but no compressed-tensors loader could attach it: refused in one line. 768 and
+    Qwen2.5-1.5B's 1792 / 8960 (cores 12, 28, 140) pass, as does any power of two."""
+    from rsq.checkpoint.export import check_sites
+    from rsq.rotation.hadamard import has_hadamard
+
+    def qc(width, block):
+        site = {"module": "mlp.down_proj", "kind": "block", "size": width, "head_dim": block, "seed": 0}
+        return {"rotation": {"online": [site]}}
+
+    assert has_hadamard(276)
+    with pytest.raises(ExportError, match=r"cannot build a random-hadamard transform of order 276") as err:
+        check_sites(qc(552, 276))
+    assert "\n" not in str(err.value) and "--export-block" in str(err.value)
+    for width, block in ((1536, 768), (8960, 1792), (8960, 8960), (8960, 256)):
+        check_sites(qc(width, block))

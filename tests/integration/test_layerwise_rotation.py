@@ -15,10 +15,18 @@ from rsq.rotation.rotate import plan_rotation
 from tests.conftest import tiny_model
 
 
-@pytest.mark.parametrize("family,online", [("llama", "exact"), ("qwen2", "exact"), ("mistral", "export")])
-def test_layerwise_rotation_equals_whole_model_rotation(family, online):
+@pytest.mark.parametrize(
+    "family,online,block",
+    # block: --export-block (0 = auto); 48 = paley1(q=11) ⊗ sylvester(4) blocks of the tiny Llama's 96
+    [("llama", "exact", 0), ("qwen2", "exact", 0), ("mistral", "export", 0), ("llama", "export", 48)],
+)
+def test_layerwise_rotation_equals_whole_model_rotation(family, online, block):
     cfg = RSQConfig.for_method(
-        "rsq", rotation={"online": online}, calib={"nsamples": 4, "seqlen": 32}, batch_size=2, device="cpu"
+        "rsq",
+        rotation={"online": online, "export_block": block},
+        calib={"nsamples": 4, "seqlen": 32},
+        batch_size=2,
+        device="cpu",
     )
     windows = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
     base = tiny_model(family)

@@ -120,3 +120,29 @@ def test_every_online_setting_keeps_the_function(family, setting):
         assert not attached
     elif setting == "export":
         assert kinds == {"block"}
+
+
+@pytest.mark.parametrize("family,block", [("llama", 48), ("llama", 96), ("qwen2", 76), ("qwen2", 152)])
+def test_non_pow2_export_block_keeps_the_function(family, block):
+    """--online-rotations export --export-block b (b not a power of two: 48 = 12·4, 96 = 12·8 of the
+    tiny Llama's 96; 76 = 76·1, 152 = 76·2 of the tiny Qwen2's 152 = 8·19, whose auto block is 8):
+    the rotated float64 model computes the original's logits (same bound as above), the site is the
+    block of b, and its online transform is the explicit block-diagonal I ⊗ H_b/√b."""
+    from rsq.rotation.hadamard import hadamard_matrix
+
+    ref = tiny_model(family, dtype=torch.float64)
+    rot = copy.deepcopy(ref)
+    _exact_norms(ref), _exact_norms(rot)
+    record = rotate_model(rot, resolve(rot), RotationConfig(enabled=True, online="export", export_block=block))
+    down = next(r for r in record["online"] if r["module"] == "mlp.down_proj")
+    width = ref.config.intermediate_size
+    assert (down["kind"], down["size"], down["head_dim"]) == ("block", width, block)
+    assert down["recipe"].endswith(f" x {width // block}")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, rot(input_ids=ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-10
+    site = rot.model.layers[0].mlp.down_proj.online_rotation
+    x = torch.randn(3, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dense = torch.block_diag(*[hadamard_matrix(block) / block**0.5] * (width // block))
+    assert torch.allclose(site(x), x @ dense.T, rtol=0, atol=1e-12)  # float64 sums of <= 152 products

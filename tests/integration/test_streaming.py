@@ -312,3 +312,26 @@ def test_a_failed_background_read_is_the_run_error(model_dirs, tmp_path, monkeyp
         run_quantize(_cfg(model_dirs("llama"), "gptq"), out, ppl_sources=())
     assert not out.exists()
     assert json.loads((partial_dir(out) / "state.json").read_text())["finished_layers"] == 2
+
+
+def test_streamed_equals_in_memory_with_non_pow2_export_block(model_dirs, tmp_path):
+    """--export-block 48 (the tiny Llama's 96-wide down_proj input in 2 blocks of paley1(q=11) ⊗
+    sylvester(4)): the streamed run rotates each layer as it reads it, with the same block, and
+    writes the in-memory run's checkpoint bit for bit."""
+    cfg = RSQConfig.for_method(
+        "rsq",
+        model=str(model_dirs("llama")),
+        grid={"bits": 3},
+        rotation={"online": "export", "export_block": 48},
+        calib={"nsamples": 4, "seqlen": 32},
+        batch_size=3,
+    )
+    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=2, ppl_batch_size=2, stream=False)
+    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=2, ppl_batch_size=2)
+    assert st["streamed"] and not mem["streamed"]
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    assert st["perplexity"]["wikitext2"] == mem["perplexity"]["wikitext2"]
+    for d in ("mem", "st"):
+        rot = json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["rotation"]
+        down = next(s for s in rot["online"] if s["module"] == "mlp.down_proj")
+        assert (down["kind"], down["head_dim"]) == ("block", 48)

@@ -113,5 +113,10 @@ def test_opcheck_e8p_and_hadamard():
     layer = e8p_layer()
     args = (torch.randn(6, 256), [layer.codes, layer.scales], layer.bias, "e8p", [2, 256, -1, 48], None)
     torch.library.opcheck(ops.quant_linear, args)
-    for kind, size, head_dim, width in (("full", 96, 1, 96), ("cross_head", 4, 16, 64), ("block", 96, 32, 96)):
+    for kind, size, head_dim, width in (
+        ("full", 96, 1, 96),
+        ("cross_head", 4, 16, 64),
+        ("block", 96, 32, 96),
+        ("block", 96, 48, 96),
+    ):
         torch.library.opcheck(ops.hadamard, (torch.randn(3, width), kind, size, head_dim))

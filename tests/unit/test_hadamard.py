@@ -393,3 +393,74 @@ def test_block_hadamard_is_compressed_tensors_block_diagonal_sylvester(n):
     assert torch.allclose(got, ref, rtol=0, atol=1e-12)
     # orthogonal: norms kept (float64 rounding only)
     assert torch.allclose(got.norm(dim=1), x.norm(dim=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "n,b,symmetric",
+    # 1216 = 76 x 16: a paley2 core, symmetric; the others' cores (paley1, ...) are not
+    [
+        (96, 48, False),
+        (96, 96, False),
+        (1536, 768, False),
+        (1536, 1536, False),
+        (8960, 1792, False),
+        (4864, 1216, True),
+    ],
+)
+def test_block_hadamard_non_pow2_block_is_the_explicit_block_diagonal(n, b, symmetric):
+    # --export-block: oracle = the explicit block-diagonal I ⊗ H_b/√b with H_b = hadamard_matrix(b)
+    # (H_K ⊗ sylvester), applied densely in float64; leading dims of any shape. Tolerance 1e-12:
+    # float64 rounding of sums of at most b products (|x| ~ 1, b <= 1792: ~1e-14 measured)
+    from rsq.kernels.hadamard import hadamard_rotate
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    Hb = hadamard_matrix(b) / math.sqrt(b)
+    assert torch.equal(Hb, Hb.T) == symmetric  # where not symmetric, the check below fixes the orientation
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(b))
+    got = block_hadamard_transform(x, b)
+    if n <= 1536:
+        ref = x @ torch.block_diag(*[Hb] * (n // b)).T
+    else:  # the same product, one block at a time (a dense n x n would be 640 MB at 8960)
+        ref = (x.reshape(2, 3, n // b, b) @ Hb.T).reshape(2, 3, n)
+    assert got.shape == x.shape and torch.allclose(got, ref, rtol=0, atol=1e-12)
+    # the online rotation's entry point (rsq/kernels/hadamard.py: block never goes to Triton)
+    assert torch.equal(hadamard_rotate(x, "block", n, b), got)
+    # float32 and bfloat16 inputs: computed in float32, returned in the input's dtype
+    got32 = block_hadamard_transform(x.float(), b)
+    assert got32.dtype == torch.float32 and torch.allclose(got32.double(), ref, rtol=0, atol=1e-5)
+    assert block_hadamard_transform(x.to(torch.bfloat16), b).dtype == torch.bfloat16
+
+
+def test_block_hadamard_refuses_a_block_that_does_not_divide():
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    with pytest.raises(ValueError, match="block 40 must divide 96"):
+        block_hadamard_transform(torch.zeros(2, 96), 40)
+
+
+def test_export_block_choice_and_config_error():
+    from rsq.errors import ConfigError
+    from rsq.rotation.rotate import export_block
+
+    assert export_block(8960, 0) == 256 and export_block(1536, 0) == 512  # auto: largest power of two
+    assert export_block(8960, 1792) == 1792 and export_block(8960, 8960) == 8960
+    with pytest.raises(ConfigError) as err:
+        export_block(96, 40)  # does not divide
+    msg = str(err.value)
+    assert "\n" not in msg and "--export-block 40" in msg
+    # the orders offered are exactly the Hadamard orders dividing 96, each of which the transform takes
+    offered = [int(v) for v in msg.split("one of ")[1].split(", ")]
+    assert offered == [4, 8, 12, 16, 24, 32, 48, 96]
+    with pytest.raises(ConfigError, match="use 0 \\(auto: 32\\)"):
+        export_block(96, 6)  # divides, but no Hadamard of order 6 exists
+
+
+def test_compiled_path_op_runs_a_non_pow2_block():
+    # rsq::hadamard (the op torch.compile'd decoding calls, rsq/kernels/ops.py) on a --export-block
+    # of 768 = paley1(q=11) ⊗ sylvester(64): the same values as the eager transform, a fresh tensor
+    from rsq.kernels import ops  # noqa: F401  (registers rsq::hadamard)
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    x = torch.randn(2, 5, 1536, generator=torch.Generator().manual_seed(0))
+    got = torch.ops.rsq.hadamard(x, "block", 1536, 768)
+    assert torch.equal(got, block_hadamard_transform(x, 768)) and got.data_ptr() != x.data_ptr()
