@@ -192,3 +192,56 @@ def test_rtn_with_keep_float_is_refused_in_one_line(planted_dir, tmp_path, capsy
     # the refusal is about the combination only: rtn alone and keep-float with a solved method build
     assert RSQConfig.for_method("rtn").importance.unrotated_outliers == "off"
     assert RSQConfig.for_method("gptq", importance={"unrotated_outliers": "keep-float"}).solver.algorithm != "rtn"
+
+
+@pytest.mark.parametrize("method", ["quarot", "rsq"])
+def test_keep_float_on_loss_keeps_the_planted_down_proj_from_its_loss(planted_dir, tmp_path, method):
+    """keep-float-on-loss decides from the quantization itself: the planted down_proj's relative loss
+    is far over its layer's other linears', the other layer's is not. Oracles: the planted layer
+    (known), the recorded per-layer relative losses (the ratio is recomputed from them), the
+    statistic rule's checkpoint (the same module kept in float: the same rotated float tensor), and
+    the full-precision logits (closer than the run that quantizes it)."""
+    from safetensors.torch import load_file
+
+    fp, _ = load_model(str(planted_dir))
+    ref = _logits(fp, IDS)
+    res = {}
+    for mode in ("off", "keep-float", "keep-float-on-loss"):
+        res[mode] = run_quantize(_cfg(planted_dir, method, "none", mode), tmp_path / mode, ppl_sources=())
+    kept = res["keep-float-on-loss"]["kept_float"]
+    assert [e["module"] for e in kept] == [DOWN] and kept[0]["rule"] == "loss"
+    for layer in res["keep-float-on-loss"]["layers"]:
+        rel, site = layer["rel_losses"], layer["sites"]["mlp.down_proj"]
+        others = max(v for k, v in rel.items() if k != "mlp.down_proj")
+        assert site["loss_ratio"] == pytest.approx(rel["mlp.down_proj"] / others, rel=1e-12)
+        assert site["kept"] == (layer["index"] == PLANT_LAYER) == (site["loss_ratio"] > 2.0)
+    assert res["keep-float-on-loss"]["layers"][PLANT_LAYER]["losses"]["mlp.down_proj"] == 0.0
+    # the statistic rule keeps the same module: the same rotated float weights
+    a, b = (load_file(tmp_path / m / "model.safetensors") for m in ("keep-float", "keep-float-on-loss"))
+    assert torch.equal(a[f"{DOWN}.weight"], b[f"{DOWN}.weight"])
+    # the first layer ran identically in both (nothing kept there, same inputs): same codes
+    first = "model.layers.0.mlp.down_proj"
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(first))
+    err = {m: _rel(_logits(rsq.load(tmp_path / m)[0], IDS), ref) for m in ("off", "keep-float-on-loss")}
+    assert err["keep-float-on-loss"] < 0.8 * err["off"], err  # as in the test above
+
+
+def test_auto_resolves_to_the_loss_rule_only_for_rotated_runs_under_none(planted_dir, tmp_path):
+    from rsq.config import resolve_unrotated_outliers
+
+    for method, online, want in (
+        ("quarot", "none", "keep-float-on-loss"),
+        ("rsq", "none", "keep-float-on-loss"),
+        ("rsq", "export", "off"),
+        ("rsq", "exact", "off"),
+        ("gptq", "none", "off"),
+    ):
+        cfg = _cfg(planted_dir, method, online, "auto")
+        assert resolve_unrotated_outliers(cfg) == want, (method, online)
+        assert cfg.resolved().importance.unrotated_outliers == want
+    rtn = RSQConfig.for_method("rtn", model=str(planted_dir), rotation={"enabled": True, "online": "none"})
+    assert resolve_unrotated_outliers(rtn) == "off"
+    # what the run records is the resolved value, and the default run keeps the planted module
+    r = run_quantize(_cfg(planted_dir, "quarot", "none", "auto"), tmp_path / "auto", ppl_sources=())
+    assert r["config"]["importance"]["unrotated_outliers"] == "keep-float-on-loss"
+    assert [e["module"] for e in r["kept_float"]] == [DOWN]
