@@ -55,7 +55,7 @@ from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
 from rsq.plan import preflight
 from rsq.plan.memory import JobShape, fit_device_memory, fit_host_memory
-from rsq.rotation.rotate import plan_rotation, rotate_model
+from rsq.rotation.rotate import apply_rotation, plan_rotation
 from rsq.version import __version__
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ def _execute(job: Job) -> dict | None:
             cfg.grid.check_width(first.get_submodule(name).in_features, name)
         _windows(job, tokenizer)
         plan = _rotation(job, model, adapter)
+        if plan is not None and plan.padding is not None:  # --pad-mlp: down_proj is that wide once rotated
+            cfg.grid.check_width(plan.padding.padded, adapter.down_proj)
         job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
         job.store.session.clock(t_start)
         state, evals = _quantize(job, model, adapter, weights, plan)
@@ -247,7 +249,7 @@ def _execute(job: Job) -> dict | None:
         weights.close()
     rotation_record = None
     if cfg.rotation.enabled:
-        rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
+        rotation_record = plan.record
     if not ctx.is_main:
         ctx.barrier()  # rank 0 evaluates and writes the checkpoint
         return None
@@ -291,16 +293,14 @@ def _windows(job: Job, tokenizer) -> None:
 
 
 def _rotation(job: Job, model, adapter):
-    """The rotation plan a quantizing run applies layer by layer (None: no rotation, or an
-    unquantized run's whole-model rotation, done now)."""
+    """The rotation plan (None: no rotation): a quantizing run applies it layer by layer, an
+    unquantized run's whole-model rotation is done now."""
     if not job.cfg.rotation.enabled:
         return None
     t0 = time.perf_counter()
-    plan = None
-    if job.cfg.quantizes:  # applied layer by layer on the device as the loop reaches them
-        plan = plan_rotation(model, adapter, job.cfg.rotation)
-    else:
-        rotate_model(model, adapter, job.cfg.rotation)
+    plan = plan_rotation(model, adapter, job.cfg.rotation)
+    if not job.cfg.quantizes:  # else applied layer by layer on the device as the loop reaches them
+        apply_rotation(model, adapter, plan)
     job.timings["rotate"] = time.perf_counter() - t0
     return plan
 
