@@ -302,6 +302,11 @@ class RSQConfig:
                 f"--pad-mlp {self.rotation.pad_mlp} pads the MLP of a rotated model (for a larger down_proj Hadamard "
                 "block) and this run does not rotate: use --method quarot or rsq (or --rotate), or drop --pad-mlp"
             )
+        if self.rotation.pad_mlp and self.quantizes and not self.grid.format.zero_rows_exact:
+            raise ConfigError(
+                f"--pad-mlp with the {self.grid.kind} grid: an all-zero row does not quantize to zeros there, so the "
+                "padded gate/up rows would change the function; use --grid uniform or nf, or drop --pad-mlp"
+            )
         problem = _contradiction(self)
         if problem:
             raise ConfigError(

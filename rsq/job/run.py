@@ -55,6 +55,7 @@ from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
 from rsq.plan import preflight
 from rsq.plan.memory import JobShape, fit_device_memory, fit_host_memory
+from rsq.rotation.pad import padded_config
 from rsq.rotation.rotate import apply_rotation, plan_rotation
 from rsq.version import __version__
 
@@ -175,10 +176,11 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
         preloaded=opts.preloaded is not None,
         text_chars=_text_chars(texts, cfg.calib.source, opts.ppl_sources),
     )
-    memory = fit_host_memory(config, adapter, cfg, shape, device=device, ranks=ctx.world, enforce=opts.check_memory)
+    planned = padded_config(config, cfg.rotation)  # --pad-mlp: the memory of the padded MLP
+    memory = fit_host_memory(planned, adapter, cfg, shape, device=device, ranks=ctx.world, enforce=opts.check_memory)
     shape = replace(shape, ppl_batch_size=memory["ppl_batch_size"])
     # a GPU job beyond the device's free memory stops here
-    memory["device_memory"] = fit_device_memory(config, adapter, cfg, shape, device=device, enforce=opts.check_memory)
+    memory["device_memory"] = fit_device_memory(planned, adapter, cfg, shape, device=device, enforce=opts.check_memory)
     store = RunStore(out, cfg, saved, writer=ctx.is_main, background=opts.overlap_io)
     store.stop_after = opts.stop_after_layer
     return Job(cfg, opts, store, streamed, texts, memory, adapter)
@@ -240,8 +242,6 @@ def _execute(job: Job) -> dict | None:
             cfg.grid.check_width(first.get_submodule(name).in_features, name)
         _windows(job, tokenizer)
         plan = _rotation(job, model, adapter)
-        if plan is not None and plan.padding is not None:  # --pad-mlp: down_proj is that wide once rotated
-            cfg.grid.check_width(plan.padding.padded, adapter.down_proj)
         job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
         job.store.session.clock(t_start)
         state, evals = _quantize(job, model, adapter, weights, plan)

@@ -21,6 +21,7 @@ gate/up rows quantize to exact zeros (an all-zero row gets scale 1 and its zero 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,21 @@ def pad_layer(layer: nn.Module, adapter: ModelAdapter, padding: MlpPadding) -> N
     for name in (adapter.gate_proj, adapter.up_proj):
         _pad_rows(layer.get_submodule(name), padding.extra)
     _pad_cols(down, padding.extra)
+
+
+def padded_config(config, rotation):
+    """``config`` as the rotated model will describe it: a copy with the padded intermediate_size
+    under ``rotation.pad_mlp`` (what memory plans and width checks before any weight is read need),
+    ``config`` itself otherwise; ConfigError (before any weight is read) for a width below the MLP's."""
+    if not (rotation.enabled and rotation.pad_mlp):
+        return config
+    width = config.intermediate_size
+    target = padded_width(width, rotation.pad_mlp)
+    if target == width:
+        return config
+    out = copy.deepcopy(config)
+    pad_config(out, MlpPadding(width, target))
+    return out
 
 
 def pad_config(config, padding: MlpPadding) -> None:

@@ -185,3 +185,65 @@ def test_padded_checkpoint_exports_and_quantizes_padding_to_zero(tiny_model_dir,
     ref = _logits(loaded, ids)
     apply_transform_config(exported, TransformConfig.model_validate(tc))
     assert _rel_err(_logits(exported, ids), ref) < TOL
+
+
+GRIDS = [
+    dict(bits=3),
+    dict(bits=3, symmetric=False),
+    dict(bits=3, symmetric=False, mse_clip=False),
+    dict(bits=4, group_size=16),
+    dict(bits=4, group_size=16, symmetric=False),
+    dict(kind="nf", bits=3),
+    dict(kind="nf", bits=4, group_size=16),
+]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
+def test_zero_rows_quantize_to_exact_zeros(grid):
+    """The padded gate/up rows: RTN and GPTQ (natural and act order, rows stacked as gate+up are)
+    give exact zeros, finite scales, and the stored codes dequantize to zeros too."""
+    from rsq.checkpoint.schema import dequantize_result
+    from rsq.config import GridConfig, SolverConfig
+    from rsq.solver.gptq import gptq_quantize, rtn_result
+
+    grid = GridConfig(**grid)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    W[16:] = 0
+    X = torch.randn(256, 64, generator=g)
+    H = X.T @ X / 256
+    results = [rtn_result(W, grid)] + [gptq_quantize(W, H, grid, SolverConfig(act_order=a)) for a in (False, True)]
+    for res in results:
+        assert torch.isfinite(res.scale).all() and torch.isfinite(res.weight).all()
+        assert not res.weight[16:].any() and res.weight[:16].any()
+        assert not dequantize_result(res, grid)[16:].any()
+
+
+def test_e8p_refuses_padding():
+    """E8P's codebook has no zero point: a zero row quantizes to nonzero values (checked here), so the
+    padding would not be function-preserving; the config refuses it."""
+    from rsq.config import GridConfig, SolverConfig
+    from rsq.solver.ldlq import ldlq_quantize
+
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    W[8:] = 0
+    assert ldlq_quantize(W, torch.eye(64), GridConfig(kind="e8p", bits=2), SolverConfig()).weight[8:].any()
+    with pytest.raises(ConfigError, match="--pad-mlp with the e8p grid"):
+        RSQConfig.for_method("rsq", grid={"kind": "e8p"}, rotation={"pad_mlp": 128})
+
+
+def test_preflight_checks_the_padded_width():
+    """Before any weight is read: a width below the MLP's is refused, and the group size is checked
+    against the padded down_proj width (96 is not a multiple of 64, 128 is)."""
+    from rsq.plan.preflight import check_model
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    with pytest.raises(ConfigError, match="--group-size 64 does not divide the input widths 96"):
+        check_model(config, RSQConfig.for_method("rsq", grid={"group_size": 64}), ppl_seqlen=None)
+    check_model(
+        config, RSQConfig.for_method("rsq", grid={"group_size": 64}, rotation={"pad_mlp": 128}), ppl_seqlen=None
+    )
+    with pytest.raises(ConfigError, match="--pad-mlp 80 is smaller than the MLP width 96"):
+        check_model(config, RSQConfig.for_method("rsq", rotation={"pad_mlp": 80}), ppl_seqlen=None)
+    assert config.intermediate_size == 96  # the source's config is left as it is
