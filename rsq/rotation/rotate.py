@@ -129,7 +129,9 @@ class RotationPlan:
 
 
 def plan_rotation(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> RotationPlan:
-    """The matrices and sites of ``model``'s rotation; changes no weight."""
+    """The matrices and sites of ``model``'s rotation; changes no weight. With ``cfg.pad_mlp``
+    (rsq/rotation/pad.py) the down_proj site is planned at the padded MLP width, which
+    :func:`rotate_ends` writes into the config and :func:`rotate_layer` gives each layer first."""
     config = model.config
     Q, description = residual_rotation(config.hidden_size, cfg)
     plan = RotationPlan(cfg, Q, description, config.hidden_size)

@@ -140,6 +140,28 @@ def test_streamed_equals_in_memory_with_padding(model_dirs, tmp_path, family):  
     assert mem["rotation"]["mlp_padding"]["original_width"] == resolve_width(family)
 
 
+def test_padded_run_killed_and_resumed_equals_uninterrupted(model_dirs, tmp_path):  # noqa: F811
+    """Killed after layer 0 while streamed, resumed in memory: the finished layer's saved (padded)
+    codes are restored into the padded, rotated layer; the checkpoint equals an uninterrupted run's."""
+    from rsq.job.run import _Interrupted
+
+    cfg = RSQConfig.for_method(
+        "quarot",
+        model=str(model_dirs("qwen2")),
+        grid={"bits": 3},
+        rotation={"pad_mlp": "auto"},
+        calib={"nsamples": 4, "seqlen": 32},
+        batch_size=3,
+    )
+    run_quantize(cfg, tmp_path / "full", ppl_sources=())
+    out = tmp_path / "out"
+    with pytest.raises(_Interrupted):
+        run_quantize(cfg, out, ppl_sources=(), stop_after_layer=0)
+    run_quantize(cfg, out, ppl_sources=(), resume=True, stream=False)
+    _assert_same_checkpoint(tmp_path / "full", out)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 256  # 152 -> auto
+
+
 def resolve_width(family: str) -> int:
     from tests.conftest import TINY
 
@@ -178,6 +200,7 @@ def test_padded_checkpoint_exports_and_quantizes_padding_to_zero(tiny_model_dir,
     assert summary["transforms"] == ["mlp.down_proj"]
     config = json.loads((out / "config.json").read_text())
     assert config["intermediate_size"] == 128
+    assert "MLP zero-padded from 96 to 128 features" in (out / "README.md").read_text()  # the model card
     tc = config["quantization_config"]["transform_config"]
     assert tc["config_groups"]["rsq_online_hadamard"]["head_dim"] == 128
     exported = _from_pretrained(out)
