@@ -117,9 +117,9 @@ def test_cli_refusals_exit_2_with_one_line(tiny_model_dir, tmp_path, capsys, arg
     _nothing_created(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_streamed_equals_in_memory_with_padding(model_dirs, tmp_path, family):  # noqa: F811
-    pad = {"llama": 128, "qwen2": 256}[family]
+def test_streamed_equals_in_memory_with_padding(model_dirs, tmp_path):  # noqa: F811
+    """The tiny Qwen2 (width 152, q/k/v biases) padded to 256, streamed from 3 shards vs in memory."""
+    family, pad = "qwen2", 256
     cfg = RSQConfig.for_method(
         "rsq",
         model=str(model_dirs(family)),
