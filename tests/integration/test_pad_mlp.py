@@ -270,3 +270,20 @@ def test_preflight_checks_the_padded_width():
     with pytest.raises(ConfigError, match="--pad-mlp 80 is smaller than the MLP width 96"):
         check_model(config, RSQConfig.for_method("rsq", rotation={"pad_mlp": 80}), ppl_seqlen=None)
     assert config.intermediate_size == 96  # the source's config is left as it is
+
+
+def test_unquantized_rotated_padded_run_keeps_the_perplexity(tiny_model_dir, tmp_path, capsys):
+    """`--method fp16 --rotate --pad-mlp 128` rotates the whole model at once (no layer loop): the
+    same perplexity as the plain model, up to float32 rounding of the rotated weights, and a saved
+    config with the padded width."""
+    llama = str(tiny_model_dir("llama"))
+    runs = {}
+    for name, extra in (("plain", ()), ("padded", ("--rotate", "--pad-mlp", "128"))):
+        argv = ["quantize", llama, "--method", "fp16", "--out", str(tmp_path / name), *FAST, *extra]
+        assert main(argv) == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    capsys.readouterr()
+    a, b = (runs[n]["perplexity"]["wikitext2"] for n in ("plain", "padded"))
+    assert abs(b / a - 1) < 1e-4, (a, b)  # float32 rotated weights: ~1e-6 relative logits (test_rotation)
+    assert runs["padded"]["rotation"]["mlp_padding"]["padded_width"] == 128
+    assert json.loads((tmp_path / "padded" / "config.json").read_text())["intermediate_size"] == 128
