@@ -4,8 +4,8 @@
 whose block is the largest power of two dividing the MLP width (rsq.rotation.rotate.export_block):
 8960 = 35 x 256 gets blocks of only 256. Padding the width to W' >= W with zeros lets a larger
 power-of-two block fit (8960 -> 9216 = 9 x 1024, 8960 -> 10240 = 5 x 2048, 1536 -> 2048 = one block
-of 2048) while the export stays a compressed-tensors ``hadamard`` transform that vLLM runs with its
-fast kernel.
+of 2048) while the export stays a compressed-tensors ``hadamard`` transform (which vLLM applies with
+its Hadacore kernel: read in vLLM's code, not run here).
 
 The padding is exactly function-preserving for a gated MLP down(act(gate(x)) * up(x)): the new
 gate_proj and up_proj output rows (and bias entries) are zero, so the new features are
@@ -15,8 +15,9 @@ down_proj columns with the others (W' = [W 0]·Hᵀ is dense), and the rotated, 
 ordinary model of the same family whose ``config.intermediate_size`` is W'.
 
 Cost: the MLP weights (and their share of the checkpoint and of a decode step's reads) grow by
-W'/W - 1 (1536 -> 2048 on SmolLM2: +33 %; 8960 -> 9216 on Qwen2.5-1.5B: +2.9 %); the padded
-gate/up rows quantize to exact zeros (an all-zero row gets scale 1 and its zero code).
+W'/W - 1 (1536 -> 2048 on SmolLM2: +33 %; 8960 -> 9216 on Qwen2.5-1.5B: +2.9 %). The padded
+gate/up rows quantize to exact zeros on the uniform grid (an all-zero row gets scale 1 and its zero
+code) and the nf grid; the e8p grid, whose codebook has no zero point, is refused (rsq.config).
 """
 
 from __future__ import annotations
@@ -147,9 +148,9 @@ def padded_config(config, rotation):
     """``config`` as the rotated model will describe it: a copy with the padded intermediate_size
     under ``rotation.pad_mlp`` (what memory plans and width checks before any weight is read need),
     ``config`` itself otherwise; ConfigError (before any weight is read) for a width below the MLP's."""
-    if not (rotation.enabled and rotation.pad_mlp):
+    width = getattr(config, "intermediate_size", None)
+    if not (rotation.enabled and rotation.pad_mlp) or width is None:  # no MLP width: refused at plan time
         return config
-    width = config.intermediate_size
     target = padded_width(width, rotation.pad_mlp)
     if target == width:
         return config
