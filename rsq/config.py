@@ -155,8 +155,21 @@ class RotationConfig:
     # divides the width (e.g. 1792 = 28 x 64 or the whole 8960 of Qwen2.5-1.5B; exported as a stored
     # matrix that vLLM applies as a dense GEMM per block: rsq/checkpoint/export.py)
     export_block: int = 0
+    # zero-pad every layer's MLP to this width before rotating it (rsq/rotation/pad.py): 0 = off,
+    # "auto" = the smallest multiple of min(1024, next power of two >= width) that is >= the width;
+    # function-preserving; lets export's power-of-two down_proj block grow (1536 -> 2048: one block of
+    # 2048) for WIDTH/original - 1 more MLP weights; config.intermediate_size becomes WIDTH
+    pad_mlp: int | str = 0
 
     def __post_init__(self) -> None:
+        pad = self.pad_mlp
+        if not (pad == "auto" or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0)):
+            raise ConfigError(f"--pad-mlp {pad!r} must be 0 (off), auto or an MLP width")
+        if pad and self.online == "none":
+            raise ConfigError(
+                f"--pad-mlp {pad} only serves the down_proj Hadamard of --online-rotations export or exact; "
+                "under none it would add zero weights and nothing else: drop --pad-mlp"
+            )
         if self.export_block < 0:
             raise ConfigError(f"--export-block {self.export_block} must be 0 (auto) or a block size > 0")
         if self.online not in ONLINE_SETTINGS:
@@ -295,6 +308,16 @@ class RSQConfig:
                 "or GPTQ losses that only a Hessian pass gives, and --method rtn has none: use --unrotated-outliers "
                 "off with rtn, "
                 "or --method gptq, quarot or rsq"
+            )
+        if self.rotation.pad_mlp and not self.rotation.enabled:
+            raise ConfigError(
+                f"--pad-mlp {self.rotation.pad_mlp} pads the MLP of a rotated model (for a larger down_proj Hadamard "
+                "block) and this run does not rotate: use --method quarot or rsq (or --rotate), or drop --pad-mlp"
+            )
+        if self.rotation.pad_mlp and self.quantizes and not self.grid.format.zero_rows_exact:
+            raise ConfigError(
+                f"--pad-mlp with the {self.grid.kind} grid: an all-zero row does not quantize to zeros there, so the "
+                "padded gate/up rows would change the function; use --grid uniform or nf, or drop --pad-mlp"
             )
         problem = _contradiction(self)
         if problem:

@@ -123,7 +123,8 @@ def write_model_card(
         f"{'symmetric' if qc.get('symmetric') else 'asymmetric'}",
         f"- rotation: {'on' if rotation else 'off'}"
         + (f", online rotations: {rotation.get('online_setting', 'exact')}" if rotation else "")
-        + (f" (exported as transforms on {', '.join(transforms)})" if transforms else ""),
+        + (f" (exported as transforms on {', '.join(transforms)})" if transforms else "")
+        + _padding_note(rotation),
         f"- calibration: {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens of {calib.get('source')}, "
         f"seed {qc.get('seed')}",
     ]
@@ -159,3 +160,14 @@ def write_model_card(
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _padding_note(rotation: dict | None) -> str:
+    """The card's words for a --pad-mlp run (rotation.mlp_padding), else nothing."""
+    pad = (rotation or {}).get("mlp_padding")
+    if not pad:
+        return ""
+    return (
+        f"; MLP zero-padded from {pad['original_width']} to {pad['padded_width']} features "
+        "(function-preserving; intermediate_size is the padded width)"
+    )

@@ -49,6 +49,15 @@ def _opt(parser, flag: str, cls, field: str, help: str, **kw) -> None:
     )
 
 
+def pad_width_arg(text: str) -> int | str:
+    """--pad-mlp's value: a width (an integer), else the text as given ("auto"; RotationConfig
+    refuses anything else in one line)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text.strip().lower()
+
+
 def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -134,6 +143,17 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "the MLP width (Sylvester: vLLM's Hadacore kernel), else any Hadamard order that divides it (e.g. 1792 "
         "or 8960 for a width of 8960; exported as a stored matrix that vLLM applies as a dense GEMM per block)",
         type=int,
+    )
+    _opt(
+        p,
+        "--pad-mlp",
+        RotationConfig,
+        "pad_mlp",
+        "zero-pad every layer's MLP to this width before the rotation (function-preserving; the MLP weights grow "
+        "by WIDTH/original - 1) so that --online-rotations export gets a larger power-of-two down_proj block, "
+        "e.g. 8960 -> 9216 (9 x 1024); auto = the smallest multiple of 1024 (or of the next power of two above a "
+        "narrower width) >= the width; 0 = off",
+        type=pad_width_arg,
     )
     p.add_argument(
         "--center-embeddings",

@@ -59,6 +59,7 @@ class NumberFormat:
     tensor_keys: the tensors a checkpoint stores for one linear (besides ``bias``).
     exports: export target -> None (supported, subject to the exporter's own checks) or the reason
         it is not; targets missing from the mapping are refused with a generic reason.
+    zero_rows_exact: an all-zero row quantizes to exact zeros (--pad-mlp's padded gate/up rows must).
     """
 
     name: ClassVar[str]
@@ -67,6 +68,7 @@ class NumberFormat:
     stackable: ClassVar[bool]
     tensor_keys: ClassVar[tuple[str, ...]]
     exports: ClassVar[dict[str, str | None]] = {}
+    zero_rows_exact: ClassVar[bool] = True
     default_bits: ClassVar[int] = 3
 
     # -- configuration ------------------------------------------------------------------------

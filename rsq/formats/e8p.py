@@ -104,6 +104,7 @@ class E8P(NumberFormat):
     default_bits = 2
     solver = "ldlq"
     stackable = False  # σ is one scale per matrix: stacking would share it between matrices
+    zero_rows_exact = False  # the codebook has no all-zero point: a zero row quantizes to nonzero values
     tensor_keys = ("codes", "scales")
     exports = {t: _NO_EXPORT.format(target=t) for t in ("compressed-tensors", "gptq")}
 

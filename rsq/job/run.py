@@ -55,7 +55,8 @@ from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
 from rsq.plan import preflight
 from rsq.plan.memory import JobShape, fit_device_memory, fit_host_memory
-from rsq.rotation.rotate import plan_rotation, rotate_model
+from rsq.rotation.pad import padded_config
+from rsq.rotation.rotate import apply_rotation, plan_rotation
 from rsq.version import __version__
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,11 @@ def _prepare(cfg: RSQConfig, out: Path, opts: JobOptions) -> Job:
         preloaded=opts.preloaded is not None,
         text_chars=_text_chars(texts, cfg.calib.source, opts.ppl_sources),
     )
-    memory = fit_host_memory(config, adapter, cfg, shape, device=device, ranks=ctx.world, enforce=opts.check_memory)
+    planned = padded_config(config, cfg.rotation)  # --pad-mlp: the memory of the padded MLP
+    memory = fit_host_memory(planned, adapter, cfg, shape, device=device, ranks=ctx.world, enforce=opts.check_memory)
     shape = replace(shape, ppl_batch_size=memory["ppl_batch_size"])
     # a GPU job beyond the device's free memory stops here
-    memory["device_memory"] = fit_device_memory(config, adapter, cfg, shape, device=device, enforce=opts.check_memory)
+    memory["device_memory"] = fit_device_memory(planned, adapter, cfg, shape, device=device, enforce=opts.check_memory)
     store = RunStore(out, cfg, saved, writer=ctx.is_main, background=opts.overlap_io)
     store.stop_after = opts.stop_after_layer
     return Job(cfg, opts, store, streamed, texts, memory, adapter)
@@ -247,7 +249,7 @@ def _execute(job: Job) -> dict | None:
         weights.close()
     rotation_record = None
     if cfg.rotation.enabled:
-        rotation_record = plan.record if plan is not None else plan_rotation(model, adapter, cfg.rotation).record
+        rotation_record = plan.record
     if not ctx.is_main:
         ctx.barrier()  # rank 0 evaluates and writes the checkpoint
         return None
@@ -291,16 +293,14 @@ def _windows(job: Job, tokenizer) -> None:
 
 
 def _rotation(job: Job, model, adapter):
-    """The rotation plan a quantizing run applies layer by layer (None: no rotation, or an
-    unquantized run's whole-model rotation, done now)."""
+    """The rotation plan (None: no rotation): a quantizing run applies it layer by layer, an
+    unquantized run's whole-model rotation is done now."""
     if not job.cfg.rotation.enabled:
         return None
     t0 = time.perf_counter()
-    plan = None
-    if job.cfg.quantizes:  # applied layer by layer on the device as the loop reaches them
-        plan = plan_rotation(model, adapter, job.cfg.rotation)
-    else:
-        rotate_model(model, adapter, job.cfg.rotation)
+    plan = plan_rotation(model, adapter, job.cfg.rotation)
+    if not job.cfg.quantizes:  # else applied layer by layer on the device as the loop reaches them
+        apply_rotation(model, adapter, plan)
     job.timings["rotate"] = time.perf_counter() - t0
     return plan
 

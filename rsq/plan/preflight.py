@@ -20,6 +20,7 @@ from rsq.calib.datasets import load_text
 from rsq.errors import ConfigError
 from rsq.models.adapter import ModelAdapter
 from rsq.models.registry import resolve
+from rsq.rotation.pad import padded_config
 
 FORCE_FLAG = "--force-seqlen"
 
@@ -126,8 +127,10 @@ def check_model(config, cfg, *, ppl_seqlen: int | None, force_seqlen: bool = Fal
     """The options against the model's config (before any weight is read); returns the model
     family's adapter (UnsupportedModelError for a family rsq does not know), looked up here once."""
     adapter = resolve(config)  # the job's one lookup: rsq.job passes this adapter along
+    # --pad-mlp: a width below the MLP's fails here; down_proj is quantized at the padded width
+    padded = padded_config(config, cfg.rotation)
     if cfg.quantizes and cfg.grid.kind != "e8p":
-        widths = {name: shape[1] for name, shape in adapter.linear_shapes(config).items()}
+        widths = {name: shape[1] for name, shape in adapter.linear_shapes(padded).items()}
         check_group_size(cfg.grid.group_size, widths)
     lengths = {}
     if cfg.quantizes:

@@ -50,6 +50,7 @@ from rsq.rotation.hadamard import (
     sylvester_block,
 )
 from rsq.rotation.online import OnlineRotation, attach_online_rotation
+from rsq.rotation.pad import MlpPadding, pad_config, pad_layer, plan_padding
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class RotationPlan:
     heads: int = 1
     online_records: list[dict] = field(default_factory=list)
     untied: bool = False
+    padding: MlpPadding | None = None  # --pad-mlp: each layer's MLP zero-padded before its rotation
     _Q_on: dict = field(default_factory=dict)
 
     def Q_on(self, device: torch.device) -> torch.Tensor:
@@ -125,15 +127,21 @@ class RotationPlan:
             "untied_embeddings": self.untied,
             "center_embeddings": self.cfg.center_embeddings,
             "online": self.online_records,
+            **({"mlp_padding": self.padding.record} if self.padding is not None else {}),
         }
 
 
 def plan_rotation(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -> RotationPlan:
-    """The matrices and sites of ``model``'s rotation; changes no weight."""
+    """The matrices and sites of ``model``'s rotation; changes no weight. With ``cfg.pad_mlp``
+    (rsq/rotation/pad.py) the down_proj site is planned at the padded MLP width, which
+    :func:`rotate_ends` writes into the config and :func:`rotate_layer` gives each layer first."""
     config = model.config
     Q, description = residual_rotation(config.hidden_size, cfg)
     plan = RotationPlan(cfg, Q, description, config.hidden_size)
     inter = adapter.get_layers(model)[0].get_submodule(adapter.down_proj).in_features
+    plan.padding = plan_padding(model, adapter, inter, cfg.pad_mlp)
+    if plan.padding is not None:  # the down_proj site is as wide as the padded MLP
+        inter = plan.padding.padded
     if cfg.online_down:
         plan.online_records.append(_plan_down(plan, adapter, inter, cfg))
     if cfg.online_value:
@@ -216,6 +224,8 @@ def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, dev
     emb = model.get_submodule(adapter.embed)
     head = model.get_submodule(adapter.lm_head)
     norm = model.get_submodule(adapter.final_norm)
+    if plan.padding is not None:  # the layers are padded at their turn; the config says so from now on
+        pad_config(model.config, plan.padding)
     for module in (emb, head):
         home = module.weight.device
         where = torch.device(device) if device is not None else home
@@ -235,7 +245,9 @@ def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, dev
 def rotate_layer(layer: nn.Module, adapter: ModelAdapter, plan: RotationPlan) -> None:
     """Rotate one decoder layer in place, where it lives (float64 arithmetic, cast back): fold its
     norms, apply Q on the residual sides, and the down_proj / value-path rotations with their
-    online modules attached."""
+    online modules attached. With ``plan.padding`` the MLP is zero-padded first (rsq/rotation/pad.py)."""
+    if plan.padding is not None:
+        pad_layer(layer, adapter, plan.padding)
     for norm_name, readers in adapter.norm_fusions:
         norm = layer.get_submodule(norm_name)
         gamma = norm.weight.data.double()
@@ -282,7 +294,13 @@ def rotate_model(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) -
     """Rotate ``model`` in place, all at once where it lives; return a record of every site (stored
     in results and checkpoints)."""
     plan = plan_rotation(model, adapter, cfg)
+    apply_rotation(model, adapter, plan)
+    return plan.record
+
+
+@torch.no_grad()
+def apply_rotation(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan) -> None:
+    """Apply ``plan`` to the whole of ``model`` now, where it lives."""
     rotate_ends(model, adapter, plan)
     for layer in adapter.get_layers(model):
         rotate_layer(layer, adapter, plan)
-    return plan.record

@@ -29,6 +29,7 @@ OPTIONS = {
     "--dtype": st.sampled_from(["float32", "bfloat16", "int8"]),
     "--calib": st.sampled_from(["wikitext2", "BINARY", "MISSING", "SHORT"]),
     "--ppl": st.sampled_from(["none", "wikitext2", "BINARY"]),
+    "--pad-mlp": st.sampled_from(["0", "64", "128", "auto", "wide"]),  # the tiny Llama's MLP is 96 wide
 }
 FLAGS = ["--asym", "--no-clip", "--act-order", "--no-rotate", "--resume", "--overwrite", "--force-seqlen"]
 
