@@ -26,7 +26,11 @@ from tests.conftest import tiny_model
 from tests.integration.test_bad_inputs import FAST, _nothing_created, _one_error
 from tests.integration.test_export import TOL, _from_pretrained, _logits, _rel_err
 from tests.integration.test_rotation import _exact_norms
-from tests.integration.test_streaming import _assert_same_checkpoint, model_dirs  # noqa: F401 (fixture)
+from tests.integration.test_streaming import (  # noqa: F401 (model_dirs: a fixture)
+    _assert_same_checkpoint,
+    model_dirs,
+    streamed_equals_in_memory,
+)
 
 
 def test_padded_width():
@@ -128,11 +132,7 @@ def test_streamed_equals_in_memory_with_padding(model_dirs, tmp_path):  # noqa: 
         calib={"nsamples": 4, "seqlen": 32},
         batch_size=3,
     )
-    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=3, ppl_batch_size=2, stream=False)
-    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=3, ppl_batch_size=2)
-    assert st["streamed"] and not mem["streamed"]
-    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
-    assert st["perplexity"]["wikitext2"] == mem["perplexity"]["wikitext2"]
+    mem, _ = streamed_equals_in_memory(cfg, tmp_path, windows=3)
     for out in ("mem", "st"):
         config = json.loads((tmp_path / out / "config.json").read_text())
         assert config["intermediate_size"] == pad

@@ -55,18 +55,24 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_streamed_checkpoint_equals_in_memory(model_dirs, tmp_path, family):
-    cfg = _cfg(model_dirs(family))
-    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=5, ppl_batch_size=2, stream=False)
-    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=5, ppl_batch_size=2)
+def streamed_equals_in_memory(cfg: RSQConfig, tmp_path: Path, windows: int) -> tuple[dict, dict]:
+    """Quantize ``cfg`` in memory (tmp_path/mem) and streamed (tmp_path/st); assert the checkpoints
+    are bit-identical and the perplexities equal; return both results."""
+    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=windows, ppl_batch_size=2, stream=False)
+    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=windows, ppl_batch_size=2)
     assert st["streamed"] and not mem["streamed"]
     _assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
-    # the same small checkpoint layout: shards joined into one model.safetensors
-    assert sorted(p.name for p in (tmp_path / "st").glob("model*")) == ["model.safetensors"]
     # the windows went through the layers one at a time with the same batches and the same
     # quantized weights: the same float operations, so the same perplexity bit for bit
     assert st["perplexity"]["wikitext2"] == mem["perplexity"]["wikitext2"]
+    return mem, st
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_streamed_checkpoint_equals_in_memory(model_dirs, tmp_path, family):
+    mem, st = streamed_equals_in_memory(_cfg(model_dirs(family)), tmp_path, windows=5)
+    # the same small checkpoint layout: shards joined into one model.safetensors
+    assert sorted(p.name for p in (tmp_path / "st").glob("model*")) == ["model.safetensors"]
     assert st["modules"] == mem["modules"]
     assert (
         json.loads((tmp_path / "st" / "results.json").read_text())["host_memory"]["measured_by_stage_GiB"]["save"] > 0
@@ -326,11 +332,7 @@ def test_streamed_equals_in_memory_with_non_pow2_export_block(model_dirs, tmp_pa
         calib={"nsamples": 4, "seqlen": 32},
         batch_size=3,
     )
-    mem = run_quantize(cfg, tmp_path / "mem", ppl_seqlen=32, ppl_max_windows=2, ppl_batch_size=2, stream=False)
-    st = run_quantize(cfg, tmp_path / "st", ppl_seqlen=32, ppl_max_windows=2, ppl_batch_size=2)
-    assert st["streamed"] and not mem["streamed"]
-    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
-    assert st["perplexity"]["wikitext2"] == mem["perplexity"]["wikitext2"]
+    streamed_equals_in_memory(cfg, tmp_path, windows=2)
     for d in ("mem", "st"):
         rot = json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["rotation"]
         down = next(s for s in rot["online"] if s["module"] == "mlp.down_proj")
