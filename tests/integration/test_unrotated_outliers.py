@@ -190,7 +190,9 @@ def test_rtn_with_keep_float_is_refused_in_one_line(planted_dir, tmp_path, capsy
     with pytest.raises(ConfigError, match="--unrotated-outliers off"):
         RSQConfig.for_method("rtn", rotation={"enabled": True}, importance={"unrotated_outliers": "keep-float"})
     # the refusal is about the combination only: rtn alone and keep-float with a solved method build
-    assert RSQConfig.for_method("rtn").importance.unrotated_outliers == "off"
+    # the default (auto) is accepted with rtn and resolves to off there
+    rtn = RSQConfig.for_method("rtn")
+    assert rtn.importance.unrotated_outliers == "auto" and rtn.resolved().importance.unrotated_outliers == "off"
     assert RSQConfig.for_method("gptq", importance={"unrotated_outliers": "keep-float"}).solver.algorithm != "rtn"
 
 

@@ -8,18 +8,24 @@ and at 2 bits. Explicit values are never changed.
 
 import pytest
 
-from rsq.config import RSQConfig, resolve_unrotated
+from rsq.config import RSQConfig, resolve_unrotated, resolve_unrotated_outliers
 from rsq.job.ablate import grid_cells
 from rsq.recipe import config_from_recipe
 
 
-def _cfg(method, online="none", bits=3, rotate=None, unrotated=None, kind="uniform"):
+def _cfg(method, online="none", bits=3, rotate=None, unrotated=None, kind="uniform", outliers=None):
     rotation = {"online": online}
     if rotate is not None:
         rotation["enabled"] = rotate
     importance = {} if unrotated is None else {"unrotated": unrotated}
+    if outliers is not None:
+        importance["unrotated_outliers"] = outliers
     return RSQConfig.for_method(method, grid={"kind": kind, "bits": bits}, rotation=rotation, importance=importance)
 
+
+# --unrotated-outliers auto (session 14): the loss rule for rotated GPTQ runs (quarot, rsq with
+# rotation) under none at every width, off elsewhere
+LOSS_RULE = {("rsq", "none", True), ("quarot", "none", True)}
 
 CASES = [
     # (method, online, bits, rotate, expected)
@@ -45,18 +51,23 @@ def test_auto_resolves_by_the_rule(method, online, bits, rotate, expected):
     cfg = _cfg(method, online, bits, rotate)
     assert cfg.importance.unrotated == "auto"  # the default
     assert resolve_unrotated(cfg) == expected
+    outliers = "keep-float-on-loss" if (method, online, rotate is not False) in LOSS_RULE else "off"
+    assert cfg.importance.unrotated_outliers == "auto" and resolve_unrotated_outliers(cfg) == outliers
     done = cfg.resolved()
-    assert done.importance.unrotated == expected
+    assert done.importance.unrotated == expected and done.importance.unrotated_outliers == outliers
     assert done.resolved() is done  # resolving twice changes nothing
-    # everything but the choice is untouched
-    assert done.to_dict() == {**cfg.to_dict(), "importance": {**cfg.to_dict()["importance"], "unrotated": expected}}
+    # everything but the two choices is untouched
+    chosen = {"unrotated": expected, "unrotated_outliers": outliers}
+    assert done.to_dict() == {**cfg.to_dict(), "importance": {**cfg.to_dict()["importance"], **chosen}}
 
 
 @pytest.mark.parametrize("value", ["weighted", "uniform"])
 @pytest.mark.parametrize("method, online, bits, rotate", [c[:4] for c in CASES])
 def test_explicit_values_are_kept(value, method, online, bits, rotate):
     cfg = _cfg(method, online, bits, rotate, unrotated=value)
-    assert resolve_unrotated(cfg) == value and cfg.resolved() is cfg
+    assert resolve_unrotated(cfg) == value and cfg.resolved().importance.unrotated == value
+    pinned = _cfg(method, online, bits, rotate, unrotated=value, outliers="off")
+    assert pinned.resolved() is pinned
 
 
 def test_e8p_at_2_bits_stays_weighted():
