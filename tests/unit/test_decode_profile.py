@@ -11,6 +11,7 @@ the timings: per-step counts that are whole numbers, per layer x layers + outsid
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import sys
 from pathlib import Path
@@ -250,7 +251,11 @@ def one_thread():
 
 def _check_cell(dp, r, layers):
     assert r["kernel_count_integral"] and r["kernels"] >= layers
-    assert r["wall_us"] > 0 and r["kernel_us"] > 0 and r["gap_us"] == pytest.approx(r["wall_us"] - r["kernel_us"])
+    # times per step are differences of two profiled calls (long minus short): on a loaded CPU the
+    # kernel-time difference can come out negative (CI saw -773 us with another job running), so only
+    # its arithmetic is asserted; the counts below are the deterministic part of the path
+    assert math.isfinite(r["wall_us"]) and math.isfinite(r["kernel_us"])
+    assert r["gap_us"] == pytest.approx(r["wall_us"] - r["kernel_us"])
     lay = r["breakdown"]["layers"]
     assert lay is not None
     cats = r["categories"]
