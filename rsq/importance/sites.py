@@ -34,7 +34,6 @@ import torch
 
 KEEP_FLOAT = "keep-float"
 KEEP_FLOAT_ON_LOSS = "keep-float-on-loss"
-UNROTATED_OUTLIERS = ("auto", "off", KEEP_FLOAT, KEEP_FLOAT_ON_LOSS)
 
 
 class InputStats:
