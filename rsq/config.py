@@ -156,16 +156,24 @@ class RotationConfig:
     # matrix that vLLM applies as a dense GEMM per block: rsq/checkpoint/export.py)
     export_block: int = 0
     # zero-pad every layer's MLP to this width before rotating it (rsq/rotation/pad.py): 0 = off,
-    # "auto" = the smallest multiple of min(1024, next power of two >= width) that is >= the width;
-    # function-preserving; lets export's power-of-two down_proj block grow (1536 -> 2048: one block of
-    # 2048) for WIDTH/original - 1 more MLP weights; config.intermediate_size becomes WIDTH
-    pad_mlp: int | str = 0
+    # "auto" (default) = under export with the automatic block, a width whose power-of-two block is
+    # below 1024 goes to the next multiple of 1024 if that adds at most 1/16 (8960 -> 9216 = 9 x 1024;
+    # 1536 and 14336 stay); function-preserving; export's power-of-two down_proj block grows for
+    # WIDTH/original - 1 more MLP weights; config.intermediate_size becomes WIDTH
+    pad_mlp: int | str = "auto"
+
+    @property
+    def auto_pad_applies(self) -> bool:
+        """Whether ``pad_mlp="auto"`` may pad (rsq/rotation/pad.py auto_width decides from the width): a
+        rotation under export with the automatic block. exact rotates the whole width; none has no
+        down_proj rotation; an explicit export_block is the user's choice of block."""
+        return self.enabled and self.online == "export" and not self.export_block
 
     def __post_init__(self) -> None:
         pad = self.pad_mlp
         if not (pad == "auto" or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0)):
             raise ConfigError(f"--pad-mlp {pad!r} must be 0 (off), auto or an MLP width")
-        if pad and self.online == "none":
+        if pad != "auto" and pad and self.online == "none":
             raise ConfigError(
                 f"--pad-mlp {pad} only serves the down_proj Hadamard of --online-rotations export or exact; "
                 "under none it would add zero weights and nothing else: drop --pad-mlp"
@@ -309,12 +317,13 @@ class RSQConfig:
                 "off with rtn, "
                 "or --method gptq, quarot or rsq"
             )
-        if self.rotation.pad_mlp and not self.rotation.enabled:
+        explicit_pad = self.rotation.pad_mlp != "auto" and self.rotation.pad_mlp
+        if explicit_pad and not self.rotation.enabled:
             raise ConfigError(
                 f"--pad-mlp {self.rotation.pad_mlp} pads the MLP of a rotated model (for a larger down_proj Hadamard "
                 "block) and this run does not rotate: use --method quarot or rsq (or --rotate), or drop --pad-mlp"
             )
-        if self.rotation.pad_mlp and self.quantizes and not self.grid.format.zero_rows_exact:
+        if explicit_pad and self.quantizes and not self.grid.format.zero_rows_exact:
             raise ConfigError(
                 f"--pad-mlp with the {self.grid.kind} grid: an all-zero row does not quantize to zeros there, so the "
                 "padded gate/up rows would change the function; use --grid uniform or nf, or drop --pad-mlp"
@@ -372,13 +381,27 @@ class RSQConfig:
 
     def resolved(self) -> RSQConfig:
         """This config with every "auto" choice made (importance.unrotated and
-        importance.unrotated_outliers: :func:`resolve_unrotated`, :func:`resolve_unrotated_outliers`):
+        importance.unrotated_outliers: :func:`resolve_unrotated`, :func:`resolve_unrotated_outliers`;
+        rotation.pad_mlp becomes 0 where it cannot pad: :attr:`auto_pad_possible`; where it can, the
+        model's width decides, and results.json/the checkpoint record rotation.mlp_padding):
         what a run executes and records."""
         imp = self.importance
-        if imp.unrotated != "auto" and imp.unrotated_outliers != "auto":
-            return self
-        chosen = replace(imp, unrotated=resolve_unrotated(self), unrotated_outliers=resolve_unrotated_outliers(self))
-        return replace(self, importance=chosen)
+        out = self
+        if imp.unrotated == "auto" or imp.unrotated_outliers == "auto":
+            chosen = replace(
+                imp, unrotated=resolve_unrotated(self), unrotated_outliers=resolve_unrotated_outliers(self)
+            )
+            out = replace(out, importance=chosen)
+        if self.rotation.pad_mlp == "auto" and not self.auto_pad_possible:
+            out = replace(out, rotation=replace(out.rotation, pad_mlp=0))
+        return out
+
+    @property
+    def auto_pad_possible(self) -> bool:
+        """Whether ``--pad-mlp auto`` may pad this run, before the model's width is known: a quantizing,
+        rotated run under export with the automatic block, on a grid whose all-zero rows quantize to
+        zeros (rsq/rotation/pad.py decides from the width). Elsewhere "auto" resolves to 0 (recorded)."""
+        return self.quantizes and self.rotation.auto_pad_applies and self.grid.format.zero_rows_exact
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -151,8 +151,9 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "pad_mlp",
         "zero-pad every layer's MLP to this width before the rotation (function-preserving; the MLP weights grow "
         "by WIDTH/original - 1) so that --online-rotations export gets a larger power-of-two down_proj block, "
-        "e.g. 8960 -> 9216 (9 x 1024); auto = the smallest multiple of 1024 (or of the next power of two above a "
-        "narrower width) >= the width; 0 = off",
+        "e.g. 8960 -> 9216 (9 x 1024); auto = under export with the automatic block, a width whose power-of-two "
+        "block is below 1024 goes to the next multiple of 1024 where that adds at most 1/16 (Qwen2.5: 4864, 8960, "
+        "11008, 13824, 18944, 29568; SmolLM2's 1536 and Llama's 14336 stay), nothing elsewhere; 0 = off",
         type=pad_width_arg,
     )
     p.add_argument(

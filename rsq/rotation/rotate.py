@@ -139,7 +139,7 @@ def plan_rotation(model: nn.Module, adapter: ModelAdapter, cfg: RotationConfig) 
     Q, description = residual_rotation(config.hidden_size, cfg)
     plan = RotationPlan(cfg, Q, description, config.hidden_size)
     inter = adapter.get_layers(model)[0].get_submodule(adapter.down_proj).in_features
-    plan.padding = plan_padding(model, adapter, inter, cfg.pad_mlp)
+    plan.padding = plan_padding(model, adapter, inter, cfg)
     if plan.padding is not None:  # the down_proj site is as wide as the padded MLP
         inter = plan.padding.padded
     if cfg.online_down:
@@ -226,6 +226,16 @@ def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, dev
     norm = model.get_submodule(adapter.final_norm)
     if plan.padding is not None:  # the layers are padded at their turn; the config says so from now on
         pad_config(model.config, plan.padding)
+        p = plan.padding
+        log.info(
+            "MLP zero-padded from %d to %d features (+%.1f %% MLP weights; function-preserving) for export's "
+            "down_proj Hadamard blocks of %d (--pad-mlp %s; --pad-mlp 0 turns it off)",
+            p.original,
+            p.padded,
+            100 * p.extra / p.original,
+            p.padded & -p.padded,
+            plan.cfg.pad_mlp,
+        )
     for module in (emb, head):
         home = module.weight.device
         where = torch.device(device) if device is not None else home

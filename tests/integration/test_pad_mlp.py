@@ -36,16 +36,32 @@ from tests.integration.test_streaming import (  # noqa: F401 (model_dirs: a fixt
 def test_padded_width():
     assert padded_width(96, 0) == 96
     assert padded_width(96, 128) == 128
-    assert padded_width(96, "auto") == 128  # next power of two (< 1024)
-    assert padded_width(1536, "auto") == 2048  # SmolLM2: one block of 2048
-    assert padded_width(4864, "auto") == 5120  # Qwen2.5-0.5B: 5 x 1024
-    assert padded_width(8960, "auto") == 9216  # Qwen2.5-1.5B: 9 x 1024
+    # auto: the next multiple of 1024 where the power-of-two block is below 1024 and the growth <= 1/16
+    assert padded_width(4864, "auto") == 5120  # Qwen2.5-0.5B: 19 x 256 -> 5 x 1024 (+5.3 %)
+    assert padded_width(8960, "auto") == 9216  # Qwen2.5-1.5B: 35 x 256 -> 9 x 1024 (+2.9 %)
+    assert padded_width(18944, "auto") == 19456  # Qwen2.5-7B: 37 x 512 -> 19 x 1024 (+2.7 %)
+    assert padded_width(29568, "auto") == 29696  # Qwen2.5-72B: 231 x 128 (+0.4 %)
+    assert padded_width(1536, "auto") == 1536  # SmolLM2: 3 x 512, but 2048 would be +33 %
+    assert padded_width(96, "auto") == 96  # the tiny models: 1024 would more than double them
+    assert padded_width(14336, "auto") == 14336  # Llama-3-8B / Mistral: 7 x 2048 already
+    assert padded_width(27648, "auto") == 27648  # Qwen2.5-32B: 27 x 1024
     assert padded_width(2048, "auto") == 2048  # a power of two stays
+    # the growth limit, on both sides of it: 1024 - 964 = 60 <= 964 / 16; 1024 - 963 = 61 > 963 / 16
+    assert padded_width(964, "auto") == 1024 and padded_width(963, "auto") == 963
+    # only under export with the automatic block
+    for rot in (
+        RotationConfig(enabled=True, online="exact"),
+        RotationConfig(enabled=True, online="none"),
+        RotationConfig(enabled=True, export_block=1792),
+        RotationConfig(enabled=False),
+    ):
+        assert padded_width(8960, "auto", rot) == 8960
+    assert padded_width(8960, "auto", RotationConfig(enabled=True)) == 9216
     with pytest.raises(ConfigError, match="--pad-mlp 64 is smaller than the MLP width 96"):
         padded_width(96, 64)
 
 
-@pytest.mark.parametrize("family,pad,block", [("llama", 128, 128), ("qwen2", 160, 32), ("mistral", "auto", 128)])
+@pytest.mark.parametrize("family,pad,block", [("llama", 128, 128), ("qwen2", 160, 32), ("mistral", 128, 128)])
 @pytest.mark.parametrize("setting", ["export", "exact"])
 def test_padding_and_rotation_keep_the_function(family, pad, block, setting):
     ref = tiny_model(family, dtype=torch.float64)
@@ -54,7 +70,7 @@ def test_padding_and_rotation_keep_the_function(family, pad, block, setting):
     width = ref.config.intermediate_size
     record = rotate_model(rot, resolve(rot), RotationConfig(enabled=True, online=setting, pad_mlp=pad))
     padded = padded_width(width, pad)
-    if padded == width:  # mistral's 128 is a power of two: auto adds nothing, records nothing
+    if padded == width:  # mistral's 128 is already that width: nothing added, nothing recorded
         assert "mlp_padding" not in record and rot.config.intermediate_size == width
     else:
         assert record["mlp_padding"]["original_width"] == width
@@ -149,7 +165,7 @@ def test_padded_run_killed_and_resumed_equals_uninterrupted(model_dirs, tmp_path
         "quarot",
         model=str(model_dirs("qwen2")),
         grid={"bits": 3},
-        rotation={"pad_mlp": "auto"},
+        rotation={"pad_mlp": 256},
         calib={"nsamples": 4, "seqlen": 32},
         batch_size=3,
     )
@@ -159,7 +175,47 @@ def test_padded_run_killed_and_resumed_equals_uninterrupted(model_dirs, tmp_path
         run_quantize(cfg, out, ppl_sources=(), stop_after_layer=0)
     run_quantize(cfg, out, ppl_sources=(), resume=True, stream=False)
     _assert_same_checkpoint(tmp_path / "full", out)
-    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 256  # 152 -> auto
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 256  # 152 -> 256
+
+
+@pytest.mark.parametrize("setting", ["export", "exact"])
+def test_default_pads_a_qwen_like_width_under_export_only(tiny_model_dir, tmp_path, setting):
+    """The default --pad-mlp auto on a tiny Llama whose MLP is 1000 = 125 x 8 wide (export's blocks
+    would be 8 wide, like Qwen2.5-1.5B's 8960 = 35 x 256): under export the run pads it to 1024 (one
+    block of 1024, +2.4 %) and records that; under exact it pads nothing and records pad_mlp 0 (that
+    padding preserves the function is test_padding_and_rotation_keep_the_function's)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model(str(tiny_model_dir("llama")))
+    config = copy.deepcopy(model.config)
+    config.intermediate_size = 1000
+    torch.manual_seed(0)
+    wide = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    cfg = RSQConfig.for_method(
+        "rsq",
+        model=str(tiny_model_dir("llama")),
+        grid={"bits": 4},
+        rotation={"online": setting},
+        calib={"nsamples": 4, "seqlen": 32},
+        batch_size=4,
+    )
+    assert cfg.rotation.pad_mlp == "auto"  # the default
+    results = run_quantize(cfg, tmp_path / "q", ppl_sources=(), preloaded=(wide, tok))
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    if setting == "export":
+        assert results["rotation"]["mlp_padding"] == {
+            "original_width": 1000,
+            "padded_width": 1024,
+            "weight_growth": 24 / 1000,
+        }
+        assert saved["intermediate_size"] == 1024
+        assert results["config"]["rotation"]["pad_mlp"] == "auto"  # the width decided; mlp_padding says how
+        for layer in wide.model.layers:  # the padded gate/up rows quantized to exact zeros
+            assert layer.mlp.up_proj.weight.shape[0] == 1024 and not layer.mlp.up_proj.weight[1000:].any()
+    else:
+        assert "mlp_padding" not in results["rotation"]
+        assert saved["intermediate_size"] == 1000
+        assert results["config"]["rotation"]["pad_mlp"] == 0  # resolved before the run: exact never pads
 
 
 def resolve_width(family: str) -> int:

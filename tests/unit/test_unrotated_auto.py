@@ -13,8 +13,10 @@ from rsq.job.ablate import grid_cells
 from rsq.recipe import config_from_recipe
 
 
-def _cfg(method, online="none", bits=3, rotate=None, unrotated=None, kind="uniform", outliers=None):
+def _cfg(method, online="none", bits=3, rotate=None, unrotated=None, kind="uniform", outliers=None, pad=None):
     rotation = {"online": online}
+    if pad is not None:
+        rotation["pad_mlp"] = pad
     if rotate is not None:
         rotation["enabled"] = rotate
     importance = {} if unrotated is None else {"unrotated": unrotated}
@@ -56,9 +58,13 @@ def test_auto_resolves_by_the_rule(method, online, bits, rotate, expected):
     done = cfg.resolved()
     assert done.importance.unrotated == expected and done.importance.unrotated_outliers == outliers
     assert done.resolved() is done  # resolving twice changes nothing
-    # everything but the two choices is untouched
+    # everything but the two choices and --pad-mlp auto is untouched; auto stays only where it may pad
+    # (a rotated, quantizing run under export: the model's width decides there), else it becomes 0
     chosen = {"unrotated": expected, "unrotated_outliers": outliers}
-    assert done.to_dict() == {**cfg.to_dict(), "importance": {**cfg.to_dict()["importance"], **chosen}}
+    pad = "auto" if online == "export" and method in ("rsq", "quarot") and rotate is not False else 0
+    want = {**cfg.to_dict(), "importance": {**cfg.to_dict()["importance"], **chosen}}
+    want["rotation"] = {**want["rotation"], "pad_mlp": pad}
+    assert done.to_dict() == want
 
 
 @pytest.mark.parametrize("value", ["weighted", "uniform"])
@@ -66,7 +72,7 @@ def test_auto_resolves_by_the_rule(method, online, bits, rotate, expected):
 def test_explicit_values_are_kept(value, method, online, bits, rotate):
     cfg = _cfg(method, online, bits, rotate, unrotated=value)
     assert resolve_unrotated(cfg) == value and cfg.resolved().importance.unrotated == value
-    pinned = _cfg(method, online, bits, rotate, unrotated=value, outliers="off")
+    pinned = _cfg(method, online, bits, rotate, unrotated=value, outliers="off", pad=0)
     assert pinned.resolved() is pinned
 
 
