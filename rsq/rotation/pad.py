@@ -102,28 +102,34 @@ def plan_padding(model: nn.Module, adapter: ModelAdapter, width: int, rotation) 
     target = padded_width(width, rotation.pad_mlp, rotation)
     if target == width:
         return None
+    if rotation.pad_mlp == AUTO and not gated_mlp(model, adapter):  # the default pads only what it can
+        return None
     check_gated_mlp(model, adapter)
     return MlpPadding(width, target)
 
 
-def check_gated_mlp(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Refuse (ConfigError) a model whose first decoder layer's MLP is not down(act(gate(x)) * up(x))
-    with plain linears: zero padding preserves the function only there."""
+def gated_mlp(model: nn.Module, adapter: ModelAdapter) -> bool:
+    """Whether the first decoder layer's MLP is down(act(gate(x)) * up(x)) with plain linears: zero
+    padding preserves the function only there."""
     layer = adapter.get_layers(model)[0]
-    kind = getattr(model.config, "model_type", type(model).__name__)
     names = (adapter.gate_proj, adapter.up_proj, adapter.down_proj)
     try:
         linears = [layer.get_submodule(n) for n in names]
         parent = layer.get_submodule(adapter.gate_proj.rpartition(".")[0]) if "." in adapter.gate_proj else layer
     except AttributeError:
-        linears, parent = [], None
-    gated = (
-        len(linears) == 3
-        and all(isinstance(m, nn.Linear) for m in linears)
+        return False
+    return (
+        all(isinstance(m, nn.Linear) for m in linears)
         and hasattr(parent, "act_fn")
         and hasattr(model.config, "intermediate_size")
     )
-    if not gated:
+
+
+def check_gated_mlp(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Refuse (ConfigError) a model whose MLP is not a gated one of plain linears (:func:`gated_mlp`)."""
+    if not gated_mlp(model, adapter):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        names = (adapter.gate_proj, adapter.up_proj, adapter.down_proj)
         raise ConfigError(
             f"--pad-mlp needs a gated MLP down(act(gate(x)) * up(x)) of plain linears ({', '.join(names)}), "
             f"which {kind} does not have: drop --pad-mlp"

@@ -343,3 +343,22 @@ def test_unquantized_rotated_padded_run_keeps_the_perplexity(tiny_model_dir, tmp
     assert abs(b / a - 1) < 1e-4, (a, b)  # float32 rotated weights: ~1e-6 relative logits (test_rotation)
     assert runs["padded"]["rotation"]["mlp_padding"]["padded_width"] == 128
     assert json.loads((tmp_path / "padded" / "config.json").read_text())["intermediate_size"] == 128
+
+
+def test_auto_pads_only_a_gated_mlp_and_an_explicit_width_refuses_others():
+    """The default never stops a run: on an MLP that zero padding cannot preserve (here a tiny Llama
+    whose MLP lost its act_fn) "auto" pads nothing, while an explicit width is refused in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from rsq.rotation.pad import plan_padding
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 1000  # 125 x 8: auto pads it to 1024 under export
+    model = AutoModelForCausalLM.from_config(config)
+    adapter = resolve(model)
+    assert plan_padding(model, adapter, 1000, RotationConfig(enabled=True)) == MlpPadding(1000, 1024)
+    del model.model.layers[0].mlp.act_fn
+    assert plan_padding(model, adapter, 1000, RotationConfig(enabled=True)) is None
+    with pytest.raises(ConfigError, match="needs a gated MLP"):
+        plan_padding(model, adapter, 1000, RotationConfig(enabled=True, pad_mlp=1024))
