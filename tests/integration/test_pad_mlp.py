@@ -118,6 +118,14 @@ def test_config_refusals():
         RSQConfig.for_method("gptq", rotation={"pad_mlp": 128})
     cfg = RSQConfig.for_method("rsq", rotation={"pad_mlp": "auto"})
     assert RSQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # recorded and read back
+    # the default is never refused where an explicit width is: it resolves to 0 there
+    for method, kw in (
+        ("gptq", {}),
+        ("rsq", {"grid": {"kind": "e8p", "bits": 2}}),
+        ("rsq", {"rotation": {"online": "none"}}),
+    ):
+        default = RSQConfig.for_method(method, **kw)
+        assert default.rotation.pad_mlp == "auto" and default.resolved().rotation.pad_mlp == 0
 
 
 @pytest.mark.parametrize(
