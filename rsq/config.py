@@ -169,11 +169,17 @@ class RotationConfig:
         down_proj rotation; an explicit export_block is the user's choice of block."""
         return self.enabled and self.online == "export" and not self.export_block
 
+    @property
+    def explicit_pad(self) -> int:
+        """The width an explicit ``--pad-mlp WIDTH`` asks for; 0 for off and for "auto" (which never
+        asks for anything it cannot do, so the refusals below are for explicit widths only)."""
+        return 0 if self.pad_mlp == "auto" else self.pad_mlp
+
     def __post_init__(self) -> None:
         pad = self.pad_mlp
         if not (pad == "auto" or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0)):
             raise ConfigError(f"--pad-mlp {pad!r} must be 0 (off), auto or an MLP width")
-        if pad != "auto" and pad and self.online == "none":
+        if self.explicit_pad and self.online == "none":
             raise ConfigError(
                 f"--pad-mlp {pad} only serves the down_proj Hadamard of --online-rotations export or exact; "
                 "under none it would add zero weights and nothing else: drop --pad-mlp"
@@ -317,13 +323,12 @@ class RSQConfig:
                 "off with rtn, "
                 "or --method gptq, quarot or rsq"
             )
-        explicit_pad = self.rotation.pad_mlp != "auto" and self.rotation.pad_mlp
-        if explicit_pad and not self.rotation.enabled:
+        if self.rotation.explicit_pad and not self.rotation.enabled:
             raise ConfigError(
                 f"--pad-mlp {self.rotation.pad_mlp} pads the MLP of a rotated model (for a larger down_proj Hadamard "
                 "block) and this run does not rotate: use --method quarot or rsq (or --rotate), or drop --pad-mlp"
             )
-        if explicit_pad and self.quantizes and not self.grid.format.zero_rows_exact:
+        if self.rotation.explicit_pad and self.quantizes and not self.grid.format.zero_rows_exact:
             raise ConfigError(
                 f"--pad-mlp with the {self.grid.kind} grid: an all-zero row does not quantize to zeros there, so the "
                 "padded gate/up rows would change the function; use --grid uniform or nf, or drop --pad-mlp"

@@ -49,13 +49,18 @@ def pow2_block(width: int) -> int:
     return width & -width
 
 
+def next_auto_multiple(width: int) -> int:
+    """The smallest multiple of AUTO_BLOCK that is >= ``width``."""
+    return -(-width // AUTO_BLOCK) * AUTO_BLOCK
+
+
 def auto_width(width: int) -> int:
     """What "auto" pads an MLP of ``width`` to under export with the automatic block: the next
     multiple of AUTO_BLOCK where the width's power-of-two block is smaller and the growth is at
     most AUTO_MAX_GROWTH, else ``width`` (no padding)."""
     if width < 1 or pow2_block(width) >= AUTO_BLOCK:
         return width
-    target = -(-width // AUTO_BLOCK) * AUTO_BLOCK
+    target = next_auto_multiple(width)
     return target if target - width <= AUTO_MAX_GROWTH * width else width
 
 
@@ -70,7 +75,7 @@ def padded_width(width: int, pad: int | str, rotation=None) -> int:
     if pad < width:
         raise ConfigError(
             f"--pad-mlp {pad} is smaller than the MLP width {width}: padding only adds zero features; use a "
-            f"width >= {width} (e.g. {-(-width // AUTO_BLOCK) * AUTO_BLOCK}), auto, or 0 (no padding)"
+            f"width >= {width} (e.g. {next_auto_multiple(width)}), auto, or 0 (no padding)"
         )
     return int(pad)
 
@@ -102,9 +107,15 @@ def plan_padding(model: nn.Module, adapter: ModelAdapter, width: int, rotation) 
     target = padded_width(width, rotation.pad_mlp, rotation)
     if target == width:
         return None
-    if rotation.pad_mlp == AUTO and not gated_mlp(model, adapter):  # the default pads only what it can
-        return None
-    check_gated_mlp(model, adapter)
+    if not gated_mlp(model, adapter):
+        if rotation.pad_mlp == AUTO:  # the default pads only what padding preserves
+            return None
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        names = (adapter.gate_proj, adapter.up_proj, adapter.down_proj)
+        raise ConfigError(
+            f"--pad-mlp needs a gated MLP down(act(gate(x)) * up(x)) of plain linears ({', '.join(names)}), "
+            f"which {kind} does not have: drop --pad-mlp"
+        )
     return MlpPadding(width, target)
 
 
@@ -123,17 +134,6 @@ def gated_mlp(model: nn.Module, adapter: ModelAdapter) -> bool:
         and hasattr(parent, "act_fn")
         and hasattr(model.config, "intermediate_size")
     )
-
-
-def check_gated_mlp(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Refuse (ConfigError) a model whose MLP is not a gated one of plain linears (:func:`gated_mlp`)."""
-    if not gated_mlp(model, adapter):
-        kind = getattr(model.config, "model_type", type(model).__name__)
-        names = (adapter.gate_proj, adapter.up_proj, adapter.down_proj)
-        raise ConfigError(
-            f"--pad-mlp needs a gated MLP down(act(gate(x)) * up(x)) of plain linears ({', '.join(names)}), "
-            f"which {kind} does not have: drop --pad-mlp"
-        )
 
 
 def _pad_rows(lin: nn.Linear, extra: int) -> None:

@@ -228,12 +228,11 @@ def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, dev
         pad_config(model.config, plan.padding)
         p = plan.padding
         log.info(
-            "MLP zero-padded from %d to %d features (+%.1f %% MLP weights; function-preserving) for export's "
-            "down_proj Hadamard blocks of %d (--pad-mlp %s; --pad-mlp 0 turns it off)",
+            "MLP zero-padded from %d to %d features (+%.1f %% MLP weights; function-preserving) for a larger "
+            "down_proj Hadamard block (--pad-mlp %s; --pad-mlp 0 turns it off)",
             p.original,
             p.padded,
             100 * p.extra / p.original,
-            p.padded & -p.padded,
             plan.cfg.pad_mlp,
         )
     for module in (emb, head):
