@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from rsq.cli.options import add_quantize_options, build_config
+from rsq.cli.options import add_quantize_options, build_config, pad_width_arg
 from rsq.cli.progress import Progress
-from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS
+from rsq.config import EVAL_SEQLEN, EVAL_WINDOWS, RSQConfig
 from rsq.io.loading import load_config
 from rsq.models.bundled import list_bundled, load_bundled_config
 from rsq.models.registry import resolve
 from rsq.plan.memory import format_plan
+from rsq.rotation.pad import padded_config
 from rsq.report.plotting import require_matplotlib
 
 
@@ -50,6 +52,14 @@ def add_parsers(sub) -> None:
     q.add_argument("--seqlen", type=int, default=4096, help="tokens per window (default: 4096)")
     q.add_argument("--bits", type=int, default=3, help="weight bits (default: 3)")
     q.add_argument("--ranks", default="1", help="comma-separated numbers of ranks/GPUs (default: 1)")
+    q.add_argument(
+        "--pad-mlp",
+        default="auto",
+        metavar="WIDTH|auto|0",
+        type=pad_width_arg,
+        help="the MLP width planned for, as `rsq quantize --pad-mlp` (default: auto, what --method rsq runs: "
+        "under the default export rotation a width whose power-of-two block is below 1024 is padded)",
+    )
     q.add_argument(
         "--host-memory",
         type=float,
@@ -112,14 +122,17 @@ def cmd_plan(args) -> int:
         targets = [(n, load_bundled_config(n)) for n in names]
     else:
         targets = [(args.model or "SmolLM2-135M-Instruct", _config_for(args.model))]
+    rotation = replace(RSQConfig.for_method("rsq").rotation, pad_mlp=args.pad_mlp)
     for name, config in targets:
+        planned = padded_config(config, rotation)  # the MLP the quantization runs on (its memory)
         for ranks in [int(r) for r in _split(args.ranks)]:
             print(
                 "\n".join(
                     format_plan(
                         f"{name} (ranks={ranks})",
-                        config,
+                        planned,
                         resolve(config),  # `rsq plan` starts from a config: one lookup per model
+                        padded_from=None if planned is config else config.intermediate_size,
                         nsamples=args.nsamples,
                         seqlen=args.seqlen,
                         bits=args.bits,

@@ -152,12 +152,16 @@ def memory_plan(config, adapter: ModelAdapter, work: Workload | None = None, **f
     }
 
 
-def format_plan(name: str, config, adapter: ModelAdapter, host_GiB: float | None = None, **kw) -> list[str]:
-    """`rsq plan`'s lines for one model; ``kw``: :class:`Workload` fields."""
+def format_plan(
+    name: str, config, adapter: ModelAdapter, host_GiB: float | None = None, padded_from: int | None = None, **kw
+) -> list[str]:
+    """`rsq plan`'s lines for one model; ``kw``: :class:`Workload` fields. ``padded_from``: the MLP
+    width before --pad-mlp when ``config`` is the padded one (rsq.rotation.pad.padded_config)."""
     p = param_counts(config, adapter)
+    padded = f" (padded from {padded_from} by --pad-mlp)" if padded_from else ""
     lines = [
         f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
-        f"{config.intermediate_size}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
+        f"{config.intermediate_size}{padded}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
         f"/{getattr(config, 'num_key_value_heads', config.num_attention_heads)}, "
         f"head_dim {adapter.head_dim(config)}, "
         f"tied embeddings {bool(getattr(config, 'tie_word_embeddings', False))}"

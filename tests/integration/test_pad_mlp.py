@@ -370,3 +370,24 @@ def test_auto_pads_only_a_gated_mlp_and_an_explicit_width_refuses_others():
     assert plan_padding(model, adapter, 1000, RotationConfig(enabled=True)) is None
     with pytest.raises(ConfigError, match="needs a gated MLP"):
         plan_padding(model, adapter, 1000, RotationConfig(enabled=True, pad_mlp=1024))
+
+
+def test_rsq_plan_plans_the_padded_mlp(capsys):
+    """`rsq plan` predicts the memory of what `rsq quantize --method rsq` runs: Qwen2.5-7B's MLP
+    padded 18944 -> 19456 under the default (the down_proj Hessian and the kept MLP inputs grow with
+    it), Llama-3-8B's 14336 left as is; `--pad-mlp 0` plans the original width."""
+    def plan(*argv):
+        assert main(["plan", *argv]) == 0
+        return capsys.readouterr().out
+
+    def figure(out, key):
+        return float(next(line for line in out.splitlines() if line.strip().startswith(key)).split()[-1])
+
+    padded, plain = plan("qwen2.5-7b"), plan("qwen2.5-7b", "--pad-mlp", "0")
+    assert "intermediate 19456 (padded from 18944 by --pad-mlp)" in padded
+    assert "intermediate 18944," in plain and "padded" not in plain
+    key = "down_inputs_if_kept_GiB"
+    assert figure(padded, key) == pytest.approx(figure(plain, key) * 19456 / 18944, rel=1e-3)  # 2 decimals
+    assert "intermediate 14336, " in plan("llama-3-8b")
+    assert main(["plan", "qwen2.5-7b", "--pad-mlp", "100"]) == 2
+    assert "--pad-mlp 100 is smaller than the MLP width 18944" in capsys.readouterr().err
