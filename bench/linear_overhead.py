@@ -24,9 +24,10 @@ two figures, microseconds per call:
 A path is host-bound at M where host > device: the eager prefill then pays ``host`` per linear.
 
 --prefill L (0: skip): also builds an L-layer Llama-3-8B-shaped model and its 3-bit RTN checkpoint
-(bench/generate_speed.py's builders), and times rsq.generation's eager prefill (timed stats) of a
-32-token prompt at batch 1 and 16 for bf16 and 3-bit, median of 5, plus one torch.profiler table of
-the batch-1 3-bit prefill sorted by self CPU time (the Python and dispatcher cost per op).
+(bench/generate_speed.py's builders), and times rsq.generation's prefill (timed stats) of a 32-token
+prompt at batch 1 and 16 for bf16 and 3-bit, eager and with ``LoopOptions(compile_prefill=True)``,
+median of 5 (the first call, which compiles, reported apart), plus one torch.profiler table of the
+batch-1 3-bit eager prefill sorted by self CPU time (the Python and dispatcher cost per op).
 """
 
 from __future__ import annotations
@@ -138,17 +139,28 @@ def measure_prefill(layers: int, device, prompt: int = 32, reps: int = 5) -> dic
     write_checkpoint(base, "3", -1, out)
     q, _ = rsq.load(out, device=device, dtype=torch.bfloat16)
     res = {}
-    for label, model in (("bf16", base), ("3-bit", q)):
-        for batch in (1, 16):
-            ids = torch.randint(100, 20000, (batch, prompt), device=device)
-            times = []
-            for i in range(reps + 2):
-                with torch.no_grad():
-                    generate(model, ids, 2, eos_token_id=(), options=LoopOptions(timed=True))
-                if i >= 2:
-                    times.append(decoder(model).stats["prefill_s"] * 1e3)
-            res[f"{label} b{batch}"] = statistics.median(times)
-            print(f"[prefill] {label:6s} batch {batch:2d}, {layers} layers: {res[f'{label} b{batch}']:.2f} ms", flush=True)
+    for compiled in (False, True):
+        opts = LoopOptions(timed=True, compile_prefill=compiled)
+        how = "compiled" if compiled else "eager"
+        for label, model in (("bf16", base), ("3-bit", q)):
+            for batch in (1, 16):
+                ids = torch.randint(100, 20000, (batch, prompt), device=device)
+                times = []
+                for i in range(reps + 2):
+                    with torch.no_grad():
+                        generate(model, ids, 2, eos_token_id=(), options=opts)
+                    t = decoder(model).stats["prefill_s"] * 1e3
+                    if i == 0:
+                        res[f"{label} b{batch} {how} first"] = t
+                    if i >= 2:
+                        times.append(t)
+                key = f"{label} b{batch} {how}"
+                res[key] = statistics.median(times)
+                print(
+                    f"[prefill {how}] {label:6s} batch {batch:2d}, {layers} layers: {res[key]:.2f} ms "
+                    f"(first call {res[key + ' first']:.0f} ms)",
+                    flush=True,
+                )
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(100, 20000, (1, prompt), device=device)

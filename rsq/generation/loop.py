@@ -12,7 +12,8 @@ of sequence token, three small tensor ops. The host reads the GPU once every ``e
   (rounded up to ``cache_multiple``, 256): calls whose lengths round to the same size reuse the cache
   and the compiled step (one per batch size and cache length), and no call attends over a cache much
   longer than it needs (transformers' ``generate`` reuses a longer cache a previous call left).
-* Prefill is one eager forward over the prompt (its length varies); the step is
+* Prefill is one eager forward over the prompt (its length varies; ``compile_prefill`` compiles
+  it with dynamic shapes); the step is
   ``torch.compile(mode="reduce-overhead")`` on CUDA (CUDA graphs), eager elsewhere unless asked.
 * Greedy tokens equal transformers' ``generate(do_sample=False)`` (tests/unit/test_generation_loop.py,
   batch 1 and 3, left padding and EOS included). Sampling (temperature, top-k, top-p) draws with an
@@ -61,6 +62,8 @@ class Decoder:
     step_key: tuple | None = None  # (compile, backend, fullgraph, sample, cuda_graphs)
     allocations: int = 0  # caches allocated so far
     graph_breaks: bool = False  # the step did not compile as one graph: compiled with breaks
+    prefill: Callable | None = None  # the compiled prefill (LoopOptions.compile_prefill)
+    prefill_key: tuple | None = None  # (backend, sample) of ``prefill``
     stats: dict | None = None  # the last call's: cache_len, new_cache, compiled, new_tokens (+ timings)
 
 
@@ -105,7 +108,14 @@ def _cache_for(dec: Decoder, model: nn.Module, batch: int, needed: int, multiple
 
 
 def _make_step(
-    model: nn.Module, sample: bool, compile: bool, backend: str, fullgraph: bool, device, cuda_graphs: bool = True
+    model: nn.Module,
+    sample: bool,
+    compile: bool,
+    backend: str,
+    fullgraph: bool,
+    device,
+    cuda_graphs: bool = True,
+    dynamic: bool = False,
 ) -> Callable:
     cache_name, wants_cache_position = _forward_names(model)
 
@@ -133,7 +143,19 @@ def _make_step(
         if hasattr(_dynamo.config, name):
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
     mode = "reduce-overhead" if _graphs(True, backend, device, cuda_graphs) else None
-    return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+    return torch.compile(step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+
+
+def _prefill_fn(dec: Decoder, model: nn.Module, sample: bool, options, device) -> Callable:
+    """The prompt's forward: eager, or with ``options.compile_prefill`` compiled once per model
+    (dynamic shapes, so prompts of any length share it; no CUDA graphs; graph breaks allowed)."""
+    if not options.compile_prefill:
+        return _make_step(model, sample, False, options.backend, False, device)
+    key = (options.backend, sample)
+    if dec.prefill is None or dec.prefill_key != key:
+        dec.prefill = _make_step(model, sample, True, options.backend, False, device, cuda_graphs=False, dynamic=True)
+        dec.prefill_key = key
+    return dec.prefill
 
 
 def _fusion(model: nn.Module, device: torch.device, fuse: bool | None) -> int:
@@ -176,7 +198,10 @@ class LoopOptions:
     undoes a fusion). ``packed_gqa``: decode attention over the unrepeated K/V heads of a GQA model
     (:mod:`rsq.generation.attention`, for the call only; None = on CUDA). ``cuda_graphs``: False
     compiles the step on CUDA without CUDA graphs (plain inductor: every kernel launched from the
-    host; for profiling and debugging, slower)."""
+    host; for profiling and debugging, slower). ``compile_prefill``: compile the prompt's forward
+    too (dynamic shapes: one compilation per model for prompts of any length, paid at the first
+    call; no CUDA graphs), which removes the eager forward's per-operator host time from the
+    prefill; off by default."""
 
     compile: bool | None = None
     fuse: bool | None = None
@@ -187,6 +212,7 @@ class LoopOptions:
     cache_multiple: int = CACHE_MULTIPLE
     timed: bool = False
     cuda_graphs: bool = True
+    compile_prefill: bool = False
 
 
 def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
@@ -379,8 +405,8 @@ def generate(
     gqa = options.packed_gqa if options.packed_gqa is not None else device.type == "cuda"
     t0 = now()
     with torch.no_grad(), attention.use(model, gqa) as packed:
-        prefill = _make_step(model, sample, False, options.backend, False, device)  # eager: prompts vary
-        tokens.take(0, prefill(input_ids, positions, torch.arange(prompt, device=device), full_mask, cache))
+        prefill = _prefill_fn(dec, model, sample, options, device)  # eager unless asked: prompts vary
+        tokens.take(0, prefill(input_ids.contiguous(), positions, torch.arange(prompt, device=device), full_mask, cache))
         t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)

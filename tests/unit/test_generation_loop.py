@@ -179,6 +179,27 @@ def test_compiled_step_gives_eager_tokens_and_compiles_once(model, ids):
     assert torch.equal(third, again)
 
 
+def test_compiled_prefill_gives_eager_tokens_for_prompts_of_any_length(model, ids):
+    """LoopOptions(compile_prefill=True): the prompt's forward compiled with dynamic shapes (aot_eager
+    on the CPU) gives transformers' greedy tokens, and prompts of other lengths reuse the compiled
+    prefill (dynamic: no graph per length)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    opts = LoopOptions(compile=False, compile_prefill=True, backend="aot_eager")
+    got = generate(model, ids, 6, eos_token_id=(), options=opts)
+    assert torch.equal(got, _hf(model, ids, 6))
+    assert counters["stats"]["unique_graphs"] >= 1 and decoder(model).prefill is not None
+    # the reused cache is allocated now (a new cache's first call compiles its own graph)
+    longer = torch.cat([ids, ids[:, :4]], dim=1)  # 11 tokens instead of 7
+    assert torch.equal(generate(model, longer, 6, eos_token_id=(), options=opts), _hf(model, longer, 6))
+    graphs = counters["stats"]["unique_graphs"]
+    shorter = ids[:, :5]
+    assert torch.equal(generate(model, shorter, 6, eos_token_id=(), options=opts), _hf(model, shorter, 6))
+    assert counters["stats"]["unique_graphs"] == graphs  # 5 tokens after 11: the same compiled prefill
+
+
 def test_a_step_with_a_graph_break_compiles_with_breaks(model, ids):
     """fullgraph=True on a model whose forward breaks the graph (a hook here): one warning, then the
     step compiles with the break and still gives transformers' tokens."""
