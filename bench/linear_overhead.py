@@ -23,6 +23,10 @@ two figures, microseconds per call:
 
 A path is host-bound at M where host > device: the eager prefill then pays ``host`` per linear.
 
+Then the same two figures for export's online down_proj rotation (14336 wide, blocks of 2048) at
+M = 1, 16, 64, 2048 and 32768 tokens: rsq.kernels.hadamard's dispatch against the torch block
+transform.
+
 --prefill L (0: skip): also builds an L-layer Llama-3-8B-shaped model and its 3-bit RTN checkpoint
 (bench/generate_speed.py's builders), and times rsq.generation's prefill (timed stats) of a 32-token
 prompt at batch 1 and 16 for bf16 and 3-bit, eager and with ``LoopOptions(compile_prefill=True)``,
@@ -128,6 +132,29 @@ def measure_linears(bits_list, ms, calls: int, device) -> list[dict]:
     return rows
 
 
+def measure_hadamard(ms, calls: int, device, width: int = 14336, block: int = 2048) -> list[dict]:
+    """export's online down_proj rotation (the ``block`` kind) per call: rsq.kernels.hadamard's
+    dispatch (the Triton kernel per block on CUDA) against the torch transform it used before
+    (a float32 butterfly pass per factor of two), same host/device method."""
+    from rsq.kernels.hadamard import hadamard_rotate
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    for m in ms:
+        x = torch.randn(m, width, device=device, dtype=torch.bfloat16)
+        paths = {
+            "dispatch": lambda: hadamard_rotate(x, "block", width, block),
+            "torch": lambda: block_hadamard_transform(x, block),
+        }
+        for path, call in paths.items():
+            with torch.no_grad():
+                host, dev = _host_and_device(call, calls, cuda)
+            rows.append(dict(width=width, block=block, m=m, path=path, host_us=host, device_us=dev))
+            print(f"hadamard {width}/{block} M={m:5d} {path:8s} host {host:8.1f} us  device {dev:8.1f} us", flush=True)
+    return rows
+
+
 def measure_prefill(layers: int, device, prompt: int = 32, reps: int = 5) -> dict:
     from generate_speed import build_model, write_checkpoint
 
@@ -187,6 +214,7 @@ def main() -> int:
     record["linears"] = measure_linears(
         [int(b) for b in args.bits.split(",")], [int(m) for m in args.m.split(",")], args.calls, args.device
     )
+    record["hadamard"] = measure_hadamard([1, 16, 64, 2048, 32768], args.calls, args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     if args.prefill:

@@ -13,8 +13,8 @@ from rsq.io.loading import load_config
 from rsq.models.bundled import list_bundled, load_bundled_config
 from rsq.models.registry import resolve
 from rsq.plan.memory import format_plan
-from rsq.rotation.pad import padded_config
 from rsq.report.plotting import require_matplotlib
+from rsq.rotation.pad import padded_config
 
 
 def add_parsers(sub) -> None:

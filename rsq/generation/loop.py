@@ -406,7 +406,8 @@ def generate(
     t0 = now()
     with torch.no_grad(), attention.use(model, gqa) as packed:
         prefill = _prefill_fn(dec, model, sample, options, device)  # eager unless asked: prompts vary
-        tokens.take(0, prefill(input_ids.contiguous(), positions, torch.arange(prompt, device=device), full_mask, cache))
+        prompt_positions = torch.arange(prompt, device=device)
+        tokens.take(0, prefill(input_ids.contiguous(), positions, prompt_positions, full_mask, cache))
         t1 = t2 = now()
         position_ids = positions[:, -1:] + 1
         cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)

@@ -1,7 +1,8 @@
 """Which implementation runs an online Hadamard rotation (rsq/rotation/online.py describes the
 kinds): the Triton kernel of rsq/kernels/triton_hadamard.py for bf16/fp16 on CUDA where it supports
-the size (one read and one write of the activations), else the torch transforms of
-rsq/rotation/hadamard.py."""
+the size (one read and one write of the activations; a block-diagonal rotation as the full one on
+each block), else the torch transforms of rsq/rotation/hadamard.py (a float32 butterfly pass per
+factor of two: ~2 log2(block) kernels over the whole tensor)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,17 @@ def cross_head(
 def hadamard_rotate(x: torch.Tensor, kind: str, size: int, head_dim: int) -> torch.Tensor:
     """The Hadamard kinds (full, cross_head, block) of an online rotation on x's last dim: the
     Triton kernel for bf16/fp16 on CUDA where it supports the size, else the torch transform. The
-    ``block`` kind always runs the torch transform: the Triton kernel rotates a whole row (or across
-    heads), not contiguous blocks, and the block may be any Hadamard order (``--export-block``)."""
+    ``block`` kind (block ``head_dim``) is the full transform of order ``head_dim`` on every
+    contiguous block, i.e. on the rows of x viewed as (-1, head_dim): the same kernel where it
+    supports that order (export's down_proj blocks of 256-2048), the torch transform otherwise."""
     if kind == "block":
-        return block_hadamard_transform(x, head_dim)
+        block = head_dim
+        if x.is_cuda and has_triton() and x.shape[-1] % block == 0:
+            from rsq.kernels import triton_hadamard as TH
+
+            if TH.supports(x, block):
+                return TH.hadamard(x.reshape(-1, block), block).reshape(x.shape)
+        return block_hadamard_transform(x, block)
     cross = kind == "cross_head"
     if x.is_cuda and has_triton():
         from rsq.kernels import triton_hadamard as TH

@@ -376,6 +376,7 @@ def test_rsq_plan_plans_the_padded_mlp(capsys):
     """`rsq plan` predicts the memory of what `rsq quantize --method rsq` runs: Qwen2.5-7B's MLP
     padded 18944 -> 19456 under the default (the down_proj Hessian and the kept MLP inputs grow with
     it), Llama-3-8B's 14336 left as is; `--pad-mlp 0` plans the original width."""
+
     def plan(*argv):
         assert main(["plan", *argv]) == 0
         return capsys.readouterr().out

@@ -117,6 +117,22 @@ def test_hadamard_cross_head_matches_reference(heads, hd):
     _check_hadamard(y, ref.transpose(1, 2).reshape(5, -1))
 
 
+@pytest.mark.parametrize("width,block", [(14336, 2048), (4864, 256), (9216, 1024), (1536, 512), (8960, 256)])
+@pytest.mark.parametrize("m", [1, 40])
+def test_block_hadamard_runs_the_kernel_per_block(width, block, m, monkeypatch):
+    """The ``block`` kind (export's down_proj rotation) on CUDA: the kernel on x viewed as
+    (-1, block), against the torch block transform in float32; the torch path is not called."""
+    from rsq.kernels import hadamard as KH
+    from rsq.rotation.hadamard import block_hadamard_transform
+
+    x = (torch.randn(3, m, width, device="cuda") * 3).to(torch.bfloat16)
+    ref = block_hadamard_transform(x.float(), block)
+    monkeypatch.setattr(KH, "block_hadamard_transform", lambda *a: pytest.fail("took the torch path"))
+    y = KH.hadamard_rotate(x, "block", width, block)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    _check_hadamard(y.reshape(-1, width), ref.reshape(-1, width))
+
+
 def test_online_rotation_module_uses_the_kernel():
     from rsq.rotation.online import OnlineRotation, OnlineRotationModule
 
