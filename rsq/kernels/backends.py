@@ -95,7 +95,18 @@ def register_backend(backend: Backend) -> Backend:
     """Add a backend (replacing the one of the same format and name); returns it."""
     BACKENDS[:] = [b for b in BACKENDS if (b.format_name, b.name) != (backend.format_name, backend.name)]
     BACKENDS.append(backend)
+    _CHOSEN.clear()
     return backend
+
+
+# run_backend's choices: (format, bits, group_size, in_features, dtype, device, M, forced name) ->
+# (backend, its function, the registry it was chosen from). Selection is a pure function of that key
+# while the registry is unchanged (register_backend clears it; a list replaced or edited another way
+# is noticed by its identity and length); caching it takes the per-call selection (a sort, each backend's
+# checks, an import lookup) off the host time of every eager quantized matmul (bench/NOTES-speed.md,
+# session 16). Bounded: cleared when it holds MAX_CHOSEN keys (M varies with prompt lengths).
+_CHOSEN: dict[tuple, tuple[Backend, Callable, tuple]] = {}
+MAX_CHOSEN = 4096
 
 
 def backends_for(format_name: str) -> list[Backend]:
@@ -164,8 +175,16 @@ def run_backend(
 ) -> torch.Tensor:
     """Pick the backend for x (..., in) and run it: (..., out). Eager code only (the body of the
     ``rsq::quant_linear`` custom op under torch.compile)."""
-    chosen = select_backend(x, layer, backend)
-    fn = chosen.load()
+    m = x.numel() // max(layer.in_features, 1)
+    registry = (id(BACKENDS), len(BACKENDS))  # a registry replaced or edited in place: choose again
+    key = (layer.format_name, layer.bits, layer.group_size, layer.in_features, x.dtype, x.device, m, backend)
+    hit = _CHOSEN.get(key)
+    if hit is None or hit[2] != registry:
+        chosen = select_backend(x, layer, backend)
+        if len(_CHOSEN) >= MAX_CHOSEN:
+            _CHOSEN.clear()
+        hit = _CHOSEN[key] = (chosen, chosen.load(), registry)
+    chosen, fn, _ = hit
     kwargs = {k: getattr(layer, k) for k in chosen.keywords}
     if not chosen.flatten:
         return fn(x, *tensors, bias, **kwargs)

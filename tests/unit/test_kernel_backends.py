@@ -147,3 +147,33 @@ def test_a_new_format_compiles_to_the_one_custom_op(scaled_int):
     got = torch.compile(layer, fullgraph=True, backend=backend)(x)
     assert torch.ops.rsq.quant_linear.default in {getattr(t, "default", t) for t in seen}
     assert torch.equal(got, layer(x))
+
+
+def test_run_backends_cached_choice_follows_the_registry(scaled_int, monkeypatch):
+    """run_backend remembers its choice per (layer shape, dtype, device, M) and chooses again when a
+    backend is registered or the registry is replaced: the calls' outputs say which one ran."""
+    layer = scaled_int
+    x = torch.randint(-4, 4, (3, 16)).float()
+    calls = []
+
+    def marked(name):
+        def fn(x2d, codes, scale, bias, **kw):
+            calls.append(name)
+            return scaled_int_reference(x2d, codes, scale, bias)
+
+        return fn
+
+    common = dict(format_name="test_scaled_int", bits=(4,), device_types=("cpu",), keywords=(), dtypes=(torch.float32,))
+    layer(x)
+    layer(x)  # "fast" (not marked) twice: the cached choice
+    register_backend(Backend(name="faster", function=marked("faster"), priority=20, **common))
+    layer(x)
+    assert calls == ["faster"]
+    monkeypatch.setattr(
+        backends,
+        "BACKENDS",
+        [b for b in backends.BACKENDS if b.name != "faster"]
+        + [Backend(name="other", function=marked("other"), priority=30, **common)],
+    )
+    layer(x)
+    assert calls == ["faster", "other"]
