@@ -12,7 +12,10 @@
    method "rtn", no rotation); E8P ("e8p", 2 bits) stores uniformly random 16-bit codeword indices
    (every index is a codeword; RTN onto E8P of 7 B weights takes minutes, and speed does not depend on
    which codewords), with sigma from the weights. Every linear of every decoder layer is quantized;
-   embeddings, norms and lm_head stay bf16 (what rsq quantize does).
+   embeddings, norms and lm_head stay bf16 (what rsq quantize does). --online-block N records export's
+   online down_proj rotation (blocks of N) in each checkpoint, so ``rsq.load`` attaches it as it does
+   for a rotated `export` checkpoint (the weights are not rotated: the same speed, not the same
+   function).
 3. Loads each checkpoint with ``rsq.load(DIR, device="cuda")``; the bf16 model is the in-memory one
    (the same weights ``from_pretrained`` would load).
 4. For every batch size, for bf16 and each checkpoint, and for each decode loop of --loop (a comma
@@ -90,8 +93,10 @@ def _config(fmt: str, group_size: int):
     return RSQConfig.for_method("rtn", grid={"bits": int(fmt), "group_size": group_size}, dtype="bfloat16")
 
 
-def write_checkpoint(model, fmt: str, group_size: int, out: Path) -> float:
-    """rsq checkpoint of ``model`` in ``fmt`` written into ``out`` (see the module docstring); seconds."""
+def write_checkpoint(model, fmt: str, group_size: int, out: Path, online_block: int = 0) -> float:
+    """rsq checkpoint of ``model`` in ``fmt`` written into ``out`` (see the module docstring); seconds.
+    ``online_block`` > 0: the checkpoint records export's online down_proj rotation (a block-diagonal
+    Hadamard of that block), which ``rsq.load`` attaches as it does for a rotated checkpoint."""
     from rsq.checkpoint.save import save_checkpoint, write_layer_shard
     from rsq.models.registry import resolve
     from rsq.solver.gptq import rtn_result
@@ -124,7 +129,14 @@ def write_checkpoint(model, fmt: str, group_size: int, out: Path) -> float:
             results[full] = res
             names[full] = None
         write_layer_shard(layer, i, adapter.layers, len(layers), results, cfg, out)
-    save_checkpoint(model, None, out, cfg, SimpleNamespace(results=names), None, streamed=len(layers))
+    rotation = None
+    if online_block:
+        width = model.config.intermediate_size
+        if width % online_block:
+            raise SystemExit(f"--online-block {online_block} does not divide the MLP width {width}")
+        site = {"module": adapter.down_proj, "kind": "block", "size": width, "head_dim": online_block}
+        rotation = {"online": [site]}
+    save_checkpoint(model, None, out, cfg, SimpleNamespace(results=names), rotation, streamed=len(layers))
     return time.perf_counter() - t0
 
 
@@ -266,6 +278,13 @@ def add_model_args(ap: argparse.ArgumentParser, formats: str, batches: str) -> N
     ap.add_argument("--group-size", type=int, default=-1)
     ap.add_argument("--batches", default=batches)
     ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument(
+        "--online-block",
+        type=int,
+        default=0,
+        help="rsq checkpoints carry export's online down_proj rotation with this block (e.g. 2048 for "
+        "Llama-3-8B), as a rotated export checkpoint loads; the weights stay unrotated (speed only). 0: none",
+    )
 
 
 def build_models(args, formats: list[str], device, build: dict, save=lambda: None) -> dict:
@@ -279,7 +298,7 @@ def build_models(args, formats: list[str], device, build: dict, save=lambda: Non
     models = {"bf16": base}
     for fmt in formats:
         out = Path(args.work) / f"{fmt}-g{args.group_size}"
-        build[f"{fmt}_write_s"] = write_checkpoint(base, fmt, args.group_size, out)
+        build[f"{fmt}_write_s"] = write_checkpoint(base, fmt, args.group_size, out, args.online_block)
         t0 = time.perf_counter()
         models[fmt], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
         build[f"{fmt}_load_s"] = time.perf_counter() - t0
