@@ -92,7 +92,7 @@ class GridConfig:
             )
 
 
-HESSIAN_MATMULS = ("auto", "split", "single", "fp32")  # SolverConfig.hessian_matmul
+HESSIAN_MATMULS = ("auto", "split", "single", "fp16", "fp32")  # SolverConfig.hessian_matmul
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,10 @@ class SolverConfig:
     # split: half products on the tensor cores, w ⊙ X as hi + lo half parts (two products, the
     #   weighting exact to ~2^-16); single: one product, the Gram matrix of half(sqrt(w) ⊙ X) (each
     #   weighted feature rounded once more, 2^-8 for bf16: the size of the rounding bf16 activations
-    #   already carry; still symmetric PSD); fp32: activations upcast first;
+    #   already carry; still symmetric PSD); fp16: single's one product, the features rounded to fp16
+    #   instead (2^-11, each batch scaled by a power of two into fp16's range); fp32: upcast first;
     # auto: split on CUDA, fp32 elsewhere. split/single named explicitly also run off CUDA, as float32
-    #   matmuls of the same half factors (the GPU's arithmetic, for checking it on a CPU).
+    #   matmuls of the same half factors (the GPU's arithmetic, for checking it on a CPU); so does fp16.
     hessian_matmul: str = "auto"
     cuda_graphs: bool = True  # replay each GPTQ block as a captured CUDA graph on GPUs
 

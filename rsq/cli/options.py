@@ -104,7 +104,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
         "how the Hessian's products run for bf16/fp16 activations (float32 sums always): split = "
         "tensor-core products with the token weights exact to ~2^-16 (two products), single = one "
         "product of the sqrt(weight)-scaled inputs rounded to bf16 (2^-8; -16 %% Hessian time on an H100, "
-        "+1.6 %% perplexity at 3 bits on SmolLM2 over 3 seeds), fp32 = upcast first; "
+        "+1.6 %% perplexity at 3 bits on SmolLM2 over 3 seeds), fp16 = single's one product with the "
+        "features rounded to fp16 instead (2^-11, 8x finer than single), fp32 = upcast first; "
         "auto = split on CUDA, fp32 elsewhere",
         choices=list(HESSIAN_MATMULS),
     )

@@ -283,8 +283,9 @@ class QuantizeLayer(Stage):
             dtype=torch.float64 if solver.hessian_dtype == "float64" else torch.float32,
             half_inputs=solver.hessian_matmul != "fp32",
             kernels=self.cfg.kernels,
-            weighted_parts=1 if solver.hessian_matmul == "single" else 2,
-            emulate=solver.hessian_matmul in ("split", "single"),
+            weighted_parts=1 if solver.hessian_matmul in ("single", "fp16") else 2,
+            emulate=solver.hessian_matmul in ("split", "single", "fp16"),
+            single_dtype=torch.float16 if solver.hessian_matmul == "fp16" else None,
         )
         with timed(self.state, "hessian"):
             for k, x in passes.group_inputs(group):

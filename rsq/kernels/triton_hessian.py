@@ -29,24 +29,30 @@ def _split_kernel(X, Wt, HI, LO, rows, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.con
     x = tl.load(X + offs, mask=mask, other=0.0)
     w = tl.load(Wt + r, mask=r < rows, other=0.0)
     y = x.to(tl.float32) * w[:, None]
-    hi = y.to(X.dtype.element_ty)
+    hi = y.to(HI.dtype.element_ty)
     tl.store(HI + offs, hi, mask=mask)
     if WITH_LO:
-        lo = (y - hi.to(tl.float32)).to(X.dtype.element_ty)
+        lo = (y - hi.to(tl.float32)).to(LO.dtype.element_ty)
         tl.store(LO + offs, lo, mask=mask)
 
 
-def split_weighted(x: torch.Tensor, w: torch.Tensor, with_lo: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """hi, lo (each like x) with hi + lo = w[:, None] * x to ~2^-16 relative. x: (M, d) contiguous
-    bf16/fp16; w: (M,) float32, on x's device. ``with_lo`` False: (hi, None), hi alone written."""
+def split_weighted(
+    x: torch.Tensor, w: torch.Tensor, with_lo: bool = True, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hi, lo (each of x's shape, in ``out_dtype``, default x's) with hi + lo = w[:, None] * x to
+    ~2^-16 relative. x: (M, d) contiguous bf16/fp16; w: (M,) float32, on x's device. ``with_lo``
+    False: (hi, None), hi alone written."""
     if x.dim() != 2 or not x.is_contiguous() or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("split_weighted takes a contiguous (M, d) bf16/fp16 tensor")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("split_weighted runs on CUDA (or in Triton's interpreter)")
     rows, d = x.shape
     w = w.reshape(-1).to(x.device, torch.float32).contiguous()
-    hi = torch.empty_like(x)
-    lo = torch.empty_like(x) if with_lo else None
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("split_weighted writes bf16/fp16 parts")
+    hi = torch.empty_like(x, dtype=out_dtype)
+    lo = torch.empty_like(x, dtype=out_dtype) if with_lo else None
     block_r, block_d = 16, 256
     _split_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
         x, w, hi, lo if with_lo else hi, rows, d, BLOCK_R=block_r, BLOCK_D=block_d, WITH_LO=with_lo, num_warps=4

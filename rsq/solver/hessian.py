@@ -32,12 +32,17 @@ class HessianAccumulator:
         kernels: str = "auto",
         weighted_parts: int = 2,
         emulate: bool = False,
+        single_dtype: torch.dtype | None = None,
     ):
         """kernels: "auto" splits the weighted half activations with a Triton kernel on CUDA
         (rsq/kernels/triton_hessian.py); "reference" with torch (the kernel's oracle).
         weighted_parts (half path): 2 = w ⊙ x as hi + lo half parts (two products, exact to ~2^-16),
         1 = one product, the Gram matrix of half(sqrt(w) ⊙ x) (each weighted feature rounded once
         more to the activations' half type: 2^-8 relative for bf16).
+        single_dtype (one part): the type the scaled features are rounded to: None = the activations'
+        own; torch.float16 for bf16 activations = 2^-11 relative instead of bf16's 2^-8 at the same
+        tensor-core rate (each batch scaled by a power of two into fp16's range first, and the product
+        scaled back exactly: _fp16_scale).
         emulate: take the half path off CUDA too, its products as float32 matmuls of the same half
         factors (exact products, float32 sums: what the tensor cores compute, up to the order
         of the sums), so the CPU can show what the GPU's arithmetic does to a run."""
@@ -47,6 +52,7 @@ class HessianAccumulator:
         self.kernels = kernels
         self.dtype = dtype
         self.parts = weighted_parts
+        self.single_dtype = single_dtype
         self.sum = torch.zeros(width, width, device=device, dtype=dtype)
         self.nseq = 0
         # GPU fast path: products of bf16/fp16 activations on the tensor cores, fp32 accumulation
@@ -83,44 +89,51 @@ class HessianAccumulator:
             # one product: the Gram matrix of y = half(sqrt(w) ⊙ x), so H stays symmetric positive
             # semi-definite (rounding only w ⊙ x on one side breaks that: X^T half(w ⊙ X) is not
             # symmetric, and its mirrored triangle was indefinite beyond any damping on SmolLM2)
-            y = self._weighted(flat, w.sqrt(), with_lo=False)[0]
-            self._accumulate(y.T, y)
+            s, alpha = w.sqrt(), 1.0
+            out = self.single_dtype or flat.dtype
+            if out == torch.float16:  # fp16's range is 2^-14..65504: scale the batch into it
+                c = _fp16_scale(flat, s)
+                s, alpha = s * c, 1.0 / (c * c)  # powers of two: exact in both directions
+            y = self._weighted(flat, s, with_lo=False, out_dtype=out)[0]
+            self._accumulate(y.T, y, alpha)
             return
         hi, lo = self._weighted(flat, w, with_lo=True)
         self._accumulate(xt, hi)
         self._accumulate(xt, lo)
 
-    def _weighted(self, flat: torch.Tensor, w: torch.Tensor, with_lo: bool):
-        """hi = half(w ⊙ x) and lo = half(w ⊙ x - hi) (None unless ``with_lo``)."""
+    def _weighted(self, flat: torch.Tensor, w: torch.Tensor, with_lo: bool, out_dtype: torch.dtype | None = None):
+        """hi = half(w ⊙ x) and lo = half(w ⊙ x - hi) (None unless ``with_lo``), in ``out_dtype``
+        (default: x's)."""
+        out_dtype = out_dtype or flat.dtype
         if self.kernels == "auto" and has_triton() and flat.is_cuda and flat.is_contiguous():
             from rsq.kernels.triton_hessian import split_weighted
 
-            return split_weighted(flat, w, with_lo=with_lo)
+            return split_weighted(flat, w, with_lo=with_lo, out_dtype=out_dtype)
         y = flat.float() * w[:, None]
-        hi = y.to(flat.dtype)
-        return hi, (y - hi.float()).to(flat.dtype) if with_lo else None
+        hi = y.to(out_dtype)
+        return hi, (y - hi.float()).to(out_dtype) if with_lo else None
 
-    def _accumulate(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """sum += a @ b, upper block triangle only (a @ b is symmetric up to the lo part's rounding,
+    def _accumulate(self, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+        """sum += alpha * (a @ b), upper block triangle only (a @ b is symmetric up to the lo part's rounding,
         so finalize mirrors the upper triangle): with k x k blocks, k(k+1)/2 of the k² block products
         as k strip products, e.g. 10/16 of the flops for down_proj's 14336 = 4 x 3584. Float32
         accumulation into sum itself (cuBLAS beta = 1: no temporary product), or through a temporary
         where this torch lacks that."""
         for r0, r1 in _block_edges(self.width):  # block row i: its diagonal block and all to the right
-            self._addmm(self.sum[r0:r1, r0:], a[r0:r1], b[:, r0:])
+            self._addmm(self.sum[r0:r1, r0:], a[r0:r1], b[:, r0:], alpha)
 
-    def _addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
         global _addmm_into_works
         if not out.is_cuda:  # the emulation: exact products of the half factors, float32 sums
-            out.addmm_(a.float(), b.float())
+            out.addmm_(a.float(), b.float(), alpha=alpha)
             return
         if _addmm_into_works:
             try:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out, alpha=alpha)
                 return
             except (RuntimeError, TypeError):
                 _addmm_into_works = False
-        out += torch.mm(a, b, out_dtype=torch.float32)
+        out.add_(torch.mm(a, b, out_dtype=torch.float32), alpha=alpha)
 
     def finalize(self) -> torch.Tensor:
         """(2/N) * sum, float32."""
@@ -132,6 +145,21 @@ class HessianAccumulator:
             # triangle): mirror it
             H = H.triu() + H.triu(1).T
         return (H * (2.0 / self.nseq)).float()
+
+
+FP16_TOP = 14  # _fp16_scale puts a batch's largest scaled feature below 2^14 (fp16's largest: 65504)
+
+
+def _fp16_scale(flat: torch.Tensor, s: torch.Tensor) -> float:
+    """The power of two c that puts max_t s_t |x_t| in [2^13, 2^14): fp16 holds c s x with 11
+    significant bits down to 2^-14 (below that, subnormals: absolute error 2^-25), without overflow.
+    1 for an all-zero or non-finite batch (non-finite calibration is refused before this)."""
+    lo, hi = torch.aminmax(flat, dim=1)  # per token, no (T, d) temporary
+    amax = (torch.maximum(hi.float(), -lo.float()) * s).max()
+    if not torch.isfinite(amax) or amax <= 0:
+        return 1.0
+    e = int(torch.frexp(amax).exponent.item())  # amax = m 2^e with m in [0.5, 1)
+    return 2.0 ** max(-120, min(120, FP16_TOP - e))
 
 
 MIN_BLOCK = 2048  # the half path's Hessian products use blocks of at least this width (at most 4)

@@ -81,6 +81,28 @@ def test_fused_hi_lo_split_against_the_torch_split(dtype, monkeypatch):
     assert ((sums[0] - sums[1]).norm() / sums[1].norm()).item() < 1e-5
 
 
+def test_fused_split_writes_fp16_from_bf16():
+    # --hessian-matmul fp16: bf16 activations, the weighted features rounded to fp16 (the torch
+    # form's cast bit for bit), and the accumulator's result equal to its torch path's
+    pytest.importorskip("triton")
+    from rsq.kernels.triton_hessian import split_weighted
+
+    torch.manual_seed(2)
+    x = (torch.randn(2 * 1000 + 3, 300, device="cuda") * 4).bfloat16()
+    w = torch.rand(x.shape[0], device="cuda") * 7
+    hi, lo = split_weighted(x, w, with_lo=False, out_dtype=torch.float16)
+    assert lo is None and hi.dtype == torch.float16
+    assert torch.equal(hi, (x.float() * w[:, None]).half())
+    sums = []
+    for kernels in ("auto", "reference"):
+        acc = HessianAccumulator(300, device="cuda", half_inputs=True, kernels=kernels, weighted_parts=1,
+                                 single_dtype=torch.float16)  # fmt: skip
+        acc.add(x.reshape(1, -1, 300), w.reshape(1, -1))
+        sums.append(acc.finalize().double())
+    # the same fp16 factors; cuBLAS may order the float32 sums differently between the two calls
+    assert ((sums[0] - sums[1]).norm() / sums[1].norm()).item() < 1e-6
+
+
 def test_half_attention_scores_close_to_fp32():
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1024, 64, device="cuda").bfloat16()

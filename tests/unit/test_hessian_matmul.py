@@ -19,8 +19,10 @@ def _problem(seed=0, tokens=600, width=96):
     return x, w
 
 
-def _finalized(parts, x, w, emulate=True):
-    acc = HessianAccumulator(x.shape[-1], half_inputs=True, weighted_parts=parts, emulate=emulate)
+def _finalized(parts, x, w, emulate=True, single_dtype=None):
+    acc = HessianAccumulator(
+        x.shape[-1], half_inputs=True, weighted_parts=parts, emulate=emulate, single_dtype=single_dtype
+    )
     acc.add(x, w)
     return acc.finalize().double()
 
@@ -55,6 +57,31 @@ def test_single_product_within_the_rounding_bound():
     assert torch.linalg.eigvalsh(H).min().item() >= -1e-6 * torch.linalg.eigvalsh(H).max().item()
 
 
+def test_fp16_single_product_within_its_rounding_bound():
+    x, w = _problem(4)
+    x[:, 0] *= 50  # the sink token now ~2000x the others: sqrt(97) x that overflows fp16 unscaled
+    H, ref = _finalized(1, x, w, single_dtype=torch.float16), _exact(x, w)
+    assert torch.isfinite(H).all()
+    # the batch is scaled by c = 2^(14 - e), max_t sqrt(w_t)|x_t| = m 2^e (m in [0.5, 1)), then
+    # rounded to fp16: a_i = c sqrt(w) x_i is kept to u = 2^-11 relative where |a_i| >= 2^-14 and to
+    # 2^-25 absolute below (subnormals). Per token |y_i y_j - a_i a_j| <= d_i (|a_j| + d_j) + |a_i| d_j
+    # with d = u |a| + 2^-25; H is the sum scaled back by 1/c^2 (exact); plus float32 sums (2^-20)
+    a = x.double().reshape(-1, x.shape[-1]).abs() * w.double().reshape(-1, 1).sqrt()
+    c = 2.0 ** (14 - torch.frexp(a.max().float()).exponent.item())
+    a = a * c
+    d = a * 2.0**-11 + 2.0**-25
+    bound = (d.T @ (a + d) + a.T @ d) / c**2 * (2.0 / x.shape[0])
+    bound += (a.T @ a) / c**2 * (2.0 / x.shape[0]) * 2.0**-20
+    assert ((H - ref).abs() <= bound).all()
+    assert ((H - ref).abs().max() / bound.max()).item() > 1e-3  # the rounded product, not an exact one
+    # and 8x finer than bf16's single product (u = 2^-8): the error norm at least 4x smaller
+    H_bf16 = _finalized(1, x.float().bfloat16(), w)
+    assert (H - ref).norm() * 4 < (H_bf16 - ref).norm()
+    # still a Gram matrix: symmetric, positive semi-definite
+    assert torch.equal(H, H.T)
+    assert torch.linalg.eigvalsh(H).min().item() >= -1e-6 * torch.linalg.eigvalsh(H).max().item()
+
+
 def test_single_equals_split_without_weights_and_with_unit_weights():
     x, _ = _problem(2)
     for w in (None, torch.ones(x.shape[:2])):
@@ -77,7 +104,7 @@ def test_auto_off_cuda_is_the_float32_path():
 
 def test_config_values():
     assert SolverConfig().hessian_matmul == "auto"
-    for v in ("split", "single", "fp32"):
+    for v in ("split", "single", "fp16", "fp32"):
         assert SolverConfig(hessian_matmul=v).hessian_matmul == v
     with pytest.raises(ConfigError, match="hessian_matmul"):
         SolverConfig(hessian_matmul="tf32")
