@@ -29,7 +29,8 @@
    + capture) is reported as warm-up, a second is discarded, the third is timed. tokens/s = batch x
    new / wall time of that call (its prefill included); for the rsq loop, ``step_ms`` is the mean
    time of the decode steps after the first (rsq.generation's timed stats, a fourth call). --eager
-   times eager decoding instead (hf: the dynamic cache; rsq: the step uncompiled).
+   times eager decoding instead (hf: the dynamic cache; rsq: the step uncompiled); --compile-prefill
+   compiles the rsq loop's prefill too (LoopOptions.compile_prefill, every model, bf16 included).
 5. Time to first token, measured after every decode measurement (a 2048-token prompt leaves a
    static cache of that size behind in transformers' generate, which later calls would attend
    over): ``generate(max_new_tokens=1)`` on a --ttft-token prompt, batch 1, median of 3 after one
@@ -166,7 +167,10 @@ def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False, fu
     if loop == "rsq":
         from rsq.generation import LoopOptions, generate
 
-        options = LoopOptions(compile=fast, timed=timed, fuse=fuse, packed_gqa=gqa)
+        compile_prefill = fast == "prefill"  # --compile-prefill: the prompt's forward compiled too
+        options = LoopOptions(
+            compile=bool(fast), compile_prefill=compile_prefill, timed=timed, fuse=fuse, packed_gqa=gqa
+        )
         return generate(model, ids, new, eos_token_id=(), options=options)
     with attention.use(model, gqa):
         return _hf_generate(model, ids, new, fast)
@@ -330,6 +334,11 @@ def main() -> int:
         help="comma list of on/off: decode attention over unrepeated K/V heads (all models), and/or transformers' sdpa",
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
+    ap.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="rsq loop: compile the prompt's forward too (LoopOptions.compile_prefill; dynamic shapes)",
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--deadline", type=float, default=1e9, help="start no measurement after this many seconds")
     ap.add_argument("--json", default=None)
@@ -353,7 +362,7 @@ def main() -> int:
     gqas = [x for x in args.packed_gqa.split(",") if x]
     if not gqas or any(x not in ("on", "off") for x in gqas) or len(set(gqas)) != len(gqas):
         ap.error(f"--packed-gqa: a comma list of on and off, got {args.packed_gqa!r}")
-    fast = {"rsq": not args.eager, "hf": decode_kwargs(device, not args.eager)}
+    fast = {"rsq": "prefill" if args.compile_prefill else not args.eager, "hf": decode_kwargs(device, not args.eager)}
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
 
     def save():
