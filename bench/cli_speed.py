@@ -186,7 +186,8 @@ def main() -> int:
         f"  rsq plan: host {plan['host_streamed_peak_GiB']:.1f} GiB with the activations offloaded (worst case), "
         f"{plan['host_streamed_peak_GiB'] - plan['calib_activations_per_rank_GiB']:.1f} GiB without them; "
         f"measured {peak_host:.1f} GiB. GPU {plan['device_peak_if_activations_on_device_GiB']:.1f} GiB with the "
-        f"activations on the device; measured {gpu_peak:.1f} GiB"
+        f"activations on the device, + {plan['down_inputs_if_kept_GiB']:.1f} GiB where the down_proj inputs are "
+        f"kept for the propagation (as many as fit); measured {gpu_peak:.1f} GiB"
     )
     figures["host_memory"] = res.get("host_memory")
     if args.json:

@@ -35,7 +35,7 @@ from rsq.models.adapter import ModelAdapter
 from rsq.models.device import resolve_device
 from rsq.rotation.rotate import rotate_ends, rotate_layer
 from rsq.solver.gptq import gptq_quantize, rtn_result, split_rows
-from rsq.solver.hessian import HessianAccumulator
+from rsq.solver.hessian import HessianAccumulator, hessian_arithmetic
 from rsq.solver.ldlq import ldlq_quantize
 from rsq.solver.result import QuantResult
 
@@ -281,11 +281,8 @@ class QuantizeLayer(Stage):
             layer.get_submodule(group[0]).in_features,
             device=self.calib.store.device,
             dtype=torch.float64 if solver.hessian_dtype == "float64" else torch.float32,
-            half_inputs=solver.hessian_matmul != "fp32",
             kernels=self.cfg.kernels,
-            weighted_parts=1 if solver.hessian_matmul in ("single", "fp16") else 2,
-            emulate=solver.hessian_matmul in ("split", "single", "fp16"),
-            single_dtype=torch.float16 if solver.hessian_matmul == "fp16" else None,
+            **hessian_arithmetic(solver.hessian_matmul),
         )
         with timed(self.state, "hessian"):
             for k, x in passes.group_inputs(group):

@@ -16,6 +16,19 @@ from rsq.kernels import has_triton
 _addmm_into_works = True
 
 
+def hessian_arithmetic(matmul: str) -> dict:
+    """HessianAccumulator's arguments for ``SolverConfig.hessian_matmul``. ``auto`` is ``fp16`` where the
+    half path runs (CUDA, bf16/fp16 activations; session 17: the split's quality on SmolLM2 over 3 seeds,
+    -15 % of the 8B command's wall on an H100) and the float32 path elsewhere; split/single/fp16 named
+    explicitly also run off CUDA, emulated (float32 matmuls of the same half factors)."""
+    return {
+        "half_inputs": matmul != "fp32",
+        "weighted_parts": 1 if matmul in ("single", "fp16", "auto") else 2,
+        "emulate": matmul in ("split", "single", "fp16"),
+        "single_dtype": torch.float16 if matmul in ("fp16", "auto") else None,
+    }
+
+
 class HessianAccumulator:
     """Accumulates sum_t w_t x_t x_t^T over batches of sequences.
 

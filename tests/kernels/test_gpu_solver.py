@@ -103,6 +103,20 @@ def test_fused_split_writes_fp16_from_bf16():
     assert ((sums[0] - sums[1]).norm() / sums[1].norm()).item() < 1e-6
 
 
+def test_auto_is_fp16_on_cuda():
+    from rsq.solver.hessian import hessian_arithmetic
+
+    torch.manual_seed(3)
+    x = (torch.randn(1, 1500, 256, device="cuda") * 3).bfloat16()
+    w = torch.rand(1, 1500, device="cuda") * 5
+    sums = []
+    for mode in ("auto", "fp16"):
+        acc = HessianAccumulator(256, device="cuda", **hessian_arithmetic(mode))
+        acc.add(x, w)
+        sums.append(acc.finalize())
+    assert torch.equal(sums[0], sums[1])
+
+
 def test_half_attention_scores_close_to_fp32():
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1024, 64, device="cuda").bfloat16()

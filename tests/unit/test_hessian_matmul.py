@@ -7,7 +7,7 @@ import torch
 
 from rsq.config import RSQConfig, SolverConfig
 from rsq.errors import ConfigError
-from rsq.solver.hessian import HessianAccumulator
+from rsq.solver.hessian import HessianAccumulator, hessian_arithmetic
 
 
 def _problem(seed=0, tokens=600, width=96):
@@ -100,6 +100,19 @@ def test_auto_off_cuda_is_the_float32_path():
     fp32.add(x, w)
     auto.add(x, w)
     assert torch.equal(fp32.finalize(), auto.finalize())
+
+
+def test_auto_is_fp16_on_cuda_and_float32_here():
+    x, w = _problem(5)
+    auto, fp16 = hessian_arithmetic("auto"), hessian_arithmetic("fp16")
+    # on CUDA (where the half path runs without emulation) auto builds fp16's accumulator
+    assert {**auto, "emulate": True} == fp16
+    # off CUDA auto is the float32 path, bit for bit
+    ref, acc = HessianAccumulator(x.shape[-1]), HessianAccumulator(x.shape[-1], **auto)
+    ref.add(x, w)
+    acc.add(x, w)
+    assert torch.equal(ref.finalize(), acc.finalize())
+    assert hessian_arithmetic("split")["weighted_parts"] == 2 and not hessian_arithmetic("fp32")["half_inputs"]
 
 
 def test_config_values():
