@@ -94,7 +94,13 @@ def _static_cache(model: nn.Module, length: int):
     return StaticCache(config=model.config, max_cache_len=length)
 
 
-def _cache_for(dec: Decoder, model: nn.Module, batch: int, needed: int, multiple: int, device, dtype):
+def _cache_for(
+    dec: Decoder, model: nn.Module, batch: int, needed: int, multiple: int, device, dtype, early: bool = False
+):
+    """The decoder's static cache for ``batch`` x ``needed`` tokens (reused, reset, when it fits).
+    ``early``: allocate its tensors now, outside any compiled region (a compiled prefill would
+    otherwise allocate them inside its graph, where transformers cannot mark them as static
+    addresses, and the CUDA-graph decode step then skips its graphs: "mutated inputs")."""
     length = cache_length(needed, multiple)
     key = (batch, length, dtype, device)
     if dec.cache is not None and dec.key == key:
@@ -102,6 +108,12 @@ def _cache_for(dec: Decoder, model: nn.Module, batch: int, needed: int, multiple
         return dec.cache, length
     dec.cache = dec.key = None  # free the old one before allocating
     dec.cache = _static_cache(model, length)
+    if early and hasattr(dec.cache, "early_initialization"):
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        dec.cache.early_initialization(batch, kv_heads, head_dim, dtype, device)
     dec.key = key
     dec.allocations += 1
     return dec.cache, length
@@ -393,7 +405,8 @@ def generate(
     dec = decoder(model)
     before = dec.allocations
     dtype = getattr(model, "dtype", next(model.parameters()).dtype)
-    cache, length = _cache_for(dec, model, batch, prompt + max_new_tokens, options.cache_multiple, device, dtype)
+    early = options.compile_prefill
+    cache, length = _cache_for(dec, model, batch, prompt + max_new_tokens, options.cache_multiple, device, dtype, early)
     sample = sampling.temperature > 0
     step_key = (compile, options.backend, options.fullgraph, sample, options.cuda_graphs)
     if dec.step is None or dec.step_key != step_key:
