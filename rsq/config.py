@@ -114,9 +114,9 @@ class SolverConfig:
     #   weighted feature rounded once more, 2^-8 for bf16: the size of the rounding bf16 activations
     #   already carry; still symmetric PSD); fp16: single's one product, the features rounded to fp16
     #   instead (2^-11, each batch scaled by a power of two into fp16's range); fp32: upcast first;
-    # auto: fp16 on CUDA (rsq.solver.hessian.hessian_arithmetic), fp32 elsewhere. split/single named
-    #   explicitly also run off CUDA, as float32
-    #   matmuls of the same half factors (the GPU's arithmetic, for checking it on a CPU); so does fp16.
+    # auto: fp16 on CUDA (rsq.solver.hessian.hessian_arithmetic), fp32 elsewhere. split/single/fp16
+    #   named explicitly also run off CUDA, as float32 matmuls of the same half factors (the GPU's
+    #   arithmetic, for checking it on a CPU).
     hessian_matmul: str = "auto"
     cuda_graphs: bool = True  # replay each GPTQ block as a captured CUDA graph on GPUs
 

@@ -7,6 +7,8 @@ sqrt(w_t) before the outer product. Accumulated in float32 (or float64 if asked)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rsq.kernels import has_triton
@@ -168,10 +170,10 @@ def _fp16_scale(flat: torch.Tensor, s: torch.Tensor) -> float:
     significant bits down to 2^-14 (below that, subnormals: absolute error 2^-25), without overflow.
     1 for an all-zero or non-finite batch (non-finite calibration is refused before this)."""
     lo, hi = torch.aminmax(flat, dim=1)  # per token, no (T, d) temporary
-    amax = (torch.maximum(hi.float(), -lo.float()) * s).max()
-    if not torch.isfinite(amax) or amax <= 0:
+    amax = (torch.maximum(hi.float(), -lo.float()) * s).max().item()  # the one host sync per batch
+    if not math.isfinite(amax) or amax <= 0:
         return 1.0
-    e = int(torch.frexp(amax).exponent.item())  # amax = m 2^e with m in [0.5, 1)
+    e = math.frexp(amax)[1]  # amax = m 2^e with m in [0.5, 1)
     return 2.0 ** max(-120, min(120, FP16_TOP - e))
 
 
