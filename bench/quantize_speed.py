@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rsq.calib.capture import ActivationStore, capture_layer0_inputs, layer_forward  # noqa: E402
-from rsq.config import RSQConfig  # noqa: E402
+from rsq.config import HESSIAN_MATMULS, RSQConfig  # noqa: E402
 from rsq.importance import attention_received_naive, to_weights  # noqa: E402
 from rsq.importance.layer import (
     attention_qk,  # noqa: E402
@@ -187,8 +187,9 @@ def main() -> None:
     ap.add_argument(
         "--hessian-matmul",
         default="auto",
-        choices=["auto", "split", "single", "fp32"],
-        help="SolverConfig.hessian_matmul (split: two products per weighted Hessian, single: one)",
+        choices=list(HESSIAN_MATMULS),
+        help="SolverConfig.hessian_matmul (split: two products per weighted Hessian; single, fp16: one; "
+        "auto: fp16 on CUDA)",
     )
     ap.add_argument(
         "--llmc-layers",
