@@ -40,6 +40,7 @@ from torch import nn
 from rsq.errors import ConfigError
 from rsq.generation import attention, fusion
 from rsq.generation.settings import compile_by_default
+from rsq.models.adapter import config_head_dim, config_kv_heads
 
 CACHE_MULTIPLE = 256
 EOS_EVERY = 16
@@ -110,10 +111,7 @@ def _cache_for(
     dec.cache = _static_cache(model, length)
     if early and hasattr(dec.cache, "early_initialization"):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        dec.cache.early_initialization(batch, kv_heads, head_dim, dtype, device)
+        dec.cache.early_initialization(batch, config_kv_heads(cfg), config_head_dim(cfg), dtype, device)
     dec.key = key
     dec.allocations += 1
     return dec.cache, length

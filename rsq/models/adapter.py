@@ -87,14 +87,13 @@ class ModelAdapter:
         return model.get_submodule(self.layers)
 
     def head_dim(self, config) -> int:
-        hd = getattr(config, "head_dim", None)
-        return int(hd) if hd else config.hidden_size // config.num_attention_heads
+        return config_head_dim(config)
 
     def num_heads(self, config) -> int:
         return int(config.num_attention_heads)
 
     def num_kv_heads(self, config) -> int:
-        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        return config_kv_heads(config)
 
     def linear_shapes(self, config) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear of one decoder layer of a model with ``config``, by the
@@ -118,3 +117,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def config_head_dim(config) -> int:
+    """Per-head width of a transformers config (its head_dim, else hidden_size / heads): what
+    :meth:`ModelAdapter.head_dim` returns, for code that holds a model of any family."""
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+def config_kv_heads(config) -> int:
+    """K/V heads of a transformers config (num_key_value_heads, else the attention heads)."""
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
