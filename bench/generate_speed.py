@@ -160,17 +160,14 @@ def set_fusion(model, fuse: bool | None) -> None:
 
 def generate_once(model, ids, new: int, loop: str, fast, timed: bool = False, fuse=None, gqa: bool = True):
     """One greedy generation of exactly ``new`` tokens with ``loop``; ``fast``: the hf loop's
-    generate kwargs, or the rsq loop's compile flag; ``fuse``: the rsq loop's fusion setting;
-    ``gqa``: decode attention over unrepeated K/V heads (both loops)."""
+    generate kwargs, or the rsq loop's LoopOptions fields (compile, compile_prefill); ``fuse``: the
+    rsq loop's fusion setting; ``gqa``: decode attention over unrepeated K/V heads (both loops)."""
     from rsq.generation import attention
 
     if loop == "rsq":
         from rsq.generation import LoopOptions, generate
 
-        compile_prefill = fast == "prefill"  # --compile-prefill: the prompt's forward compiled too
-        options = LoopOptions(
-            compile=bool(fast), compile_prefill=compile_prefill, timed=timed, fuse=fuse, packed_gqa=gqa
-        )
+        options = LoopOptions(**fast, timed=timed, fuse=fuse, packed_gqa=gqa)
         return generate(model, ids, new, eos_token_id=(), options=options)
     with attention.use(model, gqa):
         return _hf_generate(model, ids, new, fast)
@@ -362,7 +359,10 @@ def main() -> int:
     gqas = [x for x in args.packed_gqa.split(",") if x]
     if not gqas or any(x not in ("on", "off") for x in gqas) or len(set(gqas)) != len(gqas):
         ap.error(f"--packed-gqa: a comma list of on and off, got {args.packed_gqa!r}")
-    fast = {"rsq": "prefill" if args.compile_prefill else not args.eager, "hf": decode_kwargs(device, not args.eager)}
+    fast = {
+        "rsq": {"compile": not args.eager, "compile_prefill": args.compile_prefill},
+        "hf": decode_kwargs(device, not args.eager),
+    }
     record = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "build": {}, "decode": [], "ttft": {}}
 
     def save():
