@@ -249,6 +249,8 @@ GEMV_SWEEP = [
         (4, 4096, 8),
     )
 ]
+# the decode step's fused linears (q/k/v, gate/up) beside the single ones
+GEMV_SHAPES = SHAPES + [(6144, 4096), (28672, 4096)]
 SMALL_SWEEP = [
     dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, split=sp)
     for bn, bk, nw, ns, sp in (
@@ -266,11 +268,12 @@ SMALL_SWEEP = [
 ]
 
 
-def sweep_cases(small_only: bool = False):
-    for n, k in SHAPES:
-        for bits in () if small_only else (4, 3, 2):
+def sweep_cases(small_only: bool = False, gemv_only: bool = False):
+    for n, k in () if small_only else GEMV_SHAPES:
+        for bits in (3, 4):
             for cfg in GEMV_SWEEP:
                 yield ("gemv", n, k, 1, bits, -1, cfg)
+    for n, k in () if gemv_only else SHAPES:
         if small_only and k == n:
             continue  # the quick small sweep: the two 14336-wide shapes
         for bits in (4, 3):
@@ -317,9 +320,9 @@ def _warm_sweep(case):
         return f"warm-up {case}: {type(exc).__name__}: {exc}"
 
 
-def run_sweep(copy_bw, small_only: bool = False) -> list[str]:
+def run_sweep(copy_bw, small_only: bool = False, gemv_only: bool = False) -> list[str]:
     lines = []
-    for case in sweep_cases(small_only):
+    for case in sweep_cases(small_only, gemv_only):
         name, n, k, m, bits, g, cfg = case
         try:
             fn = kernel_fns()[name]
@@ -656,11 +659,12 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time alternative gemv / small configurations")
     ap.add_argument("--m", type=int, default=None, help="only this token count (1, 4, 16 or 2048)")
     ap.add_argument("--sweep-small", action="store_true", help="with --sweep: only matmul_small (M = 16, 64)")
+    ap.add_argument("--sweep-gemv", action="store_true", help="with --sweep: only gemv (M = 1)")
     ap.add_argument(
         "--only",
-        choices=("scalar", "e8p", "hadamard", "libs"),
+        choices=("scalar", "e8p", "hadamard", "libs", "sweep"),
         action="append",
-        help="run only these sections (repeatable; default: all but libs)",
+        help="run only these sections (repeatable; default: all but libs; sweep: only --sweep's)",
     )
     ap.add_argument("--json", default=None, help="also write every row here")
     args = ap.parse_args()
@@ -675,7 +679,7 @@ def main() -> None:
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
             warm = list(pool.map(_warm, all_cases))
             if args.sweep:
-                warm += list(pool.map(_warm_sweep, list(sweep_cases(args.sweep_small))))
+                warm += list(pool.map(_warm_sweep, list(sweep_cases(args.sweep_small, args.sweep_gemv))))
             for err in warm:
                 if err:
                     print(err, flush=True)
@@ -686,7 +690,7 @@ def main() -> None:
         f"(read+write); bf16 matmul 8192^3 {peak:.0f} TFLOP/s",
         flush=True,
     )
-    sweep_lines = run_sweep(copy_bw, args.sweep_small) if args.sweep else []
+    sweep_lines = run_sweep(copy_bw, args.sweep_small, args.sweep_gemv) if args.sweep else []
     results, bf16_cache = [], {}
     for case in all_cases:
         try:
