@@ -139,3 +139,32 @@ def test_online_rotation_module_uses_the_kernel():
     mod = OnlineRotationModule(OnlineRotation("mlp.down_proj", "full", 14336))
     x = torch.randn(3, 14336, device="cuda", dtype=torch.bfloat16)
     _check_hadamard(mod(x), hadamard_transform(x.float(), 14336))
+
+
+def test_e8p_compiled_one_token_step_after_eager_prefill():
+    """The decode order of rsq's loop and of transformers' compiled generate: an eager prefill (M > 1:
+    the tile kernels) and then a step of one token compiled with CUDA graphs (the GEMV). The GEMV's
+    codebook table must already exist then: first built inside CUDA-graph trees' warm-up it would sit
+    in the graph's private pool, untracked, and the step fails (bench/generate_speed.py --formats e8p
+    did, session 18). Oracle: the float32 product with the decoded weights, relative error <= 1e-2."""
+    from rsq.formats.e8p import E8PLinear
+    from rsq.kernels import triton_e8p as T
+
+    n, k = 256, 512
+    codes, scale, w = _e8p(n, k, 7)
+    layer = E8PLinear(k, n, bias=False).cuda()
+    layer.codes.copy_(codes)
+    layer.scales.copy_(scale)
+    T.gemv_table.cache_clear()
+    T.pattern_table.cache_clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        layer(torch.randn(3, k, device="cuda").bfloat16())  # the eager "prefill"
+        step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        for _ in range(4):  # warm-up, recording, replays
+            torch.compiler.cudagraph_mark_step_begin()
+            y = step(x).clone()
+    ref = x.float() @ w.T
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, f"relative error {rel:.2e}"
