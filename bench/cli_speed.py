@@ -156,8 +156,11 @@ def main() -> int:
     res = json.loads((out / "results.json").read_text())
     t = res["timings"]
     print(f"\nwall {wall:.1f} s launch to finished {out}; peak host RSS {peak_host:.1f} GiB")
-    for k in ("load", "rotate", "quantize", "perplexity", "save", "total"):
+    for k in ("before_job", "preflight", "load", "tokenize", "rotate", "quantize", "perplexity", "save", "total"):
         print(f"  {k:<11} {t.get(k, 0.0):7.1f} s")
+    if "before_job" in t:  # the process's start, imports and parsing; preflight; then the job's total
+        rest = wall - t["before_job"] - t.get("preflight", 0.0) - t.get("total", 0.0)
+        print(f"  after the job (writing out, process exit) {rest:5.1f} s")
     floors = stage_floors(_config(model_dir), args.nsamples, args.seqlen, args.tflops, args.tbps, args.fp32_tflops)
     print(f"  stage split (floor by arithmetic at {args.tflops:g} TFLOP/s bf16, {args.tbps:g} TB/s, "
           f"{args.fp32_tflops:g} TFLOP/s fp32; see stage_floors)")  # fmt: skip

@@ -128,6 +128,10 @@ class Job:
     eval_wins: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (K, T) windows
     timings: dict[str, float] = field(default_factory=dict)
     host_peaks: dict[str, float] = field(default_factory=dict)  # stage -> peak RSS up to its end
+    # seconds before _execute: "before_job" (the process's age when run_quantize was called: interpreter
+    # start, imports and argument parsing for the CLI; the caller's own work before it for the library)
+    # and "preflight" (_prepare's checks: config, file headers, texts, memory plans, CUDA start-up)
+    early: dict[str, float] = field(default_factory=dict)
 
 
 def run_quantize(cfg: RSQConfig, out: Path, options: JobOptions | None = None, **keywords) -> dict | None:
@@ -137,8 +141,12 @@ def run_quantize(cfg: RSQConfig, out: Path, options: JobOptions | None = None, *
     Everything that can be checked before the work is checked first (rsq.plan.preflight): bad
     input raises an RSQError and creates nothing."""
     opts = options or JobOptions(**keywords)
+    before_job, t_call = process_age(), time.perf_counter()
     cfg = cfg.resolved()  # "auto" choices made once: the run executes and records the resolved config
     job = _prepare(cfg, Path(out), opts)
+    job.early = {"preflight": time.perf_counter() - t_call}
+    if before_job is not None:
+        job.early["before_job"] = before_job
     try:
         job.store.create()
         return _execute(job)
@@ -228,6 +236,7 @@ def _execute(job: Job) -> dict | None:
     t_start = time.perf_counter()
     cfg, ctx = job.cfg, job.opts.dist_ctx
     job.timings = job.store.session.timings
+    job.timings.update(job.early)
     seed_everything(cfg.seed)
     job.run_cfg = replace(cfg, device=rank_device(ctx, cfg.device)) if ctx.enabled else cfg
     job.device = resolve_device(job.run_cfg.device)
@@ -240,7 +249,9 @@ def _execute(job: Job) -> dict | None:
         first = adapter.get_layers(model)[0]
         for name in adapter.linears:
             cfg.grid.check_width(first.get_submodule(name).in_features, name)
+        t0 = time.perf_counter()
         _windows(job, tokenizer)
+        job.timings["tokenize"] = time.perf_counter() - t0
         plan = _rotation(job, model, adapter)
         job.store.attach(adapter, adapter.get_layers(model), weights.streamed)
         job.store.session.clock(t_start)
@@ -504,6 +515,25 @@ def _check_ppl(value: float, source: str, cfg: RSQConfig) -> None:
     else:
         cause = "the model itself yields NaN/Inf logits (NaN/Inf weights, or overflow in float16): check its weights"
     raise NonFiniteError(f"perplexity on {source} is {value} (evaluation stage): {cause}")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started: Linux's /proc (10 ms ticks against /proc/uptime), else
+    psutil (whose start time rests on a boot time rounded to the second), else None."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22 (after the parenthesised name): start, clock ticks after boot
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except ImportError:
+        return None
 
 
 def _sum_timings(sessions: list[dict]) -> dict[str, float]:

@@ -192,3 +192,29 @@ def test_resumed_rsq_run_keeps_every_importance_map(tiny_model_dir, tmp_path):
     assert sorted(a) == sorted(b) == ["layer.0", "layer.1"]  # layer 0 came from before the kill
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_timings_cover_the_time_before_the_job(tiny_model_dir, tmp_path):
+    """results.json times what no stage covers: ``before_job`` (the process's age when the job was
+    called: interpreter, imports, argument parsing), ``preflight`` and ``tokenize``. Oracle: a CLI
+    child that sleeps 1 s before importing rsq records ``before_job`` of at least that second and at
+    most the child's wall time measured from outside."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o"
+    code = (
+        "import time, sys; time.sleep(1.0); from rsq.cli.main import main; "
+        f"sys.exit(main(['quantize', {str(tiny_model_dir('llama'))!r}, '--method', 'gptq', '--bits', '4', "
+        f"'--nsamples', '4', '--seqlen', '64', '--ppl', 'none', '--device', 'cpu', '-q', '--out', {str(out)!r}]))"
+    )
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    assert run.returncode == 0, run.stderr[-2000:]
+    t = json.loads((out / "results.json").read_text())["timings"]
+    assert 1.0 <= t["before_job"] <= wall
+    assert t["preflight"] >= 0 and t["tokenize"] >= 0
+    assert t["before_job"] + t["preflight"] + t["total"] <= wall
+    assert t["sessions"][0]["timings"]["before_job"] == t["before_job"]
