@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rsq.errors import ConfigError, UnsupportedModelError
+from rsq.models.adapter import config_head_dim, config_kv_heads
 from rsq.models.registry import resolve
 
 logger = logging.getLogger(__name__)
@@ -99,15 +100,6 @@ def load_bundled_config(name_or_hub_id: str):
 
 
 # ---------------------------------------------------------------------------- arithmetic
-def _head_dim(config) -> int:
-    hd = getattr(config, "head_dim", None)
-    return int(hd) if hd else config.hidden_size // config.num_attention_heads
-
-
-def _num_kv_heads(config) -> int:
-    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-
-
 def _biases(config) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o_proj bias, MLP bias) as the family's adapter declares them."""
     return resolve(config).biases(config)  # param_count takes a bare config (public helper)
@@ -133,7 +125,7 @@ def param_count(config) -> int:
         int(config.num_hidden_layers),
         int(config.vocab_size),
     )
-    n_q, n_kv, d = int(config.num_attention_heads), _num_kv_heads(config), _head_dim(config)
+    n_q, n_kv, d = int(config.num_attention_heads), config_kv_heads(config), config_head_dim(config)
     qkv_bias, o_bias, mlp_bias = _biases(config)
     attention = H * n_q * d + 2 * H * n_kv * d + n_q * d * H
     attention += (n_q * d + 2 * n_kv * d) * qkv_bias + H * o_bias
@@ -182,7 +174,7 @@ def tiny_config(config, *, layers: int = 2, scale: int | None = None, vocab_size
     Raises ConfigError when ``scale`` is not a power of two dividing every width with an even
     head_dim left (RoPE rotates pairs).
     """
-    hd = _head_dim(config)
+    hd = config_head_dim(config)
     H, I_ = int(config.hidden_size), int(config.intermediate_size)
     if scale is None:
         scale = max(1, hd // min_head_dim)
@@ -208,7 +200,7 @@ def tiny_config(config, *, layers: int = 2, scale: int | None = None, vocab_size
 
     tiny = config_from_dict(d)
     # internal invariants of the rule above (not user errors)
-    assert _head_dim(tiny) == hd // scale, (_head_dim(tiny), hd, scale)
+    assert config_head_dim(tiny) == hd // scale, (config_head_dim(tiny), hd, scale)
     assert _odd_part(tiny.hidden_size) == _odd_part(H)
     assert _odd_part(tiny.intermediate_size) == _odd_part(I_)
     logger.debug(

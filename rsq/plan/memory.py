@@ -162,7 +162,7 @@ def format_plan(
     lines = [
         f"{name}: {p['total'] / 1e9:.2f}B parameters, hidden {config.hidden_size}, intermediate "
         f"{config.intermediate_size}{padded}, {config.num_hidden_layers} layers, heads {config.num_attention_heads}"
-        f"/{getattr(config, 'num_key_value_heads', config.num_attention_heads)}, "
+        f"/{adapter.num_kv_heads(config)}, "
         f"head_dim {adapter.head_dim(config)}, "
         f"tied embeddings {bool(getattr(config, 'tie_word_embeddings', False))}"
     ]
