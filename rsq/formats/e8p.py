@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from rsq.errors import ConfigError
 from rsq.formats.base import NumberFormat, register_format
-from rsq.kernels.backends import ANY_DTYPE, HALF, Backend, has_triton, register_backend
+from rsq.kernels.backends import ANY_DTYPE, HALF, Backend, register_backend
 from rsq.nn.linear import QuantizedLinear
 from rsq.quant import e8p as E
 from rsq.solver.ldlq import e8p_sigma
@@ -46,26 +46,10 @@ class E8PLinear(QuantizedLinear):
         return cls(in_features, out_features, bias, dtype)
 
     def kernel_inputs(self, x):
-        if x.is_cuda and not torch.compiler.is_compiling():
-            device_tables(x.device)
         return (self.codes, self.scales), None if self.bias is None else self.bias.to(x.dtype)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return E.e8p_dequantize(self.codes, self.scales).to(dtype)
-
-
-def device_tables(device: torch.device) -> None:
-    """Build the Triton kernels' codebook tables for ``device`` now (cached: later calls are a dict
-    hit). Every eager forward does this, so the tables exist before a compiled decode step runs:
-    built lazily inside CUDA-graph trees' warm-up instead, the cached table would live in the graph's
-    private memory pool, untracked, and the step fails ("tensor(s) in the cudagraph pool not tracked
-    as outputs") — the one-token GEMV's table is first needed at the first decode step, after a
-    prefill that used only the tile kernels' table."""
-    if has_triton():
-        from rsq.kernels.triton_e8p import gemv_table, pattern_table
-
-        gemv_table(str(device))
-        pattern_table(str(device))
 
 
 def reference_matmul(x, codes, scales, bias):

@@ -43,16 +43,25 @@ def _table(device: str, field_bits: int, encode, parity_bit: int) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=8)
+def device_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern_table, gemv_table) of ``device``, built together at the first call of any E8P kernel
+    there. Built one by one, the one-token GEMV's table would first be needed at the first decode
+    step, after a prefill that used only the tiles' table: inside a compiled step's CUDA-graph-tree
+    warm-up, whose private memory pool would then hold the cached table, untracked, and the step fails
+    ("tensor(s) in the cudagraph pool not tracked as outputs")."""
+    pattern = _table(device, 2, lambda t: (t - 1) // 2, 16)
+    return pattern, _table(device, 3, lambda t: t, 24)
+
+
 def pattern_table(device: str) -> torch.Tensor:
     """For _decode: v_j = a_j - 1/2 in bits 2j..2j+1, parity of sum(a) in bit 16."""
-    return _table(device, 2, lambda t: (t - 1) // 2, 16)
+    return device_tables(device)[0]
 
 
-@functools.lru_cache(maxsize=8)
 def gemv_table(device: str) -> torch.Tensor:
     """For the GEMV: 2a_j in bits 3j..3j+2 (< 2^23, so a masked field read as float32 is the
     subnormal 2a_j·2^(3j-149)), parity of sum(a) in bit 24."""
-    return _table(device, 3, lambda t: t, 24)
+    return device_tables(device)[1]
 
 
 @triton.jit

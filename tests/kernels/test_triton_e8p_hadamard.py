@@ -155,8 +155,7 @@ def test_e8p_compiled_one_token_step_after_eager_prefill():
     layer = E8PLinear(k, n, bias=False).cuda()
     layer.codes.copy_(codes)
     layer.scales.copy_(scale)
-    T.gemv_table.cache_clear()
-    T.pattern_table.cache_clear()
+    T.device_tables.cache_clear()
     torch._dynamo.reset()
     with torch.no_grad():
         layer(torch.randn(3, k, device="cuda").bfloat16())  # the eager "prefill"
