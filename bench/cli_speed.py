@@ -14,7 +14,10 @@
    time outside every stage and the loop's waits on the reader and writer threads (io_wait_read,
    io_wait_write), and the GPU peaks; with --baseline-pythonpath DIR the same command with that
    rsq checkout first (e.g. the main branch) runs in the same invocation, and the before/after
-   wall and stage times are printed side by side.
+   wall and stage times are printed side by side; with --profile FILE the same command runs once more
+   under cProfile (not timed: the profiler slows Python-bound parts), the stats go to FILE and the 30
+   functions of largest cumulative time are printed (where the fixed costs go: imports, CUDA start-up,
+   the ends' rotation).
 
 4. with --llmc-layers L (default 2; 0 skips): builds an L-layer checkpoint of the same shape, and
    times on it, each as a subprocess from launch to its finished directory, (a) the same
@@ -136,6 +139,7 @@ def main() -> int:
         help="also run the same command with this rsq checkout first on PYTHONPATH (e.g. the main branch), "
         "in this run: the before/after ratio on the same machine",
     )
+    ap.add_argument("--profile", default="", help="also run the command under cProfile, stats to this file")
     ap.add_argument("--llmc-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llmc_child:
@@ -183,6 +187,8 @@ def main() -> int:
                   f"{wall:.1f} s: {baseline['wall_s'] / wall:.2f}x")  # fmt: skip
             for k, v in baseline["stages"].items():
                 print(f"    stage {k:<14} {v:7.1f} s -> {stages.get(k, 0.0):7.1f} s")
+    if args.profile:
+        profile_rsq(model_dir, work / "q-profile", args)
     figures["plan"] = plan = predicted(model_dir, args)
     gpu_peak = max((res.get("gpu_peak_GiB") or {}).values(), default=0.0)
     print(
@@ -243,14 +249,25 @@ def run_timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) 
     return wall, usage.ru_maxrss / 1024**2, os.waitstatus_to_exitcode(status)
 
 
+def profile_rsq(model_dir: Path, out: Path, args) -> None:
+    """The same `rsq quantize` under cProfile (stats to --profile), and its 30 largest cumulative
+    entries printed. CUDA work is asynchronous: its time lands on the calls that wait for it."""
+    import pstats
+
+    if run_rsq(model_dir, out, args, prefix=["-m", "cProfile", "-o", str(Path(args.profile).resolve())]) is None:
+        return
+    print(f"\ncProfile of the same command (stats in {args.profile}):")
+    pstats.Stats(args.profile).sort_stats("cumulative").print_stats(30)
+
+
 def run_rsq(
-    model_dir: Path, out: Path, args, method: str = "rsq", checkout: str | Path = REPO
+    model_dir: Path, out: Path, args, method: str = "rsq", checkout: str | Path = REPO, prefix: list[str] = ()
 ) -> tuple[float, float] | None:
     """`rsq quantize` with the rsq of ``checkout`` (this one by default): first on PYTHONPATH, and the
     child started outside any checkout (``python3 -m`` puts its working directory first)."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(str(out) + ".partial", ignore_errors=True)
-    cmd = [sys.executable, "-m", "rsq", "quantize", str(model_dir), "--method", method, "--bits", "3"]
+    cmd = [sys.executable, *prefix, "-m", "rsq", "quantize", str(model_dir), "--method", method, "--bits", "3"]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
     cmd += ["--dtype", "bfloat16", "--ppl", "wikitext2", "--max-windows", "8", "--data-dir", args.data_dir]
     cmd += ["--out", str(out), *args.extra.split()]
