@@ -124,11 +124,15 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-@torch.compiler.assume_constant_result
+# checked once at import (a path search, Triton itself is never imported here); a module global is a
+# constant to torch.compile. (torch.compiler.assume_constant_result would import torch._dynamo, ~1-3 s
+# of every rsq command's start-up.)
+_HAS_TRITON = _importable(("triton",))
+
+
 def has_triton() -> bool:
-    """Whether Triton can be imported (checked once, never imported here; a constant to
-    torch.compile)."""
-    return _importable(("triton",))
+    """Whether Triton can be imported."""
+    return _HAS_TRITON
 
 
 def _capability(device: torch.device) -> tuple[int, int]:

@@ -245,7 +245,9 @@ def rotate_ends(model: nn.Module, adapter: ModelAdapter, plan: RotationPlan, dev
             W = (W - W.mean(dim=1, keepdim=True)).to(dtype).double()
         if module is head:
             W = (W * norm.weight.data.to(where).double()[None, :]).to(dtype).double()
-        module.weight.data = (W @ plan.Q_on(where)).to(home, dtype)
+        # rounded to the model dtype where it was computed, then moved: a blocking device-to-host copy
+        # would otherwise carry float64 (4x the bytes) and round on the host
+        module.weight.data = (W @ plan.Q_on(where)).to(dtype).to(home)
         del W
     norm.weight.data.fill_(1.0)
 

@@ -339,3 +339,26 @@ if __name__ == "__main__":
         f"{len(rows)} function-local imports of rsq modules, "
         f"{sum(1 for n, _, _, i in rows if not _deferred(n, i, loads))} deferring nothing heavy"
     )
+
+
+def test_cli_start_up_leaves_the_heavy_packages_for_the_commands_that_use_them():
+    """`rsq --help` (the CLI's start-up and parsing): torch is needed, but
+    torch._dynamo (1-3 s: once pulled in by a decorator in rsq.kernels.backends), transformers,
+    accelerate, datasets, lm-eval, matplotlib, compressed-tensors and Triton are imported by the
+    commands that use them. A fresh interpreter, so earlier tests' imports do not count."""
+    import subprocess
+    import sys
+
+    heavy = [
+        "torch._dynamo", "transformers", "accelerate", "datasets", "lm_eval", "matplotlib",
+        "compressed_tensors", "triton",
+    ]  # fmt: skip
+    code = (
+        "import io, contextlib, runpy, sys\n"
+        "sys.argv = ['rsq', '--help']\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    runpy.run_module('rsq', run_name='__main__')\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"imported by `rsq --help`: {out.stdout.strip()}"
