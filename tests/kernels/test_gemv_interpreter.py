@@ -1,0 +1,55 @@
+"""The GEMV kernels on a CPU, through Triton's interpreter, against rsq/kernels/reference.py.
+
+Runs only where Triton is installed and ``TRITON_INTERPRET=1`` is set (the CPU machines have no GPU;
+the GPU tests in test_triton_kernels.py cover the compiled kernels):
+
+    TRITON_INTERPRET=1 python3 -m pytest -q tests/kernels/test_gemv_interpreter.py
+
+Oracle and tolerance as in test_triton_kernels.py: relative Frobenius error <= 1e-2 (outputs rounded
+to bf16, 2^-9 relative per element; a wrong code position gives errors of order 1). Shapes cover per
+channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), and 1
+and 3 tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+from rsq.kernels import reference  # noqa: E402
+from rsq.kernels import triton_wq as T  # noqa: E402
+from rsq.quant.pack import pack_codes  # noqa: E402
+
+CASES = [
+    (bits, g, n, k, m)
+    for bits, g, (n, k), m in itertools.product((2, 3, 4), (-1, 32, 128), ((40, 1024), (24, 2080), (8, 96)), (1, 3))
+    if g == -1 or k % g == 0
+]
+
+
+@pytest.mark.parametrize("bits,group_size,n,k,m", CASES)
+@pytest.mark.parametrize("kernel", ["words", "runs"])
+def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
+    g = torch.Generator().manual_seed(n * k + bits)
+    groups = 1 if group_size == -1 else k // group_size
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+    s = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    z = torch.randint(0, 1 << bits, (n, groups), dtype=torch.uint8, generator=g)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = pack_codes(codes, bits)
+    if kernel == "runs":
+        cfg = T.gemv_runs_config(m, n, k, bits, group_size, sms=4)
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 128 if k < 1024 else cfg["BLOCK_K"])
+    else:
+        cfg = T.gemv_config(m, n, k, bits, group_size, sms=4)
+    y = T.gemv(x, qw, s, z, b, bits=bits, in_features=k, group_size=group_size, config=cfg)
+    ref = reference.wq_matmul(x.float(), qw, s, z, b, bits=bits, in_features=k, group_size=group_size)
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, f"{kernel} {bits}b g={group_size} {n}x{k} M={m}: relative error {rel:.2e}"
