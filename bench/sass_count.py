@@ -1,24 +1,28 @@
-"""Instructions per weight code in the main loop of rsq's M = 1 GEMV kernels, from the compiled SASS.
-No GPU needed: Triton compiles for the target offline and its bundled cuobjdump disassembles.
+"""Instructions per weight in the main loop of rsq's low-bit kernels, from the compiled SASS. No GPU
+needed: Triton compiles for the target offline and its bundled cuobjdump disassembles.
 
-    python3 bench/sass_count.py [--bits 3,4] [--arch 90] [--kernels words,runs] [--configs BN:BK:W,...]
+    python3 bench/sass_count.py [--bits 3,4] [--arch 90] [--kernels words,runs,small,e8p]
+        [--configs BN:BK:W,...] [--group G]
 
-For each kernel (``words``: rsq.kernels.triton_wq._gemv_kernel, the default; ``runs``: the
-run-unrolled _gemv_runs_kernel), bit width and launch configuration (BLOCK_N:BLOCK_K:num_warps):
+Kernels: ``words`` (rsq.kernels.triton_wq._gemv_kernel, the M = 1 default), ``runs``
+(_gemv_runs_kernel, the run-unrolled M = 1 GEMV), ``small`` (_small_kernel, 16 tokens on the tensor
+cores) and ``e8p`` (rsq.kernels.triton_e8p._gemv_kernel, one token; BK columns = BK / 8 codes). For
+each kernel, bit width and launch configuration (BLOCK_N:BLOCK_K:num_warps):
 
-1. compiles the kernel the way the runtime specializes a per-channel bf16 call at Llama-3-8B shapes
-   (16-byte-aligned pointers and N, K, strides multiples of 16 get ``tt.divisibility``; M = 1 and,
-   per channel, NG = 1 are constants; KW is not specialized, as in the kernels' decorators);
+1. compiles the kernel the way the runtime specializes a bf16 call at Llama-3-8B shapes (16-byte-aligned
+   pointers and N, K, strides multiples of 16 get ``tt.divisibility``; M = 1 and, per channel, NG = 1
+   are constants; the GEMVs' KW is not specialized, as in their decorators; the tile kernel's is);
 2. disassembles the cubin (``cuobjdump -sass``) and takes the main loop: the instructions between
    the target of the longest backward branch and that branch;
-3. prints the loop's instruction count over the codes each thread handles per iteration
-   (BLOCK_N * BLOCK_K / (32 * num_warps)), the opcode mix, and the registers and spill stores
-   (``cuobjdump -res-usage``).
+3. prints the loop's instruction count over the weights each thread handles per iteration
+   (BLOCK_N * BLOCK_K / (32 * num_warps)), per weight byte, the opcode mix, and the registers and
+   spill stores (``cuobjdump -res-usage``).
 
-Why count: at M = 1 the GEMV is instruction-issue bound (bench/NOTES-kernels.md, sessions 18-19): an
-SM issues 4 warp-instructions per clock, so at ~4 instructions per 3-bit code an H100 cannot pass
-~3 TB/s of 3-bit weights even with perfect issue. A static count is an upper bound on issue
-efficiency, never a time: the timing is ``bench/kernel_speed.py --sweep --sweep-gemv`` on a GPU.
+Why count: at M = 1 the GEMV is bound by instruction issue and stalls, not by DRAM (bench/NOTES-kernels.md,
+sessions 18-19): an SM issues 4 warp-instructions per clock, so at ~4 instructions per 3-bit code an
+H100 cannot pass ~3 TB/s of 3-bit weights even with perfect issue. A static count bounds what each
+issuing cycle does; it is never a time: the timing is ``bench/kernel_speed.py --sweep --sweep-gemv``
+on a GPU.
 """
 
 from __future__ import annotations
@@ -34,38 +38,65 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_CONFIGS = {"words": ["8:2048:4", "16:1024:2"], "runs": ["16:1024:2", "8:1024:2", "32:1024:2"]}
+DEFAULT_CONFIGS = {
+    "words": ["8:2048:4", "16:1024:2"],
+    "runs": ["16:1024:2", "8:1024:2", "32:1024:2"],
+    "small": ["64:256:4"],
+    "e8p": ["16:1024:4"],
+}
 ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
 
 
-def compile_gemv(kernel_name: str, bits: int, block_n: int, block_k: int, warps: int, arch: int, group: int):
+def kernel_spec(name: str, bits: int, block_n: int, block_k: int, group: int):
+    """(jit function, signature, constexprs, names given tt.divisibility 16, num_stages) of a
+    kernel as the runtime would compile it for a Llama-3-8B-shaped bf16 call."""
+    from rsq.kernels import triton_e8p as E
+    from rsq.kernels import triton_wq as T
+
+    if name == "e8p":  # one token; BLOCK_K columns = BLOCK_K / 8 codes
+        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*i32", "s_ptr": "*fp32", "b_ptr": "*bf16",
+               "y_ptr": "*bf16", "N": "i32", "K": "i32", "C": "i32"}  # fmt: skip
+        const = dict(BLOCK_N=block_n, BLOCK_C=block_k // 8, HAS_BIAS=False)
+        aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C"]
+        return E._gemv_kernel, sig, const, aligned, 1
+    per_channel = group == -1
+    sig = {
+        "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16",
+        "y_ptr": "*fp32" if name == "small" else "*bf16", "M": "i32", "N": "i32", "K": "i32", "KW": "i32",
+        "NG": "i32", "GS": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32", "magic": "i32",
+    }  # fmt: skip
+    const = dict(BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, PER_CHANNEL=per_channel, HAS_BIAS=False)
+    if per_channel:
+        const["NG"] = 1
+    if name == "small":  # 16 tokens on the tensor cores, split-K with float32 atomics (its defaults)
+        const.update(CPV=T._cpv(bits), BLOCK_M=16, ATOMIC=True, USE16=True, OFFSET=128.0)
+        kernel, stages = T._small_kernel, 3
+        aligned = [*ALIGNED, "KW"]  # specialized here (only the GEMVs leave KW unspecialized)
+    else:
+        del sig["GS"], sig["SPLIT_K"], sig["magic"]
+        const.update(GS=0 if per_channel else group, BLOCK_M=1, M=1)
+        if name == "words":
+            kernel = T._gemv_kernel
+            const["CPV"] = T._gemv_cpv(bits)
+        else:
+            kernel = T._gemv_runs_kernel
+            const["EVEN_K"] = True
+        stages, aligned = 1, list(ALIGNED)
+    return kernel, sig, const, aligned, stages
+
+
+def compile_kernel(name: str, bits: int, block_n: int, block_k: int, warps: int, arch: int, group: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rsq.kernels import triton_wq as T
-
-    per_channel = group == -1
-    const = dict(BITS=bits, GS=0 if per_channel else group, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k)
-    const.update(PER_CHANNEL=per_channel, HAS_BIAS=False, M=1)
-    if per_channel:
-        const["NG"] = 1
-    if kernel_name == "words":
-        kernel = T._gemv_kernel
-        const["CPV"] = T._gemv_cpv(bits)
-    else:
-        kernel = T._gemv_runs_kernel
-        const["EVEN_K"] = True
+    kernel, signature, const, aligned, stages = kernel_spec(name, bits, block_n, block_k, group)
     names = kernel.arg_names
-    signature = {
-        "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",
-        "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "NG": "i32",
-        "stride_xm": "i32", "stride_ym": "i32",
-    }  # fmt: skip
+    signature = {k: v for k, v in signature.items() if k not in const}
     signature.update({k: "constexpr" for k in const})
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n not in const}
     src = ASTSource(fn=kernel, signature=signature, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def _cuobjdump() -> str:
@@ -127,22 +158,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
-    ap.add_argument("--kernels", default="words,runs")
+    ap.add_argument("--kernels", default="words,runs", help="of words, runs, small (M = 16 tiles), e8p")
     ap.add_argument("--configs", default="", help="BLOCK_N:BLOCK_K:num_warps,... (default: per kernel)")
     ap.add_argument("--group", type=int, default=-1, help="group size (-1: per channel)")
     args = ap.parse_args()
-    print(f"sm_{args.arch}, M = 1, {'per channel' if args.group == -1 else f'groups of {args.group}'}")
+    print(f"sm_{args.arch}, {'per channel' if args.group == -1 else f'groups of {args.group}'}")
     for name in args.kernels.split(","):
         configs = args.configs.split(",") if args.configs else DEFAULT_CONFIGS[name]
-        for bits in map(int, args.bits.split(",")):
+        for bits in [2] if name == "e8p" else map(int, args.bits.split(",")):
             for cfg in configs:
                 bn, bk, warps = map(int, cfg.split(":"))
-                kernel = compile_gemv(name, bits, bn, bk, warps, args.arch, args.group)
+                kernel = compile_kernel(name, bits, bn, bk, warps, args.arch, args.group)
                 r = analyse(kernel.asm["cubin"], bn * bk // (32 * warps))
                 mix = ", ".join(f"{k} {v}" for k, v in r["mix"].most_common(10))
                 print(
                     f"{name:5} {bits}b BLOCK_N {bn:2} BLOCK_K {bk:4} warps {warps}: loop {r['loop']:4} instructions, "
-                    f"{r['per_code']:.2f} per code, {r['per_code'] * 8 / bits:5.2f} per weight byte; "
+                    f"{r['per_code']:.2f} per weight, {r['per_code'] * 8 / bits:5.2f} per weight byte; "
                     f"{r['regs']} registers, {r['spills']} spill stores\n      {mix}",
                     flush=True,
                 )
