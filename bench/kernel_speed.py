@@ -246,7 +246,7 @@ GEMV_SWEEP = [  # session 18 swept 7 configs of the word kernel: (8, 2048, 4), t
     )
 ] + [  # the run-unrolled kernel (session 19: ~25 % fewer instructions per code at 3 bits, bench/sass_count.py)
     dict(KERNEL="runs", BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-    for bn, bk, nw in ((16, 1024, 2), (8, 1024, 2), (32, 1024, 2), (16, 2048, 4), (8, 2048, 4), (16, 512, 1))
+    for bn, bk, nw in ((8, 4096, 4), (16, 4096, 4), (4, 4096, 4), (8, 2048, 2), (16, 1024, 2), (8, 1024, 1))
 ]
 # the decode step's fused linears (q/k/v, gate/up) beside the single ones
 GEMV_SHAPES = SHAPES + [(6144, 4096), (28672, 4096)]

@@ -673,15 +673,17 @@ def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 1
 
 
 def gemv_runs_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """A launch configuration of the run-unrolled GEMV (``KERNEL="runs"``; 2/3/4 bits): 32 runs
-    (BLOCK_K 1024) across a warp's threads, 16 rows per program on 2 warps (8 rows in each thread);
+    """A launch configuration of the run-unrolled GEMV (``KERNEL="runs"``; 2/3/4 bits): up to 128 runs
+    (BLOCK_K 4096) per tile, 32 runs per warp, so each warp takes its own slice of K and every thread
+    holds all BLOCK_N rows of its run (8 for one token: the words kernel's occupancy at 4096 rows);
     BLOCK_N halves while there are fewer than 2 programs per SM. Not the default until timed on a GPU
     (bench/kernel_speed.py --sweep --sweep-gemv)."""
     block_m = triton.next_power_of_2(m)
-    block_n = 16 if block_m == 1 else 4
+    block_k = max(32, min(4096, triton.next_power_of_2(k)))
+    block_n = 8 if block_m == 1 else 4
     while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return dict(KERNEL="runs", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=1024, num_warps=2)
+    return dict(KERNEL="runs", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=max(1, block_k // 1024))
 
 
 def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):

@@ -7,8 +7,8 @@ the GPU tests in test_triton_kernels.py cover the compiled kernels):
 
 Oracle and tolerance as in test_triton_kernels.py: relative Frobenius error <= 1e-2 (outputs rounded
 to bf16, 2^-9 relative per element; a wrong code position gives errors of order 1). Shapes cover per
-channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), and 1
-and 3 tokens.
+channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), one
+tile and several (``runs_tiles``), and 1 and 3 tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("bits,group_size,n,k,m", CASES)
-@pytest.mark.parametrize("kernel", ["words", "runs"])
+@pytest.mark.parametrize("kernel", ["words", "runs", "runs_tiles"])
 def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
     g = torch.Generator().manual_seed(n * k + bits)
     groups = 1 if group_size == -1 else k // group_size
@@ -44,9 +44,10 @@ def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     qw = pack_codes(codes, bits)
-    if kernel == "runs":
-        cfg = T.gemv_runs_config(m, n, k, bits, group_size, sms=4)
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 128 if k < 1024 else cfg["BLOCK_K"])
+    if kernel.startswith("runs"):
+        cfg = T.gemv_runs_config(m, n, k, bits, group_size, sms=4)  # one tile of up to 4096 columns
+        if kernel == "runs_tiles":  # several tiles: the next tile's words carried through the loop
+            cfg.update(BLOCK_K=128 if k < 1024 else 1024, num_warps=1)
     else:
         cfg = T.gemv_config(m, n, k, bits, group_size, sms=4)
     y = T.gemv(x, qw, s, z, b, bits=bits, in_features=k, group_size=group_size, config=cfg)
