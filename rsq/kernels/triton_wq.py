@@ -177,6 +177,36 @@ def _gemv_unit(lo, hi, BITS: tl.constexpr, NV: tl.constexpr, CPV: tl.constexpr):
     return bits.to(tl.float32, bitcast=True), pos
 
 
+@triton.jit
+def _gemv_add_groups(acc, t, xs, s_ptr, z_ptr, rows, NG, GS: tl.constexpr, start):
+    """acc += s_g (t - z_g xs 2^-64) for partial sums t [L, BLOCK_N, BLOCK_M] (units of 2^-64) over
+    column slices that each lie in one group; ``start`` [L]: each slice's first column."""
+    g = tl.minimum(start // GS, NG - 1)[:, None, None]
+    zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [L, BLOCK_N, 1]
+    sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
+    return acc + sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
+
+
+@triton.jit
+def _gemv_epilogue(
+    acc, accx, s_ptr, z_ptr, b_ptr, y_ptr, rows, row_mask, tok, M, stride_ym, PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """y = 2^64 sum over acc's first axis, per channel s (y - z sum x), + bias, stored [M, BLOCK_N]."""
+    y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, BLOCK_M], * 2^64
+    if PER_CHANNEL:
+        z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
+        s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
+        y = s * (y - z * tl.sum(accx, axis=0))
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + tok[None, :] * stride_ym + rows[:, None],
+        y.to(y_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (tok < M)[None, :],
+    )
+
+
 @triton.jit(do_not_specialize=["KW"])
 def _gemv_kernel(
     x_ptr,
@@ -239,25 +269,11 @@ def _gemv_kernel(
             acc += t
             accx += xs
         else:  # one group per word (GS >= 32 >= CPV)
-            g = tl.minimum((k0 + vi * CPV) // GS, NG - 1)[:, None, None]
-            zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [NV, BLOCK_N, 1]
-            sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
-            acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
+            acc = _gemv_add_groups(acc, t, xs, s_ptr, z_ptr, rows, NG, GS, k0 + vi * CPV)
         lo = nlo
         hi = nhi
         xn = nxn
-    y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, BLOCK_M], * 2^64
-    if PER_CHANNEL:
-        z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
-        s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
-        y = s * (y - z * tl.sum(accx, axis=0))
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + tok[None, :] * stride_ym + rows[:, None],
-        y.to(y_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & (tok < M)[None, :],
-    )
+    _gemv_epilogue(acc, accx, s_ptr, z_ptr, b_ptr, y_ptr, rows, row_mask, tok, M, stride_ym, PER_CHANNEL, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,26 +405,12 @@ def _gemv_runs_kernel(
             acc += t
             accx += xs
         else:  # one group per run (GS is a multiple of 32)
-            g = tl.minimum((k0 + ri * 32) // GS, NG - 1)[:, None, None]
-            zg = tl.load(z_ptr + rows[None, :, None] * NG + g).to(tl.float32)  # [R, BLOCK_N, 1]
-            sg = tl.load(s_ptr + rows[None, :, None] * NG + g).to(tl.float32)
-            acc += sg * (t - zg * (xs * 5.421010862427522e-20))  # xs * 2^-64
+            acc = _gemv_add_groups(acc, t, xs, s_ptr, z_ptr, rows, NG, GS, k0 + ri * 32)
         w0 = n0
         w1 = n1
         w2 = n2
         w3 = n3
-    y = tl.sum(acc, axis=0) * 1.8446744073709552e19  # [BLOCK_N, BLOCK_M], * 2^64
-    if PER_CHANNEL:
-        z = tl.load(z_ptr + rows).to(tl.float32)[:, None]
-        s = tl.load(s_ptr + rows).to(tl.float32)[:, None]
-        y = s * (y - z * tl.sum(accx, axis=0))
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + tok[None, :] * stride_ym + rows[:, None],
-        y.to(y_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & (tok < M)[None, :],
-    )
+    _gemv_epilogue(acc, accx, s_ptr, z_ptr, b_ptr, y_ptr, rows, row_mask, tok, M, stride_ym, PER_CHANNEL, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,51 +696,8 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
     if m > cfg["BLOCK_M"]:
         raise ValueError(f"gemv got {m} tokens for BLOCK_M {cfg['BLOCK_M']}: use matmul_small")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if cfg.get("KERNEL", "words") == "runs":
-        if bits not in (2, 3, 4) or cfg["BLOCK_K"] % 32:
-            raise ValueError(f"the runs GEMV takes 2/3/4 bits and BLOCK_K a multiple of 32, got {bits}, {cfg}")
-        _gemv_runs_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            x,
-            qweight,
-            scales,
-            qzeros,
-            bias if bias is not None else scales,
-            y,
-            m,
-            n,
-            k,
-            kw,
-            ng,
-            x.stride(0),
-            y.stride(0),
-            BITS=bits,
-            GS=gs if group_size != -1 else 0,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            PER_CHANNEL=group_size == -1,
-            HAS_BIAS=bias is not None,
-            EVEN_K=k % cfg["BLOCK_K"] == 0,
-            num_warps=cfg["num_warps"],
-            num_stages=1,
-        )
-        return y
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x,
-        qweight,
-        scales,
-        qzeros,
-        bias if bias is not None else scales,
-        y,
-        m,
-        n,
-        k,
-        kw,
-        ng,
-        x.stride(0),
-        y.stride(0),
+    common = dict(
         BITS=bits,
-        CPV=_gemv_cpv(bits),
         GS=gs if group_size != -1 else 0,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
@@ -748,6 +707,15 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
         num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 1),
     )
+    if cfg.get("KERNEL", "words") == "runs":
+        if bits not in (2, 3, 4) or cfg["BLOCK_K"] % 32:
+            raise ValueError(f"the runs GEMV takes 2/3/4 bits and BLOCK_K a multiple of 32, got {bits}, {cfg}")
+        kernel, extra = _gemv_runs_kernel, dict(EVEN_K=k % cfg["BLOCK_K"] == 0)
+    else:
+        kernel, extra = _gemv_kernel, dict(CPV=_gemv_cpv(bits))
+    bias_arg = bias if bias is not None else scales
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    kernel[grid](x, qweight, scales, qzeros, bias_arg, y, m, n, k, kw, ng, x.stride(0), y.stride(0), **common, **extra)
     return y
 
 
