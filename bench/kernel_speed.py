@@ -22,6 +22,7 @@ skipped with a message when its package is missing. Results and their reading: b
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -422,9 +423,10 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws
-        names = ["gemv", "small"] if m == 1 else ["small"] if m <= 64 else ["dequant_mm"]
+        names = ["gemv", "gemv_rows", "small"] if m == 1 else ["small"] if m <= 64 else ["dequant_mm"]
+        gemv_rows = functools.partial(T.gemv, config=T.gemv_rows_config(n))  # session 19, opt-in
         for name in names:
-            fn = {"gemv": T.gemv, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}[name]
+            fn = {"gemv": T.gemv, "gemv_rows": gemv_rows, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}[name]
             y = fn(x, copies[0], scale)
             rel = ((y.float() - ref).norm() / ref.norm()).item()
             ok = bool(torch.isfinite(y).all()) and rel <= 1e-2

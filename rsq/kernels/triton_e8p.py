@@ -8,8 +8,9 @@ entry is a multiple of 1/4 below 3, exact in bf16 and fp16, so decoded tiles fee
 without rounding; the single per-matrix scale (read on the device, no host sync) multiplies the
 float32 result.
 
-* ``gemv``: one token, CUDA cores, one program per BLOCK_N rows over all of K; about five
-  instructions per weight (see its docstring).
+* ``gemv``: one token, CUDA cores, one program per BLOCK_N rows over all of K; 10.1 instructions
+  per weight in its loop (bench/sass_count.py); ``config=gemv_rows_config(n)`` runs
+  _gemv_rows_kernel instead (rows in each thread, 7.3; not the default until timed).
 * ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
 * ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
 
@@ -132,6 +133,53 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _gemv_rows_kernel(
+    x_ptr,
+    c_ptr,
+    tab_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """_gemv_kernel's arithmetic with the tensors [codes, rows] and the code columns visited in a
+    permuted order (no contiguous runs, so Triton does not vectorize the loads along C): a thread
+    holds one code column for all BLOCK_N rows, each activation is loaded, scaled and summed once
+    for them, and the loop needs no shared-memory layout exchanges. Counted from SASS (sm_90,
+    bench/sass_count.py --kernels e8p,e8p_rows): 7.3 instructions per weight against 10.1."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.where(row_mask, rows, 0)
+    cc = tl.arange(0, BLOCK_C)
+    cc = (cc % 8) * (BLOCK_C // 8) + cc // 8  # a permutation of the tile's columns
+    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        col = c0 + cc
+        cmask = col < C
+        c = tl.load(c_ptr + rows[None, :] * C + col[:, None], mask=cmask[:, None], other=0).to(tl.int32)
+        c, p, neg = _pattern_and_signs(c, tab_ptr, 24)
+        xsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + col * 8 + j, mask=cmask, other=0.0).to(tl.float32)
+            xsum += xj
+            xs = (xj * (2.0 ** (85 - 3 * j))).to(tl.int32, bitcast=True)
+            sx = (xs[:, None] ^ ((neg << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
+            f = (p & (7 << (3 * j))).to(tl.float32, bitcast=True)
+            acc += f * sx
+        xs8 = (xsum * (2.0**-65))[:, None]
+        acc += tl.where((c & 0x80) != 0, xs8, -xs8)
+    out = tl.sum(acc, axis=0) * (2.0**63) * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _small_kernel(
     x_ptr,
     c_ptr,
@@ -214,6 +262,12 @@ def gemv_config(n: int, sms: int = 132) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_C=128, num_warps=4)
 
 
+def gemv_rows_config(n: int, sms: int = 132) -> dict:
+    """A configuration of the rows-in-thread GEMV (``LAYOUT="rows"``): 16 rows per thread, 128
+    codes (one per thread) per step, 4 warps. Not the default until timed on a GPU."""
+    return dict(gemv_config(n, sms), LAYOUT="rows")
+
+
 def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
     """y (1, N) = x (1, 8C) @ W_hat^T + bias for one token (CUDA cores). |x| < 2^42."""
     m, n, k, c = _check(x, codes)
@@ -221,7 +275,8 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
         raise ValueError(f"the E8P gemv takes one token; got {m}: use matmul_small")
     cfg = config or gemv_config(n, _sm_count(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    kernel = _gemv_rows_kernel if cfg.get("LAYOUT") == "rows" else _gemv_kernel
+    kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         codes,
         gemv_table(str(x.device)),

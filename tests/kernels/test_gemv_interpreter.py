@@ -1,4 +1,4 @@
-"""The GEMV kernels on a CPU, through Triton's interpreter, against rsq/kernels/reference.py.
+"""The GEMV kernels (uniform and E8P) on a CPU, through Triton's interpreter, against their references.
 
 Runs only where Triton is installed and ``TRITON_INTERPRET=1`` is set (the CPU machines have no GPU;
 the GPU tests in test_triton_kernels.py cover the compiled kernels):
@@ -54,3 +54,25 @@ def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
     ref = reference.wq_matmul(x.float(), qw, s, z, b, bits=bits, in_features=k, group_size=group_size)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
     assert rel <= 1e-2, f"{kernel} {bits}b g={group_size} {n}x{k} M={m}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("n,k", [(40, 1024), (24, 2112), (9, 136)])
+@pytest.mark.parametrize("layout", ["cols", "rows"])
+def test_e8p_gemv_matches_the_codebook(layout, n, k):
+    """The E8P one-token GEMVs (rsq/kernels/triton_e8p.py) against e8p_decode, the codebook by its
+    definition: x @ (decode(codes) * scale)^T + bias in float32; same tolerance."""
+    from rsq.kernels import triton_e8p as E
+    from rsq.quant.e8p import codes_to_int16, e8p_decode
+
+    g = torch.Generator().manual_seed(n * k)
+    codes = codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), generator=g))
+    scale = torch.tensor([[0.013]])
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    ref = x.float() @ (e8p_decode(codes.reshape(-1)).reshape(n, k) * scale).T + bias.float()
+    cfg = (E.gemv_rows_config if layout == "rows" else E.gemv_config)(n, sms=4)
+    if k > 1024:
+        cfg["BLOCK_C"] = 64  # several steps over K
+    y = E.gemv(x, codes, scale, bias, config=cfg)
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, f"e8p {layout} {n}x{k}: relative error {rel:.2e}"

@@ -49,6 +49,7 @@ def test_e8p_matmul_matches_reference(n, k, m, dtype):
     }
     if m == 1:
         fns["gemv"] = T.gemv
+        fns["gemv_rows"] = lambda x, c, s, b: T.gemv(x, c, s, b, config=T.gemv_rows_config(n))
     if m <= 64:
         fns["small"] = T.matmul_small
     for name, fn in fns.items():
