@@ -109,7 +109,7 @@ def _token(name: str, *tokens: str) -> bool:
     return re.search(r"(?:^|_)(?:" + "|".join(map(re.escape, tokens)) + r")(?:_|$)", name) is not None
 
 
-_RSQ_QUANT = re.compile(r"^_(gemv|gemv_runs|small|dot|dequant)_kernel\b")  # rsq/kernels/triton_wq.py, triton_e8p.py
+_RSQ_QUANT = re.compile(r"^_(gemv|gemv_[a-z]+|small|dot|dequant)_kernel\b")  # rsq/kernels/triton_wq.py, triton_e8p.py
 _RSQ_ATTN = re.compile(r"^_(lse|colsum)_kernel\b")  # rsq/kernels/triton_attention.py
 
 
