@@ -5,6 +5,10 @@ the GPU tests in test_triton_kernels.py cover the compiled kernels):
 
     TRITON_INTERPRET=1 python3 -m pytest -q tests/kernels/test_gemv_interpreter.py
 
+(Triton 3.6's interpreter converts a one-element array with ``int()``, which NumPy 2.4 refuses for arrays
+of ndim > 0: with NumPy >= 2.4 its ``__index__`` in triton/runtime/interpreter.py needs
+``int(self.handle.data.reshape(-1)[0])``, which is how these tests were run.)
+
 Oracle and tolerance as in test_triton_kernels.py: relative Frobenius error <= 1e-2 (outputs rounded
 to bf16, 2^-9 relative per element; a wrong code position gives errors of order 1). Shapes cover per
 channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), one
