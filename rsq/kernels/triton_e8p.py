@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rsq.kernels.triton_wq import _sm_count
+from rsq.kernels.triton_wq import _row_block, _sm_count
 
 
 def _table(device: str, field_bits: int, encode, parity_bit: int) -> torch.Tensor:
@@ -90,6 +90,25 @@ def _decode(c, tab_ptr):
 
 
 @triton.jit
+def _signed_term(xj, neg, p, J: tl.constexpr):
+    """Weight J of each code times its activation, in units of 2^-64: the 3-bit field 2a_J of the
+    pattern word read as the float32 subnormal 2a_J·2^(3J-149), times xj·2^(85-3J) with its sign bit
+    flipped where the weight is negative (``xj`` broadcasts against ``neg`` and ``p``)."""
+    xs = (xj * (2.0 ** (85 - 3 * J))).to(tl.int32, bitcast=True)
+    sx = (xs ^ ((neg << (31 - J)) & -2147483648)).to(tl.float32, bitcast=True)
+    return (p & (7 << (3 * J))).to(tl.float32, bitcast=True) * sx
+
+
+@triton.jit
+def _gemv_store(total, s_ptr, b_ptr, y_ptr, rows, row_mask, HAS_BIAS: tl.constexpr):
+    """y = 2^63 · scale · total (+ bias) for the program's rows."""
+    out = total * (2.0**63) * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     c_ptr,
@@ -107,9 +126,7 @@ def _gemv_kernel(
     """One token. Per weight: one LOP3 (the 3-bit field 2a_j of the pattern word, read as a float32
     subnormal 2a_j·2^(3j-149)), the sign applied to x by an xor of its sign bit, one FFMA with
     x_j·2^(85-3j); the ±1/4 shift enters once per code through the code's column sum of x."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     cc = tl.arange(0, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -120,16 +137,10 @@ def _gemv_kernel(
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + (c0 + cc) * 8 + j, mask=cmask, other=0.0).to(tl.float32)
             xsum += xj
-            xs = (xj * (2.0 ** (85 - 3 * j))).to(tl.int32, bitcast=True)
-            sx = (xs[None, :] ^ ((neg << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
-            f = (p & (7 << (3 * j))).to(tl.float32, bitcast=True)
-            acc += f * sx
+            acc += _signed_term(xj[None, :], neg, p, j)
         xs8 = xsum * (2.0**-65)
         acc += tl.where((c & 0x80) != 0, xs8[None, :], -xs8[None, :])
-    out = tl.sum(acc, axis=1) * (2.0**63) * tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows).to(tl.float32)
-    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    _gemv_store(tl.sum(acc, axis=1), s_ptr, b_ptr, y_ptr, rows, row_mask, HAS_BIAS)
 
 
 @triton.jit
@@ -152,9 +163,7 @@ def _gemv_rows_kernel(
     holds one code column for all BLOCK_N rows, each activation is loaded, scaled and summed once
     for them, and the loop needs no shared-memory layout exchanges. Counted from SASS (sm_90,
     bench/sass_count.py --kernels e8p,e8p_rows): 7.3 instructions per weight against 10.1."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     cc = tl.arange(0, BLOCK_C)
     cc = (cc % 8) * (BLOCK_C // 8) + cc // 8  # a permutation of the tile's columns
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
@@ -167,16 +176,10 @@ def _gemv_rows_kernel(
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + col * 8 + j, mask=cmask, other=0.0).to(tl.float32)
             xsum += xj
-            xs = (xj * (2.0 ** (85 - 3 * j))).to(tl.int32, bitcast=True)
-            sx = (xs[:, None] ^ ((neg << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
-            f = (p & (7 << (3 * j))).to(tl.float32, bitcast=True)
-            acc += f * sx
+            acc += _signed_term(xj[:, None], neg, p, j)
         xs8 = (xsum * (2.0**-65))[:, None]
         acc += tl.where((c & 0x80) != 0, xs8, -xs8)
-    out = tl.sum(acc, axis=0) * (2.0**63) * tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows).to(tl.float32)
-    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+    _gemv_store(tl.sum(acc, axis=0), s_ptr, b_ptr, y_ptr, rows, row_mask, HAS_BIAS)
 
 
 @triton.jit
@@ -201,9 +204,7 @@ def _small_kernel(
     HAS_BIAS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_C * 8
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     cc = tl.arange(0, BLOCK_C)
     kk = tl.arange(0, BLOCK_K)

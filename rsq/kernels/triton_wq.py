@@ -43,6 +43,15 @@ _TWO23 = tl.constexpr(8388608.0)  # 2^23: float32 ulp is 1 on [2^23, 2^24)
 
 
 @triton.jit
+def _row_block(N, BLOCK_N: tl.constexpr):
+    """The program's BLOCK_N rows (those past N clamped to row 0, so loads stay in bounds) and their
+    mask."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    return tl.where(row_mask, rows, 0), row_mask
+
+
+@triton.jit
 def _load_words(qw_ptr, rows, row_mask, KW, k0, BITS: tl.constexpr, NV: tl.constexpr):
     """Words for columns [k0, k0 + BLOCK_K) of ``rows``: (lo, hi), each [BLOCK_N, NV] int32.
 
@@ -243,9 +252,7 @@ def _gemv_kernel(
     per channel both are accumulated and combined at the end, grouped ones per word with that
     word's scale and zero. |x| must stay below 2^43 (X finite)."""
     NV: tl.constexpr = BLOCK_K // CPV
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     vi = tl.arange(0, NV)
     tok = tl.arange(0, BLOCK_M)
     cols = vi[:, None, None, None] * CPV + tl.arange(0, CPV)[None, None, None, :]  # [NV, 1, 1, CPV]
@@ -378,9 +385,7 @@ def _gemv_runs_kernel(
     compiled SASS (sm_90, bench/sass_count.py): ~3.0 instructions per code at 3 bits against ~4.0 for
     _gemv_kernel. EVEN_K: K is a multiple of BLOCK_K (no column masks on x)."""
     R: tl.constexpr = BLOCK_K // 32
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     ri = tl.arange(0, R)
     tok = tl.arange(0, BLOCK_M)
     x_off = tok[None, None, :] * stride_xm  # [1, 1, BLOCK_M]
@@ -538,9 +543,7 @@ def _small_kernel(
     Zero and scale are applied to the [BLOCK_N, BLOCK_M] product with the tile's column sums of x:
     sum_k (q - z) x = dot - (OFFSET + z) sum_k x. GS % BLOCK_K == 0 (or per channel).
     ATOMIC: split-K, float32 atomics into a zeroed y."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     m_mask = m < M
     kt = tl.arange(0, BLOCK_K)
@@ -608,9 +611,7 @@ def _dequant_kernel(
     BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.where(row_mask, rows, 0)
+    rows, row_mask = _row_block(N, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     f = (_tile_codes(qw_ptr, rows, row_mask, KW, k0, BITS, BLOCK_N, BLOCK_K) | magic).to(tl.float32, bitcast=True)
     g = 0 if PER_CHANNEL else k0 // GS
