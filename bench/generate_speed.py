@@ -46,6 +46,12 @@ sdpa (K/V repeated per query head), for every model, bf16 included; with both, e
 own rows ("... packed-gqa" / "... repeat-kv") and ratios are to bf16 with the same setting. TTFT and
 --profile use each model's first setting.
 
+--alt-gemv: each checkpoint is loaded a second time and timed beside the first with the opt-in
+one-token kernel of its format (uniform 2/3/4 bits: the run-unrolled GEMV, triton_wq.gemv_runs_config;
+E8P: the rows-in-thread GEMV, triton_e8p.gemv_rows_config), rows "<format> alt-gemv". The choice is
+made while that copy's decode step is compiled and captured (the kernels are custom ops, so the CUDA
+graph holds whichever ran), and every other model keeps the defaults.
+
 Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
 one decode (the first batch size, each model) to FILE.
@@ -54,6 +60,7 @@ one decode (the first batch size, each model) to FILE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -288,6 +295,29 @@ def add_model_args(ap: argparse.ArgumentParser, formats: str, batches: str) -> N
     )
 
 
+@contextlib.contextmanager
+def alt_gemv(on: bool):
+    """While ``on``, rsq's one-token kernels launch with their opt-in configurations (module
+    globals read at each launch: triton_wq.gemv_config, triton_e8p.gemv_config)."""
+    if not on:
+        yield
+        return
+    from rsq.kernels import triton_e8p, triton_wq
+
+    words, e8p = triton_wq.gemv_config, triton_e8p.gemv_config
+
+    def uniform(m, n, k, bits, group_size, sms=132):
+        if bits in (2, 3, 4):
+            return triton_wq.gemv_runs_config(m, n, k, bits, group_size, sms)
+        return words(m, n, k, bits, group_size, sms)
+
+    triton_wq.gemv_config, triton_e8p.gemv_config = uniform, triton_e8p.gemv_rows_config
+    try:
+        yield
+    finally:
+        triton_wq.gemv_config, triton_e8p.gemv_config = words, e8p
+
+
 def build_models(args, formats: list[str], device, build: dict, save=lambda: None) -> dict:
     """{"bf16": the random bf16 model, fmt: its RTN checkpoint written under --work and loaded
     with rsq.load, ...}; write/load times and sizes go into ``build``, ``save`` runs after each."""
@@ -306,6 +336,8 @@ def build_models(args, formats: list[str], device, build: dict, save=lambda: Non
         size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
         build[f"{fmt}_gb"] = size
         print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
+        if getattr(args, "alt_gemv", False):
+            models[f"{fmt} alt-gemv"], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
         save()
     return models
 
@@ -331,6 +363,11 @@ def main() -> int:
         help="comma list of on/off: decode attention over unrepeated K/V heads (all models), and/or transformers' sdpa",
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
+    ap.add_argument(
+        "--alt-gemv",
+        action="store_true",
+        help="also time a second copy of each checkpoint with the opt-in one-token kernel (see above)",
+    )
     ap.add_argument(
         "--compile-prefill",
         action="store_true",
@@ -385,6 +422,9 @@ def main() -> int:
             for f in fuses:
                 label = fmt if len(fuses) == 1 else f"{fmt} {'fused' if f == 'on' else 'unfused'}"
                 variants.append((label + gs, models[fmt], f == "on", g == "on", "bf16" + gs))
+                if args.alt_gemv:
+                    alt = models[f"{fmt} alt-gemv"]
+                    variants.append((f"{label} alt-gemv{gs}", alt, f == "on", g == "on", "bf16" + gs))
     first = {v[1]: v for v in reversed(variants)}  # each model's first setting (TTFT, profile)
 
     for loop in loops:
@@ -392,7 +432,8 @@ def main() -> int:
             for name, model, fuse, gqa, _ in variants:
                 if late():
                     break
-                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
+                with alt_gemv("alt-gemv" in name):
+                    r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
                 r.update(model=name, batch=batch, loop=loop)
                 cuda = torch.device(device).type == "cuda"
                 r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
@@ -409,16 +450,18 @@ def main() -> int:
                 for name, model, fuse, gqa, _ in first.values():
                     if late():
                         break
-                    profile_decode(
-                        model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
-                    )
+                    with alt_gemv("alt-gemv" in name):
+                        profile_decode(
+                            model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
+                        )
                     release(model)
     # last: transformers' generate keeps the long prompt's static cache for the calls after it
     if args.ttft:
         for name, model, fuse, gqa, _ in first.values():
             if late():
                 break
-            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
+            with alt_gemv("alt-gemv" in name):
+                record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
             print(f"[ttft {loops[0]}] {name:22s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()
     save()
