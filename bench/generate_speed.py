@@ -46,11 +46,12 @@ sdpa (K/V repeated per query head), for every model, bf16 included; with both, e
 own rows ("... packed-gqa" / "... repeat-kv") and ratios are to bf16 with the same setting. TTFT and
 --profile use each model's first setting.
 
---alt-gemv: each checkpoint is loaded a second time and timed beside the first with the opt-in
-one-token kernel of its format (uniform 2/3/4 bits: the run-unrolled GEMV, triton_wq.gemv_runs_config;
-E8P: the rows-in-thread GEMV, triton_e8p.gemv_rows_config), rows "<format> alt-gemv". The choice is
-made while that copy's decode step is compiled and captured (the kernels are custom ops, so the CUDA
-graph holds whichever ran), and every other model keeps the defaults.
+--alt-kernels: each checkpoint is loaded a second time and timed beside the first with the opt-in
+kernels of its format (uniform 2/3/4 bits: the run-unrolled one-token GEMV, triton_wq.gemv_runs_config;
+E8P: the rows-in-thread GEMV, triton_e8p.gemv_rows_config, and the tiles decoded by codebook gathers,
+small_table_config and dequant {"DECODE": "table"}), rows "<format> alt-kernels". The choice is made
+while that copy's decode step is compiled and captured (the kernels are custom ops, so the CUDA graph
+holds whichever ran; the eager prefill chooses at each call), and every other model keeps the defaults.
 
 Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
@@ -296,26 +297,29 @@ def add_model_args(ap: argparse.ArgumentParser, formats: str, batches: str) -> N
 
 
 @contextlib.contextmanager
-def alt_gemv(on: bool):
-    """While ``on``, rsq's one-token kernels launch with their opt-in configurations (module
-    globals read at each launch: triton_wq.gemv_config, triton_e8p.gemv_config)."""
+def alt_kernels(on: bool):
+    """While ``on``, rsq's kernels launch with their opt-in configurations (module functions read at
+    each launch: triton_wq.gemv_config, triton_e8p.gemv_config / small_config / dequant_config)."""
     if not on:
         yield
         return
-    from rsq.kernels import triton_e8p, triton_wq
+    from rsq.kernels import triton_e8p as E
+    from rsq.kernels import triton_wq as T
 
-    words, e8p = triton_wq.gemv_config, triton_e8p.gemv_config
+    saved = (T.gemv_config, E.gemv_config, E.small_config, E.dequant_config)
+    words = saved[0]
 
     def uniform(m, n, k, bits, group_size, sms=132):
         if bits in (2, 3, 4):
-            return triton_wq.gemv_runs_config(m, n, k, bits, group_size, sms)
+            return T.gemv_runs_config(m, n, k, bits, group_size, sms)
         return words(m, n, k, bits, group_size, sms)
 
-    triton_wq.gemv_config, triton_e8p.gemv_config = uniform, triton_e8p.gemv_rows_config
+    T.gemv_config, E.gemv_config = uniform, E.gemv_rows_config
+    E.small_config, E.dequant_config = E.small_table_config, lambda: {"DECODE": "table"}
     try:
         yield
     finally:
-        triton_wq.gemv_config, triton_e8p.gemv_config = words, e8p
+        T.gemv_config, E.gemv_config, E.small_config, E.dequant_config = saved
 
 
 def build_models(args, formats: list[str], device, build: dict, save=lambda: None) -> dict:
@@ -336,8 +340,8 @@ def build_models(args, formats: list[str], device, build: dict, save=lambda: Non
         size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
         build[f"{fmt}_gb"] = size
         print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
-        if getattr(args, "alt_gemv", False):
-            models[f"{fmt} alt-gemv"], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
+        if getattr(args, "alt_kernels", False):
+            models[f"{fmt} alt-kernels"], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
         save()
     return models
 
@@ -364,7 +368,7 @@ def main() -> int:
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
     ap.add_argument(
-        "--alt-gemv",
+        "--alt-kernels",
         action="store_true",
         help="also time a second copy of each checkpoint with the opt-in one-token kernel (see above)",
     )
@@ -422,9 +426,9 @@ def main() -> int:
             for f in fuses:
                 label = fmt if len(fuses) == 1 else f"{fmt} {'fused' if f == 'on' else 'unfused'}"
                 variants.append((label + gs, models[fmt], f == "on", g == "on", "bf16" + gs))
-                if args.alt_gemv:
-                    alt = models[f"{fmt} alt-gemv"]
-                    variants.append((f"{label} alt-gemv{gs}", alt, f == "on", g == "on", "bf16" + gs))
+                if args.alt_kernels:
+                    alt = models[f"{fmt} alt-kernels"]
+                    variants.append((f"{label} alt-kernels{gs}", alt, f == "on", g == "on", "bf16" + gs))
     first = {v[1]: v for v in reversed(variants)}  # each model's first setting (TTFT, profile)
 
     for loop in loops:
@@ -432,7 +436,7 @@ def main() -> int:
             for name, model, fuse, gqa, _ in variants:
                 if late():
                     break
-                with alt_gemv("alt-gemv" in name):
+                with alt_kernels("alt-kernels" in name):
                     r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
                 r.update(model=name, batch=batch, loop=loop)
                 cuda = torch.device(device).type == "cuda"
@@ -450,7 +454,7 @@ def main() -> int:
                 for name, model, fuse, gqa, _ in first.values():
                     if late():
                         break
-                    with alt_gemv("alt-gemv" in name):
+                    with alt_kernels("alt-kernels" in name):
                         profile_decode(
                             model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
                         )
@@ -460,7 +464,7 @@ def main() -> int:
         for name, model, fuse, gqa, _ in first.values():
             if late():
                 break
-            with alt_gemv("alt-gemv" in name):
+            with alt_kernels("alt-kernels" in name):
                 record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
             print(f"[ttft {loops[0]}] {name:22s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()

@@ -401,7 +401,7 @@ def e2e(copy_bw) -> list[str]:
 
 def e8p_cases(quick: bool):
     for n, k in SHAPES:
-        for m in (1, 16) if quick else (1, 4, 16, 2048):
+        for m in (1, 16, 2048) if quick else (1, 4, 16, 64, 2048):
             yield n, k, m
 
 
@@ -423,10 +423,19 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws
-        names = ["gemv", "gemv_rows", "small"] if m == 1 else ["small"] if m <= 64 else ["dequant_mm"]
-        gemv_rows = functools.partial(T.gemv, config=T.gemv_rows_config(n))  # session 19, opt-in
+        small = ["small", "small_table"]
+        names = ["gemv", "gemv_rows", *small] if m == 1 else small if m <= 64 else ["dequant_mm", "dequant_mm_table"]
+        fns = {
+            "gemv": T.gemv,
+            "gemv_rows": functools.partial(T.gemv, config=T.gemv_rows_config(n)),  # session 19, opt-in
+            "small": T.matmul_small,
+            # session 20, opt-in: tiles decoded by 16-byte codebook gathers
+            "small_table": functools.partial(T.matmul_small, config=T.small_table_config(m, n, k // 8)),
+            "dequant_mm": T.dequant_matmul,
+            "dequant_mm_table": functools.partial(T.dequant_matmul, config={"DECODE": "table"}),
+        }
         for name in names:
-            fn = {"gemv": T.gemv, "gemv_rows": gemv_rows, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}[name]
+            fn = fns[name]
             y = fn(x, copies[0], scale)
             rel = ((y.float() - ref).norm() / ref.norm()).item()
             ok = bool(torch.isfinite(y).all()) and rel <= 1e-2
@@ -448,7 +457,7 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
             )
             r = rows[-1]
             print(
-                f"e8p {n:>5}x{k:<5} M={m:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
+                f"e8p {n:>5}x{k:<5} M={m:<4} {name:<16} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
                 f"{r['pct']:5.1f}% copy BW  rel {rel:.1e}{'' if ok else '  FAIL'}",
                 flush=True,
             )

@@ -7,7 +7,8 @@ needed: Triton compiles for the target offline and its bundled cuobjdump disasse
 Kernels: ``words`` (rsq.kernels.triton_wq._gemv_kernel, the M = 1 default), ``runs``
 (_gemv_runs_kernel, the run-unrolled M = 1 GEMV), ``small`` (_small_kernel, 16 tokens on the tensor
 cores), ``e8p`` (rsq.kernels.triton_e8p._gemv_kernel, one token; BK columns = BK / 8 codes) and
-``e8p_rows`` (its rows-in-thread variant, _gemv_rows_kernel). For
+``e8p_rows`` (its rows-in-thread variant, _gemv_rows_kernel), ``e8p_small`` / ``e8p_small_table``
+(triton_e8p._small_kernel, 16 tokens, decoding by arithmetic / by codebook gathers). For
 each kernel, bit width and launch configuration (BLOCK_N:BLOCK_K:num_warps):
 
 1. compiles the kernel the way the runtime specializes a bf16 call at Llama-3-8B shapes (16-byte-aligned
@@ -45,6 +46,8 @@ DEFAULT_CONFIGS = {
     "small": ["64:256:4"],
     "e8p": ["16:1024:4"],
     "e8p_rows": ["16:1024:4", "32:1024:4"],
+    "e8p_small": ["64:128:4"],
+    "e8p_small_table": ["64:128:4"],
 }
 ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
 
@@ -61,6 +64,14 @@ def kernel_spec(name: str, bits: int, block_n: int, block_k: int, group: int):
         const = dict(BLOCK_N=block_n, BLOCK_C=block_k // 8, HAS_BIAS=False)
         aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C"]
         return E._gemv_rows_kernel if name == "e8p_rows" else E._gemv_kernel, sig, const, aligned, 1
+    if name.startswith("e8p_small"):  # 16 tokens, split-K (small_config's defaults); TABLE: codebook gathers
+        table = name == "e8p_small_table"
+        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16" if table else "*i32", "s_ptr": "*fp32",
+               "b_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "C": "i32",
+               "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}  # fmt: skip
+        const = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_k // 8, ATOMIC=True, HAS_BIAS=False, TABLE=table)
+        aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C", "stride_xm", "stride_ym"]
+        return E._small_kernel, sig, const, aligned, 2
     per_channel = group == -1
     sig = {
         "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16",
@@ -160,7 +171,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
-    ap.add_argument("--kernels", default="words,runs", help="of words, runs, small (M = 16 tiles), e8p, e8p_rows")
+    ap.add_argument("--kernels", default="words,runs", help="comma list of DEFAULT_CONFIGS keys")
     ap.add_argument("--configs", default="", help="BLOCK_N:BLOCK_K:num_warps,... (default: per kernel)")
     ap.add_argument("--group", type=int, default=-1, help="group size (-1: per channel)")
     args = ap.parse_args()

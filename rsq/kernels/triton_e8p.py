@@ -14,6 +14,10 @@ float32 result.
 * ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
 * ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
 
+Both tile kernels can decode by table instead (``config={"DECODE": "table"}``, small_table_config):
+one 16-byte gather per code from the whole codebook in the tile's half type ((65536, 8), 1 MiB per
+type and device, L2-resident), no decode arithmetic. Not the default until timed on a GPU.
+
 Which one runs for how many tokens is declared with the E8P format (rsq/formats/e8p.py).
 
 Codes may be int16 (the checkpoint's bit pattern) or int32 (values 0..65535).
@@ -44,14 +48,18 @@ def _table(device: str, field_bits: int, encode, parity_bit: int) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=8)
-def device_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pattern_table, gemv_table) of ``device``, built together at the first call of any E8P kernel
-    there. Built one by one, the one-token GEMV's table would first be needed at the first decode
-    step, after a prefill that used only the tiles' table: inside a compiled step's CUDA-graph-tree
-    warm-up, whose private memory pool would then hold the cached table, untracked, and the step fails
-    ("tensor(s) in the cudagraph pool not tracked as outputs")."""
+def device_tables(device: str) -> tuple[torch.Tensor, torch.Tensor, dict[torch.dtype, torch.Tensor]]:
+    """(pattern_table, gemv_table, {bf16, fp16: codebook_table}) of ``device``, built together at the
+    first call of any E8P kernel there. Built one by one, the one-token GEMV's table would first be
+    needed at the first decode step, after a prefill that used only the tiles' table: inside a
+    compiled step's CUDA-graph-tree warm-up, whose private memory pool would then hold the cached
+    table, untracked, and the step fails ("tensor(s) in the cudagraph pool not tracked as outputs")."""
+    from rsq.quant.e8p import e8p_codebook
+
     pattern = _table(device, 2, lambda t: (t - 1) // 2, 16)
-    return pattern, _table(device, 3, lambda t: t, 24)
+    book = e8p_codebook(device)  # (65536, 8) float32; every entry exact in both half types
+    books = {dtype: book.to(dtype).contiguous() for dtype in (torch.bfloat16, torch.float16)}
+    return pattern, _table(device, 3, lambda t: t, 24), books
 
 
 def pattern_table(device: str) -> torch.Tensor:
@@ -63,6 +71,12 @@ def gemv_table(device: str) -> torch.Tensor:
     """For the GEMV: 2a_j in bits 3j..3j+2 (< 2^23, so a masked field read as float32 is the
     subnormal 2a_j·2^(3j-149)), parity of sum(a) in bit 24."""
     return device_tables(device)[1]
+
+
+def codebook_table(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """For the table-decoding tiles: the whole codebook, (65536, 8) in ``dtype`` (bf16 or fp16;
+    1 MiB, L2-resident), row = 16-bit code: one 16-byte gather decodes 8 weights exactly."""
+    return device_tables(device)[2][dtype]
 
 
 @triton.jit
@@ -87,6 +101,19 @@ def _decode(c, tab_ptr):
     sign = 1.0 - 2.0 * ((neg[:, :, None] >> j[None, None, :]) & 1).to(tl.float32)
     shift = tl.where(((c >> 7) & 1) == 1, 0.25, -0.25)
     return v * sign + shift[:, :, None]
+
+
+@triton.jit
+def _tile(codes, tab_ptr, TABLE: tl.constexpr):
+    """[R, C] int codes -> [R, 8C] decoded weights: TABLE, a 16-byte gather per code from the
+    (65536, 8) codebook in the tile's half type (no arithmetic); else _decode's float32 arithmetic
+    from the 256-entry pattern table."""
+    if TABLE:
+        j = tl.arange(0, 8)
+        w = tl.load(tab_ptr + (codes & 0xFFFF)[:, :, None] * 8 + j[None, None, :])
+    else:
+        w = _decode(codes, tab_ptr)
+    return tl.reshape(w, (codes.shape[0], codes.shape[1] * 8))
 
 
 @triton.jit
@@ -202,6 +229,7 @@ def _small_kernel(
     BLOCK_C: tl.constexpr,
     ATOMIC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    TABLE: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_C * 8
     rows, row_mask = _row_block(N, BLOCK_N)
@@ -212,7 +240,7 @@ def _small_kernel(
     for c0 in range(tl.program_id(1) * BLOCK_C, C, SPLIT_K * BLOCK_C):
         cmask = (c0 + cc) < C
         codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        w = tl.reshape(_decode(codes, tab_ptr), (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+        w = _tile(codes, tab_ptr, TABLE).to(x_ptr.dtype.element_ty)
         cols = c0 * 8 + kk
         xt = tl.load(
             x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=(cols < K)[:, None] & (ms < M)[None, :], other=0.0
@@ -230,12 +258,14 @@ def _small_kernel(
 
 
 @triton.jit
-def _dequant_kernel(c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dequant_kernel(
+    c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TABLE: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < N)[:, None] & (cc < C)[None, :]
     codes = tl.load(c_ptr + rows[:, None] * C + cc[None, :], mask=mask, other=0).to(tl.int32)
-    w = tl.reshape(_decode(codes, tab_ptr) * tl.load(s_ptr).to(tl.float32), (BLOCK_N, BLOCK_C * 8))
+    w = _tile(codes, tab_ptr, TABLE).to(tl.float32) * tl.load(s_ptr).to(tl.float32)
     cols = tl.program_id(1) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
     tl.store(
         w_ptr + rows[:, None] * K + cols[None, :],
@@ -296,6 +326,12 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
 
 
 def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
+    """Default configuration of :func:`matmul_small`: 64 rows x 16 codes, split K until ~2 programs
+    per SM."""
+    return _small_tiles(m, n, c, sms)
+
+
+def _small_tiles(m: int, n: int, c: int, sms: int) -> dict:
     block_n, block_c = 64, 16
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(c, block_c), 16))
     return dict(
@@ -308,6 +344,20 @@ def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
     )
 
 
+def small_table_config(m: int, n: int, c: int, sms: int = 132) -> dict:
+    """:func:`small_config` with the tiles decoded by codebook gathers (``DECODE="table"``). Not the
+    default until timed on a GPU."""
+    return dict(_small_tiles(m, n, c, sms), DECODE="table")
+
+
+def _decode_table(device: torch.device, dtype: torch.dtype, cfg: dict) -> tuple[torch.Tensor, bool]:
+    """(the table a tile kernel reads, TABLE): the codebook in ``dtype`` (bf16 for float32 output:
+    its entries are exact) where the config says ``DECODE="table"``, else the pattern table."""
+    if cfg.get("DECODE", "arith") == "table":
+        return codebook_table(str(device), dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16), True
+    return pattern_table(str(device)), False
+
+
 def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
     """M <= 64 tokens: decoded weight tiles x tensor cores, split-K with float32 atomics."""
     m, n, k, c = _check(x, codes)
@@ -316,10 +366,11 @@ def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
     y = (torch.zeros if split > 1 else torch.empty)(
         m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype
     )
+    table, use_table = _decode_table(x.device, x.dtype, cfg)
     _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x,
         codes,
-        pattern_table(str(x.device)),
+        table,
         scales,
         bias if bias is not None else y,
         y,
@@ -335,24 +386,33 @@ def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
         BLOCK_C=cfg["BLOCK_C"],
         ATOMIC=split > 1,
         HAS_BIAS=bias is not None,
+        TABLE=use_table,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return y.to(x.dtype) if split > 1 else y
 
 
-def dequantize(codes, scales, dtype=torch.bfloat16) -> torch.Tensor:
-    """W_hat (N, 8C) in ``dtype``: codeword * scale computed in float32, then rounded."""
+def dequant_config() -> dict:
+    """Default configuration of :func:`dequantize`: decode by arithmetic (``{"DECODE": "table"}``
+    is opt-in until timed)."""
+    return {}
+
+
+def dequantize(codes, scales, dtype=torch.bfloat16, *, config: dict | None = None) -> torch.Tensor:
+    """W_hat (N, 8C) in ``dtype``: codeword * scale computed in float32, then rounded. ``config``:
+    {"DECODE": "table"} decodes by codebook gathers (not the default until timed)."""
     n, c = codes.shape
     w = torch.empty(n, 8 * c, device=codes.device, dtype=dtype)
     block_n, block_c = 16, 32
+    table, use_table = _decode_table(codes.device, dtype, config or dequant_config())
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
-        codes, pattern_table(str(codes.device)), scales, w, n, 8 * c, c, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4
+        codes, table, scales, w, n, 8 * c, c, BLOCK_N=block_n, BLOCK_C=block_c, TABLE=use_table, num_warps=4
     )
     return w
 
 
-def dequant_matmul(x, codes, scales, bias=None):
+def dequant_matmul(x, codes, scales, bias=None, *, config: dict | None = None):
     """Prefill: decode the whole weight (transient N x K buffer), then cuBLAS."""
-    w = dequantize(codes, scales, x.dtype)
+    w = dequantize(codes, scales, x.dtype, config=config)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)

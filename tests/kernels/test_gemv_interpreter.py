@@ -80,3 +80,29 @@ def test_e8p_gemv_matches_the_codebook(layout, n, k):
     y = E.gemv(x, codes, scale, bias, config=cfg)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
     assert rel <= 1e-2, f"e8p {layout} {n}x{k}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("n,k,m", [(64, 256, 16), (70, 136, 5)])
+@pytest.mark.parametrize("decode", ["arith", "table"])
+def test_e8p_tiles_match_the_codebook(decode, n, k, m):
+    """The E8P tile kernels (matmul_small, split-K, and the dequantizer) with either decode against
+    e8p_decode; the dequantized weight exactly (codewords are multiples of 1/4 below 3, times one
+    float32 scale), the product within the tolerance above. float16 activations: the interpreter's
+    tl.dot multiplies bfloat16 operands as their integer bit patterns (NumPy has no bfloat16)."""
+    from rsq.kernels import triton_e8p as E
+    from rsq.quant.e8p import codes_to_int16, e8p_decode
+
+    g = torch.Generator().manual_seed(n * k + m)
+    codes = codes_to_int16(torch.randint(0, 1 << 16, (n, k // 8), generator=g))
+    scale = torch.tensor([[0.013]])
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    w = e8p_decode(codes.reshape(-1)).reshape(n, k) * scale
+    cfg = {"DECODE": decode}
+    assert torch.equal(E.dequantize(codes, scale, torch.float32, config=cfg), w)
+    cfg = dict(E.small_config(m, n, k // 8, sms=4), DECODE=decode)
+    assert cfg["SPLIT_K"] > 1, "the case should exercise split-K"
+    y = E.matmul_small(x, codes, scale, bias, config=cfg)
+    ref = x.float() @ w.T + bias.float()
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, f"e8p small {decode} {n}x{k} M={m}: relative error {rel:.2e}"
