@@ -423,14 +423,23 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws
-        small = ["small", "small_table"]
-        names = ["gemv", "gemv_rows", *small] if m == 1 else small if m <= 64 else ["dequant_mm", "dequant_mm_table"]
+        tiles = {"": {}, "_n16w1": dict(block_n=16, block_c=32, warps=1, stages=3),
+                 "_n32w4": dict(block_n=32, block_c=64, warps=4, stages=2),
+                 "_n64c32": dict(block_n=64, block_c=32, warps=4, stages=3)}  # fmt: skip
+        small = ["small", *(f"small_table{t}" for t in tiles)]
+        names = ["dequant_mm", "dequant_mm_table"] if m > 64 else small
+        if m == 1:
+            names = ["gemv", "gemv_rows", "gemv_table", *small]
         fns = {
             "gemv": T.gemv,
             "gemv_rows": functools.partial(T.gemv, config=T.gemv_rows_config(n)),  # session 19, opt-in
+            "gemv_table": functools.partial(T.gemv, config=T.gemv_table_config(n)),  # session 20, opt-in
             "small": T.matmul_small,
-            # session 20, opt-in: tiles decoded by 16-byte codebook gathers
-            "small_table": functools.partial(T.matmul_small, config=T.small_table_config(m, n, k // 8)),
+            # session 20, opt-in: tiles decoded by 16-byte codebook gathers, four tilings
+            **{
+                f"small_table{t}": functools.partial(T.matmul_small, config=T.small_table_config(m, n, k // 8, **kw))
+                for t, kw in tiles.items()
+            },
             "dequant_mm": T.dequant_matmul,
             "dequant_mm_table": functools.partial(T.dequant_matmul, config={"DECODE": "table"}),
         }

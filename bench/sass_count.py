@@ -7,7 +7,8 @@ needed: Triton compiles for the target offline and its bundled cuobjdump disasse
 Kernels: ``words`` (rsq.kernels.triton_wq._gemv_kernel, the M = 1 default), ``runs``
 (_gemv_runs_kernel, the run-unrolled M = 1 GEMV), ``small`` (_small_kernel, 16 tokens on the tensor
 cores), ``e8p`` (rsq.kernels.triton_e8p._gemv_kernel, one token; BK columns = BK / 8 codes) and
-``e8p_rows`` (its rows-in-thread variant, _gemv_rows_kernel), ``e8p_small`` / ``e8p_small_table``
+``e8p_rows`` (its rows-in-thread variant, _gemv_rows_kernel), ``e8p_table`` (decoding by codebook
+gathers, _gemv_table_kernel), ``e8p_small`` / ``e8p_small_table``
 (triton_e8p._small_kernel, 16 tokens, decoding by arithmetic / by codebook gathers). For
 each kernel, bit width and launch configuration (BLOCK_N:BLOCK_K:num_warps):
 
@@ -46,6 +47,7 @@ DEFAULT_CONFIGS = {
     "small": ["64:256:4"],
     "e8p": ["16:1024:4"],
     "e8p_rows": ["16:1024:4", "32:1024:4"],
+    "e8p_table": ["16:256:4", "32:256:4", "16:512:4"],
     "e8p_small": ["64:128:4"],
     "e8p_small_table": ["64:128:4"],
 }
@@ -58,12 +60,13 @@ def kernel_spec(name: str, bits: int, block_n: int, block_k: int, group: int):
     from rsq.kernels import triton_e8p as E
     from rsq.kernels import triton_wq as T
 
-    if name in ("e8p", "e8p_rows"):  # one token; BLOCK_K columns = BLOCK_K / 8 codes
-        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*i32", "s_ptr": "*fp32", "b_ptr": "*bf16",
-               "y_ptr": "*bf16", "N": "i32", "K": "i32", "C": "i32"}  # fmt: skip
+    if name in ("e8p", "e8p_rows", "e8p_table"):  # one token; BLOCK_K columns = BLOCK_K / 8 codes
+        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16" if name == "e8p_table" else "*i32",
+               "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "C": "i32"}  # fmt: skip
         const = dict(BLOCK_N=block_n, BLOCK_C=block_k // 8, HAS_BIAS=False)
         aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C"]
-        return E._gemv_rows_kernel if name == "e8p_rows" else E._gemv_kernel, sig, const, aligned, 1
+        kernel = {"e8p": E._gemv_kernel, "e8p_rows": E._gemv_rows_kernel, "e8p_table": E._gemv_table_kernel}[name]
+        return kernel, sig, const, aligned, 1
     if name.startswith("e8p_small"):  # 16 tokens, split-K (small_config's defaults); TABLE: codebook gathers
         table = name == "e8p_small_table"
         sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16" if table else "*i32", "s_ptr": "*fp32",

@@ -210,6 +210,40 @@ def _gemv_rows_kernel(
 
 
 @triton.jit
+def _gemv_table_kernel(
+    x_ptr,
+    c_ptr,
+    tab_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """One token, the codes decoded by table (``LAYOUT="table"``): one 16-byte gather per code from
+    the (65536, 8) codebook in x's half type, then per weight a conversion to float32 and an FFMA
+    with its activation (loaded once for the program's BLOCK_N rows)."""
+    rows, row_mask = _row_block(N, BLOCK_N)
+    cc = tl.arange(0, BLOCK_C)
+    j = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_N, BLOCK_C, 8), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cmask = (c0 + cc) < C
+        c = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
+        w = tl.load(tab_ptr + (c & 0xFFFF)[:, :, None] * 8 + j[None, None, :])
+        xt = tl.load(x_ptr + (c0 + cc)[:, None] * 8 + j[None, :], mask=cmask[:, None], other=0.0)
+        acc += w.to(tl.float32) * xt.to(tl.float32)[None, :, :]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _small_kernel(
     x_ptr,
     c_ptr,
@@ -299,6 +333,12 @@ def gemv_rows_config(n: int, sms: int = 132) -> dict:
     return dict(gemv_config(n, sms), LAYOUT="rows")
 
 
+def gemv_table_config(n: int, sms: int = 132) -> dict:
+    """A configuration of the table-decoding GEMV (``LAYOUT="table"``): 16 rows x 32 codes per step
+    (32 float32 accumulators per thread), 4 warps. Not the default until timed on a GPU."""
+    return dict(gemv_config(n, sms), BLOCK_C=32, LAYOUT="table")
+
+
 def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
     """y (1, N) = x (1, 8C) @ W_hat^T + bias for one token (CUDA cores). |x| < 2^42."""
     m, n, k, c = _check(x, codes)
@@ -306,11 +346,13 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
         raise ValueError(f"the E8P gemv takes one token; got {m}: use matmul_small")
     cfg = config or gemv_config(n, _sm_count(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    kernel = _gemv_rows_kernel if cfg.get("LAYOUT") == "rows" else _gemv_kernel
+    layout = cfg.get("LAYOUT", "cols")
+    kernel = {"cols": _gemv_kernel, "rows": _gemv_rows_kernel, "table": _gemv_table_kernel}[layout]
+    table = _decode_table(x.device, x.dtype, {"DECODE": "table"})[0] if layout == "table" else None
     kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         codes,
-        gemv_table(str(x.device)),
+        gemv_table(str(x.device)) if table is None else table,
         scales,
         bias if bias is not None else y,
         y,
@@ -331,23 +373,26 @@ def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
     return _small_tiles(m, n, c, sms)
 
 
-def _small_tiles(m: int, n: int, c: int, sms: int) -> dict:
-    block_n, block_c = 64, 16
+def _small_tiles(
+    m: int, n: int, c: int, sms: int, block_n: int = 64, block_c: int = 16, warps: int = 4, stages: int = 2
+) -> dict:
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(c, block_c), 16))
     return dict(
         BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         SPLIT_K=split,
-        num_warps=4,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
-def small_table_config(m: int, n: int, c: int, sms: int = 132) -> dict:
-    """:func:`small_config` with the tiles decoded by codebook gathers (``DECODE="table"``). Not the
-    default until timed on a GPU."""
-    return dict(_small_tiles(m, n, c, sms), DECODE="table")
+def small_table_config(m: int, n: int, c: int, sms: int = 132, **tiles) -> dict:
+    """:func:`small_config` with the tiles decoded by codebook gathers (``DECODE="table"``); ``tiles``:
+    block_n, block_c, warps, stages (bench/kernel_speed.py sweeps them). Not the default until timed
+    on a GPU. Counted from SASS (sm_90): 2.2-2.5 instructions per weight in the loop for 16-64 rows,
+    so it is a candidate for one token too (against 7.3 for the best CUDA-core GEMV)."""
+    return dict(_small_tiles(m, n, c, sms, **tiles), DECODE="table")
 
 
 def _decode_table(device: torch.device, dtype: torch.dtype, cfg: dict) -> tuple[torch.Tensor, bool]:

@@ -61,7 +61,7 @@ def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
 
 
 @pytest.mark.parametrize("n,k", [(40, 1024), (24, 2112), (9, 136)])
-@pytest.mark.parametrize("layout", ["cols", "rows"])
+@pytest.mark.parametrize("layout", ["cols", "rows", "table"])
 def test_e8p_gemv_matches_the_codebook(layout, n, k):
     """The E8P one-token GEMVs (rsq/kernels/triton_e8p.py) against e8p_decode, the codebook by its
     definition: x @ (decode(codes) * scale)^T + bias in float32; same tolerance."""
@@ -74,9 +74,9 @@ def test_e8p_gemv_matches_the_codebook(layout, n, k):
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     ref = x.float() @ (e8p_decode(codes.reshape(-1)).reshape(n, k) * scale).T + bias.float()
-    cfg = (E.gemv_rows_config if layout == "rows" else E.gemv_config)(n, sms=4)
-    if k > 1024:
-        cfg["BLOCK_C"] = 64  # several steps over K
+    cfg = {"cols": E.gemv_config, "rows": E.gemv_rows_config, "table": E.gemv_table_config}[layout](n, sms=4)
+    if k > 1024 and layout != "table":
+        cfg["BLOCK_C"] = 64  # several steps over K (the table layout's 32 codes step several times anyway)
     y = E.gemv(x, codes, scale, bias, config=cfg)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
     assert rel <= 1e-2, f"e8p {layout} {n}x{k}: relative error {rel:.2e}"

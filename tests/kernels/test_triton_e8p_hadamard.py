@@ -51,6 +51,7 @@ def test_e8p_matmul_matches_reference(n, k, m, dtype):
     if m == 1:
         fns["gemv"] = T.gemv
         fns["gemv_rows"] = lambda x, c, s, b: T.gemv(x, c, s, b, config=T.gemv_rows_config(n))
+        fns["gemv_table"] = lambda x, c, s, b: T.gemv(x, c, s, b, config=T.gemv_table_config(n))
     if m <= 64:
         fns["small"] = T.matmul_small
         fns["small_table"] = lambda x, c, s, b: T.matmul_small(x, c, s, b, config=T.small_table_config(m, n, k // 8))
