@@ -46,13 +46,6 @@ sdpa (K/V repeated per query head), for every model, bf16 included; with both, e
 own rows ("... packed-gqa" / "... repeat-kv") and ratios are to bf16 with the same setting. TTFT and
 --profile use each model's first setting.
 
---alt-kernels: each checkpoint is loaded a second time and timed beside the first with the opt-in
-kernels of its format (uniform 2/3/4 bits: the run-unrolled one-token GEMV, triton_wq.gemv_runs_config;
-E8P: the rows-in-thread GEMV, triton_e8p.gemv_rows_config, and the tiles decoded by codebook gathers,
-small_table_config and dequant {"DECODE": "table"}), rows "<format> alt-kernels". The choice is made
-while that copy's decode step is compiled and captured (the kernels are custom ops, so the CUDA graph
-holds whichever ran; the eager prefill chooses at each call), and every other model keeps the defaults.
-
 Ratios are to bf16 measured in the same run with the same loop. A --deadline (seconds) stops starting new measurements;
 what was measured is printed and written to --json. --profile FILE writes a torch.profiler table of
 one decode (the first batch size, each model) to FILE.
@@ -61,7 +54,6 @@ one decode (the first batch size, each model) to FILE.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -296,32 +288,6 @@ def add_model_args(ap: argparse.ArgumentParser, formats: str, batches: str) -> N
     )
 
 
-@contextlib.contextmanager
-def alt_kernels(on: bool):
-    """While ``on``, rsq's kernels launch with their opt-in configurations (module functions read at
-    each launch: triton_wq.gemv_config, triton_e8p.gemv_config / small_config / dequant_config)."""
-    if not on:
-        yield
-        return
-    from rsq.kernels import triton_e8p as E
-    from rsq.kernels import triton_wq as T
-
-    saved = (T.gemv_config, E.gemv_config, E.small_config, E.dequant_config)
-    words = saved[0]
-
-    def uniform(m, n, k, bits, group_size, sms=132):
-        if bits in (2, 3, 4):
-            return T.gemv_runs_config(m, n, k, bits, group_size, sms)
-        return words(m, n, k, bits, group_size, sms)
-
-    T.gemv_config, E.gemv_config = uniform, E.gemv_rows_config
-    E.small_config, E.dequant_config = E.small_table_config, lambda: {"DECODE": "table"}
-    try:
-        yield
-    finally:
-        T.gemv_config, E.gemv_config, E.small_config, E.dequant_config = saved
-
-
 def build_models(args, formats: list[str], device, build: dict, save=lambda: None) -> dict:
     """{"bf16": the random bf16 model, fmt: its RTN checkpoint written under --work and loaded
     with rsq.load, ...}; write/load times and sizes go into ``build``, ``save`` runs after each."""
@@ -340,8 +306,6 @@ def build_models(args, formats: list[str], device, build: dict, save=lambda: Non
         size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
         build[f"{fmt}_gb"] = size
         print(f"[{fmt}] written + loaded ({size:.2f} GB on disk)", flush=True)
-        if getattr(args, "alt_kernels", False):
-            models[f"{fmt} alt-kernels"], _ = rsq.load(out, device=device, dtype=torch.bfloat16)
         save()
     return models
 
@@ -367,11 +331,6 @@ def main() -> int:
         help="comma list of on/off: decode attention over unrepeated K/V heads (all models), and/or transformers' sdpa",
     )
     ap.add_argument("--eager", action="store_true", help="time eager decoding (no compile) instead")
-    ap.add_argument(
-        "--alt-kernels",
-        action="store_true",
-        help="also time a second copy of each checkpoint with the opt-in one-token kernel (see above)",
-    )
     ap.add_argument(
         "--compile-prefill",
         action="store_true",
@@ -426,9 +385,6 @@ def main() -> int:
             for f in fuses:
                 label = fmt if len(fuses) == 1 else f"{fmt} {'fused' if f == 'on' else 'unfused'}"
                 variants.append((label + gs, models[fmt], f == "on", g == "on", "bf16" + gs))
-                if args.alt_kernels:
-                    alt = models[f"{fmt} alt-kernels"]
-                    variants.append((f"{label} alt-kernels{gs}", alt, f == "on", g == "on", "bf16" + gs))
     first = {v[1]: v for v in reversed(variants)}  # each model's first setting (TTFT, profile)
 
     for loop in loops:
@@ -436,8 +392,7 @@ def main() -> int:
             for name, model, fuse, gqa, _ in variants:
                 if late():
                     break
-                with alt_kernels("alt-kernels" in name):
-                    r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
+                r = time_decode(model, batch, args.prompt, args.new, loop, fast[loop], device, fuse, gqa)
                 r.update(model=name, batch=batch, loop=loop)
                 cuda = torch.device(device).type == "cuda"
                 r["gpu_gb_allocated"] = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
@@ -454,18 +409,16 @@ def main() -> int:
                 for name, model, fuse, gqa, _ in first.values():
                     if late():
                         break
-                    with alt_kernels("alt-kernels" in name):
-                        profile_decode(
-                            model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
-                        )
+                    profile_decode(
+                        model, batch, args.prompt, args.new, loop, fast[loop], device, name, args.profile, fuse, gqa
+                    )
                     release(model)
     # last: transformers' generate keeps the long prompt's static cache for the calls after it
     if args.ttft:
         for name, model, fuse, gqa, _ in first.values():
             if late():
                 break
-            with alt_kernels("alt-kernels" in name):
-                record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
+            record["ttft"][name] = time_ttft(model, args.ttft, loops[0], fast[loops[0]], device, fuse, gqa)
             print(f"[ttft {loops[0]}] {name:22s} {args.ttft} tokens: {record['ttft'][name] * 1e3:.1f} ms", flush=True)
             save()
     save()

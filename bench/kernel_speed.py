@@ -22,7 +22,6 @@ skipped with a message when its package is missing. Results and their reading: b
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import statistics
@@ -238,16 +237,13 @@ def run_case(case, results, copy_bw, bf16_cache):
 
 # ------------------------------------------------------------------------------------------- sweep
 
-GEMV_SWEEP = [  # session 18 swept 7 configs of the word kernel: (8, 2048, 4), the default, won every case
+GEMV_SWEEP = [  # session 20 (H100): (8, 1024, 4) won at K = 4096 with >= 4096 rows, (8, 2048, 4) elsewhere
     dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     for bn, bk, nw in (
         (8, 2048, 4),
         (8, 1024, 4),
         (16, 1024, 2),
     )
-] + [  # the run-unrolled kernel (session 19: ~25 % fewer instructions per code at 3 bits, bench/sass_count.py)
-    dict(KERNEL="runs", BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-    for bn, bk, nw in ((8, 4096, 4), (16, 4096, 4), (4, 4096, 4), (8, 2048, 2), (16, 1024, 2), (8, 1024, 1))
 ]
 # the decode step's fused linears (q/k/v, gate/up) beside the single ones
 GEMV_SHAPES = SHAPES + [(6144, 4096), (28672, 4096)]
@@ -423,26 +419,8 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws
-        tiles = {"": {}, "_n16w1": dict(block_n=16, block_c=32, warps=1, stages=3),
-                 "_n32w4": dict(block_n=32, block_c=64, warps=4, stages=2),
-                 "_n64c32": dict(block_n=64, block_c=32, warps=4, stages=3)}  # fmt: skip
-        small = ["small", *(f"small_table{t}" for t in tiles)]
-        names = ["dequant_mm", "dequant_mm_table"] if m > 64 else small
-        if m == 1:
-            names = ["gemv", "gemv_rows", "gemv_table", *small]
-        fns = {
-            "gemv": T.gemv,
-            "gemv_rows": functools.partial(T.gemv, config=T.gemv_rows_config(n)),  # session 19, opt-in
-            "gemv_table": functools.partial(T.gemv, config=T.gemv_table_config(n)),  # session 20, opt-in
-            "small": T.matmul_small,
-            # session 20, opt-in: tiles decoded by 16-byte codebook gathers, four tilings
-            **{
-                f"small_table{t}": functools.partial(T.matmul_small, config=T.small_table_config(m, n, k // 8, **kw))
-                for t, kw in tiles.items()
-            },
-            "dequant_mm": T.dequant_matmul,
-            "dequant_mm_table": functools.partial(T.dequant_matmul, config={"DECODE": "table"}),
-        }
+        names = ["gemv", "small"] if m == 1 else ["small"] if m <= 64 else ["dequant_mm"]
+        fns = {"gemv": T.gemv, "small": T.matmul_small, "dequant_mm": T.dequant_matmul}
         for name in names:
             fn = fns[name]
             y = fn(x, copies[0], scale)
@@ -466,7 +444,7 @@ def run_e8p(quick: bool, copy_bw) -> list[dict]:
             )
             r = rows[-1]
             print(
-                f"e8p {n:>5}x{k:<5} M={m:<4} {name:<16} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
+                f"e8p {n:>5}x{k:<5} M={m:<4} {name:<10} {t:9.2f} us  bf16 {t16:9.2f} us  x{r['speedup']:5.2f}  "
                 f"{r['pct']:5.1f}% copy BW  rel {rel:.1e}{'' if ok else '  FAIL'}",
                 flush=True,
             )

@@ -1,15 +1,13 @@
 """Instructions per weight in the main loop of rsq's low-bit kernels, from the compiled SASS. No GPU
 needed: Triton compiles for the target offline and its bundled cuobjdump disassembles.
 
-    python3 bench/sass_count.py [--bits 3,4] [--arch 90] [--kernels words,runs,small,e8p]
+    python3 bench/sass_count.py [--bits 3,4] [--arch 90] [--kernels words,small,e8p,e8p_small]
         [--configs BN:BK:W,...] [--group G]
 
-Kernels: ``words`` (rsq.kernels.triton_wq._gemv_kernel, the M = 1 default), ``runs``
-(_gemv_runs_kernel, the run-unrolled M = 1 GEMV), ``small`` (_small_kernel, 16 tokens on the tensor
-cores), ``e8p`` (rsq.kernels.triton_e8p._gemv_kernel, one token; BK columns = BK / 8 codes) and
-``e8p_rows`` (its rows-in-thread variant, _gemv_rows_kernel), ``e8p_table`` (decoding by codebook
-gathers, _gemv_table_kernel), ``e8p_small`` / ``e8p_small_table``
-(triton_e8p._small_kernel, 16 tokens, decoding by arithmetic / by codebook gathers). For
+Kernels: ``words`` (rsq.kernels.triton_wq._gemv_kernel, the M = 1 default), ``small`` (_small_kernel,
+16 tokens on the tensor cores), ``e8p`` (rsq.kernels.triton_e8p._gemv_kernel, one token; BK columns =
+BK / 8 codes) and ``e8p_small`` (triton_e8p._small_kernel, 16 tokens, tiles decoded by codebook
+gathers). For
 each kernel, bit width and launch configuration (BLOCK_N:BLOCK_K:num_warps):
 
 1. compiles the kernel the way the runtime specializes a bf16 call at Llama-3-8B shapes (16-byte-aligned
@@ -42,14 +40,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = {
-    "words": ["8:2048:4", "16:1024:2"],
-    "runs": ["8:4096:4", "16:4096:4", "16:1024:2"],
+    "words": ["8:2048:4", "8:1024:4", "16:1024:2"],
     "small": ["64:256:4"],
-    "e8p": ["16:1024:4"],
-    "e8p_rows": ["16:1024:4", "32:1024:4"],
-    "e8p_table": ["16:256:4", "32:256:4", "16:512:4"],
-    "e8p_small": ["64:128:4"],
-    "e8p_small_table": ["64:128:4"],
+    "e8p": ["16:1024:4", "32:1024:4"],
+    "e8p_small": ["64:128:4", "16:256:1", "32:512:4"],
 }
 ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
 
@@ -60,19 +54,17 @@ def kernel_spec(name: str, bits: int, block_n: int, block_k: int, group: int):
     from rsq.kernels import triton_e8p as E
     from rsq.kernels import triton_wq as T
 
-    if name in ("e8p", "e8p_rows", "e8p_table"):  # one token; BLOCK_K columns = BLOCK_K / 8 codes
-        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16" if name == "e8p_table" else "*i32",
-               "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "C": "i32"}  # fmt: skip
+    if name == "e8p":  # one token; BLOCK_K columns = BLOCK_K / 8 codes
+        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*i32", "s_ptr": "*fp32", "b_ptr": "*bf16",
+               "y_ptr": "*bf16", "N": "i32", "K": "i32", "C": "i32"}  # fmt: skip
         const = dict(BLOCK_N=block_n, BLOCK_C=block_k // 8, HAS_BIAS=False)
         aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C"]
-        kernel = {"e8p": E._gemv_kernel, "e8p_rows": E._gemv_rows_kernel, "e8p_table": E._gemv_table_kernel}[name]
-        return kernel, sig, const, aligned, 1
-    if name.startswith("e8p_small"):  # 16 tokens, split-K (small_config's defaults); TABLE: codebook gathers
-        table = name == "e8p_small_table"
-        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16" if table else "*i32", "s_ptr": "*fp32",
-               "b_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "C": "i32",
-               "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}  # fmt: skip
-        const = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_k // 8, ATOMIC=True, HAS_BIAS=False, TABLE=table)
+        return E._gemv_kernel, sig, const, aligned, 1
+    if name == "e8p_small":  # 16 tokens, split-K (small_config's defaults), the codebook in bf16
+        sig = {"x_ptr": "*bf16", "c_ptr": "*i16", "tab_ptr": "*bf16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+               "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "C": "i32", "stride_xm": "i32",
+               "stride_ym": "i32", "SPLIT_K": "i32"}  # fmt: skip
+        const = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_k // 8, ATOMIC=True, HAS_BIAS=False)
         aligned = [k for k in sig if k.endswith("_ptr")] + ["N", "K", "C", "stride_xm", "stride_ym"]
         return E._small_kernel, sig, const, aligned, 2
     per_channel = group == -1
@@ -91,12 +83,8 @@ def kernel_spec(name: str, bits: int, block_n: int, block_k: int, group: int):
     else:
         del sig["GS"], sig["SPLIT_K"], sig["magic"]
         const.update(GS=0 if per_channel else group, BLOCK_M=1, M=1)
-        if name == "words":
-            kernel = T._gemv_kernel
-            const["CPV"] = T._gemv_cpv(bits)
-        else:
-            kernel = T._gemv_runs_kernel
-            const["EVEN_K"] = True
+        kernel = T._gemv_kernel
+        const["CPV"] = T._gemv_cpv(bits)
         stages, aligned = 1, list(ALIGNED)
     return kernel, sig, const, aligned, stages
 
@@ -174,7 +162,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
-    ap.add_argument("--kernels", default="words,runs", help="comma list of DEFAULT_CONFIGS keys")
+    ap.add_argument("--kernels", default="words", help="comma list of DEFAULT_CONFIGS keys")
     ap.add_argument("--configs", default="", help="BLOCK_N:BLOCK_K:num_warps,... (default: per kernel)")
     ap.add_argument("--group", type=int, default=-1, help="group size (-1: per channel)")
     args = ap.parse_args()

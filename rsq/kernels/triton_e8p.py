@@ -8,15 +8,14 @@ entry is a multiple of 1/4 below 3, exact in bf16 and fp16, so decoded tiles fee
 without rounding; the single per-matrix scale (read on the device, no host sync) multiplies the
 float32 result.
 
-* ``gemv``: one token, CUDA cores, one program per BLOCK_N rows over all of K; 10.1 instructions
-  per weight in its loop (bench/sass_count.py); ``config=gemv_rows_config(n)`` runs
-  _gemv_rows_kernel instead (rows in each thread, 7.3; not the default until timed).
-* ``matmul_small``: M <= 64, decoded [rows, 8·codes] tile as the A operand of tl.dot, split-K.
-* ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16, then cuBLAS.
-
-Both tile kernels can decode by table instead (``config={"DECODE": "table"}``, small_table_config):
-one 16-byte gather per code from the whole codebook in the tile's half type ((65536, 8), 1 MiB per
-type and device, L2-resident), no decode arithmetic. Not the default until timed on a GPU.
+* ``gemv``: one token, CUDA cores, one program per BLOCK_N rows over all of K, the tensors [codes,
+  rows] with the code columns visited in a permuted order, so a thread holds one code column for all
+  its rows (7.3 instructions per weight in its loop, bench/sass_count.py; 1.44-1.79x bf16 on the H100
+  at Llama-3-8B shapes, session 20).
+* ``matmul_small``: M <= 64, the [rows, 8·codes] tile decoded by one 16-byte gather per code from the
+  whole codebook in the tile's half type ((65536, 8), 1 MiB per type and device, L2-resident; 2.5
+  instructions per weight against 27.6 for decoding by arithmetic), the A operand of tl.dot, split-K.
+* ``dequant_matmul``: prefill; decode the whole weight to bf16/fp16 by arithmetic, then cuBLAS.
 
 Which one runs for how many tokens is declared with the E8P format (rsq/formats/e8p.py).
 
@@ -49,7 +48,7 @@ def _table(device: str, field_bits: int, encode, parity_bit: int) -> torch.Tenso
 
 @functools.lru_cache(maxsize=8)
 def device_tables(device: str) -> tuple[torch.Tensor, torch.Tensor, dict[torch.dtype, torch.Tensor]]:
-    """(pattern_table, gemv_table, {bf16, fp16: codebook_table}) of ``device``, built together at the
+    """(pattern_table, gemv_table, {bf16, fp16: the codebook}) of ``device``, built together at the
     first call of any E8P kernel there. Built one by one, the one-token GEMV's table would first be
     needed at the first decode step, after a prefill that used only the tiles' table: inside a
     compiled step's CUDA-graph-tree warm-up, whose private memory pool would then hold the cached
@@ -74,8 +73,8 @@ def gemv_table(device: str) -> torch.Tensor:
 
 
 def codebook_table(device: str, dtype: torch.dtype) -> torch.Tensor:
-    """For the table-decoding tiles: the whole codebook, (65536, 8) in ``dtype`` (bf16 or fp16;
-    1 MiB, L2-resident), row = 16-bit code: one 16-byte gather decodes 8 weights exactly."""
+    """For the tiles: the whole codebook, (65536, 8) in ``dtype`` (bf16 or fp16; 1 MiB, L2-resident),
+    row = 16-bit code: one 16-byte gather decodes 8 weights exactly."""
     return device_tables(device)[2][dtype]
 
 
@@ -104,15 +103,11 @@ def _decode(c, tab_ptr):
 
 
 @triton.jit
-def _tile(codes, tab_ptr, TABLE: tl.constexpr):
-    """[R, C] int codes -> [R, 8C] decoded weights: TABLE, a 16-byte gather per code from the
-    (65536, 8) codebook in the tile's half type (no arithmetic); else _decode's float32 arithmetic
-    from the 256-entry pattern table."""
-    if TABLE:
-        j = tl.arange(0, 8)
-        w = tl.load(tab_ptr + (codes & 0xFFFF)[:, :, None] * 8 + j[None, None, :])
-    else:
-        w = _decode(codes, tab_ptr)
+def _gather(codes, book_ptr):
+    """[R, C] int codes -> [R, 8C] decoded weights: one 16-byte gather per code from the (65536, 8)
+    codebook in the tile's half type, no arithmetic."""
+    j = tl.arange(0, 8)
+    w = tl.load(book_ptr + (codes & 0xFFFF)[:, :, None] * 8 + j[None, None, :])
     return tl.reshape(w, (codes.shape[0], codes.shape[1] * 8))
 
 
@@ -152,44 +147,12 @@ def _gemv_kernel(
 ):
     """One token. Per weight: one LOP3 (the 3-bit field 2a_j of the pattern word, read as a float32
     subnormal 2a_j·2^(3j-149)), the sign applied to x by an xor of its sign bit, one FFMA with
-    x_j·2^(85-3j); the ±1/4 shift enters once per code through the code's column sum of x."""
-    rows, row_mask = _row_block(N, BLOCK_N)
-    cc = tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cmask = (c0 + cc) < C
-        c = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        c, p, neg = _pattern_and_signs(c, tab_ptr, 24)
-        xsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + (c0 + cc) * 8 + j, mask=cmask, other=0.0).to(tl.float32)
-            xsum += xj
-            acc += _signed_term(xj[None, :], neg, p, j)
-        xs8 = xsum * (2.0**-65)
-        acc += tl.where((c & 0x80) != 0, xs8[None, :], -xs8[None, :])
-    _gemv_store(tl.sum(acc, axis=1), s_ptr, b_ptr, y_ptr, rows, row_mask, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_rows_kernel(
-    x_ptr,
-    c_ptr,
-    tab_ptr,
-    s_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    K,
-    C,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """_gemv_kernel's arithmetic with the tensors [codes, rows] and the code columns visited in a
-    permuted order (no contiguous runs, so Triton does not vectorize the loads along C): a thread
-    holds one code column for all BLOCK_N rows, each activation is loaded, scaled and summed once
-    for them, and the loop needs no shared-memory layout exchanges. Counted from SASS (sm_90,
-    bench/sass_count.py --kernels e8p,e8p_rows): 7.3 instructions per weight against 10.1."""
+    x_j·2^(85-3j); the ±1/4 shift enters once per code through the code's column sum of x. The
+    tensors are [codes, rows] with the code columns visited in a permuted order (no contiguous runs,
+    so Triton does not vectorize the loads along C): a thread holds one code column for all BLOCK_N
+    rows, each activation is loaded, scaled and summed once for them, and the loop needs no
+    shared-memory layout exchanges (7.3 instructions per weight, against 10.1 for [rows, codes] with
+    vectorized code loads, the kernel before session 20: 1.28-1.54x bf16 where this one is 1.44-1.79x)."""
     rows, row_mask = _row_block(N, BLOCK_N)
     cc = tl.arange(0, BLOCK_C)
     cc = (cc % 8) * (BLOCK_C // 8) + cc // 8  # a permutation of the tile's columns
@@ -207,40 +170,6 @@ def _gemv_rows_kernel(
         xs8 = (xsum * (2.0**-65))[:, None]
         acc += tl.where((c & 0x80) != 0, xs8, -xs8)
     _gemv_store(tl.sum(acc, axis=0), s_ptr, b_ptr, y_ptr, rows, row_mask, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_table_kernel(
-    x_ptr,
-    c_ptr,
-    tab_ptr,
-    s_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    K,
-    C,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """One token, the codes decoded by table (``LAYOUT="table"``): one 16-byte gather per code from
-    the (65536, 8) codebook in x's half type, then per weight a conversion to float32 and an FFMA
-    with its activation (loaded once for the program's BLOCK_N rows)."""
-    rows, row_mask = _row_block(N, BLOCK_N)
-    cc = tl.arange(0, BLOCK_C)
-    j = tl.arange(0, 8)
-    acc = tl.zeros((BLOCK_N, BLOCK_C, 8), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cmask = (c0 + cc) < C
-        c = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        w = tl.load(tab_ptr + (c & 0xFFFF)[:, :, None] * 8 + j[None, None, :])
-        xt = tl.load(x_ptr + (c0 + cc)[:, None] * 8 + j[None, :], mask=cmask[:, None], other=0.0)
-        acc += w.to(tl.float32) * xt.to(tl.float32)[None, :, :]
-    out = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows).to(tl.float32)
-    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -263,7 +192,6 @@ def _small_kernel(
     BLOCK_C: tl.constexpr,
     ATOMIC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    TABLE: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_C * 8
     rows, row_mask = _row_block(N, BLOCK_N)
@@ -274,7 +202,7 @@ def _small_kernel(
     for c0 in range(tl.program_id(1) * BLOCK_C, C, SPLIT_K * BLOCK_C):
         cmask = (c0 + cc) < C
         codes = tl.load(c_ptr + rows[:, None] * C + (c0 + cc)[None, :], mask=cmask[None, :], other=0).to(tl.int32)
-        w = _tile(codes, tab_ptr, TABLE).to(x_ptr.dtype.element_ty)
+        w = _gather(codes, tab_ptr).to(x_ptr.dtype.element_ty)
         cols = c0 * 8 + kk
         xt = tl.load(
             x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=(cols < K)[:, None] & (ms < M)[None, :], other=0.0
@@ -292,14 +220,12 @@ def _small_kernel(
 
 
 @triton.jit
-def _dequant_kernel(
-    c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TABLE: tl.constexpr
-):
+def _dequant_kernel(c_ptr, tab_ptr, s_ptr, w_ptr, N, K, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < N)[:, None] & (cc < C)[None, :]
     codes = tl.load(c_ptr + rows[:, None] * C + cc[None, :], mask=mask, other=0).to(tl.int32)
-    w = _tile(codes, tab_ptr, TABLE).to(tl.float32) * tl.load(s_ptr).to(tl.float32)
+    w = tl.reshape(_decode(codes, tab_ptr) * tl.load(s_ptr).to(tl.float32), (BLOCK_N, BLOCK_C * 8))
     cols = tl.program_id(1) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
     tl.store(
         w_ptr + rows[:, None] * K + cols[None, :],
@@ -319,24 +245,12 @@ def _check(x, codes):
 
 
 def gemv_config(n: int, sms: int = 132) -> dict:
-    """From a sweep on the H100 (BLOCK_N 4-32 x BLOCK_C 32-128 x 2-8 warps; bench/NOTES-kernels.md):
-    128 codes (1024 columns) per step, 4 warps, 16 rows unless that leaves < 2 programs per SM."""
+    """From sweeps on the H100 (bench/NOTES-kernels.md): 128 codes (1024 columns) per step, 4 warps,
+    16 rows unless that leaves < 2 programs per SM."""
     block_n = 16
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
     return dict(BLOCK_N=block_n, BLOCK_C=128, num_warps=4)
-
-
-def gemv_rows_config(n: int, sms: int = 132) -> dict:
-    """A configuration of the rows-in-thread GEMV (``LAYOUT="rows"``): 16 rows per thread, 128
-    codes (one per thread) per step, 4 warps. Not the default until timed on a GPU."""
-    return dict(gemv_config(n, sms), LAYOUT="rows")
-
-
-def gemv_table_config(n: int, sms: int = 132) -> dict:
-    """A configuration of the table-decoding GEMV (``LAYOUT="table"``): 16 rows x 32 codes per step
-    (32 float32 accumulators per thread), 4 warps. Not the default until timed on a GPU."""
-    return dict(gemv_config(n, sms), BLOCK_C=32, LAYOUT="table")
 
 
 def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
@@ -346,13 +260,10 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
         raise ValueError(f"the E8P gemv takes one token; got {m}: use matmul_small")
     cfg = config or gemv_config(n, _sm_count(x.device))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    layout = cfg.get("LAYOUT", "cols")
-    kernel = {"cols": _gemv_kernel, "rows": _gemv_rows_kernel, "table": _gemv_table_kernel}[layout]
-    table = _decode_table(x.device, x.dtype, {"DECODE": "table"})[0] if layout == "table" else None
-    kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x,
         codes,
-        gemv_table(str(x.device)) if table is None else table,
+        gemv_table(str(x.device)),
         scales,
         bias if bias is not None else y,
         y,
@@ -368,39 +279,18 @@ def gemv(x, codes, scales, bias=None, *, config: dict | None = None):
 
 
 def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
-    """Default configuration of :func:`matmul_small`: 64 rows x 16 codes, split K until ~2 programs
-    per SM."""
-    return _small_tiles(m, n, c, sms)
-
-
-def _small_tiles(
-    m: int, n: int, c: int, sms: int, block_n: int = 64, block_c: int = 16, warps: int = 4, stages: int = 2
-) -> dict:
+    """Default configuration of :func:`matmul_small`: 64 rows x 16 codes, 4 warps, 2 stages (the
+    best of four tilings on the H100, session 20), split K until ~2 programs per SM."""
+    block_n, block_c = 64, 16
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(c, block_c), 16))
     return dict(
         BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         SPLIT_K=split,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=4,
+        num_stages=2,
     )
-
-
-def small_table_config(m: int, n: int, c: int, sms: int = 132, **tiles) -> dict:
-    """:func:`small_config` with the tiles decoded by codebook gathers (``DECODE="table"``); ``tiles``:
-    block_n, block_c, warps, stages (bench/kernel_speed.py sweeps them). Not the default until timed
-    on a GPU. Counted from SASS (sm_90): 2.2-2.5 instructions per weight in the loop for 16-64 rows,
-    so it is a candidate for one token too (against 7.3 for the best CUDA-core GEMV)."""
-    return dict(_small_tiles(m, n, c, sms, **tiles), DECODE="table")
-
-
-def _decode_table(device: torch.device, dtype: torch.dtype, cfg: dict) -> tuple[torch.Tensor, bool]:
-    """(the table a tile kernel reads, TABLE): the codebook in ``dtype`` (bf16 for float32 output:
-    its entries are exact) where the config says ``DECODE="table"``, else the pattern table."""
-    if cfg.get("DECODE", "arith") == "table":
-        return codebook_table(str(device), dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16), True
-    return pattern_table(str(device)), False
 
 
 def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
@@ -411,11 +301,10 @@ def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
     y = (torch.zeros if split > 1 else torch.empty)(
         m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype
     )
-    table, use_table = _decode_table(x.device, x.dtype, cfg)
     _small_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x,
         codes,
-        table,
+        codebook_table(str(x.device), x.dtype),
         scales,
         bias if bias is not None else y,
         y,
@@ -431,33 +320,24 @@ def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
         BLOCK_C=cfg["BLOCK_C"],
         ATOMIC=split > 1,
         HAS_BIAS=bias is not None,
-        TABLE=use_table,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return y.to(x.dtype) if split > 1 else y
 
 
-def dequant_config() -> dict:
-    """Default configuration of :func:`dequantize`: decode by arithmetic (``{"DECODE": "table"}``
-    is opt-in until timed)."""
-    return {}
-
-
-def dequantize(codes, scales, dtype=torch.bfloat16, *, config: dict | None = None) -> torch.Tensor:
-    """W_hat (N, 8C) in ``dtype``: codeword * scale computed in float32, then rounded. ``config``:
-    {"DECODE": "table"} decodes by codebook gathers (not the default until timed)."""
+def dequantize(codes, scales, dtype=torch.bfloat16) -> torch.Tensor:
+    """W_hat (N, 8C) in ``dtype``: codeword * scale computed in float32, then rounded."""
     n, c = codes.shape
     w = torch.empty(n, 8 * c, device=codes.device, dtype=dtype)
     block_n, block_c = 16, 32
-    table, use_table = _decode_table(codes.device, dtype, config or dequant_config())
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
-        codes, table, scales, w, n, 8 * c, c, BLOCK_N=block_n, BLOCK_C=block_c, TABLE=use_table, num_warps=4
+        codes, pattern_table(str(codes.device)), scales, w, n, 8 * c, c, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4
     )
     return w
 
 
-def dequant_matmul(x, codes, scales, bias=None, *, config: dict | None = None):
+def dequant_matmul(x, codes, scales, bias=None):
     """Prefill: decode the whole weight (transient N x K buffer), then cuBLAS."""
-    w = dequantize(codes, scales, x.dtype, config=config)
+    w = dequantize(codes, scales, x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)

@@ -284,141 +284,6 @@ def _gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# M = 1: CUDA-core GEMV over whole 32-code runs, every code's position a compile-time constant
-
-
-@triton.jit
-def _run_words(qw_ptr, rows, row_mask, KW, run0, BITS: tl.constexpr, R: tl.constexpr, WI: tl.constexpr):
-    """Word WI of the 32-code runs [run0, run0 + R) of ``rows``: [R, BLOCK_N, 1] uint32, 0 past the
-    packed width (one strided load: a run's BITS words are BITS such loads)."""
-    idx = (run0 + tl.arange(0, R)) * BITS + WI
-    mask = (idx < KW)[:, None, None] & row_mask[None, :, None]
-    w = tl.load(qw_ptr + rows[None, :, None] * KW + idx[:, None, None], mask=mask, other=0)
-    return w.to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _pick(w0, w1, w2, w3, WI: tl.constexpr):
-    if WI == 0:
-        return w0
-    elif WI == 1:
-        return w1
-    elif WI == 2:
-        return w2
-    else:
-        return w3
-
-
-@triton.jit
-def _run_term(w0, w1, w2, w3, xj, BITS: tl.constexpr, J: tl.constexpr):
-    """Code J of every run times its activation, in units of 2^-64 (see _gemv_unit): the code sits at
-    bit BITS*J of the run's words, so its word, shift and mask are constants. Codes whose bits end
-    above bit 24 are read from word >> 8; a code across two words (3 bits: J = 10 and 21) from
-    (w_I >> 24) | (w_I+1 << 8). The float's bits are code << POS (POS + BITS <= 24): one LOP3 and one
-    FMA per code, xj * 2^(85 - POS) a constant multiple."""
-    B: tl.constexpr = BITS * J
-    WI: tl.constexpr = B // 32
-    OFF: tl.constexpr = B % 32
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if OFF + BITS <= 32:
-        w = _pick(w0, w1, w2, w3, WI)
-        if OFF + BITS <= 24:
-            POS: tl.constexpr = OFF
-            src = w
-        else:
-            POS: tl.constexpr = OFF - 8
-            src = w >> 8
-    else:
-        POS: tl.constexpr = OFF - 24
-        src = (_pick(w0, w1, w2, w3, WI) >> 24) | (_pick(w0, w1, w2, w3, WI + 1) << 8)
-    f = (src & (MASK << POS)).to(tl.float32, bitcast=True)
-    SCALE: tl.constexpr = 2.0 ** (85 - POS)
-    return f * (xj * SCALE)
-
-
-@triton.jit
-def _run_tile(qw_ptr, rows, row_mask, KW, run0, BITS: tl.constexpr, R: tl.constexpr):
-    """The BITS words (at most 4; unused ones repeat the last) of R runs: four [R, BLOCK_N, 1] tensors."""
-    w0 = _run_words(qw_ptr, rows, row_mask, KW, run0, BITS, R, 0)
-    w1 = _run_words(qw_ptr, rows, row_mask, KW, run0, BITS, R, 1)
-    if BITS >= 3:
-        w2 = _run_words(qw_ptr, rows, row_mask, KW, run0, BITS, R, 2)
-    else:
-        w2 = w1
-    if BITS >= 4:
-        w3 = _run_words(qw_ptr, rows, row_mask, KW, run0, BITS, R, 3)
-    else:
-        w3 = w2
-    return w0, w1, w2, w3
-
-
-@triton.jit(do_not_specialize=["KW"])
-def _gemv_runs_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    b_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    KW,
-    NG,
-    stride_xm,
-    stride_ym,
-    BITS: tl.constexpr,
-    GS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """The same sum as _gemv_kernel (y = s (2^64 sum f X - z sum x), units of 2^-64) for 2/3/4 bits,
-    organised by 32-code runs: tensors [R runs, BLOCK_N rows, BLOCK_M], the 32 codes of a run unrolled
-    (tl.static_range) so that each code's word, shift, mask and scale are constants: no per-column
-    shift tensors and, for 3 bits, no gathered 24-bit virtual words (the run's three words are three
-    strided loads). Triton lays the runs across a warp's threads and repeats the rows in each thread,
-    so an activation is loaded, converted and scaled once for all of a thread's rows. Counted from the
-    compiled SASS (sm_90, bench/sass_count.py): ~3.0 instructions per code at 3 bits against ~4.0 for
-    _gemv_kernel. EVEN_K: K is a multiple of BLOCK_K (no column masks on x)."""
-    R: tl.constexpr = BLOCK_K // 32
-    rows, row_mask = _row_block(N, BLOCK_N)
-    ri = tl.arange(0, R)
-    tok = tl.arange(0, BLOCK_M)
-    x_off = tok[None, None, :] * stride_xm  # [1, 1, BLOCK_M]
-    x_mask = (tok < M)[None, None, :]
-    acc = tl.zeros([R, BLOCK_N, BLOCK_M], dtype=tl.float32)
-    accx = tl.zeros([R, 1, BLOCK_M], dtype=tl.float32)
-    w0, w1, w2, w3 = _run_tile(qw_ptr, rows, row_mask, KW, 0, BITS, R)
-    for k0 in range(0, K, BLOCK_K):
-        # the next tile's words, loaded before this tile's arithmetic
-        n0, n1, n2, n3 = _run_tile(qw_ptr, rows, row_mask, KW, k0 // 32 + R, BITS, R)
-        col0 = k0 + ri[:, None, None] * 32  # [R, 1, 1]
-        t = tl.zeros([R, BLOCK_N, BLOCK_M], dtype=tl.float32)
-        xs = tl.zeros([R, 1, BLOCK_M], dtype=tl.float32)
-        for j in tl.static_range(32):
-            if EVEN_K:
-                xj = tl.load(x_ptr + x_off + col0 + j, mask=x_mask, other=0.0).to(tl.float32)
-            else:
-                xj = tl.load(x_ptr + x_off + col0 + j, mask=x_mask & (col0 + j < K), other=0.0).to(tl.float32)
-            t += _run_term(w0, w1, w2, w3, xj, BITS, j)
-            xs += xj
-        if PER_CHANNEL:
-            acc += t
-            accx += xs
-        else:  # one group per run (GS is a multiple of 32)
-            acc = _gemv_add_groups(acc, t, xs, s_ptr, z_ptr, rows, NG, GS, k0 + ri * 32)
-        w0 = n0
-        w1 = n1
-        w2 = n2
-        w3 = n3
-    _gemv_epilogue(acc, accx, s_ptr, z_ptr, b_ptr, y_ptr, rows, row_mask, tok, M, stride_ym, PER_CHANNEL, HAS_BIAS)
-
-
-# ---------------------------------------------------------------------------------------------
 # tensor-core tile kernel (small M with split-K, and prefill)
 
 
@@ -664,10 +529,12 @@ def _sm_count(device) -> int:
 
 
 def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """Default launch configuration of :func:`gemv`, from the sweep in bench/NOTES-kernels.md:
-    one token: 8 rows x 2048 columns per program, 4 warps; 2-4 tokens: 1024 columns."""
+    """Default launch configuration of :func:`gemv`, from the sweeps in bench/NOTES-kernels.md:
+    8 rows per program, 4 warps; 1024 columns per step, except 2048 for one token where K > 4096 or
+    fewer than 2 programs per SM would run (H100, session 20: 1024 is 5-12 % faster at 4096-28672 x
+    4096, 2048 at 4096 x 14336 and 1024 x 4096)."""
     block_m = triton.next_power_of_2(m)
-    block_k = 2048 if m == 1 else 1024
+    block_k = 2048 if m == 1 and (k > 4096 or triton.cdiv(n, 8) < 2 * sms) else 1024
     block_k = max(32, min(block_k // 2 if bits == 8 else block_k, triton.next_power_of_2(k)))
     block_n = 8 if block_m <= 4 else 4  # BLOCK_M 8 x BLOCK_N 8 spills registers
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
@@ -675,30 +542,29 @@ def gemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 1
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
-def gemv_runs_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """A launch configuration of the run-unrolled GEMV (``KERNEL="runs"``; 2/3/4 bits): up to 128 runs
-    (BLOCK_K 4096) per tile, 32 runs per warp, so each warp takes its own slice of K and every thread
-    holds all BLOCK_N rows of its run (8 for one token: the words kernel's occupancy at 4096 rows);
-    BLOCK_N halves while there are fewer than 2 programs per SM. Not the default until timed on a GPU
-    (bench/kernel_speed.py --sweep --sweep-gemv)."""
-    block_m = triton.next_power_of_2(m)
-    block_k = max(32, min(4096, triton.next_power_of_2(k)))
-    block_n = 8 if block_m == 1 else 4
-    while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:
-        block_n //= 2
-    return dict(KERNEL="runs", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=max(1, block_k // 1024))
-
-
 def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, config: dict | None = None):
-    """y (M, N) = x (M, K) @ W_hat^T + bias for a few tokens (M <= 8), CUDA-core kernel:
-    _gemv_kernel, or _gemv_runs_kernel where the config says ``KERNEL="runs"`` (2/3/4 bits)."""
+    """y (M, N) = x (M, K) @ W_hat^T + bias for a few tokens (M <= 8), CUDA-core kernel."""
     m, n, k, kw, ng, gs = _shape(x, qweight, scales, in_features, group_size)
     cfg = config or gemv_config(m, n, k, bits, group_size, _sm_count(x.device))
     if m > cfg["BLOCK_M"]:
         raise ValueError(f"gemv got {m} tokens for BLOCK_M {cfg['BLOCK_M']}: use matmul_small")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    common = dict(
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x,
+        qweight,
+        scales,
+        qzeros,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        kw,
+        ng,
+        x.stride(0),
+        y.stride(0),
         BITS=bits,
+        CPV=_gemv_cpv(bits),
         GS=gs if group_size != -1 else 0,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
@@ -708,15 +574,6 @@ def gemv(x, qweight, scales, qzeros, bias, *, bits, in_features, group_size, con
         num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 1),
     )
-    if cfg.get("KERNEL", "words") == "runs":
-        if bits not in (2, 3, 4) or cfg["BLOCK_K"] % 32:
-            raise ValueError(f"the runs GEMV takes 2/3/4 bits and BLOCK_K a multiple of 32, got {bits}, {cfg}")
-        kernel, extra = _gemv_runs_kernel, dict(EVEN_K=k % cfg["BLOCK_K"] == 0)
-    else:
-        kernel, extra = _gemv_kernel, dict(CPV=_gemv_cpv(bits))
-    bias_arg = bias if bias is not None else scales
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    kernel[grid](x, qweight, scales, qzeros, bias_arg, y, m, n, k, kw, ng, x.stride(0), y.stride(0), **common, **extra)
     return y
 
 

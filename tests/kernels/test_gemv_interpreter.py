@@ -1,4 +1,4 @@
-"""The GEMV kernels (uniform and E8P) on a CPU, through Triton's interpreter, against their references.
+"""rsq's Triton kernels (uniform GEMV; E8P GEMV and tiles) on a CPU, in Triton's interpreter, against references.
 
 Runs only where Triton is installed and ``TRITON_INTERPRET=1`` is set (the CPU machines have no GPU;
 the GPU tests in test_triton_kernels.py cover the compiled kernels):
@@ -11,8 +11,8 @@ of ndim > 0: with NumPy >= 2.4 its ``__index__`` in triton/runtime/interpreter.p
 
 Oracle and tolerance as in test_triton_kernels.py: relative Frobenius error <= 1e-2 (outputs rounded
 to bf16, 2^-9 relative per element; a wrong code position gives errors of order 1). Shapes cover per
-channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), one
-tile and several (``runs_tiles``), and 1 and 3 tokens.
+channel and groups of 32/128, K a multiple of the tile (no column masks) and not (2080, 96), and 1
+and 3 tokens.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("bits,group_size,n,k,m", CASES)
-@pytest.mark.parametrize("kernel", ["words", "runs", "runs_tiles"])
-def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
+def test_gemv_matches_the_reference(bits, group_size, n, k, m):
     g = torch.Generator().manual_seed(n * k + bits)
     groups = 1 if group_size == -1 else k // group_size
     codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
@@ -48,22 +47,16 @@ def test_gemv_matches_the_reference(kernel, bits, group_size, n, k, m):
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     qw = pack_codes(codes, bits)
-    if kernel.startswith("runs"):
-        cfg = T.gemv_runs_config(m, n, k, bits, group_size, sms=4)  # one tile of up to 4096 columns
-        if kernel == "runs_tiles":  # several tiles: the next tile's words carried through the loop
-            cfg.update(BLOCK_K=128 if k < 1024 else 1024, num_warps=1)
-    else:
-        cfg = T.gemv_config(m, n, k, bits, group_size, sms=4)
+    cfg = T.gemv_config(m, n, k, bits, group_size, sms=4)
     y = T.gemv(x, qw, s, z, b, bits=bits, in_features=k, group_size=group_size, config=cfg)
     ref = reference.wq_matmul(x.float(), qw, s, z, b, bits=bits, in_features=k, group_size=group_size)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
-    assert rel <= 1e-2, f"{kernel} {bits}b g={group_size} {n}x{k} M={m}: relative error {rel:.2e}"
+    assert rel <= 1e-2, f"gemv {bits}b g={group_size} {n}x{k} M={m}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("n,k", [(40, 1024), (24, 2112), (9, 136)])
-@pytest.mark.parametrize("layout", ["cols", "rows", "table"])
-def test_e8p_gemv_matches_the_codebook(layout, n, k):
-    """The E8P one-token GEMVs (rsq/kernels/triton_e8p.py) against e8p_decode, the codebook by its
+def test_e8p_gemv_matches_the_codebook(n, k):
+    """The E8P one-token GEMV (rsq/kernels/triton_e8p.py) against e8p_decode, the codebook by its
     definition: x @ (decode(codes) * scale)^T + bias in float32; same tolerance."""
     from rsq.kernels import triton_e8p as E
     from rsq.quant.e8p import codes_to_int16, e8p_decode
@@ -74,21 +67,21 @@ def test_e8p_gemv_matches_the_codebook(layout, n, k):
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     ref = x.float() @ (e8p_decode(codes.reshape(-1)).reshape(n, k) * scale).T + bias.float()
-    cfg = {"cols": E.gemv_config, "rows": E.gemv_rows_config, "table": E.gemv_table_config}[layout](n, sms=4)
-    if k > 1024 and layout != "table":
-        cfg["BLOCK_C"] = 64  # several steps over K (the table layout's 32 codes step several times anyway)
+    cfg = E.gemv_config(n, sms=4)
+    if k > 1024:
+        cfg["BLOCK_C"] = 64  # several steps over K
     y = E.gemv(x, codes, scale, bias, config=cfg)
     rel = ((y.float() - ref).norm() / ref.norm()).item()
-    assert rel <= 1e-2, f"e8p {layout} {n}x{k}: relative error {rel:.2e}"
+    assert rel <= 1e-2, f"e8p {n}x{k}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("n,k,m", [(64, 256, 16), (70, 136, 5)])
-@pytest.mark.parametrize("decode", ["arith", "table"])
-def test_e8p_tiles_match_the_codebook(decode, n, k, m):
-    """The E8P tile kernels (matmul_small, split-K, and the dequantizer) with either decode against
-    e8p_decode; the dequantized weight exactly (codewords are multiples of 1/4 below 3, times one
-    float32 scale), the product within the tolerance above. float16 activations: the interpreter's
-    tl.dot multiplies bfloat16 operands as their integer bit patterns (NumPy has no bfloat16)."""
+def test_e8p_tiles_match_the_codebook(n, k, m):
+    """The E8P tile kernels (matmul_small, decoding by codebook gathers, split-K; the dequantizer,
+    decoding by arithmetic) against e8p_decode: the dequantized weight exactly (codewords are
+    multiples of 1/4 below 3, times one float32 scale), the product within the tolerance above.
+    float16 activations: the interpreter's tl.dot multiplies bfloat16 operands as their integer bit
+    patterns (NumPy has no bfloat16)."""
     from rsq.kernels import triton_e8p as E
     from rsq.quant.e8p import codes_to_int16, e8p_decode
 
@@ -98,11 +91,10 @@ def test_e8p_tiles_match_the_codebook(decode, n, k, m):
     bias = torch.randn(n, generator=g).to(torch.float16)
     x = torch.randn(m, k, generator=g).to(torch.float16)
     w = e8p_decode(codes.reshape(-1)).reshape(n, k) * scale
-    cfg = {"DECODE": decode}
-    assert torch.equal(E.dequantize(codes, scale, torch.float32, config=cfg), w)
-    cfg = dict(E.small_config(m, n, k // 8, sms=4), DECODE=decode)
+    assert torch.equal(E.dequantize(codes, scale, torch.float32), w)
+    cfg = E.small_config(m, n, k // 8, sms=4)
     assert cfg["SPLIT_K"] > 1, "the case should exercise split-K"
     y = E.matmul_small(x, codes, scale, bias, config=cfg)
     ref = x.float() @ w.T + bias.float()
     rel = ((y.float() - ref).norm() / ref.norm()).item()
-    assert rel <= 1e-2, f"e8p small {decode} {n}x{k} M={m}: relative error {rel:.2e}"
+    assert rel <= 1e-2, f"e8p small {n}x{k} M={m}: relative error {rel:.2e}"

@@ -46,15 +46,11 @@ def test_e8p_matmul_matches_reference(n, k, m, dtype):
     fns = {
         "dispatch": lambda x, c, s, b: run_backend(x, (c, s), b, Layer("e8p", 2, -1, k, n)),
         "dequant_mm": T.dequant_matmul,
-        "dequant_mm_table": lambda x, c, s, b: T.dequant_matmul(x, c, s, b, config={"DECODE": "table"}),
     }
     if m == 1:
         fns["gemv"] = T.gemv
-        fns["gemv_rows"] = lambda x, c, s, b: T.gemv(x, c, s, b, config=T.gemv_rows_config(n))
-        fns["gemv_table"] = lambda x, c, s, b: T.gemv(x, c, s, b, config=T.gemv_table_config(n))
     if m <= 64:
         fns["small"] = T.matmul_small
-        fns["small_table"] = lambda x, c, s, b: T.matmul_small(x, c, s, b, config=T.small_table_config(m, n, k // 8))
     for name, fn in fns.items():
         y = fn(x, codes, scale, bias)
         assert y.dtype == dtype and y.shape == ref.shape and torch.isfinite(y).all(), name
@@ -67,7 +63,6 @@ def test_e8p_dequantize_is_exact():
 
     codes, scale, w = _e8p(256, 512, 0)
     assert torch.equal(T.dequantize(codes, scale, torch.float32), w)  # multiples of 1/4 times one scale
-    assert torch.equal(T.dequantize(codes, scale, torch.float32, config={"DECODE": "table"}), w)
 
 
 def test_e8p_linear_uses_the_kernel_and_matches_reference():

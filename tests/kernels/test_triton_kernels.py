@@ -38,14 +38,8 @@ def make_weight(n, k, bits, group_size, dtype=torch.bfloat16, seed=0):
 def kernels():
     from rsq.kernels import triton_wq as T
 
-    def gemv_runs(x, *tensors, bits, in_features, group_size):  # the run-unrolled GEMV (2/3/4 bits)
-        n = tensors[0].shape[0]
-        cfg = T.gemv_runs_config(x.shape[0], n, in_features, bits, group_size)
-        return T.gemv(x, *tensors, bits=bits, in_features=in_features, group_size=group_size, config=cfg)
-
     return {
         "gemv": T.gemv,
-        "gemv_runs": gemv_runs,
         "small": T.matmul_small,
         "large": T.matmul_large,
         "dequant_mm": T.dequant_matmul,
@@ -72,7 +66,6 @@ def test_llama_shapes_decode(n, k, bits, group_size):
     weight = make_weight(n, k, bits, group_size, seed=n + k + bits)
     for m in (1, 4):
         check("gemv", m, weight, bits, k, group_size)
-        check("gemv_runs", m, weight, bits, k, group_size)
     for m in (1, 4, 16):
         check("small", m, weight, bits, k, group_size)
 
@@ -103,8 +96,6 @@ def test_odd_shapes(n, k, bits, group_size):
     weight = make_weight(n, k, bits, group_size, seed=n * k)
     for m in (1, 3, 8):
         check("gemv", m, weight, bits, k, group_size, bias=m != 3)
-        if bits != 8 and m <= 4:
-            check("gemv_runs", m, weight, bits, k, group_size, bias=m != 3)
     for m in (1, 5, 16, 40):
         check("small", m, weight, bits, k, group_size, bias=m != 5)
     for name in ("large", "dequant_mm"):
@@ -113,7 +104,7 @@ def test_odd_shapes(n, k, bits, group_size):
 
 def test_float16_activations():
     weight = make_weight(512, 1024, 4, 128, dtype=torch.float16)
-    for name, m in (("gemv", 1), ("gemv_runs", 1), ("small", 16), ("large", 96), ("dequant_mm", 96)):
+    for name, m in (("gemv", 1), ("small", 16), ("large", 96), ("dequant_mm", 96)):
         check(name, m, weight, 4, 1024, 128, dtype=torch.float16)
 
 
@@ -122,9 +113,8 @@ def test_large_activations_stay_finite():
     qw, s, z, b = make_weight(256, 512, 4, -1)
     x = torch.randn(1, 512, device="cuda").bfloat16() * 1e4
     ref = reference.wq_matmul(x.float(), qw, s, z, b, bits=4, in_features=512, group_size=-1)
-    for name in ("gemv", "gemv_runs"):
-        y = kernels()[name](x, qw, s, z, b, bits=4, in_features=512, group_size=-1)
-        assert ((y.float() - ref).norm() / ref.norm()).item() <= TOL, name
+    y = kernels()["gemv"](x, qw, s, z, b, bits=4, in_features=512, group_size=-1)
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= TOL
 
 
 def test_quantlinear_dispatch_on_gpu():
