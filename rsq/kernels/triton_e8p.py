@@ -294,8 +294,11 @@ def small_config(m: int, n: int, c: int, sms: int = 132) -> dict:
 
 
 def matmul_small(x, codes, scales, bias=None, *, config: dict | None = None):
-    """M <= 64 tokens: decoded weight tiles x tensor cores, split-K with float32 atomics."""
+    """M <= 64 tokens: weight tiles decoded by codebook gathers x tensor cores, split-K with float32
+    atomics. bf16 or fp16 activations (the codebook is kept in those two types)."""
     m, n, k, c = _check(x, codes)
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the E8P tiles take bf16 or fp16 activations, got {x.dtype}")
     cfg = config or small_config(m, n, c, _sm_count(x.device))
     split = cfg["SPLIT_K"]
     y = (torch.zeros if split > 1 else torch.empty)(
